@@ -1,0 +1,277 @@
+"""The ``graphopt`` command line: compile, run, inspect, example.
+
+Every user-facing failure ends as one ``error: ...`` line on stderr and exit status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+    parser = argparse.ArgumentParser(
+        prog="graphopt",
+        description="Compile ONNX models with TVM into verified artifacts.",
+    )
+    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a model into an artifact")
+    c.add_argument("model", help="ONNX file")
+    c.add_argument(
+        "--target", "-t", default="x86", help="target name (x86) or a TVM target dict as JSON"
+    )
+    c.add_argument("--cpu", help="CPU name for the target (default: this host's)")
+    c.add_argument("-o", "--output", help="artifact path (default: MODEL stem + .so)")
+    c.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="fix an input's shape (repeatable)",
+    )
+    c.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
+    c.add_argument("--verify-inputs", metavar="NPZ", help="inputs for verification, keyed by name")
+    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
+    c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
+    c.add_argument(
+        "--keep-unverified",
+        action="store_true",
+        help="write the artifact even when verification fails",
+    )
+    _add_common(c)
+
+    r = sub.add_parser("run", help="run an artifact and time it")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", metavar="NPZ", help="inputs keyed by input name (default: random)")
+    r.add_argument("--outputs", metavar="NPZ", help="write outputs keyed by output name")
+    r.add_argument("--repeat", type=int, default=10, help="timed runs (default 10)")
+    r.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    _add_common(r)
+
+    i = sub.add_parser("inspect", help="describe a model (or an artifact's manifest)")
+    i.add_argument("model")
+    i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(i)
+
+    e = sub.add_parser("example", help="write a built-in example model as ONNX")
+    e.add_argument("name", nargs="?", help="example name (omit to list them)")
+    e.add_argument("-o", "--output", help="ONNX path (default: NAME.onnx)")
+    _add_common(e)
+    return parser
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.artifact import load_npz
+
+    out = Path(args.output) if args.output else Path(Path(args.model).stem + ".so")
+    options = {"cpu": args.cpu} if args.cpu else {}
+    verify_inputs = load_npz(args.verify_inputs) if args.verify_inputs else None
+    start = time.perf_counter()
+    artifact = graphopt.compile(
+        args.model,
+        args.target,
+        out,
+        input_shapes=args.input_shape,
+        verify=not args.no_verify,
+        verify_inputs=verify_inputs,
+        rtol=args.rtol,
+        atol=args.atol,
+        keep_unverified=args.keep_unverified,
+        target_options=options,
+        log=lambda msg: print(f"  {msg}", file=sys.stderr),
+    )
+    m = artifact.manifest
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
+    passes = ", ".join(
+        p["name"]
+        + (f" ({', '.join(f'{k} {v}' for k, v in p['stats'].items())})" if p["stats"] else "")
+        for p in m["passes"]
+    )
+    v = m["verification"]
+    if v.get("status") == "skipped":
+        verdict = "skipped (--no-verify)"
+    else:
+        worst = max((o.get("max_abs_diff", float("inf")) for o in v["outputs"]), default=0.0)
+        verdict = (
+            f"{'passed' if v['ok'] else 'FAILED (kept by --keep-unverified)'} against "
+            f"{v['reference']}, {v['inputs']} inputs, max |diff| {worst:.3g}"
+        )
+    size = out.stat().st_size / 1e6
+    print(
+        f"compiled {args.model} for {m['target']['name']} "
+        f"({m['target']['tvm'].get('mcpu', '')}) -> {out} ({size:.1f} MB)"
+    )
+    print(f"  ops:          {ops}")
+    print(f"  passes:       {passes}")
+    print(f"  verification: {verdict}")
+    print(
+        f"  compile time: {m['compile_seconds']:.1f} s (total {time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.artifact import load_npz
+
+    if args.repeat < 1:
+        raise GraphoptError("--repeat must be at least 1")
+    artifact = graphopt.load(args.artifact)
+    inputs = load_npz(args.inputs) if args.inputs else artifact.random_inputs(args.seed)
+    outputs = artifact.run(inputs)
+    stats = artifact.benchmark(inputs, repeat=args.repeat)
+    source = args.inputs or f"random inputs (seed {args.seed})"
+    print(f"ran {args.artifact} ({artifact.manifest['target']['name']}) on {source}")
+    for name, arr in outputs.items():
+        print(
+            f"  output {name}: shape {tuple(arr.shape)} {arr.dtype}, "
+            f"mean {float(np.mean(arr)):.6g}, min {float(np.min(arr)):.6g}, "
+            f"max {float(np.max(arr)):.6g}"
+        )
+    print(
+        f"  latency over {stats['repeat']} runs: median {stats['median_ms']:.3f} ms, "
+        f"min {stats['min_ms']:.3f} ms, max {stats['max_ms']:.3f} ms"
+    )
+    if args.outputs:
+        np.savez(args.outputs, **outputs)
+        print(f"  wrote outputs to {args.outputs}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt.artifact import MAGIC, read_manifest
+
+    path = Path(args.model)
+    if path.is_file() and path.stat().st_size > len(MAGIC):
+        with open(path, "rb") as f:
+            f.seek(-len(MAGIC), 2)
+            if f.read() == MAGIC:
+                print(json.dumps(read_manifest(path), indent=1))
+                return 0
+    from graphopt.frontends.onnx import onnx_to_graph, parse_input_shapes
+    from graphopt.lower import unsupported_nodes
+    from graphopt.passes import default_passes, run_passes
+
+    graph = onnx_to_graph(path, parse_input_shapes(args.input_shape), require_static=False)
+    ops = graph.op_counts()
+    graph, _ = run_passes(graph, default_passes())
+    bad = unsupported_nodes(graph)
+
+    def desc(name: str) -> dict:
+        v = graph.values.get(name)
+        return {
+            "name": name,
+            "shape": list(v.shape) if v and v.shape is not None else None,
+            "dtype": v.dtype if v else None,
+        }
+
+    info = {
+        "model": str(path),
+        "opset": graph.opset,
+        "inputs": [desc(n) for n in graph.inputs],
+        "outputs": [desc(n) for n in graph.outputs],
+        "ops": dict(sorted(ops.items())),
+        "unsupported": [{"op": op, "node": node, "reason": why} for op, node, why in bad],
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{path} (opset {graph.opset})")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            shape = "x".join(str(d) for d in v["shape"]) if v["shape"] is not None else "?"
+            print(f"  {kind[:-1]:6} {v['name']}: {shape} {v['dtype']}")
+    print(
+        f"  ops ({sum(ops.values())} nodes): "
+        + ", ".join(f"{k} x{n}" for k, n in sorted(ops.items(), key=lambda kv: -kv[1]))
+    )
+    if bad:
+        print(f"  cannot compile {len(bad)} node(s):")
+        for op, node, why in bad:
+            print(f"    {op} (node {node!r}){': ' + why if why else ''}")
+    else:
+        print("  every op is supported")
+    return 0
+
+
+def _cmd_example(args: argparse.Namespace) -> int:
+    import onnx
+
+    from graphopt import zoo
+
+    if not args.name:
+        for name, doc in zoo.DESCRIPTIONS.items():
+            print(f"{name:15} {doc}")
+        return 0
+    model = zoo.build(args.name)
+    out = Path(args.output or f"{args.name}.onnx")
+    onnx.save(model, out)
+    print(f"wrote {out}")
+    return 0
+
+
+_COMMANDS = {
+    "compile": _cmd_compile,
+    "run": _cmd_run,
+    "inspect": _cmd_inspect,
+    "example": _cmd_example,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import graphopt
+
+        print(f"graphopt {graphopt.__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except GraphoptError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a graphopt bug: still one line, unless --debug
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"error: internal error: {type(exc).__name__}: {msg} "
+            "(rerun with --debug for the traceback; please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

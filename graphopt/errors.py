@@ -1,0 +1,52 @@
+"""Exceptions a user can act on. The CLI prints each as one ``error: ...`` line, exit 2."""
+
+from __future__ import annotations
+
+__all__ = [
+    "GraphoptError",
+    "ModelLoadError",
+    "UnsupportedOpsError",
+    "TargetError",
+    "InputError",
+    "VerificationError",
+    "ArtifactError",
+]
+
+
+class GraphoptError(Exception):
+    """Base class: a problem with what the user asked for, not a graphopt bug."""
+
+
+class ModelLoadError(GraphoptError):
+    """The model file is missing, unreadable, not ONNX, or fails ``onnx.checker``."""
+
+
+class UnsupportedOpsError(GraphoptError):
+    """The graph has ops (or attribute values) graphopt cannot compile.
+
+    ``nodes`` lists ``(op_type, node_name, reason)`` for every offending node.
+    """
+
+    def __init__(self, nodes: list[tuple[str, str, str]]) -> None:
+        self.nodes = nodes
+        shown = "; ".join(
+            f"{op} (node {name!r}{': ' + why if why else ''})" for op, name, why in nodes[:10]
+        )
+        more = f"; and {len(nodes) - 10} more" if len(nodes) > 10 else ""
+        super().__init__(f"cannot compile {len(nodes)} node(s): {shown}{more}")
+
+
+class TargetError(GraphoptError):
+    """An unknown target name, a malformed target dict, or a bad target option."""
+
+
+class InputError(GraphoptError):
+    """Bad user inputs: a malformed --input-shape, or an inputs file that does not fit."""
+
+
+class VerificationError(GraphoptError):
+    """The compiled artifact disagrees with the reference (onnxruntime or torch)."""
+
+
+class ArtifactError(GraphoptError):
+    """An artifact file that is missing, not a graphopt artifact, or not runnable here."""

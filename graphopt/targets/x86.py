@@ -1,0 +1,109 @@
+"""The x86-64 CPU target (LLVM), for the host CPU unless told otherwise.
+
+The pass lists mirror TVM's ``relax/backend/cpu_generic/pipeline.py`` phase by phase.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from graphopt.errors import ArtifactError, TargetError
+
+NAME = "x86"
+DESCRIPTION = "x86-64 Linux CPU via LLVM; the host CPU and its features are detected"
+OPTIONS = {"cpu": "LLVM CPU name, e.g. skylake-avx512, znver4 (default: this host's CPU)"}
+_X86_MACHINES = ("x86_64", "amd64")
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def tvm_target(cpu: str | None = None) -> dict:
+    from tvm.target import codegen
+
+    if cpu is None:
+        if platform.machine().lower() not in _X86_MACHINES:
+            raise TargetError(
+                f"target x86 needs --cpu when compiling on a {platform.machine()} host"
+            )
+        cpu = host_cpu()
+    if not codegen.llvm_is_valid_cpu(cpu, "x86_64-linux-gnu"):
+        raise TargetError(
+            f"LLVM does not know x86 CPU {cpu!r} (try e.g. x86-64-v3, skylake-avx512)"
+        )
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+
+
+def accepts(tvm_dict: dict) -> bool:
+    triple = str(tvm_dict.get("mtriple", "x86_64"))
+    return tvm_dict.get("kind") == "llvm" and triple.startswith(("x86_64", "i686", "i386"))
+
+
+def check_tvm_dict(tvm_dict: dict) -> dict:
+    import tvm
+
+    try:
+        tvm.target.Target(dict(tvm_dict))
+    except Exception as exc:
+        raise TargetError(f"TVM refuses target {tvm_dict}: {str(exc).splitlines()[0]}") from None
+    return dict(tvm_dict)
+
+
+def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
+    """Relax passes per phase; see TVM's cpu_generic pipeline for the originals."""
+    from tvm import relax
+
+    return {
+        # Sorting/sampling ops map to library implementations before legalization.
+        "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
+        # Ops become TIR; FoldConstant then sees through weight reshapes; FuseOps groups
+        # elementwise tails with their producer so each group becomes one kernel.
+        "legalize": [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ],
+        "dataflow_lower": [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+        ],
+        "finalize": [
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ],
+    }
+
+
+def export(executable, path: Path) -> None:  # noqa: ANN001 - tvm VMExecutable
+    executable.export_library(str(path))
+
+
+def load(path: Path):  # noqa: ANN201 - returns a runner
+    """Load an x86 artifact into a Relax VM on this host's CPU."""
+    if platform.machine().lower() not in _X86_MACHINES:
+        raise ArtifactError(
+            f"{path} is an x86 artifact and this host is {platform.machine()}: "
+            "run it on an x86-64 machine"
+        )
+    import tvm
+
+    try:
+        lib = tvm.runtime.load_module(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    from graphopt.targets._runner import VMRunner
+
+    return VMRunner(tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()), tvm.cpu())

@@ -1,0 +1,73 @@
+"""Check an artifact's numbers against a reference implementation.
+
+For ONNX input the reference is onnxruntime (all graph optimizations off, so it computes
+the model as written). Outputs match when ``|actual - expected| <= atol + rtol * |expected|``
+element-wise (``numpy.allclose``), defaults ``rtol=1e-3``, ``atol=1e-4``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "compare", "onnxruntime_reference"]
+
+DEFAULT_RTOL = 1e-3
+DEFAULT_ATOL = 1e-4
+
+
+def onnxruntime_reference(proto: onnx.ModelProto) -> Callable[[dict], dict]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3  # its shape warnings are about the model, not the check
+    session = ort.InferenceSession(
+        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+
+    def run(inputs: dict) -> dict:
+        return dict(zip(names, session.run(names, inputs), strict=True))
+
+    return run
+
+
+def compare(actual: dict, expected: dict, rtol: float, atol: float) -> dict:
+    """Compare output dicts; return a JSON-able report with ``ok`` and per-output stats."""
+    outputs = []
+    first_bad = None
+    for name, exp in expected.items():
+        got = np.asarray(actual[name])
+        exp = np.asarray(exp)
+        entry = {"name": name}
+        if got.shape != exp.shape or got.dtype != exp.dtype:
+            entry.update(
+                ok=False,
+                reason=f"shape/dtype {got.shape}:{got.dtype} vs reference {exp.shape}:{exp.dtype}",
+            )
+        else:
+            diff = np.abs(got.astype(np.float64) - exp.astype(np.float64))
+            finite = np.isfinite(exp) & np.isfinite(got)
+            same_nonfinite = np.array_equal(np.isnan(got), np.isnan(exp)) and np.array_equal(
+                got[np.isinf(exp)], exp[np.isinf(exp)]
+            )
+            ok = (
+                bool(np.allclose(got, exp, rtol=rtol, atol=atol, equal_nan=True)) and same_nonfinite
+            )
+            entry.update(ok=ok, max_abs_diff=float(diff[finite].max()) if finite.any() else 0.0)
+            if not ok:
+                tol = atol + rtol * np.abs(exp.astype(np.float64))
+                entry["mismatched"] = int(((diff > tol) | ~finite).sum())
+        outputs.append(entry)
+        if not entry["ok"] and first_bad is None:
+            first_bad = entry
+    return {
+        "ok": first_bad is None,
+        "rtol": rtol,
+        "atol": atol,
+        "outputs": outputs,
+        "first_mismatch": first_bad,
+    }
