@@ -1,4 +1,4 @@
-"""The ``graphopt`` command line: compile, run, inspect, example.
+"""The ``graphopt`` command line: compile, run, inspect, example, demo.
 
 Every user-facing failure ends as one ``error: ...`` line on stderr and exit status 2;
 ``--debug`` shows the traceback instead.
@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(i)
+
+    d = sub.add_parser("demo", help="write a built-in example model, compile it, run it")
+    d.add_argument("name", nargs="?", default="resnet18", help="example name (default resnet18)")
+    d.add_argument("--dir", default="graphopt-demo", help="where to write files")
+    _add_common(d)
 
     e = sub.add_parser("example", help="write a built-in example model as ONNX")
     e.add_argument("name", nargs="?", help="example name (omit to list them)")
@@ -232,11 +237,30 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out_dir = Path(args.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = out_dir / f"{args.name}.onnx"
+    artifact = out_dir / f"{args.name}.so"
+    steps = [
+        ["example", args.name, "-o", str(model)],
+        ["compile", str(model), "-o", str(artifact)],
+        ["run", str(artifact), "--repeat", "5"],
+    ]
+    for step in steps:
+        print(f"$ graphopt {' '.join(step)}")
+        code = _COMMANDS[step[0]](_parser().parse_args(step))
+        if code:
+            return code
+    return 0
+
+
 _COMMANDS = {
     "compile": _cmd_compile,
     "run": _cmd_run,
     "inspect": _cmd_inspect,
     "example": _cmd_example,
+    "demo": _cmd_demo,
 }
 
 

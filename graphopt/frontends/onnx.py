@@ -37,7 +37,7 @@ def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int, .
         try:
             if not sep or not name.strip():
                 raise ValueError
-            shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
+            shape = tuple(int(d) for d in dims.split(","))
             if any(d <= 0 for d in shape):
                 raise ValueError
         except ValueError:

@@ -25,6 +25,12 @@ from graphopt.lower._ops import CONVERTERS, unsupported_nodes
 __all__ = ["to_relax"]
 
 
+def _const(array: np.ndarray) -> relax.Expr:
+    """A Relax constant with the array's own dtype (TVM narrows int64 to int32 by default)."""
+    array = np.asarray(array)
+    return relax.const(array, str(array.dtype))
+
+
 class _Ctx:
     def __init__(self, graph: Graph, bb: relax.BlockBuilder) -> None:
         self.graph = graph
@@ -33,7 +39,7 @@ class _Ctx:
 
     def x(self, name: str) -> relax.Expr:
         if name not in self.env:
-            self.env[name] = relax.const(self.graph.constants[name])
+            self.env[name] = _const(self.graph.constants[name])
         return self.env[name]
 
     def const(self, name: str) -> np.ndarray:
@@ -50,7 +56,7 @@ class _Ctx:
         return self.graph.values[name].dtype
 
     def scalar(self, value: float, like: str) -> relax.Expr:
-        return relax.const(np.array(value, dtype=self.dtype(like)))
+        return relax.const(value, self.dtype(like))
 
     def emit(self, expr: relax.Expr) -> relax.Expr:
         return self.bb.emit(expr)
@@ -135,8 +141,8 @@ def batch_norm(ctx: _Ctx, node: Node):
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
         dt = ctx.dtype(node.inputs[0])
-        scale_c = relax.const(scale.astype(dt).reshape([-1] + [1] * (rank - 2)))
-        shift_c = relax.const(shift.astype(dt).reshape([-1] + [1] * (rank - 2)))
+        scale_c = _const(scale.astype(dt).reshape([-1] + [1] * (rank - 2)))
+        shift_c = _const(shift.astype(dt).reshape([-1] + [1] * (rank - 2)))
         return [ctx.emit(R.add(R.multiply(x, scale_c), shift_c))]
     gamma, beta, mean, var = (R.reshape(ctx.x(i), bshape) for i in node.inputs[1:5])
     inv = R.divide(gamma, R.sqrt(R.add(var, ctx.scalar(eps, node.inputs[0]))))
@@ -207,7 +213,7 @@ def avg_pool(ctx: _Ctx, node: Node):
     op = R.nn.avg_pool2d if n == 2 else R.nn.avg_pool1d
     # avg_pool without padding divides every window by prod(kernel): undo that exactly.
     pooled = ctx.emit(op(x, pool_size=kernel, strides=strides, dilation=dilations))
-    factor = relax.const((ksize / counts).astype(dt))
+    factor = _const((ksize / counts).astype(dt))
     return [ctx.emit(R.multiply(pooled, factor))]
 
 
@@ -400,14 +406,14 @@ def gather(ctx: _Ctx, node: Node):
     if ctx.graph.is_constant(idx_name):
         idx = ctx.const(idx_name).astype(np.int64)
         idx = np.where(idx < 0, idx + data_shape[axis], idx)
-        indices = relax.const(idx)
+        indices = _const(idx)
         if idx.ndim == 0:
             out = R.take(ctx.x(node.inputs[0]), R.reshape(indices, [1]), axis=axis)
             return [ctx.emit(R.squeeze(out, [axis % len(data_shape)]))]
     else:
         indices = ctx.x(idx_name)
-        dim = relax.const(np.array(data_shape[axis], dtype=ctx.dtype(idx_name)))
-        zero = relax.const(np.array(0, dtype=ctx.dtype(idx_name)))
+        dim = relax.const(data_shape[axis], ctx.dtype(idx_name))
+        zero = relax.const(0, ctx.dtype(idx_name))
         # ONNX allows negative indices: wrap them once, as onnxruntime does.
         indices = R.where(R.less(indices, zero), R.add(indices, dim), indices)
     return [ctx.emit(R.take(ctx.x(node.inputs[0]), indices, axis=axis, mode="clip"))]
@@ -420,22 +426,24 @@ def slice_(ctx: _Ctx, node: Node):
     axes_name, steps_name = _opt(node, 3), _opt(node, 4)
     axes = [int(v) for v in ctx.const(axes_name)] if axes_name else list(range(len(starts)))
     steps = [int(v) for v in ctx.const(steps_name)] if steps_name else [1] * len(starts)
-    b, e, s, ax = [], [], [], []
+    b, e, s, ax, flips = [], [], [], [], []
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         axis %= len(shape)
         # Python's slice semantics match ONNX's clamping rules, including negative steps.
-        lo, hi, st = slice(start, end, step).indices(shape[axis])
-        b.append(lo)
-        e.append(hi)
-        s.append(st)
+        picked = range(*slice(start, end, step).indices(shape[axis]))
+        if not picked:
+            raise UnsupportedOpsError([("Slice", node.name, "an empty slice is not supported")])
+        if step < 0:  # take the same elements with a positive step, then reverse them
+            picked = picked[::-1]
+            flips.append(axis)
+        b.append(picked[0])
+        e.append(picked[-1] + 1)
+        s.append(abs(step))
         ax.append(axis)
-    return [
-        ctx.emit(
-            R.strided_slice(
-                ctx.x(node.inputs[0]), axes=ax, begin=b, end=e, strides=s, assume_inbound=False
-            )
-        )
-    ]
+    out = R.strided_slice(ctx.x(node.inputs[0]), axes=ax, begin=b, end=e, strides=s)
+    for axis in flips:
+        out = R.flip(out, axis)
+    return [ctx.emit(out)]
 
 
 def pad(ctx: _Ctx, node: Node):

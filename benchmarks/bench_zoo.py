@@ -1,0 +1,113 @@
+"""Latency of every zoo CNN: onnxruntime, torch eager and graphopt, side by side in one run.
+
+    python benchmarks/bench_zoo.py [--repeat 20] [--models resnet18,small_cnn]
+
+Prints the machine, then a markdown table: median latency of each engine (ms) and
+graphopt's ratio to each (ratio > 1 means graphopt is slower). All engines use their
+defaults for threads on this machine; inputs are the same seeded arrays for all.
+Each graphopt artifact is verified against onnxruntime as it compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import graphopt  # noqa: E402
+from graphopt import zoo  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench(name: str, repeat: int, workdir: Path) -> dict:
+    model = zoo.build(name)
+    start = time.perf_counter()
+    artifact = graphopt.compile(model, "x86", workdir / f"{name}.so")
+    compile_s = time.perf_counter() - start
+    inputs = artifact.random_inputs(seed=0)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    row = {"model": name, "compile_s": compile_s}
+    row["ort_ms"] = timed(lambda: sess.run(None, inputs), repeat)
+    row["graphopt_ms"] = artifact.benchmark(inputs, repeat=repeat)["median_ms"]
+    try:
+        import torch
+        from _onnx_torch import Unsupported, build
+
+        try:
+            fn = build(model)
+            row["torch_ms"] = timed(lambda: fn(**inputs), repeat)
+            ref = sess.run(None, inputs)[0]
+            np.testing.assert_allclose(fn(**inputs)[0].numpy(), ref, rtol=1e-3, atol=1e-3)
+        except Unsupported:
+            row["torch_ms"] = None
+        row["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        row["torch_ms"] = None
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--models", default="resnet18,mobilenetv2,small_cnn")
+    parser.add_argument("--workdir", default="/tmp/graphopt-bench")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"# graphopt zoo benchmark, {datetime.date.today()}")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+    )
+    print(
+        f"onnxruntime {ort.__version__}, graphopt {graphopt.__version__}, repeat {args.repeat}, "
+        "batch 1, fp32, median latency"
+    )
+    print()
+    print(
+        "| model | onnxruntime ms | torch eager ms | graphopt ms | graphopt/ORT | graphopt/torch "
+        "| compile s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in args.models.split(","):
+        r = bench(name, args.repeat, workdir)
+        torch_ms = f"{r['torch_ms']:.2f}" if r["torch_ms"] else "n/a"
+        vs_torch = f"{r['graphopt_ms'] / r['torch_ms']:.2f}x" if r["torch_ms"] else "n/a"
+        print(
+            f"| {name} | {r['ort_ms']:.2f} | {torch_ms} | {r['graphopt_ms']:.2f} | "
+            f"{r['graphopt_ms'] / r['ort_ms']:.2f}x | {vs_torch} | {r['compile_s']:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The CLI as a user drives it: the happy path, and every bad input ending in one
+``error:`` line with exit status 2."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from graphopt.cli import main
+from tests.conftest import make_model, zoo_model
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cnn_file(tmp_path):
+    p = tmp_path / "small_cnn.onnx"
+    onnx.save(zoo_model("small_cnn"), p)
+    return p
+
+
+def test_compile_run_inspect(tmp_path, capsys, cnn_file):
+    out_so = tmp_path / "cnn.so"
+    code, out, _ = _run(capsys, "compile", cnn_file, "--target", "x86", "-o", out_so)
+    assert code == 0
+    assert "verification: passed against onnxruntime" in out
+    assert "fold-batchnorm (folded 2)" in out and "compile time:" in out
+
+    inputs = {"input": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype("float32")}
+    np.savez(tmp_path / "in.npz", **inputs)
+    code, out, _ = _run(
+        capsys,
+        "run",
+        out_so,
+        "--inputs",
+        tmp_path / "in.npz",
+        "--outputs",
+        tmp_path / "out.npz",
+        "--repeat",
+        3,
+    )
+    assert code == 0 and "median" in out and "over 3 runs" in out
+    with np.load(tmp_path / "out.npz") as got:
+        name = zoo_model("small_cnn").graph.output[0].name
+        assert got[name].shape == (1, 10)
+
+    code, out, _ = _run(capsys, "inspect", cnn_file)
+    assert code == 0 and "BatchNormalization x2" in out and "every op is supported" in out
+    code, out, _ = _run(capsys, "inspect", out_so)
+    assert code == 0 and '"verification"' in out
+
+
+def test_target_json_and_cpu_option(tmp_path, capsys, tiny_model):
+    p = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model, p)
+    code, out, err = _run(
+        capsys,
+        "compile",
+        p,
+        "-o",
+        tmp_path / "a.so",
+        "--target",
+        '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}',
+    )
+    assert code == 0, err
+    assert "(x86-64-v3)" in out
+    code, out, err = _run(capsys, "compile", p, "-o", tmp_path / "b.so", "--cpu", "skylake")
+    assert code == 0, err
+
+
+def test_verify_inputs_file(tmp_path, capsys, tiny_model):
+    p = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model, p)
+    np.savez(tmp_path / "v.npz", x=np.ones((1, 2, 4, 4), np.float32))
+    code, out, _ = _run(
+        capsys, "compile", p, "-o", tmp_path / "a.so", "--verify-inputs", tmp_path / "v.npz"
+    )
+    assert code == 0 and "user inputs" in out
+    code, out, _ = _run(capsys, "compile", p, "-o", tmp_path / "b.so", "--no-verify")
+    assert code == 0 and "skipped" in out
+
+
+def _bad_files(tmp_path, tiny_model):
+    not_onnx = tmp_path / "text.onnx"
+    not_onnx.write_text("hello")
+    data = tiny_model.SerializeToString()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 3])
+    checker = tmp_path / "checker.onnx"
+    onnx.save(
+        make_model([helper.make_node("Relu", ["nope"], ["y"])], {"x": (1,)}, {"y": (1,)}), checker
+    )
+    unsupported = tmp_path / "unsupported.onnx"
+    onnx.save(
+        make_model(
+            [
+                helper.make_node("Celu", ["x"], ["a"], name="celu_a"),
+                helper.make_node("Hardmax", ["a"], ["y"], name="hm_b"),
+            ],
+            {"x": (2, 2)},
+            {"y": (2, 2)},
+        ),
+        unsupported,
+    )
+    good = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model, good)
+    return {
+        "missing": tmp_path / "missing.onnx",
+        "not_onnx": not_onnx,
+        "cut": cut,
+        "checker": checker,
+        "unsupported": unsupported,
+        "good": good,
+    }
+
+
+CASES = {
+    "missing file": (["compile", "{missing}"], "not found"),
+    "not onnx": (["compile", "{not_onnx}"], "not a readable ONNX model"),
+    "truncated": (["compile", "{cut}"], "not a readable ONNX model"),
+    "checker": (["compile", "{checker}"], "onnx.checker"),
+    "unsupported op": (
+        ["compile", "{unsupported}"],
+        r"Celu \(node 'celu_a'\).*Hardmax \(node 'hm_b'\)",
+    ),
+    "unsupported op (inspect)": (["inspect", "{unsupported}"], None),
+    "bad target": (["compile", "{good}", "--target", "riscv"], "unknown target 'riscv'"),
+    "bad target json": (["compile", "{good}", "--target", '{"kind": "llvm"'], "JSON"),
+    "bad cpu": (["compile", "{good}", "--cpu", "pentium9000"], "does not know x86 CPU"),
+    "malformed input shape": (
+        ["compile", "{good}", "--input-shape", "x=1,two"],
+        "malformed --input-shape",
+    ),
+    "unknown input name": (["compile", "{good}", "--input-shape", "z=1,2,4,4"], "unknown input"),
+    "verify inputs missing": (["compile", "{good}", "--verify-inputs", "{missing}"], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_error_line(case, tmp_path, capsys, tiny_model):
+    files = _bad_files(tmp_path, tiny_model)
+    argv, pattern = CASES[case]
+    argv = [str(files[a[1:-1]]) if a[1:-1] in files else a for a in argv]
+    if argv[0] == "compile":
+        argv += ["-o", str(tmp_path / "out.so")]
+    code, out, err = _run(capsys, *argv)
+    if pattern is None:  # inspect reports unsupported ops as information, exit 0
+        assert code == 0 and "Celu (node 'celu_a')" in out and "Hardmax (node 'hm_b')" in out
+        return
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and len([ln for ln in lines if "error" in ln]) == 1
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(pattern, lines[-1]), lines[-1]
+    assert not (tmp_path / "out.so").exists()
+
+
+@pytest.fixture
+def compiled(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("cli")
+    p = d / "tiny.onnx"
+    onnx.save(tiny_model, p)
+    assert main(["compile", str(p), "-o", str(d / "tiny.so")]) == 0
+    return d / "tiny.so"
+
+
+@pytest.mark.parametrize(
+    "inputs,pattern",
+    [
+        ({"y": np.zeros((1, 2, 4, 4), np.float32)}, "missing x; unknown y"),
+        (
+            {"x": np.zeros((1, 2, 5, 4), np.float32)},
+            r"shape \(1, 2, 5, 4\), expected \(1, 2, 4, 4\)",
+        ),
+        ({"x": np.zeros((1, 2, 4, 4), np.int32)}, "dtype int32, expected float32"),
+    ],
+)
+def test_run_with_bad_inputs_file(inputs, pattern, compiled, tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", **inputs)
+    code, _, err = _run(capsys, "run", compiled, "--inputs", tmp_path / "bad.npz")
+    assert code == 2
+    import re
+
+    assert re.search(pattern, err) and err.startswith("error: ")
+
+
+def test_run_rejects_non_artifact(tmp_path, capsys, tiny_model):
+    p = tmp_path / "model.onnx"
+    onnx.save(tiny_model, p)
+    code, _, err = _run(capsys, "run", p)
+    assert code == 2 and "not a graphopt artifact" in err
+
+
+def test_real_process_exit_status_and_debug(tmp_path):
+    missing = tmp_path / "missing.onnx"
+    r = subprocess.run(
+        [sys.executable, "-m", "graphopt", "compile", str(missing)], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: model file not found: {missing}"]
+    r = subprocess.run(
+        [sys.executable, "-m", "graphopt", "compile", str(missing), "--debug"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_example_writes_every_zoo_model(tmp_path, capsys):
+    code, out, _ = _run(capsys, "example")
+    assert code == 0 and "resnet18" in out and "mobilenetv2" in out
+    code, _, _ = _run(capsys, "example", "mlp_head", "-o", tmp_path / "m.onnx")
+    assert code == 0
+    onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"))
+    code, _, err = _run(capsys, "example", "alexnet")
+    assert code == 2 and "unknown example" in err
