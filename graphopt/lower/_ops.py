@@ -115,6 +115,12 @@ CONVERTERS: dict[str, Callable[[Graph, Node], str | None]] = {
 }
 
 
+# Ops with no converter because a graph pass rewrites them into ops that have one.
+_EXPANDED_BY_PASS: dict[str, str] = {
+    op: "expanded by the expand-rnn pass, which did not run" for op in ("LSTM", "GRU", "RNN")
+}
+
+
 def unsupported_nodes(graph: Graph) -> list[tuple[str, str, str]]:
     """Every node graphopt cannot lower, as ``(op_type, node_name, reason)``."""
     found = []
@@ -124,7 +130,7 @@ def unsupported_nodes(graph: Graph) -> list[tuple[str, str, str]]:
             continue
         check = CONVERTERS.get(node.op_type)
         if check is None:
-            found.append((node.op_type, node.name, ""))
+            found.append((node.op_type, node.name, _EXPANDED_BY_PASS.get(node.op_type, "")))
             continue
         reason = check(graph, node)
         if reason:

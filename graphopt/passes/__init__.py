@@ -11,6 +11,7 @@ from __future__ import annotations
 from graphopt.passes._base import Pass, PassError, PassResult, run_passes
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.eliminate_identity import EliminateIdentity
+from graphopt.passes.expand_rnn import ExpandRNN
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.fold_constants import FoldConstants
 
@@ -26,14 +27,17 @@ __all__ = [
 ]
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (EliminateIdentity, FoldConstants, FoldBatchNorm, EliminateDeadCode)
+    cls.name: cls
+    for cls in (EliminateIdentity, FoldConstants, ExpandRNN, FoldBatchNorm, EliminateDeadCode)
 }
 
 # Order matters: identities go first so constant folding sees through them; BatchNorm
-# folding needs the Conv weights as constants (after folding); dead code last.
+# folding needs the Conv weights as constants (after folding); RNN expansion too (it
+# precomputes transposed weights); dead code last.
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "eliminate-identity",
     "fold-constants",
+    "expand-rnn",
     "fold-batchnorm",
     "dead-code",
 )

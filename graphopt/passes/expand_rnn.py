@@ -1,0 +1,446 @@
+"""Expand ONNX ``LSTM``, ``GRU`` and ``RNN`` nodes into primitive ops.
+
+TVM's importer has no recurrent ops, so each one is unrolled over its static sequence
+length. Per direction, the input projection of all time steps is one GEMM; only the
+recurrent part runs step by step::
+
+    XW = reshape(X, [seq*batch, input]) @ W^T + (Wb + Rb)      # one MatMul, [seq*batch, G*H]
+    gates_t = XW[rows of step t] + H_{t-1} @ R^T                # per step, [batch, G*H]
+
+then, with the ONNX gate orders (LSTM ``i o f c``, GRU ``z r h``) and default
+activations ``f=Sigmoid, g=Tanh, h=Tanh``::
+
+    LSTM: C_t = f(f_t + Pf*C_{t-1}) * C_{t-1} + f(i_t + Pi*C_{t-1}) * g(c_t)
+          H_t = f(o_t + Po*C_t) * h(C_t)
+    GRU:  z, r = f(z_t), f(r_t)
+          n = g(xh_t + (r*H_{t-1}) @ Rh^T + Rbh)         linear_before_reset=0
+          n = g(xh_t + r*(H_{t-1} @ Rh^T + Rbh))         linear_before_reset=1
+          H_t = n + z*(H_{t-1} - n)                      (= (1-z)*n + z*H_{t-1})
+    RNN:  H_t = f(x_t + H_{t-1} @ R^T)
+
+A missing initial state (or an all-zero constant one) is zero, so terms that multiply it
+are left out of the first step rather than computed. Weight preparation (slicing a
+direction, transposing, summing the two biases) is done in numpy when the weights are
+constants, which they are after ``fold-constants``; otherwise it is emitted as graph
+ops, so a model that feeds weights as inputs compiles too.
+
+Refused, with :class:`~graphopt.errors.UnsupportedOpsError` naming node and attribute:
+activations other than Sigmoid/Tanh/Relu, ``clip``, ``input_forget=1``, and
+``sequence_lens`` unless it is a constant equal to the full length everywhere. Run this
+pass after ``fold-constants`` (weights become constants) and before ``dead-code``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import UnsupportedOpsError
+from graphopt.ir import Graph, Node, Value
+from graphopt.passes._base import Pass, PassResult
+
+__all__ = ["ExpandRNN", "check"]
+
+# op_type -> (number of gates, default activations for one direction)
+_CELLS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "LSTM": (4, ("Sigmoid", "Tanh", "Tanh")),
+    "GRU": (3, ("Sigmoid", "Tanh")),
+    "RNN": (1, ("Tanh",)),
+}
+# Activations without alpha/beta parameters map one-to-one onto ONNX ops.
+_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+_DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _opt(node: Node, i: int) -> str | None:
+    return node.inputs[i] if len(node.inputs) > i and node.inputs[i] else None
+
+
+def _activations(node: Node) -> list[str]:
+    """The activation ops for every direction, in ONNX order (forward first)."""
+    n_dirs = len(_DIRECTIONS[_text(node.attrs.get("direction", "forward"))])
+    given = [_text(a) for a in node.attrs.get("activations", [])]
+    return [_ACTIVATIONS[a.lower()] for a in given or _CELLS[node.op_type][1] * n_dirs]
+
+
+def _static_shape(graph: Graph, name: str) -> tuple[int, ...] | None:
+    value = graph.values.get(name)
+    return value.shape if value is not None and value.is_static else None
+
+
+def check(graph: Graph, node: Node) -> str | None:
+    """Return why ``node`` (an LSTM, GRU or RNN) cannot be expanded, or None when it can."""
+    direction = _text(node.attrs.get("direction", "forward"))
+    if direction not in _DIRECTIONS:
+        return f"attribute direction={direction!r} is not one of {', '.join(_DIRECTIONS)}"
+    if node.attrs.get("layout", 0) not in (0, 1):
+        return f"attribute layout={node.attrs['layout']} is not 0 or 1"
+    acts = [_text(a) for a in node.attrs.get("activations", [])]
+    n_expected = len(_CELLS[node.op_type][1]) * len(_DIRECTIONS[direction])
+    if acts and len(acts) != n_expected:
+        return f"attribute activations={acts} should name {n_expected} functions"
+    if any(a.lower() not in _ACTIVATIONS for a in acts):
+        return f"attribute activations={acts} is not supported (only Sigmoid, Tanh, Relu)"
+    if "clip" in node.attrs:
+        return f"attribute clip={node.attrs['clip']} is not supported"
+    if node.attrs.get("input_forget", 0):
+        return "attribute input_forget=1 is not supported"
+    x_shape, w_shape, r_shape = (_static_shape(graph, i) for i in node.inputs[:3])
+    if x_shape is None or len(x_shape) != 3:
+        return f"input X ({node.inputs[0]!r}) needs a static 3-D shape"
+    if w_shape is None or r_shape is None:
+        return "inputs W and R need static shapes"
+    hidden = r_shape[-1]
+    if node.attrs.get("hidden_size", hidden) != hidden:
+        return f"attribute hidden_size={node.attrs['hidden_size']} disagrees with R {r_shape}"
+    lens = _opt(node, 4)
+    if lens is not None:
+        seq = x_shape[1] if node.attrs.get("layout", 0) else x_shape[0]
+        if not graph.is_constant(lens):
+            return f"input sequence_lens ({lens!r}) is not a constant (variable lengths)"
+        if np.any(graph.constants[lens] != seq):
+            return f"input sequence_lens holds lengths other than the full length {seq}"
+    return None
+
+
+class _Emitter:
+    """Adds primitive nodes for one recurrent node, folding all-constant ones in numpy.
+
+    ``None`` stands for an all-zero tensor: ``add(x, None)`` is ``x``, ``mul(x, None)``
+    and ``matmul(None, w)`` are ``None``, so zero initial states cost nothing.
+    """
+
+    def __init__(self, graph: Graph, prefix: str, dtype: str) -> None:
+        self.graph = graph
+        self.prefix = prefix
+        self.dtype = dtype
+        self.stats: Counter = Counter()
+        self._indices: dict[tuple, str] = {}
+        self._count = 0
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.graph.values[name].shape)
+
+    def const(self, array: np.ndarray, tag: str) -> str:
+        return self.graph.add_constant(self.fresh(tag), array)
+
+    def fresh(self, tag: str) -> str:
+        """A new value/node name. (``Graph.unique_name`` rebuilds a set per call, which is
+        quadratic over the thousands of nodes an unrolled sequence makes.)"""
+        g = self.graph
+        while True:
+            self._count += 1
+            name = f"{self.prefix}_{tag}_{self._count}"
+            if name not in g.values and name not in g.nx_graph and g.producer(name) is None:
+                return name
+
+    def _index(self, values: Sequence[int] | int) -> str:
+        key = (np.ndim(values), tuple(np.ravel(values)))
+        if key not in self._indices:  # Slice bounds repeat every step: share them
+            self._indices[key] = self.const(np.array(values, dtype=np.int64), "idx")
+        return self._indices[key]
+
+    def emit(
+        self,
+        op: str,
+        inputs: list[str],
+        shape: tuple[int, ...],
+        fold: Callable[..., np.ndarray] | None = None,
+        attrs: dict | None = None,
+        out: str | None = None,
+        const_inputs: list[str] = (),
+    ) -> str:
+        """Add ``op`` (or its numpy result when every data input is constant)."""
+        if fold is not None and all(self.graph.is_constant(i) for i in inputs):
+            result = fold(*(self.graph.constants[i] for i in inputs))
+            if out is not None:
+                return self.graph.add_constant(out, result)
+            return self.const(result, op.lower())
+        name = out or self.fresh(op.lower())
+        self.graph.values[name] = Value(name, tuple(shape), self.dtype)
+        node_name = name if out is None else self.fresh(op.lower())
+        self.graph.add_node(
+            Node(node_name, op, inputs + list(const_inputs), [name], dict(attrs or {}))
+        )
+        self.stats[op] += 1
+        return name
+
+    # --- data movement ------------------------------------------------------------
+    def take(self, x: str | None, index: int, axis: int) -> str | None:
+        """``x`` at ``index`` along ``axis``, that axis removed (Gather with a scalar)."""
+        if x is None:
+            return None
+        shape = self.shape(x)
+        out_shape = shape[:axis] + shape[axis + 1 :]
+        if self.graph.is_constant(x):
+            return self.emit("Gather", [x], out_shape, lambda a: np.take(a, index, axis))
+        return self.emit(
+            "Gather", [x], out_shape, attrs={"axis": axis}, const_inputs=[self._index(index)]
+        )
+
+    def slice(self, x: str | None, axis: int, start: int, end: int, step: int = 1) -> str | None:
+        if x is None:
+            return None
+        shape = list(self.shape(x))
+        if start == 0 and end == shape[axis] and step == 1:
+            return x
+        picked = range(start, end, step)
+        shape[axis] = len(picked)
+        where = (slice(None),) * axis + (slice(start, end, step),)
+        if self.graph.is_constant(x):
+            return self.emit("Slice", [x], tuple(shape), lambda a: a[where])
+        if self.graph.opset < 10:  # Slice takes its bounds as inputs from opset 10 on
+            return self.emit(
+                "Gather",
+                [x],
+                tuple(shape),
+                attrs={"axis": axis},
+                const_inputs=[self._index(list(picked))],
+            )
+        bounds = [self._index([v]) for v in (start, end, axis, step)]
+        return self.emit("Slice", [x], tuple(shape), const_inputs=bounds)
+
+    def transpose(self, x: str, perm: list[int]) -> str:
+        shape = tuple(self.shape(x)[p] for p in perm)
+        return self.emit("Transpose", [x], shape, lambda a: a.transpose(perm), {"perm": perm})
+
+    def reshape(self, x: str, shape: tuple[int, ...], out: str | None = None) -> str:
+        target = tuple(int(d) for d in shape)
+        if self.shape(x) == target and out is None:
+            return x
+        return self.emit(
+            "Reshape",
+            [x],
+            target,
+            lambda a: a.reshape(target),
+            out=out,
+            const_inputs=[self._index(list(target))],
+        )
+
+    def concat(self, xs: list[str], axis: int, out: str | None = None) -> str:
+        if len(xs) == 1 and out is None:
+            return xs[0]
+        shape = list(self.shape(xs[0]))
+        shape[axis] = sum(self.shape(x)[axis] for x in xs)
+        fold = lambda *a: np.concatenate(a, axis)  # noqa: E731
+        return self.emit("Concat", xs, tuple(shape), fold, {"axis": axis}, out=out)
+
+    # --- arithmetic (None is zero) --------------------------------------------------
+    def _binary(self, op: str, a: str, b: str, fn: Callable) -> str:
+        shape = np.broadcast_shapes(self.shape(a), self.shape(b))
+        return self.emit(op, [a, b], shape, lambda x, y: fn(x, y).astype(self.dtype))
+
+    def add(self, a: str | None, b: str | None) -> str | None:
+        if a is None or b is None:
+            return b if a is None else a
+        return self._binary("Add", a, b, np.add)
+
+    def sub(self, a: str, b: str) -> str:
+        return self._binary("Sub", a, b, np.subtract)
+
+    def mul(self, a: str | None, b: str | None) -> str | None:
+        if a is None or b is None:
+            return None
+        return self._binary("Mul", a, b, np.multiply)
+
+    def matmul(self, a: str | None, b: str) -> str | None:
+        if a is None:
+            return None
+        shape = self.shape(a)[:-1] + self.shape(b)[-1:]
+        return self.emit("MatMul", [a, b], shape, np.matmul)
+
+    def act(self, op: str, x: str) -> str:
+        fns = {
+            "Sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+            "Tanh": np.tanh,
+            "Relu": lambda a: np.maximum(a, 0),
+        }
+        return self.emit(op, [x], self.shape(x), lambda a: fns[op](a).astype(self.dtype))
+
+
+@dataclass
+class _Direction:
+    """Per-direction parameters, ready for the step loop (None = zero / absent)."""
+
+    wt: str  # W^T, [input, G*H]
+    bias: str | None  # added once to the projection, [G*H]
+    rt: str  # R^T, [H, G*H] (GRU with linear_before_reset=0: the z, r part [H, 2H])
+    rht: str | None  # GRU with linear_before_reset=0: Rh^T, [H, H]
+    rbh: str | None  # GRU with linear_before_reset=1: Rbh, [H]
+    peep: tuple[str | None, str | None, str | None]  # LSTM P: i, o, f, each [H]
+    h0: str | None  # [batch, H]
+    c0: str | None  # [batch, H]
+    acts: list[str]
+
+
+def _zero_to_none(graph: Graph, name: str | None) -> str | None:
+    if name is not None and graph.is_constant(name) and not np.any(graph.constants[name]):
+        return None
+    return name
+
+
+def _direction(e: _Emitter, node: Node, d: int, hidden: int) -> _Direction:
+    gates = _CELLS[node.op_type][0]
+    gh = gates * hidden
+    graph = e.graph
+    lbr = node.op_type == "GRU" and bool(node.attrs.get("linear_before_reset", 0))
+    state_axis = 1 if node.attrs.get("layout", 0) else 0
+
+    w = e.take(node.inputs[1], d, 0)
+    r = e.take(node.inputs[2], d, 0)
+    bias = rbh = rht = None
+    b = _opt(node, 3)
+    if b is not None:
+        b = e.take(b, d, 0)
+        wb, rb = e.slice(b, 0, 0, gh), e.slice(b, 0, gh, 2 * gh)
+        if lbr:  # Rbh sits inside r * (...): keep it out of the projection bias
+            rbh = e.slice(rb, 0, 2 * hidden, gh)
+            rb = e.slice(rb, 0, 0, 2 * hidden)
+            wb, wbh = e.slice(wb, 0, 0, 2 * hidden), e.slice(wb, 0, 2 * hidden, gh)
+            bias = e.concat([e.add(wb, rb), wbh], 0)
+        else:
+            bias = e.add(wb, rb)
+        bias = _zero_to_none(graph, bias)
+        rbh = _zero_to_none(graph, rbh)
+    rt = e.transpose(r, [1, 0])
+    if node.op_type == "GRU" and not lbr:
+        rht = e.slice(rt, 1, 2 * hidden, gh)
+        rt = e.slice(rt, 1, 0, 2 * hidden)
+    peep: tuple = (None, None, None)
+    p = _opt(node, 7) if node.op_type == "LSTM" else None
+    if p is not None and _zero_to_none(graph, p) is not None:
+        p = e.take(p, d, 0)
+        peep = tuple(
+            _zero_to_none(graph, e.slice(p, 0, k * hidden, (k + 1) * hidden)) for k in range(3)
+        )
+    h0 = _zero_to_none(graph, e.take(_zero_to_none(graph, _opt(node, 5)), d, state_axis))
+    c0 = None
+    if node.op_type == "LSTM":
+        c0 = _zero_to_none(graph, e.take(_zero_to_none(graph, _opt(node, 6)), d, state_axis))
+    n_act = len(_CELLS[node.op_type][1])
+    acts = _activations(node)[d * n_act : (d + 1) * n_act]
+    return _Direction(e.transpose(w, [1, 0]), bias, rt, rht, rbh, peep, h0, c0, acts)
+
+
+def _lstm_step(e: _Emitter, p: _Direction, x: str, h: str | None, c: str | None, hidden: int):
+    f, g, hact = p.acts
+    gates = e.add(x, e.matmul(h, p.rt))
+    pi, po, pf = p.peep
+    i = e.act(f, e.add(e.slice(gates, 1, 0, hidden), e.mul(pi, c)))
+    cand = e.act(g, e.slice(gates, 1, 3 * hidden, 4 * hidden))
+    if c is not None:  # with C_{t-1} = 0 the forget gate multiplies nothing
+        forget = e.act(f, e.add(e.slice(gates, 1, 2 * hidden, 3 * hidden), e.mul(pf, c)))
+        c = e.mul(forget, c)
+    c = e.add(c, e.mul(i, cand))
+    o = e.act(f, e.add(e.slice(gates, 1, hidden, 2 * hidden), e.mul(po, c)))
+    return e.mul(o, e.act(hact, c)), c
+
+
+def _gru_step(e: _Emitter, p: _Direction, x: str, h: str | None, hidden: int):
+    f, g = p.acts
+    linear_before_reset = p.rht is None
+    if linear_before_reset:  # one recurrent MatMul for all three gates
+        rec = e.matmul(h, p.rt)
+        rec_zr = e.slice(rec, 1, 0, 2 * hidden)
+        rec_h = e.add(e.slice(rec, 1, 2 * hidden, 3 * hidden), p.rbh)  # r multiplies this
+    else:  # r multiplies H_{t-1} before its MatMul
+        rec_zr, rec_h = e.matmul(h, p.rt), h
+    zr = e.add(e.slice(x, 1, 0, 2 * hidden), rec_zr)
+    z = e.act(f, e.slice(zr, 1, 0, hidden))
+    r = e.act(f, e.slice(zr, 1, hidden, 2 * hidden)) if rec_h is not None else None
+    if linear_before_reset:
+        rec_h = e.mul(r, rec_h)
+    else:
+        rec_h = e.matmul(e.mul(r, rec_h), p.rht)
+    n = e.act(g, e.add(e.slice(x, 1, 2 * hidden, 3 * hidden), rec_h))
+    if h is None:
+        return e.sub(n, e.mul(z, n))
+    return e.add(n, e.mul(z, e.sub(h, n)))
+
+
+def _rnn_step(e: _Emitter, p: _Direction, x: str, h: str | None, hidden: int):
+    return e.act(p.acts[0], e.add(x, e.matmul(h, p.rt)))
+
+
+def _expand(graph: Graph, node: Node) -> Counter:
+    x = node.inputs[0]
+    layout = int(node.attrs.get("layout", 0))
+    x_shape = graph.values[x].shape
+    seq, batch = (x_shape[1], x_shape[0]) if layout else (x_shape[0], x_shape[1])
+    hidden = graph.values[node.inputs[2]].shape[-1]
+    e = _Emitter(graph, node.name, graph.values[x].dtype)
+    graph.remove_node(node.name)
+
+    x2d = e.reshape(x, (seq * batch, x_shape[2]))
+    hs, cs = [], []  # per direction: H_t (and C_t) in time order
+    revs = _DIRECTIONS[_text(node.attrs.get("direction", "forward"))]
+    for d, reverse in enumerate(revs):
+        p = _direction(e, node, d, hidden)
+        xw = e.add(e.matmul(x2d, p.wt), p.bias)  # the one input-projection GEMM
+        e.stats["input_projections"] += 1
+        h, c = p.h0, p.c0
+        h_seq, c_seq = [None] * seq, [None] * seq
+        for t in reversed(range(seq)) if reverse else range(seq):
+            # Rows of step t: a block of `batch` rows (layout 0) or every seq-th row (layout 1).
+            if layout:
+                xt = e.slice(xw, 0, t, seq * batch, seq)
+            else:
+                xt = e.slice(xw, 0, t * batch, (t + 1) * batch)
+            if node.op_type == "LSTM":
+                h, c = _lstm_step(e, p, xt, h, c, hidden)
+            elif node.op_type == "GRU":
+                h = _gru_step(e, p, xt, h, hidden)
+            else:
+                h = _rnn_step(e, p, xt, h, hidden)
+            h_seq[t], c_seq[t] = h, c
+        hs.append(h_seq)
+        cs.append(c_seq)
+
+    outputs = list(node.outputs) + [""] * (3 - len(node.outputs))
+    y, y_h, y_c = outputs[:3]
+
+    def used(name: str) -> bool:
+        return bool(name) and (name in graph.outputs or bool(graph.consumers(name)))
+
+    n_dirs = len(hs)
+    if used(y):
+        # layout 0: [seq, dirs, batch, H]; layout 1: [batch, seq, dirs, H]
+        dir_axis = 2 if layout else 1
+        one = (batch, seq, 1, hidden) if layout else (seq, 1, batch, hidden)
+        per_dir = [e.concat(s, layout) for s in hs]  # [batch, seq*H] or [seq*batch, H]
+        if n_dirs == 1:
+            e.reshape(per_dir[0], one, out=y)
+        else:
+            e.concat([e.reshape(s, one) for s in per_dir], dir_axis, out=y)
+    for name, states in ((y_h, hs), (y_c, cs)):
+        if used(name):
+            # The last state of a direction: time seq-1 forward, time 0 in reverse.
+            last = [s[0] if rev else s[-1] for s, rev in zip(states, revs, strict=True)]
+            shape = (batch, n_dirs, hidden) if layout else (n_dirs, batch, hidden)
+            e.reshape(e.concat(last, layout), shape, out=name)
+    return e.stats
+
+
+@dataclass(frozen=True)
+class ExpandRNN(Pass):
+    """Unroll LSTM/GRU/RNN into MatMul + elementwise ops, one input GEMM per direction."""
+
+    name = "expand-rnn"
+
+    def run(self, graph: Graph) -> PassResult:
+        targets = [n for n in graph.nodes() if n.op_type in _CELLS and not n.domain]
+        refused = [(n.op_type, n.name, why) for n in targets if (why := check(graph, n))]
+        if refused:
+            raise UnsupportedOpsError(refused)
+        stats: Counter = Counter()
+        for node in targets:
+            stats += _expand(graph, node)
+            stats[node.op_type] += 1
+        return PassResult(graph, bool(targets), stats)
