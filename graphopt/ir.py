@@ -125,11 +125,15 @@ class Graph:
                     self._nx.add_edge(node.name, user)
 
     def unique_name(self, base: str) -> str:
-        taken = set(self.values) | set(self._nx.nodes) | set(self._producer)
-        if base not in taken:
+        """A value/node name not used yet: ``base``, else ``base_1``, ``base_2``, ..."""
+
+        def taken(name: str) -> bool:
+            return name in self.values or name in self._nx or name in self._producer
+
+        if not taken(base):
             return base
         for i in itertools.count(1):
-            if f"{base}_{i}" not in taken:
+            if not taken(f"{base}_{i}"):
                 return f"{base}_{i}"
         raise AssertionError("unreachable")
 

@@ -408,7 +408,7 @@ def gather(ctx: _Ctx, node: Node):
         idx = np.where(idx < 0, idx + data_shape[axis], idx)
         indices = _const(idx)
         if idx.ndim == 0:
-            out = R.take(ctx.x(node.inputs[0]), R.reshape(indices, [1]), axis=axis)
+            out = R.take(ctx.x(node.inputs[0]), R.reshape(indices, [1]), axis=axis, mode="clip")
             return [ctx.emit(R.squeeze(out, [axis % len(data_shape)]))]
     else:
         indices = ctx.x(idx_name)
@@ -416,6 +416,8 @@ def gather(ctx: _Ctx, node: Node):
         zero = relax.const(0, ctx.dtype(idx_name))
         # ONNX allows negative indices: wrap them once, as onnxruntime does.
         indices = R.where(R.less(indices, zero), R.add(indices, dim), indices)
+    # Indices are in range after the wrap above; "clip" keeps a bad index from reading
+    # out of bounds (TVM's "fast" mode may segfault on one).
     return [ctx.emit(R.take(ctx.x(node.inputs[0]), indices, axis=axis, mode="clip"))]
 
 
