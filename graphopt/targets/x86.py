@@ -57,18 +57,27 @@ def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
     """Relax passes per phase; see TVM's cpu_generic pipeline for the originals."""
     from tvm import relax
 
+    from graphopt.targets import _cpu_schedules as cpu
+
     return {
         # Sorting/sampling ops map to library implementations before legalization.
         "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
-        # Ops become TIR; FoldConstant then sees through weight reshapes; FuseOps groups
-        # elementwise tails with their producer so each group becomes one kernel.
+        # Convs move to NCHW[x]c (x = SIMD width) while still Relax ops, so ConvertLayout
+        # can carry the packed layout through elementwise ops; must precede LegalizeOps.
+        "layout": [cpu.ConvertToNCHWc(cpu.vector_lanes(target))],
+        # Ops become TIR (packed convs through graphopt's own TE computes); FoldConstant
+        # then packs weights and sees through weight reshapes once, at compile time;
+        # FuseOps groups elementwise tails with their producer so each group is one kernel.
         "legalize": [
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(cpu.LEGALIZE),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ],
+        # Default schedules (first fitting rule wins) on the fused kernels; after FuseTIR
+        # so epilogues are scheduled with their producer.
+        "schedule": [cpu.ApplyCPUSchedules()],
         "dataflow_lower": [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
@@ -98,6 +107,11 @@ def load(path: Path):  # noqa: ANN201 - returns a runner
             f"{path} is an x86 artifact and this host is {platform.machine()}: "
             "run it on an x86-64 machine"
         )
+    return load_native(path)
+
+
+def load_native(path: Path):  # noqa: ANN201 - returns a runner
+    """Load an artifact built for this host's own architecture into a CPU Relax VM."""
     import tvm
 
     try:

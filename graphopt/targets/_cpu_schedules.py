@@ -1,0 +1,604 @@
+"""Default CPU schedules: fast x86 kernels without tuning.
+
+Three pieces, in the order the x86 pipeline uses them:
+
+1. ``ConvertToNCHWc`` (a Relax pass, before LegalizeOps): convolutions move to the packed
+   layout ``NCHW[x]c`` with weights ``OIHW[x]i[y]o``, so the innermost axis of every
+   activation and weight is a block of output channels one SIMD register wide. Relax's
+   ConvertLayout carries the layout through the elementwise ops in between and inserts
+   ``layout_transform`` only where a layout-unaware op needs plain NCHW. Weight transforms
+   act on constants, so the FoldConstant after LegalizeOps packs every weight once, at
+   compile time.
+2. ``LEGALIZE`` (LegalizeOps' customize map): TOPI cannot legalize a channel-blocked
+   conv2d, so these TE computes do; their anchor blocks carry a ``graphopt.kernel``
+   annotation that the rules below look for.
+3. ``RULES`` (after FuseTIR): an ordered list of ``(name, rule)``. ``ApplyCPUSchedules``
+   gives each unscheduled PrimFunc to the rules in order; the first one that returns a
+   schedule wins (TVM's ``s_tir/dlight`` ApplyDefaultSchedule, with the same contract: a
+   rule returns None to decline). A rule that raises also declines, so the next one gets a
+   fresh schedule: a schedule can only be slow, never wrong, since every primitive used
+   here is checked by TVM for legality. The winning rule's name is recorded in the
+   PrimFunc's ``graphopt.schedule_rule`` attribute.
+
+The conv schedules follow the Relay-era ``topi/x86/conv2d_avx_common.py``: a register
+tile of ``reg_n`` output pixels by one channel block, reduction loops outside it, the
+channel block vectorized and the pixel loop unrolled, outer loops parallel.
+"""
+
+from __future__ import annotations
+
+import re
+
+import tvm
+from tvm import relax, s_tir, te, tirx, topi
+from tvm.s_tir.schedule import ScheduleError
+
+__all__ = [
+    "RULES",
+    "LEGALIZE",
+    "ApplyCPUSchedules",
+    "ConvertToNCHWc",
+    "vector_lanes",
+    "apply_rules",
+]
+
+# Register tile width (output pixels) for conv: 28 accumulators + weight + broadcast
+# still fit AVX-512's 32 vector registers.
+_MAX_REG_N = 28
+# Below this many loop iterations a kernel runs serially: a parallel launch costs more.
+_PARALLEL_MIN = 2048
+_ANNOTATION = "graphopt.kernel"
+
+
+def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
+    """float32 lanes in one SIMD register of ``target`` (16 with AVX-512, 8 with AVX2)."""
+    from tvm.target import codegen
+
+    width = int(codegen.llvm_get_vector_width(target))
+    return max(width // dtype_bits, 4) if width > 0 else 8
+
+
+# --- 1. layout: NCHW -> NCHW[x]c ---------------------------------------------------------
+def _shape(expr) -> list[int] | None:  # noqa: ANN001
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return [int(d) for d in shape.values]
+    except (TypeError, AttributeError):
+        return None
+
+
+def _conv_kind(call) -> str | None:  # noqa: ANN001
+    """'dense' / 'depthwise' for a 2-D NCHW/OIHW float conv we can pack, else None."""
+    a = call.attrs
+    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
+        return None
+    data, weight = _shape(call.args[0]), _shape(call.args[1])
+    if data is None or weight is None or len(data) != 4 or len(weight) != 4:
+        return None
+    if str(call.args[0].ty.dtype) != "float32":
+        return None
+    groups = int(a.groups)
+    if groups == 1:
+        return "dense"
+    if groups == data[1] == weight[0] and weight[1] == 1:
+        return "depthwise"
+    return None
+
+
+def _channel_block(channels: int, block: int, is_input: bool) -> int | None:
+    if channels % block == 0:
+        return block
+    if channels % 8 == 0:
+        return 8
+    # A thin input (an RGB image) is one block: the whole channel axis moves innermost.
+    return channels if is_input and channels < 8 else None
+
+
+def _pick_block(mod: tvm.IRModule, lanes: int) -> int:
+    """One channel block for the whole model: mixing blocks needs 16c<->8c transforms
+    that ConvertLayout cannot express, so use ``lanes`` only if every conv allows it."""
+    chans: list[int] = []
+
+    def visit(expr) -> None:  # noqa: ANN001
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            if _conv_kind(expr) is not None:
+                chans.extend(c for c in (_shape(expr.args[1])[0], _shape(expr.args[0])[1]))
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    if all(c % lanes == 0 for c in chans if c % 8 == 0):
+        return lanes
+    return 8
+
+
+def _layouts_for(call, block: int) -> dict:  # noqa: ANN001
+    kind = _conv_kind(call)
+    if kind is None:
+        return {}
+    cin, cout = _shape(call.args[0])[1], _shape(call.args[1])[0]
+    bi = _channel_block(cin, block, is_input=True)
+    bo = _channel_block(cout, block, is_input=False)
+    if bi is None or bo is None:
+        return {}
+    if kind == "depthwise":
+        if bi != bo:
+            return {}
+        return {"relax.nn.conv2d": [f"NCHW{bi}c", f"OIHW1i{bo}o", f"NCHW{bo}c"]}
+    return {"relax.nn.conv2d": [f"NCHW{bi}c", f"OIHW{bi}i{bo}o", f"NCHW{bo}c"]}
+
+
+def ConvertToNCHWc(lanes: int) -> tvm.transform.Pass:  # noqa: N802 - a pass, named like TVM's
+    """Convert 2-D convs to NCHW[x]c (x = ``lanes`` or 8). Put before LegalizeOps.
+
+    Falls back to the unconverted module if ConvertLayout rejects it, so a model that
+    cannot be packed still compiles (with the plain-layout rules).
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.ConvertToNCHWc")
+    def convert(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
+        block = _pick_block(mod, lanes)
+
+        def layout_cb(call):  # noqa: ANN001, ANN202
+            if getattr(call.op, "name", "") != "relax.nn.conv2d":
+                return {}
+            return _layouts_for(call, block)
+
+        try:
+            return relax.transform.ConvertLayout({}, layout_cb)(mod)
+        except (RuntimeError, ValueError):  # TVM's InternalError is a RuntimeError
+            return mod
+
+    return convert
+
+
+# --- 2. legalization of packed convs ---------------------------------------------------
+_NCHWC = re.compile(r"^NCHW(\d+)c$")
+_OIHWIO = re.compile(r"^OIHW(\d+)i(\d+)o$")
+
+
+def _pad_nchwc(data: te.Tensor, padding) -> te.Tensor:  # noqa: ANN001
+    top, left, bottom, right = (int(p) for p in padding)
+    if top == left == bottom == right == 0:
+        return data
+    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="data_pad")
+
+
+def _out_size(size: int, pad: int, k: int, stride: int, dil: int) -> int:
+    return (size + pad - (k - 1) * dil - 1) // stride + 1
+
+
+def conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype: str):  # noqa: ANN001, ANN201
+    """Dense packed conv, the padding as a separate ``data_pad`` stage:
+
+    out[n, oc, y, x, oci] = sum data[n, ic, y*s+kh*d, x*s+kw*d, ici] * w[oc, ic, kh, kw, ici, oci]
+    """
+    n, ic_o, ih, iw, _ = (int(d) for d in data.shape)
+    oc_o, _, kh, kw, _, oc_i = (int(d) for d in weight.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
+    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    pad = _pad_nchwc(data, padding)
+    ic_i = int(data.shape[4])
+    rco = te.reduce_axis((0, ic_o), "rco")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rci = te.reduce_axis((0, ic_i), "rci")
+    return te.compute(
+        (n, oc_o, oh, ow, oc_i),
+        lambda b, co, y, x, ci: te.sum(
+            pad[b, rco, y * sh + rh * dh, x * sw + rw * dw, rci].astype(out_dtype)
+            * weight[co, rco, rh, rw, rci, ci].astype(out_dtype),
+            axis=[rco, rh, rw, rci],
+        ),
+        name="conv2d_nchwc",
+        attrs={_ANNOTATION: "conv2d_nchwc"},
+    )
+
+
+def depthwise_conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype: str):  # noqa: ANN001, ANN201
+    """out[n, c, y, x, ci] = sum data[n, c, y*s+kh*d, x*s+kw*d, ci] * w[c, 0, kh, kw, 0, ci]."""
+    n, c_o, ih, iw, c_i = (int(d) for d in data.shape)
+    _, _, kh, kw, _, _ = (int(d) for d in weight.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
+    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    pad = _pad_nchwc(data, padding)
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    return te.compute(
+        (n, c_o, oh, ow, c_i),
+        lambda b, c, y, x, ci: te.sum(
+            pad[b, c, y * sh + rh * dh, x * sw + rw * dw, ci].astype(out_dtype)
+            * weight[c, 0, rh, rw, 0, ci].astype(out_dtype),
+            axis=[rh, rw],
+        ),
+        name="depthwise_conv2d_nchwc",
+        attrs={_ANNOTATION: "depthwise_conv2d_nchwc"},
+    )
+
+
+def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    a = call.attrs
+    data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
+    kern_m = _OIHWIO.match(str(a.kernel_layout))
+    if not (data_m and out_m and kern_m):
+        default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+        return default(bb, call)
+    out_dtype = str(a.out_dtype)
+    if out_dtype in ("", "void", "None"):
+        out_dtype = str(call.args[0].ty.dtype)
+    groups = int(a.groups)
+    compute, name = conv2d_nchwc_te, "conv2d_nchwc"
+    if groups != 1:
+        compute, name = depthwise_conv2d_nchwc_te, "depthwise_conv2d_nchwc"
+    return bb.call_te(
+        compute,
+        call.args[0],
+        call.args[1],
+        list(a.strides),
+        list(a.padding),
+        list(a.dilation),
+        out_dtype,
+        primfunc_name_hint=name,
+    )
+
+
+LEGALIZE = {"relax.nn.conv2d": _legalize_conv2d}
+
+
+# --- 3. schedule rules ------------------------------------------------------------------
+def _extent(sch: s_tir.Schedule, loop) -> int | None:  # noqa: ANN001
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _iter_kinds(sch: s_tir.Schedule, block) -> list[str]:  # noqa: ANN001
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return [kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars]
+
+
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    root = sch.get_sblock("root")
+    return list(sch.get_child_blocks(root))
+
+
+def _annotation(sch: s_tir.Schedule, block) -> str | None:  # noqa: ANN001
+    value = sch.get(block).annotations.get(_ANNOTATION)
+    return str(value) if value is not None else None
+
+
+def _inline_epilogue(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
+    """Fold every elementwise consumer chain into ``block`` (which then writes the result)."""
+    progress = True
+    while progress:
+        progress = False
+        for consumer in sch.get_consumers(block):
+            try:
+                sch.reverse_compute_inline(consumer)
+            except ScheduleError:
+                continue
+            progress = True
+            break
+
+
+def _inline_spatial_intermediates(sch: s_tir.Schedule, keep: list) -> None:  # noqa: ANN001
+    """compute_inline every spatial block except ``keep`` and blocks that write outputs."""
+    keep_names = {sch.get(b).name_hint for b in keep}
+    progress = True
+    while progress:
+        progress = False
+        for block in _root_blocks(sch):
+            if sch.get(block).name_hint in keep_names or "R" in _iter_kinds(sch, block):
+                continue
+            try:
+                sch.compute_inline(block)
+            except ScheduleError:
+                continue
+            progress = True
+            break
+
+
+def _product(values) -> int:  # noqa: ANN001
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: ANN001
+    """Parallel + vectorized loop nest for one all-spatial (injective) root block.
+
+    The innermost loop (joined with its neighbour when thinner than half a vector) is
+    vectorized, so index arithmetic and bounds checks (pads) stay in the outer loops;
+    everything outside it is fused into one parallel loop.
+    """
+    loops = list(sch.get_loops(block))
+    if not loops:
+        return
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return
+    total = _product(extents)
+    inner = loops.pop()
+    if extents[-1] < lanes // 2 and loops:
+        inner = sch.fuse(loops.pop(), inner)
+    width = _extent(sch, inner)
+    if width > 4 * lanes and width % lanes == 0:
+        rest, inner = sch.split(inner, [None, lanes])
+        loops.append(rest)
+    if width % lanes == 0 or width <= 4 * lanes:
+        sch.vectorize(inner)
+    elif loops is not None:
+        loops.append(inner)
+    if loops and total >= _PARALLEL_MIN:
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+def _pick_reg_n(width: int) -> int:
+    """Largest divisor of the output width that fits the register tile."""
+    for n in range(min(width, _MAX_REG_N), 0, -1):
+        if width % n == 0:
+            return n
+    return 1
+
+
+def _split_reduction_into_tile(sch: s_tir.Schedule, block, outer) -> None:  # noqa: ANN001
+    """Under ``outer``: reductions first, then the spatial tile (unrolled, vectorized)."""
+    loops = _loops_below(sch, block, outer)
+    kinds = _loop_kinds(sch, block, loops)
+    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+    sch.reorder(*reduce, *spatial)
+    if spatial:
+        sch.vectorize(spatial[-1])
+        for lp in spatial[:-1]:
+            if (_extent(sch, lp) or 0) > 1:
+                sch.unroll(lp)
+    if reduce:
+        init = sch.decompose_reduction(block, reduce[0])
+        init_loops = _loops_below(sch, init, outer)
+        if init_loops:
+            sch.vectorize(init_loops[-1])
+
+
+def _loops_below(sch: s_tir.Schedule, block, outer) -> list:  # noqa: ANN001
+    """The loops around ``block`` nested inside ``outer`` (all of them if None)."""
+    loops = list(sch.get_loops(block))
+    if outer is None:
+        return loops
+    target = sch.get(outer)
+    for i, lp in enumerate(loops):
+        if sch.get(lp).same_as(target):
+            return loops[i + 1 :]
+    raise ValueError("outer loop does not enclose the block")
+
+
+def _loop_kinds(sch: s_tir.Schedule, block, loops) -> list[str]:  # noqa: ANN001
+    """'S' or 'R' per loop, by which block iter var its loop var feeds."""
+    iter_kinds = _iter_kinds(sch, block)
+    values = _block_iter_values(sch, block)
+    out = []
+    for lp in loops:
+        var = sch.get(lp).loop_var
+        kind = "S"
+        for value, k in zip(values, iter_kinds, strict=True):
+            if k == "R" and _uses_var(value, var):
+                kind = "R"
+        out.append(kind)
+    return out
+
+
+def _block_iter_values(sch: s_tir.Schedule, block) -> list:  # noqa: ANN001
+    get_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+    return list(get_realize(sch, block).iter_values)
+
+
+def _uses_var(expr, var) -> bool:  # noqa: ANN001
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))
+
+
+def _other_root_blocks(sch: s_tir.Schedule, handled: list) -> list:
+    names = {sch.get(b).name_hint for b in handled}
+    return [b for b in _root_blocks(sch) if sch.get(b).name_hint not in names]
+
+
+def _schedule_others(sch: s_tir.Schedule, blocks: list, lanes: int) -> s_tir.Schedule | None:
+    """Parallel+vector for leftover spatial root blocks (pads); decline if any reduces."""
+    for block in blocks:
+        if "R" in _iter_kinds(sch, block):
+            return None
+        _schedule_spatial(sch, block, lanes)
+    return sch
+
+
+def rule_conv2d_nchwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """Packed conv (dense or depthwise) plus its fused epilogue.
+
+    Why: conv is >90% of a CNN's time. The output tile [reg_n pixels x one channel block]
+    stays in registers over the whole reduction (ic chunk, kh, kw, ic lane), each step one
+    weight vector load, reg_n broadcasts and reg_n FMAs; bias/BN/ReLU/residual adds are
+    applied on the way out of the registers; (n, oc chunk, row) loops run in parallel.
+    """
+    sch = s_tir.Schedule(func)
+    anchors = [
+        b
+        for b in _root_blocks(sch)
+        if _annotation(sch, b) in ("conv2d_nchwc", "depthwise_conv2d_nchwc")
+    ]
+    if len(anchors) != 1:
+        return None
+    conv = anchors[0]
+    lanes = vector_lanes(target)
+    depthwise = _annotation(sch, conv) == "depthwise_conv2d_nchwc"
+    # A dense conv reads each input pixel kh*kw*oc times: its padding stays a separate
+    # parallel pass, since inlined it would put a bounds check in the innermost loop. A
+    # depthwise conv is memory bound, so its padding is inlined (one pass less; the check
+    # is per pixel, not per lane, so the loads still vectorize).
+    pads = [b for b in sch.get_producers(conv) if "pad" in sch.get(b).name_hint]
+    _inline_spatial_intermediates(sch, keep=[conv] if depthwise else [conv, *pads])
+    out = sch.cache_write(conv, 0, "local")
+    _inline_epilogue(sch, out)
+    others = _other_root_blocks(sch, [conv, out])
+    loops = sch.get_loops(out)
+    if len(loops) != 5:
+        return None
+    n, co, y, x, ci = loops
+    reg_n = _pick_reg_n(_extent(sch, x))
+    xo, xi = sch.split(x, [None, reg_n])
+    outer = sch.fuse(n, co, y)
+    sch.parallel(outer)
+    sch.vectorize(ci)
+    sch.compute_at(conv, xo)
+    sch.unroll(xi)
+    _split_reduction_into_tile(sch, conv, xo)
+    return _schedule_others(sch, others, lanes)
+
+
+def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """One reduction (matmul/dense, pooling, mean) plus elementwise prologue/epilogue.
+
+    Why: the innermost output axis (Gemm's N, a packed channel block) is contiguous in
+    both the output and the operand it comes from, so it is vectorized *inside* the
+    reduction loops with the accumulators in registers; outer output loops run parallel.
+    When that axis is too short to vectorize (NCHW mean), only the parallel part applies.
+    """
+    sch = s_tir.Schedule(func)
+    reductions = [b for b in _root_blocks(sch) if "R" in _iter_kinds(sch, b)]
+    if len(reductions) != 1:
+        return None
+    red = reductions[0]
+    lanes = vector_lanes(target)
+    _inline_spatial_intermediates(sch, keep=[red])
+    out = sch.cache_write(red, 0, "local")
+    _inline_epilogue(sch, out)
+    others = _other_root_blocks(sch, [red, out])
+    loops = list(sch.get_loops(out))
+    if not loops:
+        return None
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return None
+    last = extents[-1]
+    tile = None
+    for vec in (lanes * 4, lanes * 2, lanes, 8, 4):
+        if last % vec == 0:
+            tile = vec
+            break
+    if tile is None and 2 <= last <= lanes * 4:
+        tile = last
+    if tile is not None:
+        lo, li = sch.split(loops[-1], [None, tile])
+        outer_loops = [*loops[:-1], lo]
+    else:
+        outer_loops = loops
+    outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+    if _product(extents) >= _PARALLEL_MIN // 4 and (_extent(sch, outer) or 1) > 1:
+        sch.parallel(outer)
+    sch.compute_at(red, outer)
+    if tile is not None:
+        sch.vectorize(sch.get_loops(out)[-1])
+        _split_reduction_into_tile(sch, red, outer)
+    else:
+        inner = _loops_below(sch, red, outer)
+        kinds = _loop_kinds(sch, red, inner)
+        red_loops = [lp for lp, k in zip(inner, kinds, strict=True) if k == "R"]
+        if red_loops:
+            sch.decompose_reduction(red, red_loops[0])
+    return _schedule_others(sch, others, lanes)
+
+
+def rule_injective(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """Elementwise/injective kernels (activations, adds, pads, layout transforms).
+
+    Why: memory bound; one pass over the output with all loops fused, split into a
+    vector-wide inner loop and a parallel outer loop. Intermediates are inlined first so
+    a fused chain is one pass.
+    """
+    sch = s_tir.Schedule(func)
+    blocks = _root_blocks(sch)
+    if not blocks or any("R" in _iter_kinds(sch, b) for b in blocks):
+        return None
+    _inline_spatial_intermediates(sch, keep=[])
+    for block in _root_blocks(sch):
+        _schedule_spatial(sch, block, vector_lanes(target))
+    return sch
+
+
+def rule_fallback(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """Anything else (softmax: several reductions): each root block on its own.
+
+    Why: correct for every loop nest; spatial blocks get parallel+vector, reductions get
+    their spatial outer loops fused and parallel with the reduction serial inside.
+    """
+    sch = s_tir.Schedule(func)
+    lanes = vector_lanes(target)
+    for block in _root_blocks(sch):
+        kinds = _loop_kinds(sch, block, sch.get_loops(block))
+        if "R" not in kinds:
+            _schedule_spatial(sch, block, lanes)
+            continue
+        loops = list(sch.get_loops(block))
+        lead = []
+        for lp, k in zip(loops, kinds, strict=True):
+            if k != "S":
+                break
+            lead.append(lp)
+        extents = [_extent(sch, lp) or 1 for lp in loops]
+        if lead and _product(extents) >= _PARALLEL_MIN:
+            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            sch.parallel(fused)
+    return sch
+
+
+# Ordered: the first rule that returns a schedule wins.
+RULES = [
+    ("conv2d_nchwc", rule_conv2d_nchwc),
+    ("reduction", rule_reduction),
+    ("injective", rule_injective),
+    ("fallback", rule_fallback),
+]
+
+
+def apply_rules(
+    func: tirx.PrimFunc, target: tvm.target.Target, rules=None
+) -> tuple[str, tirx.PrimFunc] | None:  # noqa: ANN001
+    """Return ``(rule name, scheduled PrimFunc)`` for the first rule that fits, or None."""
+    for name, rule in RULES if rules is None else rules:
+        try:
+            sch = rule(func, target)
+        except Exception:  # noqa: BLE001 - a rule that cannot apply declines
+            sch = None
+        if sch is not None:
+            return name, sch.mod["main"]
+    return None
+
+
+def ApplyCPUSchedules(rules=None) -> tvm.transform.Pass:  # noqa: ANN001, N802
+    """Schedule every PrimFunc not yet scheduled. Put after FuseTIR, before CallTIRRewrite."""
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.ApplyCPUSchedules")
+    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
+        target = tvm.target.Target.current(allow_none=False)
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+                continue
+            result = apply_rules(func, target, rules)
+            if result is None:
+                continue
+            name, new = result
+            updates[gvar] = new.with_attr("tirx.is_scheduled", True).with_attr(
+                "graphopt.schedule_rule", name
+            )
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return apply

@@ -1,0 +1,161 @@
+"""Default x86 schedules: every kernel scheduled, numerics match onnxruntime, and a rule
+that must not fire does not.
+
+"Unscheduled" here means a PrimFunc that no rule claimed, or one with more than
+``BIG_KERNEL`` loop iterations and not a single parallel or vectorized loop (that is what
+LegalizeOps' naive loops look like).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+from graphopt.compiler import prepare  # noqa: E402
+from graphopt.lower import to_relax  # noqa: E402
+from graphopt.targets import _cpu_schedules as cpu  # noqa: E402
+from graphopt.targets import resolve  # noqa: E402
+from graphopt.zoo import ZOO, build  # noqa: E402
+
+BIG_KERNEL = 4096
+_UP_TO_SCHEDULE = ("library_dispatch", "layout", "legalize", "schedule")
+
+
+def _scheduled_module(model: onnx.ModelProto) -> tvm.IRModule:
+    """The x86 pipeline up to and including its schedule phase (no LLVM codegen)."""
+    spec = resolve("x86")
+    _, graph, _ = prepare(model)
+    mod = to_relax(graph)
+    target = tvm.target.Target(spec.tvm)
+    phases = spec.module.phases(target)
+    with target:
+        for name in _UP_TO_SCHEDULE:
+            mod = tvm.transform.Sequential(phases[name])(mod)
+    return mod
+
+
+def _children(stmt) -> list:  # noqa: ANN001
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return list(stmt.seq)
+    out = []
+    for attr in ("body", "block", "init", "then_case", "else_case"):
+        child = getattr(stmt, attr, None)
+        if isinstance(child, tvm.tirx.Stmt):
+            out.append(child)
+    return out
+
+
+def _walk(stmt) -> tuple[int, set]:  # noqa: ANN001
+    """(innermost statement executions, loop kinds seen) for a TIR statement tree."""
+    kinds: set = set()
+    work = 0
+    for child in _children(stmt):
+        w, k = _walk(child)
+        work += w
+        kinds |= k
+    if isinstance(stmt, tvm.tirx.For):
+        kinds.add(stmt.kind)
+        work *= int(stmt.extent) if hasattr(stmt.extent, "value") else 1
+    return max(work, 1), kinds
+
+
+def unscheduled_kernels(mod: tvm.IRModule) -> list[str]:
+    bad = []
+    fast = {tvm.tirx.ForKind.PARALLEL, tvm.tirx.ForKind.VECTORIZED}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        if func.attrs is None or "graphopt.schedule_rule" not in func.attrs:
+            bad.append(f"{gvar.name_hint}: no rule applied")
+            continue
+        work, kinds = _walk(func.body)
+        if work > BIG_KERNEL and not kinds & fast:
+            bad.append(f"{gvar.name_hint}: {work} iterations, no parallel/vector loop")
+    return bad
+
+
+def _rules_used(mod: tvm.IRModule) -> dict[str, str]:
+    return {
+        gvar.name_hint: str(func.attrs["graphopt.schedule_rule"])
+        for gvar, func in mod.functions_items()
+        if isinstance(func, tvm.tirx.PrimFunc)
+        and func.attrs
+        and "graphopt.schedule_rule" in func.attrs
+    }
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_every_kernel_is_scheduled(name: str) -> None:
+    mod = _scheduled_module(build(name))
+    assert unscheduled_kernels(mod) == []
+
+
+def test_resnet18_convs_use_the_packed_conv_rule() -> None:
+    rules = _rules_used(_scheduled_module(build("resnet18")))
+    convs = {k: v for k, v in rules.items() if "conv2d" in k}
+    assert len(convs) >= 12
+    assert set(convs.values()) == {"conv2d_nchwc"}
+
+
+def test_weights_are_packed_at_compile_time() -> None:
+    """The 6-D packed weights (OIHW[x]i[y]o) arrive in main as constants: FoldConstant
+    ran the weight layout transforms at compile time, so no kernel repacks per run."""
+    mod = _scheduled_module(build("small_cnn"))
+    packed = []
+    const_type = type(tvm.relax.const(np.zeros(1, np.float32)))
+
+    def visit(expr) -> None:  # noqa: ANN001
+        shape = getattr(expr.ty, "shape", None) if isinstance(expr, const_type) else None
+        if shape is not None and len(shape.values) == 6:
+            packed.append(tuple(int(d) for d in shape.values))
+
+    tvm.relax.analysis.post_order_visit(mod["main"].body, visit)
+    assert len(packed) == 4  # one per conv
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_matches_onnxruntime(name: str) -> None:
+    art = graphopt.compile(build(name), "x86")  # verifies against onnxruntime
+    assert art.manifest["verification"]["ok"]
+
+
+def _grouped_conv_model() -> onnx.ModelProto:
+    """A grouped conv (groups=2, not depthwise): no packed layout exists for it."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=2, pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [node],
+        "grouped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 20, 20))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 8, 20, 20))],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_packed_conv_rule_declines_grouped_conv() -> None:
+    """Negative: the NCHWc conv rule must not fire on a grouped conv; the generic
+    reduction rule takes it, and the result still matches onnxruntime."""
+    model = _grouped_conv_model()
+    rules = _rules_used(_scheduled_module(model))
+    conv = [v for k, v in rules.items() if "conv2d" in k]
+    assert conv and "conv2d_nchwc" not in conv
+    graphopt.compile(model, "x86")
+
+
+def test_conv_rule_declines_a_plain_matmul() -> None:
+    spec = resolve("x86")
+    target = tvm.target.Target(spec.tvm)
+    a = tvm.te.placeholder((16, 32), name="a")
+    b = tvm.te.placeholder((32, 64), name="b")
+    func = tvm.te.create_prim_func([a, b, tvm.topi.matmul(a, b)])
+    with target:
+        assert cpu.rule_conv2d_nchwc(func, target) is None
+        name, _ = cpu.apply_rules(func, target)
+    assert name == "reduction"
