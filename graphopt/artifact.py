@@ -113,6 +113,11 @@ class Artifact:
             self._runner = module_for(self.manifest["target"]["name"]).load(self.path)
         return self._runner
 
+    @property
+    def emulated(self) -> bool:
+        """True when this host runs the artifact under emulation (an ARM one on x86)."""
+        return bool(getattr(self._load(), "emulated", False))
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = check_inputs(self.input_specs, inputs)
         outs = self._load().run(arrays)

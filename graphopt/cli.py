@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target", "-t", default="x86", help="target name (x86) or a TVM target dict as JSON"
     )
-    c.add_argument("--cpu", help="CPU name for the target (default: this host's)")
+    c.add_argument("--cpu", help="CPU name (x86: default this host's; arm: default generic)")
+    c.add_argument("--triple", help="target triple (arm; default aarch64-linux-gnu)")
+    c.add_argument("--arch", help="GPU architecture (cuda), e.g. sm_80")
     c.add_argument("-o", "--output", help="artifact path (default: MODEL stem + .so)")
     c.add_argument(
         "--input-shape",
@@ -74,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(i)
 
+    t = sub.add_parser("targets", help="list the targets, their options and defaults")
+    _add_common(t)
+
     d = sub.add_parser("demo", help="write a built-in example model, compile it, run it")
     d.add_argument("name", nargs="?", default="resnet18", help="example name (default resnet18)")
     d.add_argument("--dir", default="graphopt-demo", help="where to write files")
@@ -91,7 +96,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from graphopt.artifact import load_npz
 
     out = Path(args.output) if args.output else Path(Path(args.model).stem + ".so")
-    options = {"cpu": args.cpu} if args.cpu else {}
+    given = {"cpu": args.cpu, "triple": args.triple, "arch": args.arch}
+    options = {k: v for k, v in given.items() if v is not None}
     verify_inputs = load_npz(args.verify_inputs) if args.verify_inputs else None
     start = time.perf_counter()
     artifact = graphopt.compile(
@@ -148,7 +154,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     outputs = artifact.run(inputs)
     stats = artifact.benchmark(inputs, repeat=args.repeat)
     source = args.inputs or f"random inputs (seed {args.seed})"
-    print(f"ran {args.artifact} ({artifact.manifest['target']['name']}) on {source}")
+    how = " under emulation (qemu-aarch64)" if artifact.emulated else ""
+    print(f"ran {args.artifact} ({artifact.manifest['target']['name']}){how} on {source}")
     for name, arr in outputs.items():
         print(
             f"  output {name}: shape {tuple(arr.shape)} {arr.dtype}, "
@@ -237,6 +244,16 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from graphopt.targets import TARGETS
+
+    for name, module in TARGETS.items():
+        print(f"{name:6} {module.DESCRIPTION}")
+        for option, doc in module.OPTIONS.items():
+            print(f"         --{option}: {doc}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     out_dir = Path(args.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +278,7 @@ _COMMANDS = {
     "inspect": _cmd_inspect,
     "example": _cmd_example,
     "demo": _cmd_demo,
+    "targets": _cmd_targets,
 }
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from graphopt.errors import TargetError
-from graphopt.targets import x86
+from graphopt.targets import arm, x86
 
 __all__ = ["TARGETS", "TargetSpec", "resolve", "module_for"]
 
-TARGETS: dict[str, ModuleType] = {x86.NAME: x86}
+TARGETS: dict[str, ModuleType] = {x86.NAME: x86, arm.NAME: arm}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ def resolve(spec: str | dict, **options) -> TargetSpec:
         except json.JSONDecodeError as exc:
             raise TargetError(f"--target looks like JSON but does not parse: {exc}") from None
     if isinstance(spec, dict):
+        if options:
+            raise TargetError(
+                f"with a TVM target dict, put {', '.join(sorted(options))} in the dict itself"
+            )
         for name, module in TARGETS.items():
             if module.accepts(spec):
                 return TargetSpec(name, module.check_tvm_dict(spec))

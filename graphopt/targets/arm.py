@@ -1,0 +1,84 @@
+"""The ARM target: aarch64 Linux with NEON, cross-compiled on any host.
+
+Artifacts link with the aarch64 cross toolchain (Debian ``g++-aarch64-linux-gnu``). On an
+aarch64 host they run natively; on x86 they run under QEMU user-mode emulation
+(Debian ``qemu-user``) through graphopt's small C++ runner, cross-built against the
+aarch64 TVM runtime from the ``apache-tvm``/``apache-tvm-ffi`` PyPI wheels (see
+:mod:`graphopt.targets._emulation`). The Relax pipeline is the CPU one (x86's phases);
+vector widths come from the target.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+from graphopt.errors import TargetError
+
+NAME = "arm"
+DESCRIPTION = "aarch64 Linux with NEON via LLVM, cross-compiled; runs under qemu-user on x86"
+OPTIONS = {
+    "cpu": "LLVM CPU name, e.g. cortex-a72, cortex-a76, neoverse-n1 (default: generic)",
+    "triple": "target triple (default: aarch64-linux-gnu)",
+}
+DEFAULT_TRIPLE = "aarch64-linux-gnu"
+CROSS_CXX = "aarch64-linux-gnu-g++"
+_ARM_MACHINES = ("aarch64", "arm64")
+
+
+def tvm_target(cpu: str | None = None, triple: str | None = None) -> dict:
+    from tvm.target import codegen
+
+    triple = triple or DEFAULT_TRIPLE
+    if not triple.startswith(("aarch64", "arm64")):
+        raise TargetError(f"target arm is aarch64 only; triple {triple!r} is not")
+    cpu = cpu or "generic"
+    if not codegen.llvm_is_valid_cpu(cpu, triple):
+        raise TargetError(f"LLVM does not know ARM CPU {cpu!r} (try cortex-a72, neoverse-n1)")
+    return {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "mattr": ["+neon"]}
+
+
+def accepts(tvm_dict: dict) -> bool:
+    triple = str(tvm_dict.get("mtriple", ""))
+    return tvm_dict.get("kind") == "llvm" and triple.startswith(("aarch64", "arm64"))
+
+
+def check_tvm_dict(tvm_dict: dict) -> dict:
+    from graphopt.targets import x86
+
+    return x86.check_tvm_dict(tvm_dict)
+
+
+def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
+    """The CPU pipeline (see x86.phases); NEON widths follow from ``target``."""
+    from graphopt.targets import x86
+
+    return x86.phases(target)
+
+
+def cross_compiler() -> str:
+    path = shutil.which(CROSS_CXX)
+    if path is None:
+        raise TargetError(
+            f"the aarch64 cross toolchain is missing ({CROSS_CXX} not found): "
+            "apt-get install g++-aarch64-linux-gnu"
+        )
+    return path
+
+
+def export(executable, path: Path) -> None:  # noqa: ANN001 - tvm VMExecutable
+    from tvm.support import cc
+
+    executable.export_library(str(path), fcompile=cc.cross_compiler(cross_compiler()))
+
+
+def load(path: Path):  # noqa: ANN201 - returns a runner
+    """Native on aarch64; elsewhere under qemu-user (or a clear error saying how)."""
+    if platform.machine().lower() in _ARM_MACHINES:
+        from graphopt.targets import x86
+
+        return x86.load_native(path)
+    from graphopt.targets._emulation import EmulatedRunner
+
+    return EmulatedRunner(Path(path))
