@@ -130,10 +130,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             f"{v['reference']}, {v['inputs']} inputs, max |diff| {worst:.3g}"
         )
     size = out.stat().st_size / 1e6
+    highlights = ("avx512f", "avx512bw", "avx512vnni", "avx2", "fma", "neon", "sve", "dotprod")
+    simd = ", ".join(f for f in m["target"].get("features", []) if f in highlights)
     print(
         f"compiled {args.model} for {m['target']['name']} "
         f"({m['target']['tvm'].get('mcpu', '')}) -> {out} ({size:.1f} MB)"
     )
+    if simd:
+        print(f"  cpu features: {simd}")
     print(f"  ops:          {ops}")
     print(f"  passes:       {passes}")
     print(f"  verification: {verdict}")

@@ -57,6 +57,12 @@ def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
     return x86.phases(target)
 
 
+def features(tvm_dict: dict) -> list[str]:
+    from graphopt.targets import x86
+
+    return x86.features(tvm_dict)
+
+
 def cross_compiler() -> str:
     path = shutil.which(CROSS_CXX)
     if path is None:

@@ -38,6 +38,16 @@ def tvm_target(cpu: str | None = None) -> dict:
     return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
 
 
+def features(tvm_dict: dict) -> list[str]:
+    """The SIMD features LLVM enables for this target (what the manifest records)."""
+    import tvm
+    from tvm.target import codegen
+
+    found = codegen.llvm_get_cpu_features(tvm.target.Target(tvm_dict))
+    wanted = ("avx", "fma", "sse4", "neon", "sve", "asimd", "dotprod", "fp16", "bf16", "i8mm")
+    return sorted(str(f) for f in found if str(f).startswith(wanted))
+
+
 def accepts(tvm_dict: dict) -> bool:
     triple = str(tvm_dict.get("mtriple", "x86_64"))
     return tvm_dict.get("kind") == "llvm" and triple.startswith(("x86_64", "i686", "i386"))
