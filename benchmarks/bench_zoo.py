@@ -38,6 +38,41 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def model_flops(name: str) -> float:
+    """FP32 FLOPs of one inference: 2 * multiply-adds of Conv, Gemm and MatMul."""
+    from graphopt.frontends.onnx import onnx_to_graph
+
+    g = onnx_to_graph(zoo.build(name))
+    total = 0
+    for n in g.nodes():
+        out = g.values[n.outputs[0]].shape
+        if n.op_type == "Conv":
+            w = g.values[n.inputs[1]].shape  # (O, I/groups, kh, kw)
+            total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+        elif n.op_type in ("Gemm", "MatMul"):
+            a = g.values[n.inputs[0]].shape
+            k = a[0] if n.op_type == "Gemm" and n.attrs.get("transA", 0) else a[-1]
+            total += 2 * int(np.prod(out)) * int(k)
+    return float(total)
+
+
+def fp32_peak_gflops() -> tuple[float, str]:
+    """Peak = cores x clock x FP32 FLOPs/cycle, from /proc/cpuinfo, assumptions stated."""
+    info = Path("/proc/cpuinfo").read_text()
+    mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
+    flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
+    amd = "AuthenticAMD" in info
+    if "avx512f" in flags and not amd:
+        per_cycle, why = 64, "2 AVX-512 FMA units"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, why = 32, "2 x 256-bit FMA pipes (Zen 4 runs AVX-512 on them)"
+    else:
+        per_cycle, why = 8, "SSE"
+    cores = os.cpu_count() or 1
+    peak = cores * mhz / 1e3 * per_cycle
+    return peak, f"{cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle ({why})"
+
+
 def timed(fn, repeat: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -98,14 +133,27 @@ def main() -> None:
         "| compile s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for name in args.models.split(","):
         r = bench(name, args.repeat, workdir)
+        rows.append(r)
         torch_ms = f"{r['torch_ms']:.2f}" if r["torch_ms"] else "n/a"
         vs_torch = f"{r['graphopt_ms'] / r['torch_ms']:.2f}x" if r["torch_ms"] else "n/a"
         print(
             f"| {name} | {r['ort_ms']:.2f} | {torch_ms} | {r['graphopt_ms']:.2f} | "
             f"{r['graphopt_ms'] / r['ort_ms']:.2f}x | {vs_torch} | {r['compile_s']:.1f} |",
             flush=True,
+        )
+    peak, how = fp32_peak_gflops()
+    print()
+    print(f"FP32 peak estimate: {peak:.0f} GFLOP/s = {how}")
+    for r in rows:
+        gflop = model_flops(r["model"]) / 1e9
+        print(
+            f"{r['model']}: {gflop:.2f} GFLOP per inference; graphopt "
+            f"{gflop / (r['graphopt_ms'] / 1e3):.1f} GFLOP/s "
+            f"({100 * gflop / (r['graphopt_ms'] / 1e3) / peak:.0f}% of peak), onnxruntime "
+            f"{gflop / (r['ort_ms'] / 1e3):.1f} GFLOP/s"
         )
 
 
