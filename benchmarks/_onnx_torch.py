@@ -29,11 +29,18 @@ def _sym_pads(pads, n):
     return pads[:n]
 
 
-def build(model: onnx.ModelProto):
-    """Return a function ``f(**inputs) -> list[torch.Tensor]`` running the graph eagerly."""
-    consts = {
-        i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer
-    }
+def build(model: onnx.ModelProto, device: str = "cpu"):
+    """Return a function ``f(**inputs) -> list[torch.Tensor]`` running the graph eagerly.
+
+    On ``device`` (e.g. "cuda"): float weights and the inputs move there; integer
+    constants (shapes, clip bounds) stay on the CPU, where ops read them as numbers.
+    """
+
+    def const(arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr.copy())
+        return t.to(device) if t.is_floating_point() and t.dim() > 0 else t
+
+    consts = {i.name: const(numpy_helper.to_array(i)) for i in model.graph.initializer}
     nodes = list(model.graph.node)
     for n in nodes:
         a = _attrs(n)
@@ -46,7 +53,7 @@ def build(model: onnx.ModelProto):
     @torch.no_grad()
     def run(**inputs):
         env = dict(consts)
-        env.update({k: torch.from_numpy(v) for k, v in inputs.items()})
+        env.update({k: torch.as_tensor(v).to(device) for k, v in inputs.items()})
         for n in nodes:
             args = [env[i] if i else None for i in n.input]
             env[n.output[0]] = _OPS[n.op_type](args, _attrs(n))

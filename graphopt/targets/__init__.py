@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from graphopt.errors import TargetError
-from graphopt.targets import arm, x86
+from graphopt.targets import arm, cuda, x86
 
 __all__ = ["TARGETS", "TargetSpec", "resolve", "module_for"]
 
-TARGETS: dict[str, ModuleType] = {x86.NAME: x86, arm.NAME: arm}
+TARGETS: dict[str, ModuleType] = {x86.NAME: x86, arm.NAME: arm, cuda.NAME: cuda}
 
 
 @dataclass(frozen=True)
