@@ -112,7 +112,14 @@ CONVERTERS: dict[str, Callable[[Graph, Node], str | None]] = {
     "Gather": _ok,
     "Slice": _needs_const(1, 2, 3, 4),
     "Pad": _check_pad,
+    # graphopt's own domain: ops a pass makes (definitions in graphopt.passes._functions)
+    "graphopt::SiLU": _ok,
 }
+
+
+def converter_key(node: Node) -> str:
+    """The key of ``node`` in ``CONVERTERS``: the op type, domain-qualified unless ONNX's."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
 
 # Ops with no converter because a graph pass rewrites them into ops that have one.
@@ -125,10 +132,10 @@ def unsupported_nodes(graph: Graph) -> list[tuple[str, str, str]]:
     """Every node graphopt cannot lower, as ``(op_type, node_name, reason)``."""
     found = []
     for node in graph.nodes():
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") and converter_key(node) not in CONVERTERS:
             found.append((f"{node.domain}::{node.op_type}", node.name, "custom op domain"))
             continue
-        check = CONVERTERS.get(node.op_type)
+        check = CONVERTERS.get(converter_key(node))
         if check is None:
             found.append((node.op_type, node.name, _EXPANDED_BY_PASS.get(node.op_type, "")))
             continue

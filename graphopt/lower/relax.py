@@ -20,7 +20,7 @@ from tvm.relax import op as R
 
 from graphopt.errors import UnsupportedOpsError
 from graphopt.ir import Graph, Node, Value
-from graphopt.lower._ops import CONVERTERS, unsupported_nodes
+from graphopt.lower._ops import CONVERTERS, converter_key, unsupported_nodes
 
 __all__ = ["to_relax"]
 
@@ -520,6 +520,7 @@ _LOWER: dict[str, Callable[[_Ctx, Node], list]] = {
     "Gather": gather,
     "Slice": slice_,
     "Pad": pad,
+    "graphopt::SiLU": _unary(R.nn.silu),
 }
 assert set(_LOWER) == set(CONVERTERS), set(_LOWER) ^ set(CONVERTERS)
 
@@ -540,7 +541,7 @@ def to_relax(graph: Graph) -> tvm.IRModule:
     with bb.function("main", params):
         with bb.dataflow():
             for node in graph.nodes():
-                outs = _LOWER[node.op_type](ctx, node)
+                outs = _LOWER[converter_key(node)](ctx, node)
                 for name, expr in zip([o for o in node.outputs if o], outs, strict=True):
                     ctx.env[name] = expr
             outputs = [ctx.x(o) for o in graph.outputs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -26,9 +27,16 @@ class PassError(GraphoptError):
 
 @dataclass(frozen=True)
 class Pass:
-    """Base class. Subclasses set ``name`` and ``doc`` and implement :meth:`run`."""
+    """Base class. Subclasses set ``name``, a docstring, and implement :meth:`run`.
+
+    ``after``/``before`` name passes this one must run after/before when both are in a
+    pipeline; :func:`graphopt.passes.build_pipeline` orders by them (a topological sort).
+    Option fields are dataclass fields with type hints (int, float, bool, str).
+    """
 
     name: ClassVar[str] = ""
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -37,10 +45,20 @@ class Pass:
         return self.run(graph)
 
 
-def run_passes(graph: Graph, passes: list[Pass]) -> tuple[Graph, list[dict]]:
-    """Run ``passes`` in order; return the final graph and one record per pass."""
+def run_passes(
+    graph: Graph,
+    passes: list[Pass],
+    observe: Callable[[int, Pass, str, Graph], None] | None = None,
+) -> tuple[Graph, list[dict]]:
+    """Run ``passes`` in order; return the final graph and one record per pass.
+
+    ``observe(index, pass, "before" | "after", graph)``, when given, sees the graph around
+    every pass (``--dump-ir`` writes it out).
+    """
     records: list[dict] = []
-    for p in passes:
+    for index, p in enumerate(passes, start=1):
+        if observe is not None:
+            observe(index, p, "before", graph)
         start = time.perf_counter()
         try:
             result = p(graph)
@@ -60,4 +78,6 @@ def run_passes(graph: Graph, passes: list[Pass]) -> tuple[Graph, list[dict]]:
                 "seconds": round(time.perf_counter() - start, 4),
             }
         )
+        if observe is not None:
+            observe(index, p, "after", graph)
     return graph, records

@@ -433,6 +433,7 @@ class ExpandRNN(Pass):
     """Unroll LSTM/GRU/RNN into MatMul + elementwise ops, one input GEMM per direction."""
 
     name = "expand-rnn"
+    after = ("fold-constants",)
 
     def run(self, graph: Graph) -> PassResult:
         targets = [n for n in graph.nodes() if n.op_type in _CELLS and not n.domain]

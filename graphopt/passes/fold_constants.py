@@ -48,6 +48,7 @@ class FoldConstants(Pass):
     """Replace constant-input nodes (and Shape of static values) by their results."""
 
     name = "fold-constants"
+    after = ("eliminate-identity",)
     max_elements: int = 1 << 24
 
     def run(self, graph: Graph) -> PassResult:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from graphopt.frontends.onnx import graph_to_onnx
 from graphopt.ir import Graph
+from graphopt.passes._functions import to_onnx
 
 
 def run_ort(graph: Graph, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``graph`` (graphopt-domain ops included, through their ONNX functions)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(
-        graph_to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"]
     )
     return sess.run(None, inputs)
 
