@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the artifact even when verification fails",
     )
+    _add_pass_options(c)
+    c.add_argument("--dump-ir", metavar="DIR", help="write the graph before/after each pass")
+    c.add_argument(
+        "--print-pass-times", action="store_true", help="print each pass's time and stats"
+    )
+    c.add_argument("--svg", metavar="FILE", help="draw the graph after the passes (Graphviz)")
     _add_common(c)
 
     r = sub.add_parser("run", help="run an artifact and time it")
@@ -74,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--svg", metavar="FILE", help="draw the graph as imported (Graphviz)")
     _add_common(i)
+
+    ps = sub.add_parser("passes", help="list the graph passes, their options and order")
+    ps.add_argument("--pass-plugin", action="append", default=[], metavar="FILE")
+    _add_common(ps)
 
     t = sub.add_parser("targets", help="list the targets, their options and defaults")
     _add_common(t)
@@ -91,6 +102,63 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_pass_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-p",
+        "--passes",
+        metavar="PIPELINE",
+        help='graph passes to run, e.g. "fold-constants,fold-batchnorm,cse" (see: graphopt passes)',
+    )
+    p.add_argument(
+        "--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass"
+    )
+    p.add_argument(
+        "--pass-plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="load passes from a Python file (PASSES = [...] or graphopt_passes())",
+    )
+
+
+def _pipeline(args: argparse.Namespace) -> list:
+    from graphopt.passes import build_pipeline, registry
+
+    return build_pipeline(args.passes, registry(args.pass_plugin), args.disable_pass)
+
+
+def _print_pass_times(records: list[dict]) -> None:
+    print(f"  {'pass':24} {'ms':>9}  changed  stats")
+    for r in records:
+        stats = ", ".join(f"{k} x{v}" for k, v in r["stats"].items())
+        changed = "yes" if r["modified"] else "no"
+        print(f"  {r['name']:24} {r['seconds'] * 1e3:9.2f}  {changed:7}  {stats}")
+    print(f"  {'total':24} {sum(r['seconds'] for r in records) * 1e3:9.2f}")
+
+
+def _source_of(cls: type) -> str:
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or cls.__module__
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from graphopt.passes import DEFAULT_PIPELINE, PASSES, pass_options, registry
+
+    table = registry(args.pass_plugin)
+    print(f"default pipeline: {','.join(DEFAULT_PIPELINE)}")
+    for name, cls in table.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        where = "" if name in PASSES else f"  [from {_source_of(cls)}]"
+        print(f"{name:22} {doc[0] if doc else ''}{where}")
+        for opt, kind, default in pass_options(cls):
+            print(f"{'':22}   {opt.replace('_', '-')}: {kind} = {default!r}")
+        order = [f"after {', '.join(cls.after)}"] if cls.after else []
+        order += [f"before {', '.join(cls.before)}"] if cls.before else []
+        if order:
+            print(f"{'':22}   ({'; '.join(order)})")
+    return 0
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.artifact import load_npz
@@ -99,6 +167,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     given = {"cpu": args.cpu, "triple": args.triple, "arch": args.arch}
     options = {k: v for k, v in given.items() if v is not None}
     verify_inputs = load_npz(args.verify_inputs) if args.verify_inputs else None
+    passes = _pipeline(args)
     start = time.perf_counter()
     artifact = graphopt.compile(
         args.model,
@@ -112,6 +181,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         keep_unverified=args.keep_unverified,
         target_options=options,
         log=lambda msg: print(f"  {msg}", file=sys.stderr),
+        passes=passes,
+        dump_ir=args.dump_ir,
+        svg=args.svg,
     )
     m = artifact.manifest
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
@@ -123,6 +195,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     v = m["verification"]
     if v.get("status") == "skipped":
         verdict = "skipped (--no-verify)"
+    elif v.get("status") == "not-run":
+        verdict = f"NOT RUN: {v['reason']} (check it there: graphopt verify ARTIFACT MODEL)"
     else:
         worst = max((o.get("max_abs_diff", float("inf")) for o in v["outputs"]), default=0.0)
         verdict = (
@@ -134,7 +208,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     simd = ", ".join(f for f in m["target"].get("features", []) if f in highlights)
     print(
         f"compiled {args.model} for {m['target']['name']} "
-        f"({m['target']['tvm'].get('mcpu', '')}) -> {out} ({size:.1f} MB)"
+        f"({m['target']['tvm'].get('mcpu') or m['target']['tvm'].get('arch', '')}) -> {out} "
+        f"({size:.1f} MB)"
     )
     if simd:
         print(f"  cpu features: {simd}")
@@ -144,6 +219,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(
         f"  compile time: {m['compile_seconds']:.1f} s (total {time.perf_counter() - start:.1f} s)"
     )
+    if args.print_pass_times:
+        _print_pass_times(m["passes"])
+    if args.dump_ir:
+        print(f"  IR dumps:     {args.dump_ir}")
+    if args.svg:
+        print(f"  drawing:      {args.svg}")
     return 0
 
 
@@ -192,6 +273,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     graph = onnx_to_graph(path, parse_input_shapes(args.input_shape), require_static=False)
     ops = graph.op_counts()
+    if args.svg:
+        from graphopt.passes._draw import write_svg
+
+        write_svg(graph, args.svg, title=f"{path.name} as imported")
     graph, _ = run_passes(graph, default_passes())
     bad = unsupported_nodes(graph)
 
@@ -283,6 +368,7 @@ _COMMANDS = {
     "example": _cmd_example,
     "demo": _cmd_demo,
     "targets": _cmd_targets,
+    "passes": _cmd_passes,
 }
 
 

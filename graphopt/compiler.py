@@ -1,12 +1,14 @@
 """``graphopt.compile``: model in, verified artifact out.
 
 The order, one line each:
-  1. frontend   - load and check the model, fix input shapes, convert to the graph IR;
+  1. frontend   - load and check the model, fix input shapes, convert to the graph IR
+                 (ONNX, or a torch model through ``graphopt.frontends.torch``);
   2. passes     - graph-level rewrites (``graphopt.passes.DEFAULT_PIPELINE``);
   3. check      - name every op that cannot lower, before TVM does any work;
   4. lower      - graph IR to a Relax IRModule;
   5. build      - the target's Relax phases, then ``tvm.compile`` and export;
-  6. verify     - run the artifact against onnxruntime on the same inputs;
+  6. verify     - run the artifact and the reference (onnxruntime, or torch eager for a
+                 torch model) on the same inputs;
   7. publish    - append the manifest and rename into place (never a half file).
 """
 
@@ -24,10 +26,13 @@ import onnx
 import graphopt
 from graphopt.artifact import Artifact, append_manifest, check_inputs, random_inputs
 from graphopt.errors import UnsupportedOpsError, VerificationError
+from graphopt.frontends import is_torch_model
 from graphopt.frontends.onnx import graph_to_onnx, load_onnx, onnx_to_graph, parse_input_shapes
 from graphopt.ir import Graph
 from graphopt.lower import unsupported_nodes
 from graphopt.passes import Pass, default_passes, run_passes
+from graphopt.passes._draw import require_dot, write_svg
+from graphopt.passes._dump import IRDumper
 from graphopt.targets import TargetSpec, resolve
 from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare, onnxruntime_reference
 
@@ -48,15 +53,44 @@ def _fixed_proto(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
     return fixed
 
 
-def prepare(model, input_shapes=None, passes: list[Pass] | None = None):  # noqa: ANN001, ANN201
-    """Steps 1-3: return ``(proto, graph, pass_records)`` or raise with every bad node."""
-    proto = load_onnx(model)
-    graph = onnx_to_graph(proto, parse_input_shapes(input_shapes))
-    graph, records = run_passes(graph, default_passes() if passes is None else passes)
+def prepare(  # noqa: ANN201
+    model,  # noqa: ANN001
+    input_shapes=None,  # noqa: ANN001
+    passes: list[Pass] | None = None,
+    dump_ir: str | os.PathLike | None = None,
+    svg: str | os.PathLike | None = None,
+):
+    """Steps 1-3: return ``(source, graph, pass_records)`` or raise with every bad node.
+
+    ``dump_ir``: a directory for the graph before and after each pass
+    (:mod:`graphopt.passes._dump`); ``svg``: draw the graph after the passes there.
+
+    ``source`` is the checked ``onnx.ModelProto``, or for a torch model (a
+    ``graphopt.from_torch`` result, an ``ExportedProgram`` or a ``.pt2`` path) its
+    ``TorchSource``.
+    """
+    if is_torch_model(model):
+        from graphopt.frontends.torch import as_source
+
+        source = as_source(model, parse_input_shapes(input_shapes))
+        graph = source.graph.copy()  # passes rewrite in place; the source stays reusable
+    else:
+        source = load_onnx(model)
+        graph = onnx_to_graph(source, parse_input_shapes(input_shapes))
+    if svg is not None:
+        require_dot(svg)  # before any work
+    observe = IRDumper(dump_ir) if dump_ir is not None else None
+    if graph.output_names is None:
+        graph.output_names = list(graph.outputs)
+    graph, records = run_passes(
+        graph, default_passes() if passes is None else passes, observe=observe
+    )
+    if svg is not None:
+        write_svg(graph, svg, title=f"{graph.name} after {len(records)} passes")
     bad = unsupported_nodes(graph)
     if bad:
         raise UnsupportedOpsError(bad)
-    return proto, graph, records
+    return source, graph, records
 
 
 def _sha256(proto: onnx.ModelProto, model) -> str:  # noqa: ANN001
@@ -68,7 +102,7 @@ def _sha256(proto: onnx.ModelProto, model) -> str:  # noqa: ANN001
 
 
 def compile(  # noqa: A001 - the public name users expect
-    model: str | os.PathLike | onnx.ModelProto,
+    model,  # noqa: ANN001 - ONNX path/ModelProto, .pt2 path, TorchSource or ExportedProgram
     target: str | dict | TargetSpec = "x86",
     output: str | os.PathLike | None = None,
     *,
@@ -81,26 +115,37 @@ def compile(  # noqa: A001 - the public name users expect
     keep_unverified: bool = False,
     target_options: dict | None = None,
     log=None,  # noqa: ANN001 - callable(str) for progress lines
+    dump_ir: str | os.PathLike | None = None,
+    svg: str | os.PathLike | None = None,
 ) -> Artifact:
-    """Compile an ONNX model (path or ``ModelProto``) into a verified :class:`Artifact`.
+    """Compile a model into a verified :class:`Artifact`.
 
+    ``model``: an ONNX path or ``ModelProto``; or a torch model: what
+    ``graphopt.from_torch`` returns, an ``ExportedProgram`` or a ``.pt2`` path.
     ``output`` defaults to a fresh temporary file. With ``verify`` (the default), the
-    artifact is run against onnxruntime on ``verify_inputs`` (seeded random inputs when
-    None); on a mismatch :class:`VerificationError` is raised and nothing is written at
-    ``output`` unless ``keep_unverified`` is set.
+    artifact is run against the reference (onnxruntime; torch eager for torch models) on
+    ``verify_inputs`` (when None: seeded random inputs, or a torch model's example
+    inputs); on a mismatch :class:`VerificationError` is raised and nothing is written
+    at ``output`` unless ``keep_unverified`` is set. ``dump_ir`` names a directory for
+    the graph before/after each pass and the Relax module; ``svg`` a drawing of the graph
+    after the passes (see :func:`prepare`).
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
-    proto, graph, records = prepare(model, input_shapes, passes)
+    source, graph, records = prepare(model, input_shapes, passes, dump_ir=dump_ir, svg=svg)
+    from_onnx = isinstance(source, onnx.ModelProto)
     say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
 
     from graphopt.lower import to_relax
 
     mod = to_relax(graph)
+    if dump_ir is not None:
+        Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
     executable = _build(mod, spec)
     compile_seconds = time.perf_counter() - start
-    say(f"built for {spec.name} ({spec.tvm.get('mcpu', '')}) in {compile_seconds:.1f}s")
+    chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
+    say(f"built for {spec.name} ({chip}) in {compile_seconds:.1f}s")
 
     out_path = (
         Path(output)
@@ -117,23 +162,34 @@ def compile(  # noqa: A001 - the public name users expect
             "format": "graphopt-artifact/1",
             "graphopt_version": graphopt.__version__,
             "tvm_version": _tvm_version(),
-            "target": {"name": spec.name, "tvm": spec.tvm},
-            "inputs": [_spec(graph, n) for n in graph.inputs],
-            "outputs": [_spec(graph, n) for n in graph.outputs],
+            "target": {"name": spec.name, "tvm": spec.tvm, "features": _features(spec)},
+            "inputs": [_spec(graph, n, n) for n in graph.inputs],
+            "outputs": [_spec(graph, v, n) for n, v in graph.public_outputs()],
             "passes": records,
             "ops": dict(sorted(graph.op_counts().items())),
-            "source": {
-                "name": _source_name(model),
-                "sha256": _sha256(proto, model),
-                "format": "onnx",
-                "opset": graph.opset,
-            },
+            "source": _source_entry(model, source, graph),
             "compile_seconds": round(compile_seconds, 3),
             "verification": {"status": "skipped"},
         }
         artifact = Artifact(tmp, manifest)
-        if verify:
-            report = _verify(artifact, _fixed_proto(proto, graph), verify_inputs, rtol, atol)
+        blocked = getattr(spec.module, "cannot_run_here", lambda _tvm: None)(spec.tvm)
+        if verify and blocked:  # e.g. CUDA compiled on a machine without a GPU
+            manifest["verification"] = {"status": "not-run", "reason": blocked}
+            say(f"verification NOT RUN: {blocked}; run `graphopt verify` where it can run")
+        elif verify:
+            if from_onnx:
+                reference = (
+                    "onnxruntime",
+                    lambda: onnxruntime_reference(_fixed_proto(source, graph)),
+                )
+                report = _verify(artifact, reference, verify_inputs, "user", rtol, atol)
+            elif verify_inputs is not None:
+                reference = ("torch", lambda: source.reference)
+                report = _verify(artifact, reference, verify_inputs, "user", rtol, atol)
+            else:  # the user's own example inputs (token ids in range, for one)
+                reference = ("torch", lambda: source.reference)
+                example = source.example_inputs
+                report = _verify(artifact, reference, example, "example", rtol, atol)
             manifest["verification"] = report
             say(_verification_line(report))
             if not report["ok"] and not keep_unverified:
@@ -143,7 +199,8 @@ def compile(  # noqa: A001 - the public name users expect
                     f"{bad['mismatched']} element(s) out of tolerance"
                 )
                 raise VerificationError(
-                    f"artifact disagrees with onnxruntime on output {bad['name']!r}: {detail} "
+                    f"artifact disagrees with {report['reference']} on output {bad['name']!r}: "
+                    f"{detail} "
                     f"(rtol={rtol}, atol={atol}); no artifact written "
                     "(--keep-unverified writes it anyway)"
                 )
@@ -168,21 +225,23 @@ def _build(mod, spec: TargetSpec):  # noqa: ANN001, ANN202
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
-def _verify(artifact: Artifact, proto: onnx.ModelProto, inputs, rtol: float, atol: float) -> dict:  # noqa: ANN001
-    source = "user" if inputs is not None else "random(seed=0)"
+def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, atol: float) -> dict:  # noqa: ANN001
+    """``reference``: ``(name, make)``, ``make()`` returning ``inputs dict -> outputs dict``;
+    ``inputs`` None means seeded random ones, else ``source`` says whose they are."""
     if inputs is None:
-        inputs = random_inputs(artifact.input_specs, seed=0)
+        inputs, source = random_inputs(artifact.input_specs, seed=0), "random(seed=0)"
     check_inputs(artifact.input_specs, inputs)
+    name, make = reference
     try:
-        expected = onnxruntime_reference(proto)(inputs)
+        expected = make()(inputs)
     except Exception as exc:  # onnxruntime refuses some valid models (e.g. RNN layout=1)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VerificationError(
-            f"onnxruntime cannot run this model, so graphopt cannot verify it: {msg}; "
+            f"{name} cannot run this model, so graphopt cannot verify it: {msg}; "
             "--no-verify compiles without the check"
         ) from None
     report = compare(artifact.run(inputs), expected, rtol, atol)
-    report.update(reference="onnxruntime", inputs=source)
+    report.update(reference=name, inputs=source)
     return report
 
 
@@ -196,13 +255,37 @@ def _verification_line(report: dict) -> str:
     )
 
 
-def _spec(graph: Graph, name: str) -> dict:
-    v = graph.values[name]
+def _features(spec: TargetSpec) -> list[str]:
+    describe = getattr(spec.module, "features", None)
+    return describe(spec.tvm) if describe else []
+
+
+def _spec(graph: Graph, value: str, name: str) -> dict:
+    v = graph.values[value]
     return {"name": name, "shape": [int(d) for d in v.shape], "dtype": v.dtype}
 
 
 def _source_name(model) -> str:  # noqa: ANN001
     return Path(model).name if isinstance(model, str | os.PathLike) else "<ModelProto>"
+
+
+def _source_entry(model, source, graph: Graph) -> dict:  # noqa: ANN001
+    """The manifest's ``source``: what was compiled, its SHA-256 and format."""
+    if isinstance(source, onnx.ModelProto):
+        return {
+            "name": _source_name(model),
+            "sha256": _sha256(source, model),
+            "format": "onnx",
+            "opset": graph.opset,
+        }
+    import torch
+
+    return {
+        "name": source.name,
+        "sha256": source.sha256,
+        "format": "torch",
+        "torch_version": torch.__version__,
+    }
 
 
 def _tvm_version() -> str:

@@ -58,6 +58,9 @@ class Graph:
         self.opset = opset
         self.inputs: list[str] = []
         self.outputs: list[str] = []
+        # The outputs' names as the user's model has them. Passes may rewire an output
+        # to another value (dropping an Identity, say); the names users see stay these.
+        self.output_names: list[str] | None = None
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
         self._nx = nx.DiGraph()
@@ -124,6 +127,11 @@ class Graph:
                 if user != node.name:
                     self._nx.add_edge(node.name, user)
 
+    def public_outputs(self) -> list[tuple[str, str]]:
+        """``(user-facing name, value name)`` per graph output, in order."""
+        names = self.output_names if self.output_names is not None else self.outputs
+        return list(zip(names, self.outputs, strict=True))
+
     def unique_name(self, base: str) -> str:
         """A value/node name not used yet: ``base``, else ``base_1``, ``base_2``, ..."""
 
@@ -158,8 +166,7 @@ class Graph:
 
     def consumers(self, value: str) -> list[Node]:
         found = [self.node(n) for n in self._users.get(value, ())]
-        order = nx.get_node_attributes(self._nx, "order")
-        return sorted(found, key=lambda n: order[n.name])
+        return sorted(found, key=lambda n: self._nx.nodes[n.name]["order"])
 
     def is_constant(self, value: str) -> bool:
         return value in self.constants
@@ -174,6 +181,7 @@ class Graph:
         other = Graph(self.name, self.opset)
         other.inputs = list(self.inputs)
         other.outputs = list(self.outputs)
+        other.output_names = None if self.output_names is None else list(self.output_names)
         other.values = dict(self.values)
         other.constants = dict(self.constants)
         for node in self.nodes():

@@ -108,3 +108,16 @@ def test_default_pipeline_records_each_pass():
     _, records = run_passes(onnx_to_graph(m), default_passes())
     assert [r["name"] for r in records] == list(DEFAULT_PIPELINE)
     assert records[0]["stats"] == {"Identity": 1}
+
+
+def test_output_names_survive_identity_removal(tmp_path):
+    import graphopt
+
+    m = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])],
+        {"x": (2, 3)},
+        {"y": (2, 3)},
+    )
+    artifact = graphopt.compile(m, "x86", tmp_path / "m.so")
+    assert artifact.output_names == ["y"]
+    assert artifact.manifest["verification"]["ok"]

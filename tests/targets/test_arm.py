@@ -87,9 +87,11 @@ def _lstm_model() -> onnx.ModelProto:
         [node],
         "lstm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, (5, 2, 4))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (5, d, 2, h)),
-         helper.make_tensor_value_info("y_h", TensorProto.FLOAT, (d, 2, h)),
-         helper.make_tensor_value_info("y_c", TensorProto.FLOAT, (d, 2, h))],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, (5, d, 2, h)),
+            helper.make_tensor_value_info("y_h", TensorProto.FLOAT, (d, 2, h)),
+            helper.make_tensor_value_info("y_c", TensorProto.FLOAT, (d, 2, h)),
+        ],
         [numpy_helper.from_array(a, n) for n, a in (("W", w), ("R", r), ("B", b))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
