@@ -66,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         "--print-pass-times", action="store_true", help="print each pass's time and stats"
     )
     c.add_argument("--svg", metavar="FILE", help="draw the graph after the passes (Graphviz)")
+    c.add_argument(
+        "--tuning-db", metavar="DIR", help="use schedules from a `graphopt tune` database"
+    )
     _add_common(c)
+    _add_tune_parser(sub)
 
     r = sub.add_parser("run", help="run an artifact and time it")
     r.add_argument("artifact")
@@ -86,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list the graph passes, their options and order")
     ps.add_argument("--pass-plugin", action="append", default=[], metavar="FILE")
     _add_common(ps)
+
+    v = sub.add_parser("verify", help="check an artifact against its source model here")
+    v.add_argument("artifact")
+    v.add_argument("model", help="the ONNX file or .pt2 the artifact was compiled from")
+    v.add_argument("--inputs", metavar="NPZ", help="inputs keyed by name (default: random)")
+    v.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
+    v.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
+    _add_common(v)
 
     t = sub.add_parser("targets", help="list the targets, their options and defaults")
     _add_common(t)
@@ -184,6 +196,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         passes=passes,
         dump_ir=args.dump_ir,
         svg=args.svg,
+        tuning_db=args.tuning_db,
     )
     m = artifact.manifest
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
@@ -219,12 +232,76 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(
         f"  compile time: {m['compile_seconds']:.1f} s (total {time.perf_counter() - start:.1f} s)"
     )
+    if m.get("tuning"):
+        hits = m["tuning"]["from_database"]
+        print(
+            f"  tuning db:    {len(hits)} kernel(s) from {m['tuning']['database']}, "
+            f"{len(m['tuning']['default'])} with default schedules"
+        )
     if args.print_pass_times:
         _print_pass_times(m["passes"])
     if args.dump_ir:
         print(f"  IR dumps:     {args.dump_ir}")
     if args.svg:
         print(f"  drawing:      {args.svg}")
+    return 0
+
+
+def _add_tune_parser(sub) -> None:  # noqa: ANN001
+    t = sub.add_parser("tune", help="tune a model's kernels into a database (resumable)")
+    t.add_argument("model", help="ONNX file")
+    t.add_argument("--target", "-t", default="x86", help="target name or TVM target JSON")
+    t.add_argument("--cpu", help="CPU name (x86: default this host's; arm: default generic)")
+    t.add_argument("--triple", help="target triple (arm; default aarch64-linux-gnu)")
+    t.add_argument("--db", default="tuning", help="database directory (default: tuning/)")
+    t.add_argument("--trials", type=int, help="trials in all, shared by FLOPs (>= 1 per task)")
+    t.add_argument("--per-task", type=int, help="trials per task (with --trials: a cap)")
+    t.add_argument("--time-budget", metavar="30m", help="stop after this long (90s, 30m, 2h)")
+    t.add_argument("--tasks", metavar="PATTERN", help="only kernels matching (glob, comma list)")
+    t.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="fix an input's shape (repeatable)",
+    )
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the tracker's devices")
+    t.add_argument("--rpc-key", metavar="KEY", help="device key registered with the tracker")
+    t.add_argument("--batch", type=int, default=16, help="candidates per batch (default 16)")
+    _add_common(t)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from graphopt.tuning import ProgressPrinter, format_report, tune
+
+    given = {"cpu": args.cpu, "triple": args.triple}
+    printer = ProgressPrinter(sys.stderr)
+    try:
+        report = tune(
+            args.model,
+            args.target,
+            args.db,
+            trials=args.trials,
+            per_task=args.per_task,
+            time_budget=args.time_budget,
+            tasks=args.tasks,
+            input_shapes=args.input_shape,
+            target_options={k: v for k, v in given.items() if v is not None},
+            rpc_tracker=args.rpc_tracker,
+            rpc_key=args.rpc_key,
+            batch_size=args.batch,
+            progress=printer,
+            log=lambda msg: print(f"  {msg}", file=sys.stderr),
+        )
+    finally:
+        printer.close()
+    print(format_report(report))
+    if report.interrupted:
+        print(
+            f"interrupted: everything measured is in {args.db}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -267,11 +344,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             if f.read() == MAGIC:
                 print(json.dumps(read_manifest(path), indent=1))
                 return 0
+    from graphopt.frontends import is_torch_model
     from graphopt.frontends.onnx import onnx_to_graph, parse_input_shapes
     from graphopt.lower import unsupported_nodes
     from graphopt.passes import default_passes, run_passes
 
-    graph = onnx_to_graph(path, parse_input_shapes(args.input_shape), require_static=False)
+    shapes = parse_input_shapes(args.input_shape)
+    if is_torch_model(str(path)):
+        from graphopt.frontends.torch import as_source
+
+        graph = as_source(str(path), shapes).graph.copy()
+    else:
+        graph = onnx_to_graph(path, shapes, require_static=False)
+    graph.output_names = list(graph.outputs)
     ops = graph.op_counts()
     if args.svg:
         from graphopt.passes._draw import write_svg
@@ -280,8 +365,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     graph, _ = run_passes(graph, default_passes())
     bad = unsupported_nodes(graph)
 
-    def desc(name: str) -> dict:
-        v = graph.values.get(name)
+    def desc(name: str, value: str | None = None) -> dict:
+        v = graph.values.get(value or name)
         return {
             "name": name,
             "shape": list(v.shape) if v and v.shape is not None else None,
@@ -292,7 +377,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "model": str(path),
         "opset": graph.opset,
         "inputs": [desc(n) for n in graph.inputs],
-        "outputs": [desc(n) for n in graph.outputs],
+        "outputs": [desc(n, v) for n, v in graph.public_outputs()],
         "ops": dict(sorted(ops.items())),
         "unsupported": [{"op": op, "node": node, "reason": why} for op, node, why in bad],
     }
@@ -308,8 +393,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"  ops ({sum(ops.values())} nodes): "
         + ", ".join(f"{k} x{n}" for k, n in sorted(ops.items(), key=lambda kv: -kv[1]))
     )
+    symbolic = [n for n in graph.inputs if not graph.values[n].is_static]
+    if symbolic:
+        print(
+            f"  note: input(s) {', '.join(symbolic)} have symbolic dims; compile needs "
+            "--input-shape, which also lets shape arithmetic (Shape, Gather, ...) fold away"
+        )
     if bad:
-        print(f"  cannot compile {len(bad)} node(s):")
+        qualifier = " with these symbolic shapes" if symbolic else ""
+        print(f"  cannot compile {len(bad)} node(s){qualifier}:")
         for op, node, why in bad:
             print(f"    {op} (node {node!r}){': ' + why if why else ''}")
     else:
@@ -330,6 +422,23 @@ def _cmd_example(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{args.name}.onnx")
     onnx.save(model, out)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from graphopt.artifact import load_npz
+    from graphopt.compiler import _verification_line, verify
+    from graphopt.errors import VerificationError
+
+    inputs = load_npz(args.inputs) if args.inputs else None
+    report = verify(args.artifact, args.model, inputs, rtol=args.rtol, atol=args.atol)
+    print(f"{args.artifact}: {_verification_line(report)}")
+    if not report["ok"]:
+        bad = report["first_mismatch"]
+        raise VerificationError(
+            f"output {bad['name']!r} differs: "
+            + (bad.get("reason") or f"max |diff| {bad['max_abs_diff']:.3g}")
+        )
     return 0
 
 
@@ -363,11 +472,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "compile": _cmd_compile,
+    "tune": _cmd_tune,
     "run": _cmd_run,
     "inspect": _cmd_inspect,
     "example": _cmd_example,
     "demo": _cmd_demo,
     "targets": _cmd_targets,
+    "verify": _cmd_verify,
     "passes": _cmd_passes,
 }
 

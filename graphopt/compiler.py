@@ -25,7 +25,7 @@ import onnx
 
 import graphopt
 from graphopt.artifact import Artifact, append_manifest, check_inputs, random_inputs
-from graphopt.errors import UnsupportedOpsError, VerificationError
+from graphopt.errors import TargetError, UnsupportedOpsError, VerificationError
 from graphopt.frontends import is_torch_model
 from graphopt.frontends.onnx import graph_to_onnx, load_onnx, onnx_to_graph, parse_input_shapes
 from graphopt.ir import Graph
@@ -114,6 +114,7 @@ def compile(  # noqa: A001 - the public name users expect
     atol: float = DEFAULT_ATOL,
     keep_unverified: bool = False,
     target_options: dict | None = None,
+    tuning_db: str | os.PathLike | None = None,
     log=None,  # noqa: ANN001 - callable(str) for progress lines
     dump_ir: str | os.PathLike | None = None,
     svg: str | os.PathLike | None = None,
@@ -128,11 +129,13 @@ def compile(  # noqa: A001 - the public name users expect
     inputs); on a mismatch :class:`VerificationError` is raised and nothing is written
     at ``output`` unless ``keep_unverified`` is set. ``dump_ir`` names a directory for
     the graph before/after each pass and the Relax module; ``svg`` a drawing of the graph
-    after the passes (see :func:`prepare`).
+    after the passes (see :func:`prepare`). ``tuning_db``: a ``graphopt tune`` database
+    for this target; kernels with records use them (``manifest["tuning"]`` names them).
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
+    db = _open_tuning_db(tuning_db, spec)  # refuse a foreign or corrupt one before any work
     source, graph, records = prepare(model, input_shapes, passes, dump_ir=dump_ir, svg=svg)
     from_onnx = isinstance(source, onnx.ModelProto)
     say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
@@ -142,7 +145,8 @@ def compile(  # noqa: A001 - the public name users expect
     mod = to_relax(graph)
     if dump_ir is not None:
         Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
-    executable = _build(mod, spec)
+    tuning = {} if tuning_db is not None else None
+    executable = _build(mod, spec, db, tuning)
     compile_seconds = time.perf_counter() - start
     chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
     say(f"built for {spec.name} ({chip}) in {compile_seconds:.1f}s")
@@ -170,6 +174,7 @@ def compile(  # noqa: A001 - the public name users expect
             "source": _source_entry(model, source, graph),
             "compile_seconds": round(compile_seconds, 3),
             "verification": {"status": "skipped"},
+            "tuning": tuning,  # None, or which kernels came from the tuning database
         }
         artifact = Artifact(tmp, manifest)
         blocked = getattr(spec.module, "cannot_run_here", lambda _tvm: None)(spec.tvm)
@@ -211,11 +216,27 @@ def compile(  # noqa: A001 - the public name users expect
     return Artifact(out_path, manifest)
 
 
-def _build(mod, spec: TargetSpec):  # noqa: ANN001, ANN202
+def _open_tuning_db(path, spec: TargetSpec):  # noqa: ANN001, ANN202
+    if path is None:
+        return None
+    import inspect
+
+    if "tuning_db" not in inspect.signature(spec.module.phases).parameters:
+        raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
+    from graphopt.tuning import open_database
+
+    return open_database(path, spec)
+
+
+def _build(mod, spec: TargetSpec, tuning_db=None, tuning: dict | None = None):  # noqa: ANN001, ANN202
     import tvm
 
     target = tvm.target.Target(spec.tvm)
-    phases = spec.module.phases(target)
+    if tuning_db is None:
+        phases = spec.module.phases(target)
+    else:  # kernels with a record use it; the target's default schedules do the rest
+        tuning.update(database=str(tuning_db.path), from_database={}, default=[])
+        phases = spec.module.phases(target, tuning_db=tuning_db, tuning_report=tuning)
 
     @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")
     def pipeline(m, _ctx):  # noqa: ANN001, ANN202
@@ -295,3 +316,33 @@ def _tvm_version() -> str:
 
 
 _ = graph_to_onnx  # re-exported for dumps by callers of prepare()
+
+
+def verify(
+    artifact: Artifact | str | os.PathLike,
+    model,  # noqa: ANN001 - what compile() took: ONNX path/ModelProto or a torch model
+    inputs: dict[str, np.ndarray] | None = None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+) -> dict:
+    """Check an existing artifact against its source model, here and now.
+
+    For an artifact compiled where it could not run (CUDA without a GPU), on the machine
+    where it can. Returns the same report ``compile`` stores in the manifest.
+    """
+    if not isinstance(artifact, Artifact):
+        artifact = Artifact(artifact)
+    shapes = {s["name"]: tuple(s["shape"]) for s in artifact.input_specs}
+    if is_torch_model(model):
+        from graphopt.frontends.torch import as_source
+
+        source = as_source(model, shapes)
+        reference = ("torch", lambda: source.reference)
+        if inputs is None:
+            return _verify(artifact, reference, source.example_inputs, "example", rtol, atol)
+        return _verify(artifact, reference, inputs, "user", rtol, atol)
+    proto = load_onnx(model)
+    graph = onnx_to_graph(proto, shapes)
+    reference = ("onnxruntime", lambda: onnxruntime_reference(_fixed_proto(proto, graph)))
+    return _verify(artifact, reference, inputs, "user", rtol, atol)

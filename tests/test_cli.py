@@ -223,3 +223,37 @@ def test_example_writes_every_zoo_model(tmp_path, capsys):
     onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"))
     code, _, err = _run(capsys, "example", "alexnet")
     assert code == 2 and "unknown example" in err
+
+
+def test_verify_command_checks_an_existing_artifact(compiled, tmp_path, capsys, tiny_model):
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model, model)
+    code, out, _ = _run(capsys, "verify", compiled, model)
+    assert code == 0 and "verification passed against onnxruntime" in out
+    # Against a different model with the same signature: must fail, one error line.
+    other = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
+        {"x": (1, 2, 4, 4)},
+        {"y": (1, 3, 4, 4)},
+        {"w": np.ones((3, 2, 3, 3), np.float32)},
+    )
+    onnx.save(other, tmp_path / "other.onnx")
+    code, _, err = _run(capsys, "verify", compiled, tmp_path / "other.onnx")
+    assert code == 2 and err.startswith("error: output 'y' differs")
+
+
+def test_inspect_torch_program(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(Net(), (torch.zeros(2, 3),)), path)
+    code, out, err = _run(capsys, "inspect", path)
+    assert code == 0, err
+    assert "2x3 float32" in out and "every op is supported" in out

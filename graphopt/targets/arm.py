@@ -50,11 +50,11 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
     return x86.check_tvm_dict(tvm_dict)
 
 
-def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
+def phases(target, tuning_db=None, tuning_report=None) -> dict[str, list]:  # noqa: ANN001
     """The CPU pipeline (see x86.phases); NEON widths follow from ``target``."""
     from graphopt.targets import x86
 
-    return x86.phases(target)
+    return x86.phases(target, tuning_db, tuning_report)
 
 
 def features(tvm_dict: dict) -> list[str]:

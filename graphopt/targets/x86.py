@@ -63,8 +63,13 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
     return dict(tvm_dict)
 
 
-def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
-    """Relax passes per phase; see TVM's cpu_generic pipeline for the originals."""
+def phases(target, tuning_db=None, tuning_report=None) -> dict[str, list]:  # noqa: ANN001
+    """Relax passes per phase; see TVM's cpu_generic pipeline for the originals.
+
+    ``target``: a tvm.target.Target. ``tuning_db``: an open
+    ``graphopt.tuning.TuningDatabase`` whose records schedule the kernels they cover
+    (``tuning_report`` gets which ones); the default schedules take the rest.
+    """
     from tvm import relax
 
     from graphopt.targets import _cpu_schedules as cpu
@@ -87,7 +92,8 @@ def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
         ],
         # Default schedules (first fitting rule wins) on the fused kernels; after FuseTIR
         # so epilogues are scheduled with their producer.
-        "schedule": [cpu.ApplyCPUSchedules()],
+        # A tuning database first (it marks its kernels scheduled, so the defaults skip them).
+        "schedule": _tuned(tuning_db, tuning_report) + [cpu.ApplyCPUSchedules()],
         "dataflow_lower": [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
@@ -104,6 +110,14 @@ def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
             relax.transform.AttachGlobalSymbol(),
         ],
     }
+
+
+def _tuned(tuning_db, report) -> list:  # noqa: ANN001
+    if tuning_db is None:
+        return []
+    from graphopt.tuning import ApplyTuningDatabase
+
+    return [ApplyTuningDatabase(tuning_db, report)]
 
 
 def export(executable, path: Path) -> None:  # noqa: ANN001 - tvm VMExecutable

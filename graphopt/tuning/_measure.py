@@ -1,0 +1,162 @@
+"""Building and measuring candidates: here, or on devices behind TVM's RPC tracker.
+
+Builds run in a *persistent* pool of worker processes (MetaSchedule's LocalBuilder starts a
+fresh pool per batch, and each fresh worker imports TVM's tensor intrinsics: ~20 s per
+batch on a loaded 2-core machine). A build that crashes or passes ``build_timeout`` kills
+only its worker and becomes a failed candidate. Measurement uses MetaSchedule's own
+runners, which run each candidate in a worker process with a timeout: a candidate that
+crashes or hangs is reported as an error, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RPCConfig, RPCRunner
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+from graphopt.errors import GraphoptError
+
+__all__ = ["PersistentBuilder", "local_runner", "rpc_runner", "check_tracker", "RPCError"]
+
+
+class RPCError(GraphoptError):
+    """The RPC tracker cannot be reached, or has no device under the key."""
+
+
+def _build_and_export(mod, target, cross_compiler):  # noqa: ANN001, ANN202 - runs in a worker
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    rt_mod = tvm.compile(mod, target=target)
+    folder = tempfile.mkdtemp(prefix="graphopt-tune-")
+    if cross_compiler:
+        from tvm.support import cc
+
+        path = os.path.join(folder, "kernel.so")
+        rt_mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    else:
+        from tvm.support.tar import tar
+
+        path = os.path.join(folder, "kernel.tar")
+        rt_mod.export_library(path, fcompile=tar)
+    return path
+
+
+def _build_one(args: tuple) -> str:
+    return _build_and_export(*args)
+
+
+@derived_object
+class PersistentBuilder(PyBuilder):
+    """A builder whose worker processes outlive a batch (restarted only when one dies).
+
+    ``cross_compiler``: a C++ compiler that links for the device (else a tar the device
+    links itself, as MetaSchedule does).
+    """
+
+    def __init__(
+        self, max_workers: int = 1, timeout_sec: float = 60.0, cross_compiler: str | None = None
+    ) -> None:
+        super().__init__()
+        self.cross_compiler = cross_compiler
+        self.timeout_sec = timeout_sec
+        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec)
+        self.build_seconds = 0.0
+
+    def build(self, build_inputs: list) -> list:
+        start = time.perf_counter()
+        results = []
+        for res in self.pool.map_with_error_catching(
+            _build_one,
+            [(b.mod, b.target, self.cross_compiler) for b in build_inputs],
+        ):
+            if res.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, f"build failed: {res.value}"))
+        self.build_seconds += time.perf_counter() - start
+        return results
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def _evaluator(number: int, repeat: int, min_repeat_ms: int) -> EvaluatorConfig:
+    return EvaluatorConfig(
+        number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, enable_cpu_cache_flush=False
+    )
+
+
+def local_runner(
+    timeout_sec: float = 10.0, number: int = 3, repeat: int = 1, min_repeat_ms: int = 20
+) -> LocalRunner:
+    """Measure on this machine, one candidate at a time, each in a worker with a timeout."""
+    return LocalRunner(
+        timeout_sec=timeout_sec, evaluator_config=_evaluator(number, repeat, min_repeat_ms)
+    )
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RPCError(f"--rpc-tracker must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def check_tracker(host: str, port: int, key: str, timeout: float = 5.0) -> int:
+    """Fail fast (one line) if the tracker is unreachable or ``key`` has no device.
+
+    Returns how many servers the tracker lists under ``key``.
+    """
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise RPCError(f"cannot reach the RPC tracker at {host}:{port}: {exc}") from None
+    from tvm import rpc
+
+    try:
+        summary = rpc.connect_tracker(host, port).summary()
+    except Exception as exc:  # noqa: BLE001 - not a tracker, or it went away
+        raise RPCError(f"{host}:{port} does not answer as a TVM RPC tracker: {exc}") from None
+    servers = [s for s in summary.get("server_info", []) if s.get("key") == f"server:{key}"]
+    queue = summary.get("queue_info", {}).get(key, {})
+    if not servers and not queue.get("free"):
+        known = sorted(
+            {s.get("key", "").removeprefix("server:") for s in summary.get("server_info", [])}
+            - {""}
+        )
+        raise RPCError(
+            f"the RPC tracker at {host}:{port} has no device under key {key!r}"
+            + (f" (keys it has: {', '.join(known)})" if known else " (it has no devices)")
+        )
+    return max(len(servers), int(queue.get("free", 0)))
+
+
+def rpc_runner(
+    host: str,
+    port: int,
+    key: str,
+    devices: int,
+    timeout_sec: float = 20.0,
+    number: int = 3,
+    repeat: int = 1,
+    min_repeat_ms: int = 20,
+) -> RPCRunner:
+    """Measure on the devices registered under ``key``, up to one candidate per device."""
+    config = RPCConfig(
+        tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=int(timeout_sec)
+    )
+    return RPCRunner(
+        rpc_config=config,
+        evaluator_config=_evaluator(number, repeat, min_repeat_ms),
+        max_workers=max(devices, 1),
+    )

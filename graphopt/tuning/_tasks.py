@@ -1,0 +1,96 @@
+"""Tuning tasks: the fused kernels graphopt's own pipeline produces for a model.
+
+The model goes through the same lowering and the target's Relax phases that ``compile``
+runs, up to (not including) the ``schedule`` phase: so each task is exactly a PrimFunc
+the compile-time :func:`~graphopt.tuning.ApplyTuningDatabase` pass will look up.
+Identical kernels (same structure) are one task, weighted by how often the model calls it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+
+from graphopt.tuning._database import workload_mod
+
+__all__ = ["Task", "extract_tasks", "phases_before_schedule"]
+
+
+@dataclass
+class Task:
+    """One kernel to tune: ``mod`` is the normalized PrimFunc module (the DB key)."""
+
+    name: str
+    mod: tvm.IRModule
+    func: tirx.PrimFunc  # as it sits in the model (for the default schedule)
+    flops: float
+    calls: int
+
+    @property
+    def weight(self) -> float:
+        return max(self.flops, 1.0) * self.calls
+
+
+def phases_before_schedule(spec, target) -> list:  # noqa: ANN001 - TargetSpec, tvm Target
+    """The target's Relax passes that run before its ``schedule`` phase."""
+    passes = []
+    for name, phase in spec.module.phases(target).items():
+        if name == "schedule":
+            return passes
+        passes.extend(phase)
+    raise ValueError(f"target {spec.name} has no 'schedule' phase to tune")
+
+
+def _call_counts(mod: tvm.IRModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    def visit(expr) -> None:  # noqa: ANN001
+        if isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+            gvar = expr.args[0]
+            counts[gvar.name_hint] = counts.get(gvar.name_hint, 0) + 1
+
+    for _gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return counts
+
+
+def _flops(mod: tvm.IRModule) -> float:
+    try:
+        return float(tvm.s_tir.analysis.estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001 - data movement kernels may not be countable
+        return 0.0
+
+
+def extract_tasks(relax_mod: tvm.IRModule, spec, target, pattern: str | None = None) -> list[Task]:  # noqa: ANN001
+    """Tasks of a lowered model, largest weight first; ``pattern`` filters by name (glob)."""
+    with target:
+        mod = tvm.transform.Sequential(phases_before_schedule(spec, target))(relax_mod)
+    counts = _call_counts(mod)
+    tasks: list[Task] = []
+    by_hash: dict[int, list[Task]] = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+            continue
+        name = gvar.name_hint
+        calls = counts.get(name, 1)
+        wmod = workload_mod(func)
+        h = tvm_ffi.structural_hash(wmod)
+        same = [t for t in by_hash.get(h, []) if tvm_ffi.structural_equal(t.mod, wmod)]
+        if same:
+            same[0].calls += calls
+            continue
+        task = Task(name=name, mod=wmod, func=func, flops=_flops(wmod), calls=calls)
+        by_hash.setdefault(h, []).append(task)
+        tasks.append(task)
+    if pattern:
+        globs = [p.strip() for p in pattern.split(",") if p.strip()]
+        tasks = [t for t in tasks if any(fnmatch.fnmatch(t.name, g) or g in t.name for g in globs)]
+    tasks.sort(key=lambda t: (-t.weight, t.name))
+    return tasks

@@ -1,0 +1,24 @@
+"""Small models for the tuning tests: two that share a conv shape."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from tests.conftest import make_model
+
+
+def conv_relu(extra_conv: bool = False):  # noqa: ANN201
+    """x(1,4,16,16) -> Conv(4->8, 3x3) -> Relu [-> Conv(8->8, 1x1)]: the first conv is shared."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+    ]
+    inits = {"w": rng.standard_normal((8, 4, 3, 3)).astype(np.float32)}
+    if extra_conv:
+        nodes.append(helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"))
+        inits["w2"] = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    else:
+        nodes[-1].output[0] = "y"
+    return make_model(nodes, {"x": (1, 4, 16, 16)}, {"y": (1, 8, 16, 16)}, inits)
