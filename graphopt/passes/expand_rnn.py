@@ -18,6 +18,12 @@ activations ``f=Sigmoid, g=Tanh, h=Tanh``::
           H_t = n + z*(H_{t-1} - n)                      (= (1-z)*n + z*H_{t-1})
     RNN:  H_t = f(x_t + H_{t-1} @ R^T)
 
+Per step that is three kernels after fusion: the copy of step t's projection rows, one
+recurrent MatMul for all gates, and the gates' elementwise math (each gate's columns are
+sliced inside it, at offsets that are the same every step, so it compiles once). A
+constant R^T [H, G*H] is packed in 64-column blocks [G*H/64, H, 64] (``_BLOCK``) when H is
+a multiple of 64, so the per-step GEMV reads the weight front to back.
+
 A missing initial state (or an all-zero constant one) is zero, so terms that multiply it
 are left out of the first step rather than computed. Weight preparation (slicing a
 direction, transposing, summing the two biases) is done in numpy when the weights are
@@ -32,6 +38,7 @@ pass after ``fold-constants`` (weights become constants) and before ``dead-code`
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +60,10 @@ _CELLS: dict[str, tuple[int, tuple[str, ...]]] = {
 # Activations without alpha/beta parameters map one-to-one onto ONNX ops.
 _ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 _DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
+# Column block of a packed recurrent weight: R^T [H, N] is stored as [N/B, H, B], so the
+# per-step GEMV streams each block's H rows contiguously (in plain R^T consecutive rows
+# of a block are N floats apart). 64 floats = 4 AVX-512 or 8 AVX2 registers.
+_BLOCK = 64
 
 
 def _text(v: object) -> str:
@@ -185,6 +196,15 @@ class _Emitter:
             "Gather", [x], out_shape, attrs={"axis": axis}, const_inputs=[self._index(index)]
         )
 
+    def take_rows(self, x: str, index: int, axis: int) -> str:
+        """``x`` at ``[index]`` along ``axis``, that axis kept (Gather with a 1-D index,
+        which lowers without a reshape of the index to fold at compile time)."""
+        shape = list(self.shape(x))
+        shape[axis] = 1
+        return self.emit(
+            "Gather", [x], tuple(shape), attrs={"axis": axis}, const_inputs=[self._index([index])]
+        )
+
     def slice(self, x: str | None, axis: int, start: int, end: int, step: int = 1) -> str | None:
         if x is None:
             return None
@@ -255,6 +275,33 @@ class _Emitter:
             return None
         shape = self.shape(a)[:-1] + self.shape(b)[-1:]
         return self.emit("MatMul", [a, b], shape, np.matmul)
+
+    def recurrent(self, h: str | None, wt: str, hidden: int) -> list[str | None]:
+        """``h @ wt`` for the per-step recurrence, as one [batch, hidden] tensor per gate.
+
+        A constant ``wt`` [K, N] is packed in column blocks: ``MatMul(h, [N/B, K, B])``
+        gives [N/B, batch, B], and gate k is its blocks ``k*hidden/B ...`` reshaped, a
+        copy that fuses into the gate's elementwise kernel.
+        """
+        k, n = self.shape(wt)
+        gates = n // hidden
+        if h is None:
+            return [None] * gates
+        if not self.graph.is_constant(wt) or hidden % _BLOCK or n <= _BLOCK:
+            rec = self.matmul(h, wt)
+            return [self.slice(rec, 1, g * hidden, (g + 1) * hidden) for g in range(gates)]
+        blocks = self.graph.constants[wt].reshape(k, n // _BLOCK, _BLOCK).transpose(1, 0, 2)
+        packed = self.const(np.ascontiguousarray(blocks), "rblocks")
+        self.stats["packed_recurrent_matmuls"] += 1
+        batch, per_gate = self.shape(h)[0], hidden // _BLOCK
+        rec = self.emit("MatMul", [h, packed], (n // _BLOCK, batch, _BLOCK), np.matmul)
+        out = []
+        for g in range(gates):
+            part = self.slice(rec, 0, g * per_gate, (g + 1) * per_gate)
+            if batch > 1:
+                part = self.transpose(part, [1, 0, 2])
+            out.append(self.reshape(part, (batch, hidden)))
+        return out
 
     def act(self, op: str, x: str) -> str:
         fns = {
@@ -329,44 +376,58 @@ def _direction(e: _Emitter, node: Node, d: int, hidden: int) -> _Direction:
     return _Direction(e.transpose(w, [1, 0]), bias, rt, rht, rbh, peep, h0, c0, acts)
 
 
-def _lstm_step(e: _Emitter, p: _Direction, x: str, h: str | None, c: str | None, hidden: int):
+# ``x(k)``: gate k's columns of step t's input projection, one Slice per gate; gate k of
+# the recurrent product is sliced from one MatMul for all gates. Each gate's adds and
+# activation then fuse into the step's elementwise kernels.
+_Cols = Callable[[int], str]
+
+
+def _step_cols(e: _Emitter, xt: str, hidden: int, k: int) -> str:
+    """Gate k's columns of ``xt`` (one step's rows, [1, batch, G*H] or [batch, 1, G*H])."""
+    part = e.slice(xt, 2, k * hidden, (k + 1) * hidden)
+    return e.reshape(part, (e.shape(xt)[0] * e.shape(xt)[1], hidden))
+
+
+def _gate(e: _Emitter, x: _Cols, rec: list[str | None], k: int) -> str:
+    return e.add(x(k), rec[k])
+
+
+def _lstm_step(e: _Emitter, p: _Direction, x: _Cols, h: str | None, c: str | None, hidden: int):
     f, g, hact = p.acts
-    gates = e.add(x, e.matmul(h, p.rt))
+    rec = e.recurrent(h, p.rt, hidden)
     pi, po, pf = p.peep
-    i = e.act(f, e.add(e.slice(gates, 1, 0, hidden), e.mul(pi, c)))
-    cand = e.act(g, e.slice(gates, 1, 3 * hidden, 4 * hidden))
+    i = e.act(f, e.add(_gate(e, x, rec, 0), e.mul(pi, c)))
+    cand = e.act(g, _gate(e, x, rec, 3))
     if c is not None:  # with C_{t-1} = 0 the forget gate multiplies nothing
-        forget = e.act(f, e.add(e.slice(gates, 1, 2 * hidden, 3 * hidden), e.mul(pf, c)))
+        forget = e.act(f, e.add(_gate(e, x, rec, 2), e.mul(pf, c)))
         c = e.mul(forget, c)
     c = e.add(c, e.mul(i, cand))
-    o = e.act(f, e.add(e.slice(gates, 1, hidden, 2 * hidden), e.mul(po, c)))
+    o = e.act(f, e.add(_gate(e, x, rec, 1), e.mul(po, c)))
     return e.mul(o, e.act(hact, c)), c
 
 
-def _gru_step(e: _Emitter, p: _Direction, x: str, h: str | None, hidden: int):
+def _gru_step(e: _Emitter, p: _Direction, x: _Cols, h: str | None, hidden: int):
     f, g = p.acts
     linear_before_reset = p.rht is None
-    if linear_before_reset:  # one recurrent MatMul for all three gates
-        rec = e.matmul(h, p.rt)
-        rec_zr = e.slice(rec, 1, 0, 2 * hidden)
-        rec_h = e.add(e.slice(rec, 1, 2 * hidden, 3 * hidden), p.rbh)  # r multiplies this
+    rec = e.recurrent(h, p.rt, hidden)  # lbr=1: all three gates; lbr=0: z and r
+    if linear_before_reset:
+        rec_h = e.add(rec[2], p.rbh)  # r multiplies this
     else:  # r multiplies H_{t-1} before its MatMul
-        rec_zr, rec_h = e.matmul(h, p.rt), h
-    zr = e.add(e.slice(x, 1, 0, 2 * hidden), rec_zr)
-    z = e.act(f, e.slice(zr, 1, 0, hidden))
-    r = e.act(f, e.slice(zr, 1, hidden, 2 * hidden)) if rec_h is not None else None
+        rec_h = h
+    z = e.act(f, _gate(e, x, rec, 0))
+    r = e.act(f, _gate(e, x, rec, 1)) if rec_h is not None else None
     if linear_before_reset:
         rec_h = e.mul(r, rec_h)
     else:
-        rec_h = e.matmul(e.mul(r, rec_h), p.rht)
-    n = e.act(g, e.add(e.slice(x, 1, 2 * hidden, 3 * hidden), rec_h))
+        (rec_h,) = e.recurrent(e.mul(r, rec_h), p.rht, hidden)
+    n = e.act(g, e.add(x(2), rec_h))
     if h is None:
         return e.sub(n, e.mul(z, n))
     return e.add(n, e.mul(z, e.sub(h, n)))
 
 
-def _rnn_step(e: _Emitter, p: _Direction, x: str, h: str | None, hidden: int):
-    return e.act(p.acts[0], e.add(x, e.matmul(h, p.rt)))
+def _rnn_step(e: _Emitter, p: _Direction, x: _Cols, h: str | None, hidden: int):
+    return e.act(p.acts[0], _gate(e, x, e.recurrent(h, p.rt, hidden), 0))
 
 
 def _expand(graph: Graph, node: Node) -> Counter:
@@ -384,15 +445,17 @@ def _expand(graph: Graph, node: Node) -> Counter:
     for d, reverse in enumerate(revs):
         p = _direction(e, node, d, hidden)
         xw = e.add(e.matmul(x2d, p.wt), p.bias)  # the one input-projection GEMM
+        gh = e.shape(xw)[1]  # as [seq, batch, G*H] (layout 0) or [batch, seq, G*H]
+        xw = e.reshape(xw, (batch, seq, gh) if layout else (seq, batch, gh))
         e.stats["input_projections"] += 1
         h, c = p.h0, p.c0
         h_seq, c_seq = [None] * seq, [None] * seq
         for t in reversed(range(seq)) if reverse else range(seq):
-            # Rows of step t: a block of `batch` rows (layout 0) or every seq-th row (layout 1).
-            if layout:
-                xt = e.slice(xw, 0, t, seq * batch, seq)
-            else:
-                xt = e.slice(xw, 0, t * batch, (t + 1) * batch)
+            # Step t's rows: a Gather whose index is a constant *input*, not a Slice bound
+            # baked into the code, so the copy and the gates' kernels (reading it at the
+            # same offsets every step) are each one function for all steps, compiled once.
+            xt = functools.partial(_step_cols, e, e.take_rows(xw, t, layout), hidden)
+
             if node.op_type == "LSTM":
                 h, c = _lstm_step(e, p, xt, h, c, hidden)
             elif node.op_type == "GRU":

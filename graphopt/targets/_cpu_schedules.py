@@ -11,7 +11,8 @@ Three pieces, in the order the x86 pipeline uses them:
    compile time.
 2. ``LEGALIZE`` (LegalizeOps' customize map): TOPI cannot legalize a channel-blocked
    conv2d, so these TE computes do; their anchor blocks carry a ``graphopt.kernel``
-   annotation that the rules below look for.
+   annotation that the rules below look for. float32 sigmoid/tanh/exp take TOPI's
+   polynomial forms, which vectorize (libm's ``expf`` does not).
 3. ``RULES`` (after FuseTIR): an ordered list of ``(name, rule)``. ``ApplyCPUSchedules``
    gives each unscheduled PrimFunc to the rules in order; the first one that returns a
    schedule wins (TVM's ``s_tir/dlight`` ApplyDefaultSchedule, with the same contract: a
@@ -45,6 +46,12 @@ __all__ = [
 # Register tile width (output pixels) for conv: 28 accumulators + weight + broadcast
 # still fit AVX-512's 32 vector registers.
 _MAX_REG_N = 28
+# Accumulator vectors in a reduction's register tile (rows x vectors per row), leaving
+# registers for the B vectors and the broadcast.
+_MAX_TILE_VECTORS = 16
+# A concat of at least this many inputs is unrolled over its axis (if at most the max).
+_MIN_CONCAT_INPUTS = 8
+_MAX_UNROLLED_CONCAT = 128
 # Below this many loop iterations a kernel runs serially: a parallel launch costs more.
 _PARALLEL_MIN = 2048
 _ANNOTATION = "graphopt.kernel"
@@ -248,7 +255,35 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     )
 
 
-LEGALIZE = {"relax.nn.conv2d": _legalize_conv2d}
+def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
+    """sigmoid(x) = 1 / (1 + exp(-x)), with TOPI's polynomial exp."""
+    e = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: 1 / (1 + e(*i)), name="sigmoid")
+
+
+def _vector_math(op_name: str, fast) -> callable:  # noqa: ANN001
+    """Legalize a float32 transcendental with a TOPI polynomial instead of libm.
+
+    Why: LLVM has no vector ``exp``/``tanh`` without a vector math library, so the
+    default legalization calls scalar ``expf`` once per lane (tanh twice). The TOPI
+    approximations are plain arithmetic, so they vectorize; their error (about 1e-7
+    relative) is far inside verification tolerances. Other dtypes keep the default.
+    """
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if str(call.args[0].ty.dtype) != "float32":
+            return tvm.ir.Op.get(op_name).get_attr("FLegalize")(bb, call)
+        return bb.call_te(fast, call.args[0], primfunc_name_hint=op_name.split(".")[-1])
+
+    return legalize
+
+
+LEGALIZE = {
+    "relax.nn.conv2d": _legalize_conv2d,
+    "relax.sigmoid": _vector_math("relax.sigmoid", _fast_sigmoid),
+    "relax.tanh": _vector_math("relax.tanh", topi.fast_tanh),
+    "relax.exp": _vector_math("relax.exp", topi.fast_exp),
+}
 
 
 # --- 3. schedule rules ------------------------------------------------------------------
@@ -337,6 +372,46 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
         loops.append(inner)
     if loops and total >= _PARALLEL_MIN:
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+def _select_chain(sch: s_tir.Schedule, block) -> int:  # noqa: ANN001
+    """How many ``if_then_else`` the block's value takes (a concat of n inputs: n - 1)."""
+    # TVM 0.27 exposes no Python TIR visitor; the printed body names each call.
+    return str(sch.get(block).body).count("if_then_else")
+
+
+def _schedule_concat(sch: s_tir.Schedule, block, lanes: int) -> bool:  # noqa: ANN001
+    """A concat of many inputs along its outermost non-unit axis: that axis unrolled.
+
+    Why: TOPI's concat picks its input with an ``if_then_else`` chain per element; in a
+    vectorized loop every branch is evaluated (with an RNN's last step fused in, that is
+    the whole step's math for every element). Unrolled over the concat axis, each copy's
+    conditions are constants and simplify away, leaving one vectorized copy per input.
+    """
+    loops = list(sch.get_loops(block))
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return False
+    axis = next((i for i, e in enumerate(extents) if e > 1), None)
+    if axis is None or axis == len(loops) - 1 or extents[axis] > _MAX_UNROLLED_CONCAT:
+        return False
+    inner = loops[axis + 1 :]
+    inner = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+    width = _product(extents[axis + 1 :])
+    if width % lanes == 0:
+        _, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
+    sch.unroll(loops[axis])
+    return True
+
+
+def _pick_rows(height: int, vectors: int) -> int:
+    """Output rows per reduction register tile: a divisor of ``height`` with
+    ``rows * vectors`` accumulators, at most _MAX_TILE_VECTORS of them."""
+    for n in range(min(height, _MAX_TILE_VECTORS // max(vectors, 1)), 0, -1):
+        if height % n == 0:
+            return n
+    return 1
 
 
 def _pick_reg_n(width: int) -> int:
@@ -485,7 +560,12 @@ def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sche
         return None
     last = extents[-1]
     tile = None
-    for vec in (lanes * 4, lanes * 2, lanes, 8, 4):
+    # A GEMV (one output row) has no rows to tile over: widen the row instead, so one pass
+    # over the weight (contiguous rows) feeds up to _MAX_TILE_VECTORS accumulator chains.
+    widths = [lanes * 4, lanes * 2, lanes, 8, 4]
+    if _product(extents[:-1]) == 1:
+        widths = [lanes * v for v in range(_MAX_TILE_VECTORS // 2, 4, -1)] + widths
+    for vec in widths:
         if last % vec == 0:
             tile = vec
             break
@@ -494,6 +574,14 @@ def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sche
     if tile is not None:
         lo, li = sch.split(loops[-1], [None, tile])
         outer_loops = [*loops[:-1], lo]
+        # Rows of the register tile: the innermost other output axis longer than 1 (a
+        # matmul's M; for a batched GEMV such as [blocks, 1, N] the blocks).
+        axis = max((i for i, e in enumerate(extents[:-1]) if e > 1), default=None)
+        rows = 1 if axis is None else _pick_rows(extents[axis], -(-tile // lanes))
+        if rows > 1:  # a register tile of `rows` x `tile`: each loaded B vector feeds `rows` FMAs
+            ro, ri = sch.split(loops[axis], [None, rows])
+            outer_loops = [*loops[:axis], ro, *loops[axis + 1 : -1], lo]
+            sch.reorder(*outer_loops, ri, li)
     else:
         outer_loops = loops
     outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
@@ -524,8 +612,11 @@ def rule_injective(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sche
     if not blocks or any("R" in _iter_kinds(sch, b) for b in blocks):
         return None
     _inline_spatial_intermediates(sch, keep=[])
+    lanes = vector_lanes(target)
     for block in _root_blocks(sch):
-        _schedule_spatial(sch, block, vector_lanes(target))
+        if _select_chain(sch, block) >= _MIN_CONCAT_INPUTS and _schedule_concat(sch, block, lanes):
+            continue
+        _schedule_spatial(sch, block, lanes)
     return sch
 
 

@@ -197,6 +197,34 @@ def test_zero_initial_state_costs_nothing():
     assert graph.op_counts()["MatMul"] == 1 + seq
 
 
+@pytest.mark.parametrize(
+    "op, extra",
+    [("LSTM", {}), ("GRU", {"linear_before_reset": 1}), ("GRU", {}), ("RNN", {})],
+    ids=["lstm", "gru-lbr", "gru", "rnn"],
+)
+def test_recurrent_weight_is_packed_in_column_blocks(op, extra):
+    """hidden 128: R^T [128, G*128] becomes [G*128/64, 128, 64] blocks (one MatMul per
+    step still), and the result matches onnxruntime."""
+    seq, hidden = 3, 128
+    model = _rnn_model(op, seq=seq, batch=2, hidden=hidden, init_h=True, **extra)
+    graph = _expand_and_compare(model)
+    blocked = [
+        graph.values[n.inputs[1]].shape
+        for n in graph.nodes()
+        if n.op_type == "MatMul" and len(graph.values[n.inputs[1]].shape) == 3
+    ]
+    per_step = 2 if op == "GRU" and not extra else 1  # GRU lbr=0: r multiplies H first
+    assert len(blocked) == seq * per_step
+    assert all(s[1:] == (hidden, 64) for s in blocked)
+
+
+def test_small_recurrent_weight_stays_plain():
+    """Negative: hidden 8 (not a whole 64-column block per gate) keeps R^T as it is."""
+    graph = _expand_and_compare(_rnn_model("LSTM", init_h=True, hidden=8))
+    matmuls = [n for n in graph.nodes() if n.op_type == "MatMul"]
+    assert matmuls and all(len(graph.values[n.inputs[1]].shape) == 2 for n in matmuls)
+
+
 # --- refusals ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "model, reason",

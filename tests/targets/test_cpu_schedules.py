@@ -159,3 +159,91 @@ def test_conv_rule_declines_a_plain_matmul() -> None:
         assert cpu.rule_conv2d_nchwc(func, target) is None
         name, _ = cpu.apply_rules(func, target)
     assert name == "reduction"
+
+
+# --- vector math, register tiles, concat --------------------------------------------------
+def _model(nodes, inputs: dict, output: tuple, inits=(), opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(output[0], TensorProto.FLOAT, output[1])],
+        list(inits),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _asm(func: tvm.tirx.PrimFunc) -> str:
+    target = tvm.target.Target(resolve("x86").tvm)
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=target).mod.inspect_source("asm")
+
+
+def test_sigmoid_and_tanh_vectorize_without_libm() -> None:
+    """float32 Sigmoid/Tanh legalize to TOPI's polynomials: the kernel calls no scalar
+    ``expf`` (the default calls it once per lane), and still matches onnxruntime."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Tanh", ["s"], ["y"])]
+    model = _model(nodes, {"x": (4, 256)}, ("y", (4, 256)))
+    mod = _scheduled_module(model)
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert "expf" not in _asm(func)
+    graphopt.compile(model, "x86")  # verifies against onnxruntime
+
+
+def test_sigmoid_keeps_libm_for_float64() -> None:
+    """Negative: only float32 takes the polynomial path."""
+    bb = tvm.relax.BlockBuilder()
+    x = tvm.relax.Var("x", tvm.relax.TensorType([8], "float64"))
+    with bb.function("main", [x]):
+        out = bb.emit(tvm.relax.op.sigmoid(x))
+        bb.emit_func_output(out)
+    mod = tvm.relax.transform.LegalizeOps(cpu.LEGALIZE)(bb.get())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert "fast_exp" not in func.script() and "T.sigmoid" in func.script()
+
+
+def _loops(func: tvm.tirx.PrimFunc) -> list:
+    out = []
+
+    def walk(stmt) -> None:  # noqa: ANN001
+        if isinstance(stmt, tvm.tirx.For):
+            out.append((stmt.kind, int(stmt.extent)))
+        for child in _children(stmt):
+            walk(child)
+
+    walk(func.body)
+    return out
+
+
+def test_matmul_register_tile_covers_several_rows() -> None:
+    """A [32, K] x [K, 1024] matmul: each loaded weight vector feeds several unrolled
+    rows; a single-row GEMV instead widens its row (more accumulators)."""
+    target = tvm.target.Target(resolve("x86").tvm)
+    lanes = cpu.vector_lanes(target)
+    for m, unrolled in ((32, True), (1, False)):
+        a = tvm.te.placeholder((m, 256), name="a")
+        b = tvm.te.placeholder((256, 1024), name="b")
+        func = tvm.te.create_prim_func([a, b, tvm.topi.matmul(a, b)])
+        with target:
+            name, new = cpu.apply_rules(func, target)
+        loops = _loops(new)
+        assert name == "reduction"
+        has_unrolled = any(k == tvm.tirx.ForKind.UNROLLED and e > 1 for k, e in loops)
+        assert has_unrolled == unrolled
+        widest = max(e for k, e in loops if k == tvm.tirx.ForKind.VECTORIZED)
+        assert widest == (4 * lanes if m > 1 else 8 * lanes)
+
+
+def test_many_input_concat_is_unrolled_over_its_axis() -> None:
+    """A 16-input Concat (an RNN's outputs): the concat axis is unrolled so each copy's
+    input choice is a constant; a 2-input concat keeps the flat parallel+vector loop."""
+    for n, unrolled in ((16, True), (2, False)):
+        names = [f"x{i}" for i in range(n)]
+        nodes = [helper.make_node("Concat", names, ["y"], axis=0)]
+        model = _model(nodes, {k: (1, 256) for k in names}, ("y", (n, 256)))
+        mod = _scheduled_module(model)
+        (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        kinds = {k for k, _ in _loops(func)}
+        assert (tvm.tirx.ForKind.UNROLLED in kinds) == unrolled
+        assert tvm.tirx.ForKind.VECTORIZED in kinds
+        graphopt.compile(model, "x86")  # verifies against onnxruntime
