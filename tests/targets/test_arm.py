@@ -118,4 +118,5 @@ def test_runs_under_emulation_like_x86_and_onnxruntime(name, tmp_path):
     )
     for out, exp in zip(arm_art.output_names, ref, strict=True):
         np.testing.assert_allclose(got[out], exp, rtol=1e-3, atol=1e-4, err_msg=out)
-        np.testing.assert_allclose(got[out], x86_art.run(inputs)[out], rtol=1e-4, atol=1e-5)
+        # NEON (4 lanes) and AVX-512 (16) sum in different orders: same tolerance as ORT.
+        np.testing.assert_allclose(got[out], x86_art.run(inputs)[out], rtol=1e-3, atol=1e-4)
