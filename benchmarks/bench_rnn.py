@@ -148,7 +148,7 @@ def main() -> None:
     print()
     print(
         "| model | onnxruntime ms | torch eager ms | graphopt ms | graphopt/ORT | graphopt/torch "
-        "| compile s |"
+        "| compile+verify s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):

@@ -130,7 +130,7 @@ def main() -> None:
     print()
     print(
         "| model | onnxruntime ms | torch eager ms | graphopt ms | graphopt/ORT | graphopt/torch "
-        "| compile s |"
+        "| compile+verify s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
