@@ -122,12 +122,17 @@ def _budgets(
     if trials is None:
         per = _TIME_ONLY_TRIALS_PER_TASK if time_budget is not None else DEFAULT_TRIALS_PER_TASK
         trials = per * len(tasks)
-    total = sum(t.weight for t in tasks)
-    out = []
-    for t in tasks:
-        share = max(1, math.floor(trials * t.weight / total + 0.5))
-        out.append(min(share, per_task) if per_task is not None else share)
-    return out
+    # One trial each first (no task is left out; with fewer trials than tasks that is
+    # the whole budget), then the rest by weight, largest remainders first, so the
+    # shares add up to exactly max(trials, len(tasks)).
+    rest = max(trials - len(tasks), 0)
+    total = sum(t.weight for t in tasks) or 1.0
+    exact = [rest * t.weight / total for t in tasks]
+    out = [1 + math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(tasks)), key=lambda i: math.floor(exact[i]) - exact[i])
+    for i in by_remainder[: rest - sum(math.floor(e) for e in exact)]:
+        out[i] += 1
+    return [min(n, per_task) for n in out] if per_task is not None else out
 
 
 class _Stop:

@@ -168,3 +168,16 @@ def test_foreign_or_corrupt_db_is_refused(tuned, models, tmp_path, capsys) -> No
     assert main(["compile", str(models[0]), "--tuning-db", str(db), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt at line 2" in err[0] and not out.exists()
+
+
+def test_budgets_add_up_to_the_requested_trials_and_leave_no_task_out():
+    from types import SimpleNamespace
+
+    from graphopt.tuning._tuner import _budgets
+
+    tasks = [SimpleNamespace(weight=w) for w in (18.9, 9.5, 4.7, 1.8, 1.0, 0.1, 0.0, 0.0)]
+    shares = _budgets(tasks, 24, None, None)
+    assert sum(shares) == 24 and min(shares) >= 1
+    assert shares == sorted(shares, reverse=True)  # heavier tasks never get fewer
+    assert _budgets(tasks, 3, None, None) == [1] * len(tasks)  # fewer trials than tasks
+    assert max(_budgets(tasks, 1000, 50, None)) == 50  # --per-task caps each share
