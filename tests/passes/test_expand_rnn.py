@@ -533,3 +533,32 @@ def test_one_input_projection_per_direction_per_layer():
     ]
     assert len(projections) == layers * dirs
     assert counts["MatMul"] == layers * dirs * (1 + seq - 1)
+
+
+@pytest.mark.parametrize("case", ["inconsistent hidden size", "dynamic sequence length"])
+def test_cli_refuses_what_expansion_cannot_handle(case, tmp_path, capsys):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.cli import main
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1, 12, 4)).astype(np.float32)
+    r = rng.standard_normal((1, 12, 3)).astype(np.float32)
+    hidden = 5 if case == "inconsistent hidden size" else 3
+    seq = "T" if case == "dynamic sequence length" else 6
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden, name="rnn")],
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (seq, 1, 4))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (seq, 1, 1, hidden))],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    code = main(["compile", str(path), "-o", str(tmp_path / "out.so")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert ("hidden_size=5" in err) if hidden == 5 else ("--input-shape x=" in err)
+    assert not (tmp_path / "out.so").exists()
