@@ -32,61 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_zoo import cpu_name, timed  # noqa: E402
 
 import graphopt  # noqa: E402
-
-
-class LSTMClassifier(nn.Module):
-    """Embedding -> 2-layer LSTM (hidden 256) -> last step -> Linear; 32 tokens."""
-
-    def __init__(self, vocab=1000, embed=128, hidden=256, classes=4) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, embed)
-        self.lstm = nn.LSTM(embed, hidden, num_layers=2, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, tokens):
-        y, _ = self.lstm(self.emb(tokens))
-        return self.head(y[:, -1])
-
-
-class GRUTagger(nn.Module):
-    """Embedding -> bidirectional GRU (hidden 128) -> per-token Linear -> log_softmax."""
-
-    def __init__(self, vocab=5000, embed=128, hidden=128, tags=17) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, embed)
-        self.gru = nn.GRU(embed, hidden, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, tags)
-
-    def forward(self, tokens):
-        y, _ = self.gru(self.emb(tokens))
-        return self.head(y).log_softmax(-1)
-
-
-class CRNN(nn.Module):
-    """Two conv blocks, image width as time (32 steps), a bidirectional LSTM, classes."""
-
-    def __init__(self, height=32, hidden=128, classes=37) -> None:
-        super().__init__()
-        self.cnn = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.rnn = nn.LSTM(64 * (height // 4), hidden, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, classes)
-
-    def forward(self, image):
-        f = self.cnn(image)
-        n, c, h, w = f.shape
-        f = f.permute(3, 0, 1, 2).reshape(w, n, c * h)
-        y, _ = self.rnn(f)
-        return self.head(y).log_softmax(-1)
-
+from graphopt.zoo_torch import CRNN, GRUTagger, LSTMClassifier  # noqa: E402
 
 # name -> (module factory, example input factory), batch 1
 MODELS = {

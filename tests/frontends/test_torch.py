@@ -18,6 +18,7 @@ import graphopt  # noqa: E402
 from graphopt.cli import main  # noqa: E402
 from graphopt.errors import InputError, UnsupportedOpsError, VerificationError  # noqa: E402
 from graphopt.frontends.torch import TorchImportError, TorchSource, from_torch  # noqa: E402
+from graphopt.zoo_torch import CRNN, GRUTagger, LSTMClassifier  # noqa: E402
 
 
 def _check(source: TorchSource, rtol: float = 1e-4, atol: float = 1e-5) -> graphopt.Artifact:
@@ -327,61 +328,6 @@ def test_broken_pt2_file_is_a_load_error(tmp_path):
     path.write_bytes(b"not a zip")
     with pytest.raises(TorchImportError, match="broken.pt2"):
         graphopt.compile(path)
-
-
-# --- models --------------------------------------------------------------------------------
-class LSTMClassifier(nn.Module):
-    """Embedding -> 2-layer LSTM -> last step -> Linear."""
-
-    def __init__(self, vocab=1000, embed=128, hidden=256, classes=4) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, embed)
-        self.lstm = nn.LSTM(embed, hidden, num_layers=2, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, tokens):
-        y, _ = self.lstm(self.emb(tokens))
-        return self.head(y[:, -1])
-
-
-class GRUTagger(nn.Module):
-    """Embedding -> bidirectional GRU -> per-token Linear -> log_softmax."""
-
-    def __init__(self, vocab=5000, embed=128, hidden=128, tags=17) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, embed)
-        self.gru = nn.GRU(embed, hidden, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, tags)
-
-    def forward(self, tokens):
-        y, _ = self.gru(self.emb(tokens))
-        return self.head(y).log_softmax(-1)
-
-
-class CRNN(nn.Module):
-    """Two conv blocks, the width as time steps, a bidirectional LSTM, per-step classes."""
-
-    def __init__(self, height=32, hidden=128, classes=37) -> None:
-        super().__init__()
-        self.cnn = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.rnn = nn.LSTM(64 * (height // 4), hidden, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, classes)
-
-    def forward(self, image):
-        f = self.cnn(image)  # (N, C, H/4, W/4)
-        n, c, h, w = f.shape
-        f = f.permute(3, 0, 1, 2).reshape(w, n, c * h)  # (T, N, features)
-        y, _ = self.rnn(f)
-        return self.head(y).log_softmax(-1)
 
 
 def test_lstm_text_classifier():
