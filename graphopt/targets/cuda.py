@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 from graphopt.errors import ArtifactError, TargetError
+from graphopt.targets._phases import dataflow_lower_passes, finalize_passes
 
 __all__ = [
     "NAME",
@@ -170,25 +171,14 @@ def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
             dl.ApplyDefaultSchedule(*gpu.default_rules()),
             gpu.RequireThreadBinding(),
         ],
-        "dataflow_lower": [
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),
-        ],
-        "finalize": [
-            relax.transform.StaticPlanBlockMemory(),
-            relax.transform.RewriteCUDAGraph(),  # only with relax.backend.use_cuda_graph
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
+        "dataflow_lower": dataflow_lower_passes(),
+        "finalize": finalize_passes(
+            # only with relax.backend.use_cuda_graph
+            after_planning=[relax.transform.RewriteCUDAGraph()],
             # Anywhere before codegen (which follows the Relax pipeline); last, so a
             # pipeline that fails earlier changes nothing in the process.
-            KeepCUDASource(),
-        ],
+            last=[KeepCUDASource()],
+        ),
     }
 
 

@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 
 from graphopt.errors import ArtifactError, TargetError
+from graphopt.targets._phases import dataflow_lower_passes, finalize_passes
 
 NAME = "x86"
 DESCRIPTION = "x86-64 Linux CPU via LLVM; the host CPU and its features are detected"
@@ -94,21 +95,8 @@ def phases(target, tuning_db=None, tuning_report=None) -> dict[str, list]:  # no
         # so epilogues are scheduled with their producer.
         # A tuning database first (it marks its kernels scheduled, so the defaults skip them).
         "schedule": _tuned(tuning_db, tuning_report) + [cpu.ApplyCPUSchedules()],
-        "dataflow_lower": [
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),
-        ],
-        "finalize": [
-            relax.transform.StaticPlanBlockMemory(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
-        ],
+        "dataflow_lower": dataflow_lower_passes(),
+        "finalize": finalize_passes(),
     }
 
 
