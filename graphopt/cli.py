@@ -21,12 +21,28 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
+def _add_input_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="fix an input's shape (repeatable)",
+    )
+
+
+def _add_tolerances(p: argparse.ArgumentParser) -> None:
+    from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     parser = argparse.ArgumentParser(
         prog="graphopt",
@@ -44,17 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--triple", help="target triple (arm; default aarch64-linux-gnu)")
     c.add_argument("--arch", help="GPU architecture (cuda), e.g. sm_80")
     c.add_argument("-o", "--output", help="artifact path (default: MODEL stem + .so)")
-    c.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME=D1,D2,...",
-        help="fix an input's shape (repeatable)",
-    )
+    _add_input_shape(c)
     c.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     c.add_argument("--verify-inputs", metavar="NPZ", help="inputs for verification, keyed by name")
-    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
-    c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
+    _add_tolerances(c)
     c.add_argument(
         "--keep-unverified",
         action="store_true",
@@ -82,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a model (or an artifact's manifest)")
     i.add_argument("model")
-    i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
+    _add_input_shape(i)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--svg", metavar="FILE", help="draw the graph as imported (Graphviz)")
     _add_common(i)
@@ -95,8 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("artifact")
     v.add_argument("model", help="the ONNX file or .pt2 the artifact was compiled from")
     v.add_argument("--inputs", metavar="NPZ", help="inputs keyed by name (default: random)")
-    v.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
-    v.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
+    _add_tolerances(v)
     _add_common(v)
 
     t = sub.add_parser("targets", help="list the targets, their options and defaults")
@@ -258,13 +266,7 @@ def _add_tune_parser(sub) -> None:  # noqa: ANN001
     t.add_argument("--per-task", type=int, help="trials per task (with --trials: a cap)")
     t.add_argument("--time-budget", metavar="30m", help="stop after this long (90s, 30m, 2h)")
     t.add_argument("--tasks", metavar="PATTERN", help="only kernels matching (glob, comma list)")
-    t.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME=D1,D2,...",
-        help="fix an input's shape (repeatable)",
-    )
+    _add_input_shape(t)
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the tracker's devices")
     t.add_argument("--rpc-key", metavar="KEY", help="device key registered with the tracker")
     t.add_argument("--batch", type=int, default=16, help="candidates per batch (default 16)")
