@@ -213,8 +213,10 @@ def avg_pool(ctx: _Ctx, node: Node):
     op = R.nn.avg_pool2d if n == 2 else R.nn.avg_pool1d
     # avg_pool without padding divides every window by prod(kernel): undo that exactly.
     pooled = ctx.emit(op(x, pool_size=kernel, strides=strides, dilation=dilations))
-    factor = _const((ksize / counts).astype(dt))
-    return [ctx.emit(R.multiply(pooled, factor))]
+    factor = ksize / counts
+    if np.all(factor == 1.0):  # no pads and no ceil overrun: every window is full
+        return [pooled]
+    return [ctx.emit(R.multiply(pooled, _const(factor.astype(dt))))]
 
 
 def global_avg_pool(ctx: _Ctx, node: Node):

@@ -126,10 +126,11 @@ def load_native(path: Path):  # noqa: ANN201 - returns a runner
     """Load an artifact built for this host's own architecture into a CPU Relax VM."""
     import tvm
 
+    from graphopt.targets._runner import VMRunner, use_all_cores
+
+    use_all_cores()
     try:
         lib = tvm.runtime.load_module(str(path))
     except Exception as exc:
         raise ArtifactError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
-    from graphopt.targets._runner import VMRunner
-
     return VMRunner(tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()), tvm.cpu())

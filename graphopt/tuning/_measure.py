@@ -99,7 +99,13 @@ def _evaluator(number: int, repeat: int, min_repeat_ms: int) -> EvaluatorConfig:
 def local_runner(
     timeout_sec: float = 10.0, number: int = 3, repeat: int = 1, min_repeat_ms: int = 20
 ) -> LocalRunner:
-    """Measure on this machine, one candidate at a time, each in a worker with a timeout."""
+    """Measure on this machine, one candidate at a time, each in a worker with a timeout.
+
+    The workers inherit graphopt's thread count, so kernels are timed as artifacts run.
+    """
+    from graphopt.targets._runner import use_all_cores
+
+    use_all_cores()
     return LocalRunner(
         timeout_sec=timeout_sec, evaluator_config=_evaluator(number, repeat, min_repeat_ms)
     )

@@ -195,3 +195,18 @@ def test_int64_constants_keep_their_width(tmp_path):
     artifact = graphopt.compile(model, "x86", tmp_path / "w.so")
     out = artifact(ids=np.array([1, 2, 3], np.int64))["y"]
     np.testing.assert_array_equal(out, [2**40 + 1, -(2**35) + 2, 10])
+
+
+def test_average_pool_over_full_windows_divides_once():
+    # Without pads every window holds prod(kernel) elements: avg_pool2d's own divisor is
+    # exact, and a multiply by a map of ones would cost a pass (and block the x86 layout).
+    from graphopt.lower import to_relax
+
+    def lowered(**attrs) -> str:
+        node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], **attrs)
+        out = (1, 4, 4, 4) if "pads" in attrs else (1, 4, 3, 3)
+        m = make_model([node], {"x": (1, 4, 6, 6)}, {"y": out})
+        return to_relax(onnx_to_graph(m)).script()
+
+    assert "multiply" not in lowered(strides=[2, 2])
+    assert "multiply" in lowered(strides=[2, 2], pads=[1, 1, 1, 1])
