@@ -103,9 +103,8 @@ def _channel_block(channels: int, block: int, is_input: bool) -> int | None:
     return channels if is_input and channels < 8 else None
 
 
-def _pick_block(mod: tvm.IRModule, lanes: int) -> int:
-    """One channel block for the whole model: mixing blocks needs 16c<->8c transforms
-    that ConvertLayout cannot express, so use ``lanes`` only if every conv allows it."""
+def _uniform_block(mod: tvm.IRModule, lanes: int) -> int:
+    """One channel block for the whole model: ``lanes`` if every conv allows it, else 8."""
     chans: list[int] = []
 
     def visit(expr) -> None:  # noqa: ANN001
@@ -140,23 +139,28 @@ def _layouts_for(call, block: int) -> dict:  # noqa: ANN001
 def ConvertToNCHWc(lanes: int) -> tvm.transform.Pass:  # noqa: N802 - a pass, named like TVM's
     """Convert 2-D convs to NCHW[x]c (x = ``lanes`` or 8). Put before LegalizeOps.
 
-    Falls back to the unconverted module if ConvertLayout rejects it, so a model that
+    Each tensor's block follows from its channel count alone (``lanes`` when it divides
+    it, else 8), so a producer and its consumers always agree and MobileNetV2's 24-channel
+    layers take 8 while the rest of the model keeps full-width vectors. Where ConvertLayout
+    cannot reconcile blocks (a concat of a 16c and an 8c tensor), one block for the whole
+    model is tried; where that fails too, the module stays unconverted, so a model that
     cannot be packed still compiles (with the plain-layout rules).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.ConvertToNCHWc")
     def convert(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
-        block = _pick_block(mod, lanes)
+        for block in dict.fromkeys([lanes, _uniform_block(mod, lanes)]):
 
-        def layout_cb(call):  # noqa: ANN001, ANN202
-            if getattr(call.op, "name", "") != "relax.nn.conv2d":
-                return {}
-            return _layouts_for(call, block)
+            def layout_cb(call, block=block):  # noqa: ANN001, ANN202
+                if getattr(call.op, "name", "") != "relax.nn.conv2d":
+                    return {}
+                return _layouts_for(call, block)
 
-        try:
-            return relax.transform.ConvertLayout({}, layout_cb)(mod)
-        except (RuntimeError, ValueError):  # TVM's InternalError is a RuntimeError
-            return mod
+            try:
+                return relax.transform.ConvertLayout({}, layout_cb)(mod)
+            except (RuntimeError, ValueError):  # TVM's InternalError is a RuntimeError
+                continue
+        return mod
 
     return convert
 

@@ -247,3 +247,64 @@ def test_many_input_concat_is_unrolled_over_its_axis() -> None:
         assert (tvm.tirx.ForKind.UNROLLED in kinds) == unrolled
         assert tvm.tirx.ForKind.VECTORIZED in kinds
         graphopt.compile(model, "x86")  # verifies against onnxruntime
+
+
+def _conv_layouts(model: onnx.ModelProto) -> list[str]:
+    """data_layout of every conv2d after the x86 layout phase."""
+    spec = resolve("x86")
+    _, graph, _ = prepare(model)
+    target = tvm.target.Target(spec.tvm)
+    with target:
+        mod = tvm.transform.Sequential(spec.module.phases(target)["layout"])(to_relax(graph))
+    found = []
+
+    def visit(expr) -> None:  # noqa: ANN001
+        if isinstance(expr, tvm.relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            found.append(str(expr.attrs.data_layout))
+
+    tvm.relax.analysis.post_order_visit(mod["main"].body, visit)
+    return found
+
+
+def _lanes() -> int:
+    return cpu.vector_lanes(tvm.target.Target(resolve("x86").tvm))
+
+
+def test_channel_blocks_follow_each_tensors_channel_count() -> None:
+    """MobileNetV2: its 24-channel tensors take 8-wide blocks, the rest full vectors."""
+    if _lanes() == 8:
+        pytest.skip("this CPU's vectors are 8 floats wide: one block size for everything")
+    layouts = _conv_layouts(build("mobilenetv2"))
+    assert len(layouts) == 52 and set(layouts) == {"NCHW3c", "NCHW8c", f"NCHW{_lanes()}c"}
+    assert layouts.count(f"NCHW{_lanes()}c") > 40
+
+
+def _concat_model(c1: int, c2: int) -> onnx.ModelProto:
+    """Two convs of c1 and c2 channels, concatenated, then a 3x3 conv."""
+    rng = np.random.default_rng(1)
+
+    def w(name: str, shape: tuple) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.1, name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"]),
+        helper.make_node("Conv", ["x", "w2"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Conv", ["c", "w3"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "concat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 16, 12, 12))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 16, 12, 12))],
+        [w("w1", (c1, 16, 1, 1)), w("w2", (c2, 16, 1, 1)), w("w3", (16, c1 + c2, 3, 3))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_concat_of_differently_blocked_tensors_still_packs_and_verifies() -> None:
+    """A concat of a 16c and an 8c tensor: one block for the whole model instead."""
+    model = _concat_model(16, 24)
+    layouts = _conv_layouts(model)
+    assert layouts == ["NCHW8c"] * 3  # packed; 24 channels allow 8, so all take 8
+    assert graphopt.compile(model, "x86").manifest["verification"]["ok"]
