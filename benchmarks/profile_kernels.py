@@ -1,6 +1,6 @@
 """Per-kernel time of a zoo model compiled for x86: where the milliseconds go.
 
-    python benchmarks/profile_kernels.py resnet18 [--top 25] [--repeat 50]
+    python benchmarks/profile_kernels.py resnet18 [--layout nhwc] [--top 25] [--repeat 50]
 
 Runs the x86 pipeline up to (and including) the default schedules, then builds and times
 every PrimFunc on its own with random inputs (TVM's time_evaluator), multiplied by how
@@ -23,11 +23,13 @@ from graphopt.targets._runner import use_all_cores
 from graphopt.zoo import build
 
 
-def scheduled_module(name: str) -> tuple[tvm.IRModule, tvm.target.Target]:
+def scheduled_module(
+    name: str, layout: str | None = None
+) -> tuple[tvm.IRModule, tvm.target.Target]:
     _, graph, _ = prepare(build(name))
     spec = resolve("x86")
     target = tvm.target.Target(spec.tvm)
-    phases = spec.module.phases(target)
+    phases = spec.module.phases(target, layout=layout)
     seq = [p for key in ("library_dispatch", "layout", "legalize", "schedule") for p in phases[key]]
     with target:
         mod = tvm.transform.Sequential(seq)(to_relax(graph))
@@ -62,11 +64,12 @@ def _args(sig: list, dev) -> list:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
+    parser.add_argument("--layout", help="x86 layout (default: the target's)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
     print(f"TVM threads: {use_all_cores()}")
-    mod, target = scheduled_module(args.model)
+    mod, target = scheduled_module(args.model, args.layout)
     calls = _calls(mod)
     dev = tvm.cpu()
     rows = []
@@ -81,7 +84,8 @@ def main() -> None:
         rows.append((ms * n, ms, n, gvar.name_hint, rule))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"# {args.model}: {len(rows)} kernels, sum {total:.3f} ms")
+    layout = args.layout or "default layout"
+    print(f"# {args.model} ({layout}): {len(rows)} kernels, sum {total:.3f} ms")
     print("| total ms | % | ms/call | calls | kernel | rule |")
     print("|---:|---:|---:|---:|---|---|")
     for t, ms, n, name, rule in rows[: args.top]:

@@ -38,6 +38,15 @@ def _add_tolerances(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
 
 
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--layout",
+        metavar="NAME",
+        help="activation layout for convs: nchwc, nhwc or nchw, as the target offers "
+        "(default: the target's; see: graphopt targets)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -59,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cpu", help="CPU name (x86: default this host's; arm: default generic)")
     c.add_argument("--triple", help="target triple (arm; default aarch64-linux-gnu)")
     c.add_argument("--arch", help="GPU architecture (cuda), e.g. sm_80")
+    _add_layout(c)
     c.add_argument("-o", "--output", help="artifact path (default: MODEL stem + .so)")
     _add_input_shape(c)
     c.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
@@ -205,6 +215,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         dump_ir=args.dump_ir,
         svg=args.svg,
         tuning_db=args.tuning_db,
+        layout=args.layout,
     )
     m = artifact.manifest
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
@@ -234,6 +245,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     )
     if simd:
         print(f"  cpu features: {simd}")
+    print(f"  layout:       {m['target']['layout']}")
     print(f"  ops:          {ops}")
     print(f"  passes:       {passes}")
     print(f"  verification: {verdict}")
@@ -261,6 +273,7 @@ def _add_tune_parser(sub) -> None:  # noqa: ANN001
     t.add_argument("--target", "-t", default="x86", help="target name or TVM target JSON")
     t.add_argument("--cpu", help="CPU name (x86: default this host's; arm: default generic)")
     t.add_argument("--triple", help="target triple (arm; default aarch64-linux-gnu)")
+    _add_layout(t)
     t.add_argument("--db", default="tuning", help="database directory (default: tuning/)")
     t.add_argument("--trials", type=int, help="trials in all, shared by FLOPs (>= 1 per task)")
     t.add_argument("--per-task", type=int, help="trials per task (with --trials: a cap)")
@@ -289,6 +302,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             tasks=args.tasks,
             input_shapes=args.input_shape,
             target_options={k: v for k, v in given.items() if v is not None},
+            layout=args.layout,
             rpc_tracker=args.rpc_tracker,
             rpc_key=args.rpc_key,
             batch_size=args.batch,
@@ -451,6 +465,10 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         print(f"{name:6} {module.DESCRIPTION}")
         for option, doc in module.OPTIONS.items():
             print(f"         --{option}: {doc}")
+        print("         --layout:")
+        for layout in module.LAYOUTS.values():
+            default = " (default)" if layout.name == module.DEFAULT_LAYOUT else ""
+            print(f"           {layout.name + default:16} {layout.description}")
     return 0
 
 

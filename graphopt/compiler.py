@@ -33,7 +33,7 @@ from graphopt.lower import unsupported_nodes
 from graphopt.passes import Pass, default_passes, run_passes
 from graphopt.passes._draw import require_dot, write_svg
 from graphopt.passes._dump import IRDumper
-from graphopt.targets import TargetSpec, resolve
+from graphopt.targets import TargetSpec, check_layout, resolve
 from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare, onnxruntime_reference
 
 __all__ = ["compile", "prepare"]
@@ -115,6 +115,7 @@ def compile(  # noqa: A001 - the public name users expect
     keep_unverified: bool = False,
     target_options: dict | None = None,
     tuning_db: str | os.PathLike | None = None,
+    layout: str | None = None,
     log=None,  # noqa: ANN001 - callable(str) for progress lines
     dump_ir: str | os.PathLike | None = None,
     svg: str | os.PathLike | None = None,
@@ -131,10 +132,13 @@ def compile(  # noqa: A001 - the public name users expect
     the graph before/after each pass and the Relax module; ``svg`` a drawing of the graph
     after the passes (see :func:`prepare`). ``tuning_db``: a ``graphopt tune`` database
     for this target; kernels with records use them (``manifest["tuning"]`` names them).
+    ``layout``: the activation layout convs compile in, one the target lists
+    (``graphopt targets``; default: the target's own); the manifest records it.
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
+    layout = check_layout(spec, layout)  # refuse one the target lacks before any work
     db = _open_tuning_db(tuning_db, spec)  # refuse a foreign or corrupt one before any work
     source, graph, records = prepare(model, input_shapes, passes, dump_ir=dump_ir, svg=svg)
     from_onnx = isinstance(source, onnx.ModelProto)
@@ -146,10 +150,10 @@ def compile(  # noqa: A001 - the public name users expect
     if dump_ir is not None:
         Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
     tuning = {} if tuning_db is not None else None
-    executable = _build(mod, spec, db, tuning)
+    executable = _build(mod, spec, layout, db, tuning)
     compile_seconds = time.perf_counter() - start
     chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
-    say(f"built for {spec.name} ({chip}) in {compile_seconds:.1f}s")
+    say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
 
     out_path = (
         Path(output)
@@ -166,7 +170,12 @@ def compile(  # noqa: A001 - the public name users expect
             "format": "graphopt-artifact/1",
             "graphopt_version": graphopt.__version__,
             "tvm_version": _tvm_version(),
-            "target": {"name": spec.name, "tvm": spec.tvm, "features": _features(spec)},
+            "target": {
+                "name": spec.name,
+                "tvm": spec.tvm,
+                "features": _features(spec),
+                "layout": layout,
+            },
             "inputs": [_spec(graph, n, n) for n in graph.inputs],
             "outputs": [_spec(graph, v, n) for n, v in graph.public_outputs()],
             "passes": records,
@@ -228,15 +237,17 @@ def _open_tuning_db(path, spec: TargetSpec):  # noqa: ANN001, ANN202
     return open_database(path, spec)
 
 
-def _build(mod, spec: TargetSpec, tuning_db=None, tuning: dict | None = None):  # noqa: ANN001, ANN202
+def _build(mod, spec: TargetSpec, layout: str, tuning_db=None, tuning: dict | None = None):  # noqa: ANN001, ANN202
     import tvm
 
     target = tvm.target.Target(spec.tvm)
     if tuning_db is None:
-        phases = spec.module.phases(target)
+        phases = spec.module.phases(target, layout=layout)
     else:  # kernels with a record use it; the target's default schedules do the rest
         tuning.update(database=str(tuning_db.path), from_database={}, default=[])
-        phases = spec.module.phases(target, tuning_db=tuning_db, tuning_report=tuning)
+        phases = spec.module.phases(
+            target, layout=layout, tuning_db=tuning_db, tuning_report=tuning
+        )
 
     @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")
     def pipeline(m, _ctx):  # noqa: ANN001, ANN202

@@ -1,6 +1,7 @@
 """The CLI as a user drives it: the happy path, and every bad input ending in one
 ``error:`` line with exit status 2."""
 
+import json
 import subprocess
 import sys
 
@@ -75,6 +76,40 @@ def test_target_json_and_cpu_option(tmp_path, capsys, tiny_model):
     assert code == 0, err
 
 
+def test_layout_option_and_manifest(tmp_path, capsys, cnn_file):
+    code, out, err = _run(
+        capsys, "compile", cnn_file, "-o", tmp_path / "nhwc.so", "--layout", "NHWC"
+    )
+    assert code == 0, err
+    assert "  layout:       nhwc\n" in out and "verification: passed" in out
+    code, out, _ = _run(capsys, "inspect", tmp_path / "nhwc.so")
+    assert code == 0 and json.loads(out)["target"]["layout"] == "nhwc"
+    code, out, _ = _run(capsys, "compile", cnn_file, "-o", tmp_path / "x.so", "--no-verify")
+    assert code == 0 and "  layout:       nchwc\n" in out  # x86's default
+
+
+def test_targets_lists_layouts_and_defaults(capsys):
+    code, out, _ = _run(capsys, "targets")
+    assert code == 0
+    blocks = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            name = line.split()[0]
+        blocks.setdefault(name, []).append(line)
+    layouts = {
+        t: [ln.split()[0] for ln in lines if ln.startswith("           ")]
+        for t, lines in blocks.items()
+    }
+    assert layouts == {
+        "x86": ["nchwc", "nhwc", "nchw"],
+        "arm": ["nhwc", "nchwc", "nchw"],
+        "cuda": ["nhwc", "nchw"],
+    }
+    assert "nchwc (default)" in "\n".join(blocks["x86"])
+    assert "nhwc (default)" in "\n".join(blocks["arm"])
+    assert "nhwc (default)" in "\n".join(blocks["cuda"])
+
+
 def test_verify_inputs_file(tmp_path, capsys, tiny_model):
     p = tmp_path / "tiny.onnx"
     onnx.save(tiny_model, p)
@@ -134,6 +169,12 @@ CASES = {
     "bad target": (["compile", "{good}", "--target", "riscv"], "unknown target 'riscv'"),
     "bad target json": (["compile", "{good}", "--target", '{"kind": "llvm"'], "JSON"),
     "bad cpu": (["compile", "{good}", "--cpu", "pentium9000"], "does not know x86 CPU"),
+    "unknown layout": (["compile", "{good}", "--layout", "nwhc"], "unknown layout 'nwhc'"),
+    "layout the target lacks": (
+        ["compile", "{good}", "--target", "cuda", "--layout", "nchwc"],
+        "target cuda does not support layout 'nchwc'; it supports nhwc \\(default\\), nchw",
+    ),
+    "unknown layout (tune)": (["tune", "{good}", "--layout", "nhcw"], "unknown layout 'nhcw'"),
     "malformed input shape": (
         ["compile", "{good}", "--input-shape", "x=1,two"],
         "malformed --input-shape",
@@ -150,6 +191,8 @@ def test_bad_input_is_one_error_line(case, tmp_path, capsys, tiny_model):
     argv = [str(files[a[1:-1]]) if a[1:-1] in files else a for a in argv]
     if argv[0] == "compile":
         argv += ["-o", str(tmp_path / "out.so")]
+    if argv[0] == "tune":
+        argv += ["--db", str(tmp_path / "db")]
     code, out, err = _run(capsys, *argv)
     if pattern is None:  # inspect reports unsupported ops as information, exit 0
         assert code == 0 and "Celu (node 'celu_a')" in out and "Hardmax (node 'hm_b')" in out
@@ -162,6 +205,7 @@ def test_bad_input_is_one_error_line(case, tmp_path, capsys, tiny_model):
 
     assert re.search(pattern, lines[-1]), lines[-1]
     assert not (tmp_path / "out.so").exists()
+    assert not (tmp_path / "db").exists()
 
 
 @pytest.fixture

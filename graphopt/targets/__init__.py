@@ -1,10 +1,11 @@
 """Compilation targets: one module per target, one table that names them.
 
 Each target module provides ``NAME``, ``DESCRIPTION``, ``OPTIONS`` (option -> help),
-``tvm_target(**options)``, ``phases(target)`` (Relax pass lists per phase, in the shape of
-TVM's ``relax/backend/<target>/pipeline.py``), ``export(executable, path)`` and
-``load(path)``. ``TARGETS`` maps names to modules; nothing else in graphopt branches on
-target names.
+``LAYOUTS`` (layout name -> :class:`~graphopt.targets._layout.Layout`, its default
+first, also named by ``DEFAULT_LAYOUT``), ``tvm_target(**options)``,
+``phases(target, layout)`` (Relax pass lists per phase, in the shape of TVM's
+``relax/backend/<target>/pipeline.py``), ``export(executable, path)`` and ``load(path)``.
+``TARGETS`` maps names to modules; nothing else in graphopt branches on target names.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from graphopt.errors import TargetError
-from graphopt.targets import arm, cuda, x86
+from graphopt.targets import _layout, arm, cuda, x86
 
-__all__ = ["TARGETS", "TargetSpec", "resolve", "module_for"]
+__all__ = ["TARGETS", "TargetSpec", "resolve", "module_for", "check_layout"]
 
 TARGETS: dict[str, ModuleType] = {x86.NAME: x86, arm.NAME: arm, cuda.NAME: cuda}
 
@@ -66,3 +67,9 @@ def resolve(spec: str | dict, **options) -> TargetSpec:
     if unknown:
         raise TargetError(f"target {spec!r} has no option(s) {', '.join(unknown)}")
     return TargetSpec(module.NAME, module.tvm_target(**options))
+
+
+def check_layout(spec: TargetSpec, layout: str | None) -> str:
+    """The layout name ``spec``'s target compiles with: ``layout`` if the target offers
+    it, its default when None; else a :class:`TargetError` naming what it offers."""
+    return _layout.choose(spec.name, spec.module.LAYOUTS, layout).name

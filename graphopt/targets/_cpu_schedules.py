@@ -1,6 +1,8 @@
 """Default CPU schedules: fast x86 kernels without tuning.
 
-Three pieces, in the order the x86 pipeline uses them:
+Three pieces, in the order the x86 pipeline uses them with its default layout ``nchwc``
+(the layouts each target offers, and their passes, are tabled in
+:mod:`graphopt.targets._layout`; the NHWC conv rule is :mod:`graphopt.targets._cpu_nhwc`):
 
 1. ``ConvertToNCHWc`` (a Relax pass, before LegalizeOps): convolutions move to the packed
    layout ``NCHW[x]c`` with weights ``OIHW[x]i[y]o``, so the innermost axis of every

@@ -1,11 +1,13 @@
 """Default GPU schedules beyond TVM's dlight rules, and the check that every kernel got one.
 
 ``Conv2dDirect`` takes the convolutions dlight's ``Matmul`` rule declines (depthwise and
-grouped convs, whose per-group reduction is too small to be a GEMM): each thread keeps a
-row of ``vx`` adjacent outputs in registers and walks the filter window for them, so the
-overlapping input pixels are read once per row instead of once per output. Without it
-those convs fall to ``Reduction``/``GeneralReduction``, which spread a 3x3 window over a
-whole thread block.
+grouped convs, whose per-group reduction is too small to be a GEMM) and pools: each
+thread keeps a row of ``vx`` adjacent outputs in registers and walks the filter window
+for them, so the overlapping input pixels are read once per row instead of once per
+output. Without it those convs fall to ``Reduction``/``GeneralReduction``, which spread a
+3x3 window over a whole thread block. In NCHW the row is the innermost axis; in NHWC the
+channels come after it and become the fastest-moving part of the thread index, so a warp
+reads 32 consecutive channels of one pixel (coalesced) instead of 32 strided rows.
 
 ``RequireThreadBinding`` runs after the schedule rules: a kernel no rule scheduled would
 fail later inside TVM with an unhelpful message, or worse, run on one GPU thread.
@@ -49,16 +51,27 @@ def default_rules() -> list:
     ]
 
 
-def _is_conv_window(block: tirx.SBlock) -> bool:
-    """True when some read index adds a spatial and a reduction iterator (``y + ry``)."""
-    spatial = {iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar}
+def _window_axes(block: tirx.SBlock) -> list[int]:
+    """Positions of a conv's or pool's window axes among the block's spatial iterators.
+
+    A window axis is added to a reduction iterator in some read index (``y + ry``) and
+    indexes only that one buffer: a grouped conv's channel index also adds one
+    (``c // k * k + rc``) but the channel also indexes the weights. Empty for anything
+    that is not a conv or a pool.
+    """
+    spatial = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     reduce = {iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+    windowed: set[int] = set()
+    buffers: dict[int, set] = {i: set() for i in range(len(spatial))}
     for region in block.reads:
         for rng in region.region:
             used = set(undefined_vars(rng.min))
-            if used & spatial and used & reduce:
-                return True
-    return False
+            for i, v in enumerate(spatial):
+                if v in used:
+                    buffers[i].add(region.source)
+                    if used & reduce:
+                        windowed.add(i)
+    return sorted(i for i in windowed if len(buffers[i]) == 1)
 
 
 class Conv2dDirect(GPUScheduleRule):
@@ -86,15 +99,23 @@ class Conv2dDirect(GPUScheduleRule):
         if len(infos) == 2 and not infos[1].is_injective():
             return None
         conv = infos[0].block_rv
-        if not _is_conv_window(sch.get(conv)):
+        window = _window_axes(sch.get(conv))
+        if not window:
             return None
 
+        # The row runs along the last window axis (x); axes after it (NHWC's channels)
+        # go innermost in the thread index, so neighbouring threads read neighbouring
+        # addresses. normalize_prim_func made loop i the block's iterator i.
         loops = sch.get_loops(conv)
-        outer, x, reduce = loops[: n_spatial - 1], loops[n_spatial - 1], loops[n_spatial:]
+        at = window[-1]
+        outer, x, inner = loops[:at], loops[at], loops[at + 1 : n_spatial]
+        reduce = loops[n_spatial:]
         width = sch.get(x).extent
         row = next((r for r in _ROW if isinstance(width, tirx.IntImm) and width % r == 0), 1)
         xo, xi = sch.split(x, [None, row])
-        bx, tx = sch.split(sch.fuse(*outer, xo), [None, _THREADS])
+        if inner:
+            sch.reorder(xo, *inner, xi)
+        bx, tx = sch.split(sch.fuse(*outer, xo, *inner), [None, _THREADS])
         sch.reorder(bx, tx, *reduce, xi)
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")

@@ -5,7 +5,11 @@ aarch64 host they run natively; on x86 they run under QEMU user-mode emulation
 (Debian ``qemu-user``) through graphopt's small C++ runner, cross-built against the
 aarch64 TVM runtime from the ``apache-tvm``/``apache-tvm-ffi`` PyPI wheels (see
 :mod:`graphopt.targets._emulation`). The Relax pipeline is the CPU one (x86's phases);
-vector widths come from the target.
+vector widths come from the target. The default layout is NHWC (``LAYOUTS``), the one
+ARM's own libraries (Compute Library, XNNPACK) use: channels innermost, so a conv's
+register tile reads contiguous input channels and NEON-wide weight blocks
+(:mod:`graphopt.targets._cpu_nhwc`). Not yet timed on a device (emulated latencies mean
+nothing); ``--layout nchwc`` compiles the x86 default instead.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from graphopt.errors import TargetError
+from graphopt.targets import _layout
 
 NAME = "arm"
 DESCRIPTION = "aarch64 Linux with NEON via LLVM, cross-compiled; runs under qemu-user on x86"
@@ -25,6 +30,8 @@ OPTIONS = {
 DEFAULT_TRIPLE = "aarch64-linux-gnu"
 CROSS_CXX = "aarch64-linux-gnu-g++"
 _ARM_MACHINES = ("aarch64", "arm64")
+LAYOUTS = _layout.table(_layout.NHWC_CPU, _layout.NCHWC, _layout.NCHW)  # default first
+DEFAULT_LAYOUT = next(iter(LAYOUTS))
 
 
 def tvm_target(cpu: str | None = None, triple: str | None = None) -> dict:
@@ -50,11 +57,17 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
     return x86.check_tvm_dict(tvm_dict)
 
 
-def phases(target, tuning_db=None, tuning_report=None) -> dict[str, list]:  # noqa: ANN001
-    """The CPU pipeline (see x86.phases); NEON widths follow from ``target``."""
+def phases(
+    target,  # noqa: ANN001 - tvm.target.Target
+    layout: str | None = None,
+    tuning_db=None,  # noqa: ANN001
+    tuning_report=None,  # noqa: ANN001
+) -> dict[str, list]:
+    """The CPU pipeline (see x86.phases) in ``layout`` (default ``DEFAULT_LAYOUT``);
+    NEON widths follow from ``target``."""
     from graphopt.targets import x86
 
-    return x86.phases(target, tuning_db, tuning_report)
+    return x86.cpu_phases(target, _layout.choose(NAME, LAYOUTS, layout), tuning_db, tuning_report)
 
 
 def features(tvm_dict: dict) -> list[str]:

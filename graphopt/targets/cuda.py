@@ -1,7 +1,11 @@
 """The CUDA target: NVIDIA GPUs, kernels compiled ahead of time by nvcc for one SM arch.
 
 The pass lists mirror TVM's ``relax/backend/cuda/pipeline.py`` phase by phase; the
-schedule rules are dlight's plus graphopt's conv rule (``_gpu_schedules.py``).
+schedule rules are dlight's plus graphopt's conv rule (``_gpu_schedules.py``). The default
+layout is NHWC with OHWI weights (``LAYOUTS``, :mod:`graphopt.targets._layout`): a dense
+conv is then an implicit GEMM whose reduction (kh, kw, ci) is contiguous in both operands,
+as dlight's Matmul rule (and cuDNN, CUTLASS, tensor cores) want it, and consecutive
+threads of a depthwise conv read consecutive channels (coalesced loads).
 
 How device code reaches the artifact: TVM writes the kernels as CUDA C++ source.
 ``KeepCUDASource`` has TVM keep that source (rather than JIT-compiling it for whatever
@@ -22,6 +26,7 @@ import subprocess
 from pathlib import Path
 
 from graphopt.errors import ArtifactError, TargetError
+from graphopt.targets import _layout
 from graphopt.targets._phases import dataflow_lower_passes, finalize_passes
 
 __all__ = [
@@ -29,6 +34,8 @@ __all__ = [
     "DESCRIPTION",
     "OPTIONS",
     "DEFAULT_ARCH",
+    "LAYOUTS",
+    "DEFAULT_LAYOUT",
     "tvm_target",
     "accepts",
     "check_tvm_dict",
@@ -48,6 +55,8 @@ OPTIONS = {
     "arch": f"CUDA SM architecture, e.g. sm_80, sm_90 (default: this machine's GPU, "
     f"else {DEFAULT_ARCH})"
 }
+LAYOUTS = _layout.table(_layout.NHWC_GPU, _layout.NCHW)  # default first
+DEFAULT_LAYOUT = next(iter(LAYOUTS))
 _ARCH_RE = re.compile(r"^sm_(\d)(\d+)([af]?)$")
 _ARCH_MARK = "// graphopt-cuda-arch: "
 _FATBIN_MAGIC = 0xBA55ED50
@@ -146,8 +155,11 @@ def _target_arch(target) -> str:  # noqa: ANN001 - tvm.target.Target
     return str(target.attrs.get("arch", "")) or DEFAULT_ARCH
 
 
-def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
-    """Relax passes per phase; see TVM's relax/backend/cuda/pipeline.py for the originals."""
+def phases(target, layout: str | None = None) -> dict[str, list]:  # noqa: ANN001 - tvm Target
+    """Relax passes per phase; see TVM's relax/backend/cuda/pipeline.py for the originals.
+
+    ``layout``: a name from ``LAYOUTS`` (default ``DEFAULT_LAYOUT``).
+    """
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
@@ -156,6 +168,9 @@ def phases(target) -> dict[str, list]:  # noqa: ANN001 - tvm.target.Target
     return {
         # Sorting/sampling ops map to library kernels before legalization.
         "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
+        # Convs move to the chosen layout while still Relax ops, so ConvertLayout can carry
+        # it through elementwise ops and pools to the graph's edges; before LegalizeOps.
+        "layout": _layout.choose(NAME, LAYOUTS, layout).passes(target),
         # Ops become TIR; FoldConstant precomputes weight transforms once, at compile time;
         # FuseOps groups elementwise tails with their producer so each group is one kernel.
         "legalize": [

@@ -1,6 +1,9 @@
 """The x86-64 CPU target (LLVM), for the host CPU unless told otherwise.
 
 The pass lists mirror TVM's ``relax/backend/cpu_generic/pipeline.py`` phase by phase.
+``LAYOUTS`` names the activation layouts this target compiles, its default first
+(:mod:`graphopt.targets._layout`): packed NCHW[x]c; NHWC (as fast on ResNet-18 with
+AVX-512) and plain NCHW (TOPI's convs, slow: for comparison) on request (``--layout``).
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ import platform
 from pathlib import Path
 
 from graphopt.errors import ArtifactError, TargetError
+from graphopt.targets import _layout
+from graphopt.targets._layout import Layout
 from graphopt.targets._phases import dataflow_lower_passes, finalize_passes
 
 NAME = "x86"
 DESCRIPTION = "x86-64 Linux CPU via LLVM; the host CPU and its features are detected"
 OPTIONS = {"cpu": "LLVM CPU name, e.g. skylake-avx512, znver4 (default: this host's CPU)"}
 _X86_MACHINES = ("x86_64", "amd64")
+LAYOUTS = _layout.table(_layout.NCHWC, _layout.NHWC_CPU, _layout.NCHW)  # default first
+DEFAULT_LAYOUT = next(iter(LAYOUTS))
 
 
 def host_cpu() -> str:
@@ -64,37 +71,53 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
     return dict(tvm_dict)
 
 
-def phases(target, tuning_db=None, tuning_report=None) -> dict[str, list]:  # noqa: ANN001
+def phases(
+    target,  # noqa: ANN001 - tvm.target.Target
+    layout: str | None = None,
+    tuning_db=None,  # noqa: ANN001
+    tuning_report=None,  # noqa: ANN001
+) -> dict[str, list]:
     """Relax passes per phase; see TVM's cpu_generic pipeline for the originals.
 
-    ``target``: a tvm.target.Target. ``tuning_db``: an open
-    ``graphopt.tuning.TuningDatabase`` whose records schedule the kernels they cover
-    (``tuning_report`` gets which ones); the default schedules take the rest.
+    ``target``: a tvm.target.Target. ``layout``: a name from ``LAYOUTS`` (default
+    ``DEFAULT_LAYOUT``). ``tuning_db``: an open ``graphopt.tuning.TuningDatabase`` whose
+    records schedule the kernels they cover (``tuning_report`` gets which ones); the
+    default schedules take the rest.
     """
+    chosen = _layout.choose(NAME, LAYOUTS, layout)
+    return cpu_phases(target, chosen, tuning_db, tuning_report)
+
+
+def cpu_phases(target, layout: Layout, tuning_db=None, tuning_report=None) -> dict[str, list]:  # noqa: ANN001
+    """The CPU pipeline (x86 and ARM) with ``layout``'s passes in its layout phase."""
     from tvm import relax
 
+    from graphopt.targets import _cpu_nhwc as nhwc
     from graphopt.targets import _cpu_schedules as cpu
 
     return {
         # Sorting/sampling ops map to library implementations before legalization.
         "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
-        # Convs move to NCHW[x]c (x = SIMD width) while still Relax ops, so ConvertLayout
-        # can carry the packed layout through elementwise ops; must precede LegalizeOps.
-        "layout": [cpu.ConvertToNCHWc(cpu.vector_lanes(target))],
-        # Ops become TIR (packed convs through graphopt's own TE computes); FoldConstant
-        # then packs weights and sees through weight reshapes once, at compile time;
-        # FuseOps groups elementwise tails with their producer so each group is one kernel.
+        # Convs move to the chosen layout while still Relax ops, so ConvertLayout can carry
+        # it through elementwise ops and pools to the graph's edges; before LegalizeOps.
+        "layout": layout.passes(target),
+        # Ops become TIR (packed and NHWC convs through graphopt's own TE computes);
+        # FoldConstant then transforms weights and sees through weight reshapes once, at
+        # compile time; FuseOps groups elementwise tails with their producer so each group
+        # is one kernel.
         "legalize": [
-            relax.transform.LegalizeOps(cpu.LEGALIZE),
+            relax.transform.LegalizeOps({**cpu.LEGALIZE, **nhwc.LEGALIZE}),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ],
         # Default schedules (first fitting rule wins) on the fused kernels; after FuseTIR
-        # so epilogues are scheduled with their producer.
+        # so epilogues are scheduled with their producer. The NHWC conv rule first: it
+        # takes only its own annotated convs, whatever the layout.
         # A tuning database first (it marks its kernels scheduled, so the defaults skip them).
-        "schedule": _tuned(tuning_db, tuning_report) + [cpu.ApplyCPUSchedules()],
+        "schedule": _tuned(tuning_db, tuning_report)
+        + [cpu.ApplyCPUSchedules(rules=[nhwc.RULE, *cpu.RULES])],
         "dataflow_lower": dataflow_lower_passes(),
         "finalize": finalize_passes(),
     }

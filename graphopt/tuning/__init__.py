@@ -1,9 +1,10 @@
 """Tuning: MetaSchedule search over the kernels graphopt compiles, into a resumable database.
 
 - :func:`tune` extracts the fused kernels of a model exactly as ``compile`` produces them
-  (the target's Relax phases up to its ``schedule`` phase), measures each kernel's default
-  schedule, then spends trials on the kernels by their share of the model's FLOPs, here or
-  on devices behind TVM's RPC tracker; every measured batch is appended to the database.
+  (the target's Relax phases up to its ``schedule`` phase, in the same ``layout``),
+  measures each kernel's default schedule, then spends trials on the kernels by their
+  share of the model's FLOPs, here or on devices behind TVM's RPC tracker; every
+  measured batch is appended to the database.
 - :class:`TuningDatabase` is that database (a directory; see ``_database.py`` for why it
   survives ``kill -9``); :func:`open_database` opens one for ``compile``, refusing one
   from another target or a corrupt one.
@@ -95,6 +96,7 @@ def format_report(report: TuneReport) -> str:
         f"{report.new_trials} new trial(s) in {report.seconds:.0f} s (search {t['search']:.0f} s, "
         f"build {t['build']:.0f} s, measure {t['measure']:.0f} s, "
         f"default schedules {t['baseline']:.0f} s); database {report.db}"
+        + (f", layout {report.layout}" if report.layout else "")
     )
     return "\n".join(lines)
 

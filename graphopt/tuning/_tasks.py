@@ -1,8 +1,10 @@
 """Tuning tasks: the fused kernels graphopt's own pipeline produces for a model.
 
 The model goes through the same lowering and the target's Relax phases that ``compile``
-runs, up to (not including) the ``schedule`` phase: so each task is exactly a PrimFunc
-the compile-time :func:`~graphopt.tuning.ApplyTuningDatabase` pass will look up.
+runs, in the same layout, up to (not including) the ``schedule`` phase: so each task is
+exactly a PrimFunc the compile-time :func:`~graphopt.tuning.ApplyTuningDatabase` pass
+will look up when ``compile`` uses that layout. (Kernels of another layout are other
+workloads: a database tuned in one layout simply has no records for them.)
 Identical kernels (same structure) are one task, weighted by how often the model calls it.
 """
 
@@ -35,10 +37,10 @@ class Task:
         return max(self.flops, 1.0) * self.calls
 
 
-def phases_before_schedule(spec, target) -> list:  # noqa: ANN001 - TargetSpec, tvm Target
-    """The target's Relax passes that run before its ``schedule`` phase."""
+def phases_before_schedule(spec, target, layout: str | None = None) -> list:  # noqa: ANN001 - TargetSpec, tvm Target
+    """The target's Relax passes (in ``layout``) that run before its ``schedule`` phase."""
     passes = []
-    for name, phase in spec.module.phases(target).items():
+    for name, phase in spec.module.phases(target, layout=layout).items():
         if name == "schedule":
             return passes
         passes.extend(phase)
@@ -66,10 +68,17 @@ def _flops(mod: tvm.IRModule) -> float:
         return 0.0
 
 
-def extract_tasks(relax_mod: tvm.IRModule, spec, target, pattern: str | None = None) -> list[Task]:  # noqa: ANN001
-    """Tasks of a lowered model, largest weight first; ``pattern`` filters by name (glob)."""
+def extract_tasks(
+    relax_mod: tvm.IRModule,
+    spec,  # noqa: ANN001 - TargetSpec
+    target,  # noqa: ANN001 - tvm Target
+    pattern: str | None = None,
+    layout: str | None = None,
+) -> list[Task]:
+    """Tasks of a lowered model in ``layout`` (default: the target's), largest weight
+    first; ``pattern`` filters by name (glob)."""
     with target:
-        mod = tvm.transform.Sequential(phases_before_schedule(spec, target))(relax_mod)
+        mod = tvm.transform.Sequential(phases_before_schedule(spec, target, layout))(relax_mod)
     counts = _call_counts(mod)
     tasks: list[Task] = []
     by_hash: dict[int, list[Task]] = {}

@@ -83,6 +83,7 @@ class TuneReport:
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)  # search / build / measure / baseline seconds
     nominal_budgets: bool = False  # only a time budget: the clock, not the trials, ends it
+    layout: str = ""  # the layout the kernels were extracted in (compile with the same)
 
     @property
     def new_trials(self) -> int:
@@ -293,12 +294,13 @@ def _device_type(target) -> str:  # noqa: ANN001
     return "cpu" if kind == "llvm" else kind
 
 
-def _default_scheduled(task: Task, spec, target) -> tvm.IRModule:  # noqa: ANN001
+def _default_scheduled(task: Task, spec, target, layout: str) -> tvm.IRModule:  # noqa: ANN001
     """The task's kernel under the target's default schedule (its ``schedule`` phase)."""
     gvar = tvm.ir.GlobalVar(task.name)
     mod = tvm.IRModule({gvar: task.func})
     with target:
-        mod = tvm.transform.Sequential(spec.module.phases(target)["schedule"])(mod)
+        schedule = spec.module.phases(target, layout=layout)["schedule"]
+        mod = tvm.transform.Sequential(schedule)(mod)
     return workload_mod(mod[gvar])
 
 
@@ -313,6 +315,7 @@ def tune(
     tasks: str | None = None,
     input_shapes: dict | list[str] | None = None,
     target_options: dict | None = None,
+    layout: str | None = None,
     rpc_tracker: str | None = None,
     rpc_key: str | None = None,
     runner=None,  # noqa: ANN001 - a MetaSchedule Runner, overriding local/RPC
@@ -329,10 +332,12 @@ def tune(
     Budgets: ``trials`` in all (shared by FLOPs x calls, at least 1 per task), or
     ``per_task`` each (with ``trials``: a cap per task), and/or ``time_budget`` (seconds
     or "30m"). Tasks whose database entry already holds their budget are skipped.
+    ``layout``: as for ``compile`` (the target's default when None); compile with the same
+    layout to use what this tunes.
     """
     from graphopt.compiler import prepare
     from graphopt.lower import to_relax
-    from graphopt.targets import resolve
+    from graphopt.targets import check_layout, resolve
 
     say = log or (lambda _msg: None)
     for flag, value in (("--trials", trials), ("--per-task", per_task)):
@@ -344,6 +349,7 @@ def tune(
     if (rpc_tracker is None) != (rpc_key is None):
         raise TuningError("--rpc-tracker and --rpc-key go together")
     spec = resolve(target, **(target_options or {}))
+    layout = check_layout(spec, layout)
     if rpc_tracker is None and runner is None and not _runs_here(spec.tvm):
         raise TuningError(
             f"target {spec.name} ({spec.tvm.get('mtriple')}) does not run on this host: "
@@ -363,7 +369,7 @@ def tune(
         tune_target = tvm.target.Target(dict(spec.tvm, **{"num-cores": cores}))
 
         _, graph, _ = prepare(model, input_shapes)
-        found = extract_tasks(to_relax(graph), spec, compile_target, tasks)
+        found = extract_tasks(to_relax(graph), spec, compile_target, tasks, layout)
         if not found:
             raise TuningError(
                 f"no kernel matches --tasks {tasks!r}" if tasks else "the model has no kernels"
@@ -398,11 +404,22 @@ def tune(
             else:
                 runner = local_runner(timeout_sec=run_timeout)
         timing = {"search": 0.0, "build": 0.0, "measure": 0.0, "baseline": 0.0}
-        report = TuneReport(tasks=[], db=str(db_path), timing=timing, nominal_budgets=nominal)
+        report = TuneReport(
+            tasks=[], db=str(db_path), timing=timing, nominal_budgets=nominal, layout=layout
+        )
         try:
             with _Stop() as stop:
                 _baselines(
-                    states, database, builder, runner, spec, compile_target, timing, stop, say
+                    states,
+                    database,
+                    builder,
+                    runner,
+                    spec,
+                    compile_target,
+                    layout,
+                    timing,
+                    stop,
+                    say,
                 )
                 if not stop.requested:
                     _loop(
@@ -451,7 +468,7 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def _baselines(states, database, builder, runner, spec, target, timing, stop, say) -> None:  # noqa: ANN001
+def _baselines(states, database, builder, runner, spec, target, layout, timing, stop, say) -> None:  # noqa: ANN001
     """Measure each task's default schedule once (kept in the database)."""
     missing = [s for s in states if s.entry.baseline_secs is None]
     if not missing:
@@ -461,7 +478,7 @@ def _baselines(states, database, builder, runner, spec, target, timing, stop, sa
     mods, infos, keep = [], [], []
     for s in missing:
         try:
-            mod = _default_scheduled(s.task, spec, target)
+            mod = _default_scheduled(s.task, spec, target, layout)
         except Exception:  # noqa: BLE001 - no default schedule: no baseline
             continue
         mods.append(mod)

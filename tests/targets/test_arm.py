@@ -1,4 +1,5 @@
-"""The ARM target: cross-compiled here, run for real under qemu-user (slow tier)."""
+"""The ARM target: cross-compiled here, run for real under qemu-user (slow tier), in its
+default NHWC layout (NEON-wide OHWI[4]o weights, graphopt/targets/_cpu_nhwc.py)."""
 
 import numpy as np
 import onnx
@@ -109,6 +110,7 @@ def test_runs_under_emulation_like_x86_and_onnxruntime(name, tmp_path):
     # graphopt.compile verifies the ARM artifact under emulation against onnxruntime...
     arm_art = graphopt.compile(model, "arm", tmp_path / "arm.so")
     assert arm_art.manifest["verification"]["ok"] and arm_art.emulated
+    assert arm_art.manifest["target"]["layout"] == "nhwc"  # ARM's default
     # ...and here it is checked again, on other inputs, against x86 and onnxruntime.
     x86_art = graphopt.compile(model, "x86", tmp_path / "x86.so", verify=False)
     inputs = arm_art.random_inputs(seed=9)

@@ -1,11 +1,12 @@
 """The CUDA target: compiles without a GPU (nvcc only), runs where one is present.
 
-Default tier (no GPU needed): every zoo model compiles for sm_80 and its artifact holds
-SASS and PTX for sm_80 and no CUDA source; sm_90 for one model; bad archs, a missing
-nvcc, loading without a GPU and unscheduled kernels fail with one clear line; the conv
-schedule rule fits the convs dlight's Matmul leaves and matches the unscheduled kernel
-numerically (thread loops run serially on the CPU). ``-m gpu``: every zoo model runs on
-the GPU and matches onnxruntime.
+Default tier (no GPU needed): every zoo model compiles for sm_80 in the default NHWC
+layout (every kernel bound to GPU threads, or the compile fails) and its artifact holds
+SASS and PTX for sm_80 and no CUDA source; sm_90 and plain NCHW for one model each; bad
+archs, a missing nvcc, loading without a GPU and unscheduled kernels fail with one clear
+line; the conv schedule rule fits the convs dlight's Matmul leaves, in both layouts, and
+matches the unscheduled kernel numerically (thread loops run serially on the CPU).
+``-m gpu``: every zoo model runs on the GPU and matches onnxruntime.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def cuda_registered():
         yield
 
 
-def _compile(name: str, arch: str, out, verify: bool = False) -> graphopt.Artifact:
+def _compile(
+    name: str, arch: str, out, verify: bool = False, layout: str | None = None
+) -> graphopt.Artifact:
     spec = TargetSpec("cuda", cuda.tvm_target(arch=arch))
-    return graphopt.compile(zoo_model(name), spec, out, verify=verify)
+    return graphopt.compile(zoo_model(name), spec, out, verify=verify, layout=layout)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,18 @@ def test_zoo_compiles_with_device_code_for_sm80(sm80, name):
     assert b'extern "C" __global__' not in data  # compiled, no source left to JIT
     target = artifact.manifest["target"]
     assert (target["name"], target["tvm"]) == ("cuda", {"kind": "cuda", "arch": "sm_80"})
+    assert target["layout"] == "nhwc"
     assert "TVM_COMPILE_FORCE_FALLBACK" not in os.environ  # restored after the compile
+
+
+@needs_nvcc
+def test_plain_nchw_layout(tmp_path):
+    artifact = _compile("conv_variants", "sm_80", tmp_path / "nchw.so", layout="nchw")
+    assert artifact.manifest["target"]["layout"] == "nchw"
+    assert set(cuda.fatbin_entries(artifact.path.read_bytes())) == {
+        ("sass", "sm_80"),
+        ("ptx", "sm_80"),
+    }
 
 
 @needs_nvcc
@@ -177,7 +191,7 @@ def test_load_without_gpu_is_an_artifact_error(sm80):
 # ---- schedules -------------------------------------------------------------------
 
 
-def _fused_kernels(name: str):
+def _fused_kernels(name: str, layout: str | None = None):
     """The model's PrimFuncs as the schedule phase sees them."""
     import tvm
 
@@ -185,10 +199,11 @@ def _fused_kernels(name: str):
     from graphopt.lower import to_relax
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
-    phases = cuda.phases(target)
+    phases = cuda.phases(target, layout=layout)
     mod = to_relax(prepare(zoo_model(name))[1])
+    before = ("library_dispatch", "layout", "legalize")
     with target:
-        mod = tvm.transform.Sequential(phases["library_dispatch"] + phases["legalize"])(mod)
+        mod = tvm.transform.Sequential([p for n in before for p in phases[n]])(mod)
     return mod, target, phases
 
 
@@ -196,17 +211,19 @@ def test_unscheduled_kernel_is_an_error_naming_it():
     from graphopt.targets import _gpu_schedules as gpu
 
     mod, target, _ = _fused_kernels("small_cnn")
-    unbound = r"no CUDA schedule rule fits kernel\(s\) fused_avg_pool2d_multiply, "
+    unbound = r"no CUDA schedule rule fits kernel\(s\) avg_pool2d, fused_conv2d1_add_relu, "
     with target, pytest.raises(TargetError, match=unbound):
         gpu.RequireThreadBinding()(mod)
 
 
-def test_schedule_phase_binds_every_kernel():
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("name", ["conv_variants", "pool_variants"])
+def test_schedule_phase_binds_every_kernel(name, layout):
     import tvm
 
     from graphopt.targets import _gpu_schedules as gpu
 
-    mod, target, phases = _fused_kernels("conv_variants")
+    mod, target, phases = _fused_kernels(name, layout)
     with target:
         mod = tvm.transform.Sequential(phases["schedule"])(mod)
     assert gpu.unbound_kernels(mod) == []
@@ -216,12 +233,13 @@ def _conv_kernels(mod):
     return [gv.name_hint for gv, f in mod.functions_items() if "conv2d" in gv.name_hint]
 
 
-def test_conv_rule_fits_grouped_and_depthwise_convs_only():
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_conv_rule_fits_grouped_and_depthwise_convs_only(layout):
     from tvm.s_tir import dlight as dl
 
     from graphopt.targets._gpu_schedules import Conv2dDirect
 
-    mod, target, _ = _fused_kernels("conv_variants")
+    mod, target, _ = _fused_kernels("conv_variants", layout)
     claimed = {
         n for n in _conv_kernels(mod) if dl.gpu.Matmul().apply(mod[n], target, False) is None
     }
@@ -232,21 +250,23 @@ def test_conv_rule_fits_grouped_and_depthwise_convs_only():
         assert Conv2dDirect().apply(mod[name], target, False) is None
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize(
     "model, kernel",
     [
         ("mobilenetv2", "fused_conv2d1_add_maximum_minimum"),  # depthwise, 112 wide: rows of 4
         ("conv_variants", "fused_conv2d_add"),  # 2 channels per group, 17 wide: rows of 1
+        ("pool_variants", "max_pool2d"),  # 3x3 stride 2, ceil mode: 7 wide, rows of 1
     ],
 )
-def test_conv_rule_matches_the_unscheduled_kernel(model, kernel):
+def test_conv_rule_matches_the_unscheduled_kernel(model, kernel, layout):
     """Each thread of the schedule is independent (no shared memory, no barriers), so
     its thread loops may run serially; on the CPU it must compute what the TE did."""
     import tvm
 
     from graphopt.targets._gpu_schedules import Conv2dDirect
 
-    mod, target, _ = _fused_kernels(model)
+    mod, target, _ = _fused_kernels(model, layout)
     func = mod[kernel]
     sch = Conv2dDirect().apply(func, target, False)
     serial = re.sub(r'T\.thread_binding\(([^,]+), thread="[^"]+"', r"T.serial(\1", sch.mod.script())

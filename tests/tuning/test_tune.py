@@ -107,6 +107,28 @@ def test_second_model_reuses_shared_workload(tuned, models, tmp_path, capsys) ->
     assert any(v["workload"] == "fused_conv2d_nchwc_relu" for v in hits.values())
 
 
+def test_each_layout_tunes_and_uses_its_own_kernels(tuned, models, tmp_path, capsys) -> None:
+    """``tune --layout nhwc`` extracts the kernels ``compile --layout nhwc`` builds: the
+    database then serves both layouts, each compile finding its own layout's records."""
+    db = tmp_path / "db"
+    shutil.copytree(tuned, db)
+    argv = ["tune", str(models[0]), "--db", str(db), "--layout", "nhwc", "--per-task", "1"]
+    assert main([*argv, "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fused_conv2d_nhwc_relu" in out and "layout nhwc" in out
+    _slow_defaults(db)
+    for layout, kernel in (
+        ("nhwc", "fused_conv2d_nhwc_relu"),
+        ("nchwc", "fused_conv2d_nchwc_relu"),
+    ):
+        so = tmp_path / f"{layout}.so"
+        argv = ["compile", str(models[0]), "-o", str(so), "--tuning-db", str(db)]
+        assert main([*argv, "--layout", layout]) == 0
+        manifest = read_manifest(so)
+        assert manifest["verification"]["ok"] and manifest["target"]["layout"] == layout
+        assert kernel in manifest["tuning"]["from_database"]
+
+
 def test_crashing_and_hanging_candidates_are_failures(models, tmp_path, monkeypatch) -> None:
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
 
