@@ -118,22 +118,10 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     blocked = _OHWIO.match(str(a.kernel_layout))
     if not (str(a.data_layout) == str(a.out_layout) == "NHWC" and blocked):
         return cpu.LEGALIZE["relax.nn.conv2d"](bb, call)
-    out_dtype = str(a.out_dtype)
-    if out_dtype in ("", "void", "None"):
-        out_dtype = str(call.args[0].ty.dtype)
-    compute, name = conv2d_nhwc_te, "conv2d_nhwc"
-    if int(a.groups) != 1:  # ConvertToNHWC blocks only dense and depthwise weights
-        compute, name = depthwise_conv2d_nhwc_te, "depthwise_conv2d_nhwc"
-    return bb.call_te(
-        compute,
-        call.args[0],
-        call.args[1],
-        list(a.strides),
-        list(a.padding),
-        list(a.dilation),
-        out_dtype,
-        primfunc_name_hint=name,
-    )
+    if int(a.groups) == 1:
+        return cpu.call_conv_te(bb, call, conv2d_nhwc_te, "conv2d_nhwc")
+    # ConvertToNHWC blocks only dense and depthwise weights
+    return cpu.call_conv_te(bb, call, depthwise_conv2d_nhwc_te, "depthwise_conv2d_nhwc")
 
 
 LEGALIZE = {"relax.nn.conv2d": _legalize_conv2d}

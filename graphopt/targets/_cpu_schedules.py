@@ -242,13 +242,18 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if not (data_m and out_m and kern_m):
         default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
         return default(bb, call)
+    if int(a.groups) == 1:
+        return call_conv_te(bb, call, conv2d_nchwc_te, "conv2d_nchwc")
+    return call_conv_te(bb, call, depthwise_conv2d_nchwc_te, "depthwise_conv2d_nchwc")
+
+
+def call_conv_te(bb: relax.BlockBuilder, call: relax.Call, compute, name: str) -> relax.Expr:  # noqa: ANN001
+    """Legalize a Relax conv2d ``call`` through a TE ``compute(data, weight, strides,
+    padding, dilation, out_dtype)`` (the packed and NHWC conv computes share this)."""
+    a = call.attrs
     out_dtype = str(a.out_dtype)
     if out_dtype in ("", "void", "None"):
         out_dtype = str(call.args[0].ty.dtype)
-    groups = int(a.groups)
-    compute, name = conv2d_nchwc_te, "conv2d_nchwc"
-    if groups != 1:
-        compute, name = depthwise_conv2d_nchwc_te, "depthwise_conv2d_nchwc"
     return bb.call_te(
         compute,
         call.args[0],

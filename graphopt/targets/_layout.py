@@ -128,16 +128,6 @@ def choose(target: str, layouts: dict[str, Layout], name: str | None) -> Layout:
 
 
 # --- NHWC --------------------------------------------------------------------------------
-def _static_shape(expr) -> list[int] | None:  # noqa: ANN001
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None:
-        return None
-    try:
-        return [int(d) for d in shape.values]
-    except (TypeError, AttributeError):
-        return None
-
-
 def _channel_block(channels: int, block: int) -> int | None:
     for b in (block, *(c for c in (8, 4) if c < block)):
         if channels % b == 0:
@@ -155,7 +145,9 @@ def _nhwc_kernel_layout(call, block: int | None) -> str | None:  # noqa: ANN001
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
         return None
-    data, weight = _static_shape(call.args[0]), _static_shape(call.args[1])
+    from graphopt.targets._cpu_schedules import _shape
+
+    data, weight = _shape(call.args[0]), _shape(call.args[1])
     if data is None or weight is None or len(data) != 4 or len(weight) != 4:
         return None
     if block is None or str(call.args[0].ty.dtype) != "float32":
