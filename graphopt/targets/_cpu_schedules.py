@@ -685,25 +685,9 @@ def apply_rules(
 
 def ApplyCPUSchedules(rules=None) -> tvm.transform.Pass:  # noqa: ANN001, N802
     """Schedule every PrimFunc not yet scheduled. Put after FuseTIR, before CallTIRRewrite."""
+    from graphopt.targets._phases import schedule_unscheduled
 
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.ApplyCPUSchedules")
-    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
-        target = tvm.target.Target.current(allow_none=False)
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-                continue
-            result = apply_rules(func, target, rules)
-            if result is None:
-                continue
-            name, new = result
-            updates[gvar] = new.with_attr("tirx.is_scheduled", True).with_attr(
-                "graphopt.schedule_rule", name
-            )
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+    def schedule_one(_gvar, func):  # noqa: ANN001, ANN202
+        return apply_rules(func, tvm.target.Target.current(allow_none=False), rules)
 
-    return apply
+    return schedule_unscheduled("graphopt.ApplyCPUSchedules", schedule_one)

@@ -9,8 +9,9 @@ default schedules skip it. Any other kernel is left alone for the defaults.
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import s_tir
 
+from graphopt.targets._phases import schedule_unscheduled
 from graphopt.tuning._database import TuningDatabase, workload_mod
 
 __all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE"]
@@ -32,53 +33,38 @@ def ApplyTuningDatabase(db: TuningDatabase, report: dict | None = None) -> tvm.t
         report.setdefault("from_database", {})
         report.setdefault("default", [])
 
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.ApplyTuningDatabase")
-    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-                continue
-            wmod = workload_mod(func)
-            entry = db.find(wmod)
-            faster = (
-                entry is not None
-                and entry.best is not None
-                and (
-                    entry.baseline_secs is None
-                    or entry.best_secs * MIN_SPEEDUP <= entry.baseline_secs
-                )
-            )  # else the default schedule measured faster: keep it
-            if not faster:
-                if report is not None:
-                    report["default"].append(gvar.name_hint)
-                continue
-            sch = s_tir.Schedule(wmod)
-            entry.best.trace.apply_to_schedule(sch, remove_postproc=False)
-            new = sch.mod["main"]
-            symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
-            new = (
-                new.with_attr("global_symbol", symbol)
-                if symbol is not None
-                else new.without_attr("global_symbol")
+    def schedule_one(gvar, func):  # noqa: ANN001, ANN202
+        wmod = workload_mod(func)
+        entry = db.find(wmod)
+        faster = (
+            entry is not None
+            and entry.best is not None
+            and (
+                entry.baseline_secs is None or entry.best_secs * MIN_SPEEDUP <= entry.baseline_secs
             )
-            updates[gvar] = new.with_attr("tirx.is_scheduled", True).with_attr(
-                "graphopt.schedule_rule", SCHEDULE_RULE
-            )
+        )  # else the default schedule measured faster: keep it
+        if not faster:
             if report is not None:
-                report["from_database"][gvar.name_hint] = {
-                    "workload": entry.name,
-                    "tuned_us": round(entry.best_secs * 1e6, 3),
-                    "default_us": (
-                        round(entry.baseline_secs * 1e6, 3)
-                        if entry.baseline_secs is not None
-                        else None
-                    ),
-                    "trials": entry.trials,
-                }
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+                report["default"].append(gvar.name_hint)
+            return None
+        sch = s_tir.Schedule(wmod)
+        entry.best.trace.apply_to_schedule(sch, remove_postproc=False)
+        new = sch.mod["main"]
+        symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
+        new = (
+            new.with_attr("global_symbol", symbol)
+            if symbol is not None
+            else new.without_attr("global_symbol")
+        )
+        if report is not None:
+            report["from_database"][gvar.name_hint] = {
+                "workload": entry.name,
+                "tuned_us": round(entry.best_secs * 1e6, 3),
+                "default_us": (
+                    round(entry.baseline_secs * 1e6, 3) if entry.baseline_secs is not None else None
+                ),
+                "trials": entry.trials,
+            }
+        return SCHEDULE_RULE, new
 
-    return apply
+    return schedule_unscheduled("graphopt.ApplyTuningDatabase", schedule_one)
