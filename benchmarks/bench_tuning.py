@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_zoo import timed  # noqa: E402
+
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
 from graphopt.tuning import ProgressPrinter, format_report, tune  # noqa: E402
@@ -34,13 +34,7 @@ from graphopt.tuning import ProgressPrinter, format_report, tune  # noqa: E402
 
 def ort_ms(path: Path, inputs: dict, repeat: int) -> float:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    sess.run(None, inputs)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        sess.run(None, inputs)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timed(lambda: sess.run(None, inputs), repeat)
 
 
 def main() -> int:
