@@ -9,6 +9,7 @@ import pytest
 from onnx import helper
 
 from graphopt.cli import main
+from tests._system import DOT
 from tests.conftest import make_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "my_passes.py"
@@ -138,7 +139,7 @@ def test_svg_without_graphviz_names_the_package(tmp_path, capsys, hardswish_file
     assert code == 2 and "`graphviz`" in err and "apt-get install graphviz" in err
 
 
-@pytest.mark.skipif(not HAS_DOT, reason="Graphviz `dot` is not installed")
+@DOT
 def test_inspect_draws_the_graph_as_imported(tmp_path, capsys, hardswish_file):
     code, _, err = _run(capsys, "inspect", hardswish_file, "--svg", tmp_path / "before.svg")
     assert code == 0, err

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.errors import ArtifactError, TargetError
 from graphopt.targets import _emulation, arm
+from tests._system import CROSS_GXX, QEMU
 from tests.conftest import zoo_model
 
 EM_AARCH64 = 183  # ELF e_machine
@@ -22,6 +23,7 @@ def _elf_machine(path) -> int:
     return int.from_bytes(head[18:20], "little")
 
 
+@CROSS_GXX
 def test_cross_compiles_an_aarch64_library(tmp_path, tiny_model):
     a = graphopt.compile(
         tiny_model, "arm", tmp_path / "m.so", verify=False, target_options={"cpu": "cortex-a72"}
@@ -43,6 +45,7 @@ def test_missing_cross_toolchain_names_the_package(tmp_path, tiny_model, monkeyp
     assert not (tmp_path / "m.so").exists()
 
 
+@CROSS_GXX
 def test_missing_qemu_names_the_package(tmp_path, tiny_model, monkeypatch):
     a = graphopt.compile(tiny_model, "arm", tmp_path / "m.so", verify=False)
     monkeypatch.setattr(_emulation.shutil, "which", lambda _name: None)
@@ -63,6 +66,7 @@ def test_bad_arm_options(options, pattern, tiny_model):
         graphopt.compile(tiny_model, "arm", target_options=options, verify=False)
 
 
+@CROSS_GXX
 def test_json_target_dict_selects_arm(tmp_path, tiny_model):
     spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}
     a = graphopt.compile(tiny_model, spec, tmp_path / "j.so", verify=False)
@@ -105,6 +109,8 @@ EMULATED = ["small_cnn", "conv_variants", "pool_variants", "mlp_head", "mobilene
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EMULATED + ["lstm"])
+@CROSS_GXX
+@QEMU
 def test_runs_under_emulation_like_x86_and_onnxruntime(name, tmp_path):
     model = _lstm_model() if name == "lstm" else zoo_model(name)
     # graphopt.compile verifies the ARM artifact under emulation against onnxruntime...
