@@ -2,7 +2,8 @@
 
 Accepted: an ``nn.Module`` (exported with ``torch.export.export`` in eval mode), a
 ``torch.fx.GraphModule`` (exported the same way, so ``symbolic_trace`` output works), an
-``ExportedProgram``, or a ``.pt2`` file written by ``torch.export.save``.
+``ExportedProgram``, or a ``.pt2`` file written by ``torch.export.save`` (read without
+running code from it unless the caller trusts the file: see :func:`load_pt2`).
 
 The program is decomposed to core ATen (``run_decompositions``) except for the ops that
 map more directly onto ONNX than their decompositions do: ``linear``, ``matmul`` and the
@@ -22,14 +23,23 @@ the table is named, with the user's source line, in one :class:`UnsupportedOpsEr
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
+import importlib
+import importlib.util
 import io
 import logging
+import math
 import operator
 import os
+import pickle
 import re
+import sys
+import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import sympy
 import torch
 import torch.fx
 from torch.export import ExportedProgram
@@ -63,6 +74,7 @@ _ALIASES = {
     "aten.contiguous.default",
 }
 _NEVER_FOLD = ("aten.rand", "aten.bernoulli", "aten.normal", "aten.native_dropout")
+_TORCH_LOCK = threading.RLock()  # see _quiet; _Guard holds it too, so guards never stack
 
 
 class TorchImportError(ModelLoadError):
@@ -121,28 +133,59 @@ def from_torch(obj: Any, example_inputs: Any = None, *, name: str | None = None)
 
 
 def load_pt2(
-    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None
+    path: str | os.PathLike,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    *,
+    trust_pickle: bool = False,
 ) -> TorchSource:
     """Load a ``torch.export.save`` file; shapes come from its example inputs.
 
     ``input_shapes`` fixes dynamic dimensions (the program is re-exported for them) or
     must agree with the program's static shapes.
+
+    ``torch.export.load`` can run code from the file it reads (pickles, AOTInductor
+    libraries, shape expressions sympy evaluates, modules imported by name, Python
+    functions the graph calls), so by default none of that is allowed: what cannot be
+    loaded without it is refused with one :class:`TorchImportError` line. Sample inputs
+    that only pickle can read are skipped with a warning (seeded random inputs stand in;
+    a dynamic program then needs ``input_shapes``). ``trust_pickle=True`` loads the file
+    exactly as ``torch.export.load`` does: only for a file you trust.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
-    try:
-        with _quiet():
-            program = torch.export.load(str(path))
-    except Exception as exc:
-        raise TorchImportError(
-            f"{path} is not a readable torch.export file: {_first_line(exc)}"
-        ) from None
-    args = None
+    data = path.read_bytes()  # one read: what is checked is what is loaded and hashed
+    skipped = None
+    if trust_pickle:
+        try:
+            with _quiet():
+                program = torch.export.load(io.BytesIO(data))
+        except Exception as exc:
+            raise TorchImportError(
+                f"{path} is not a readable torch.export file: {_first_line(exc)}"
+            ) from None
+    else:
+        program, skipped = _load_untrusted(path, data)
+    if skipped is not None:
+        if not input_shapes and not _is_static(program):
+            raise TorchImportError(
+                f"{path} has dynamic input shapes and its sample inputs were not loaded "
+                f"({skipped}): give input shapes, or {_TRUST_HINT}"
+            )
+        warnings.warn(
+            f"{path}: sample inputs not loaded ({skipped}); seeded random inputs stand in; "
+            f"to load them, {_TRUST_HINT}",
+            stacklevel=2,
+        )
     if input_shapes:
         args = _inputs_for_shapes(program, input_shapes)
+    else:
+        args = _program_example_args(program)
+    # A program with example inputs becomes a module (run_decompositions does that) with
+    # guard code from the file compiled by exec: graphopt keeps the inputs itself.
+    program.example_inputs = None
     source = _from_program(program, args, path.name, module=None)
-    source.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    source.sha256 = hashlib.sha256(data).hexdigest()
     return source
 
 
@@ -168,12 +211,16 @@ def _export(module: torch.nn.Module, args: tuple, name: str) -> ExportedProgram:
 
 @contextlib.contextmanager
 def _quiet():  # noqa: ANN202
-    """Hold back torch's warnings and log dumps: a failure becomes one error line instead."""
+    """Hold back torch's warnings and log dumps: a failure becomes one error line instead.
+
+    Also one torch job at a time (``_TORCH_LOCK``): export, loading and decomposition keep
+    global state in torch, and the warning filters and stderr swapped here are global too.
+    """
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:  # torch prints the failing graph to stderr on a data-dependent guard
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with _TORCH_LOCK, warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -328,6 +375,288 @@ def _sha256(program: ExportedProgram) -> str:
             h.update(key.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# --- reading .pt2 files without running code from them --------------------------------------
+# torch.export.load runs code from the file it reads along several paths: payloads it
+# unpickles (weights and constants marked use_pickle, sample inputs, opaque and TorchScript
+# objects), AOTInductor shared libraries, shape expressions given to sympy (which evaluates
+# strings as Python), modules the pytree decoder imports by name, and any function
+# reachable from torch/math/operator as a graph node, which graphopt then runs. Its own
+# sanity checks stop none of them, so a file that is not trusted is read under _Guard.
+_TRUST_HINT = "pass trust_pickle=True (CLI: --trust-pickle) only for a file you trust"
+# What an exported graph may call besides torch operators: its symbolic-shape arithmetic.
+_SHAPE_ARITHMETIC = (
+    operator.getitem,
+    *(operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv),
+    *(operator.mod, operator.pow, operator.neg, operator.pos, operator.abs, operator.not_),
+    *(operator.and_, operator.or_, operator.lshift, operator.rshift),
+    *(operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge),
+    *(math.ceil, math.floor, math.trunc, round),
+    *(torch.sym_int, torch.sym_float, torch.sym_ite, torch.sym_max, torch.sym_min),
+    *(torch.sym_not, torch.sym_sqrt, torch.sym_sum),
+)
+# Shape expressions as torch writes them (sympy's srepr): no quote but ', no brackets.
+_SYM_TEXT = re.compile(r"[\w .,'()+\-*/%<>=!&|~]*", re.ASCII)
+_SYM_NODES = (
+    *(ast.Expression, ast.Call, ast.keyword, ast.Name, ast.Constant, ast.Tuple, ast.Load),
+    *(ast.UnaryOp, ast.BinOp, ast.BoolOp, ast.Compare),
+    *(ast.unaryop, ast.operator, ast.boolop, ast.cmpop),
+)
+_SYM_STRINGS = {  # the string arguments srepr writes: a symbol's name, a float's digits
+    "Symbol": re.compile(r"[A-Za-z_]\w*", re.ASCII),
+    "Dummy": re.compile(r"[A-Za-z_]\w*", re.ASCII),
+    "Float": re.compile(r"[+-]?(inf|nan|(\d+\.?\d*|\.\d+)(e[+-]?\d+)?)", re.ASCII | re.I),
+}
+
+
+class _Refused(Exception):
+    """Raised inside torch's loader by :class:`_Guard`: this step would run file code."""
+
+
+def _refusal(path: Path, what: str) -> str:
+    return f"{path}: refused {what}: loading it could run code from the file; {_TRUST_HINT}"
+
+
+def _load_untrusted(path: Path, data: bytes) -> tuple[ExportedProgram, str | None]:
+    """Read ``data`` (the bytes of ``path``) with no code from it run.
+
+    Returns the program and, when its sample inputs were skipped, why.
+    """
+    from torch.export.pt2_archive._package import load_pt2 as read_archive
+
+    skip, skipped = _screen(path, data)
+    program = None
+    with _TORCH_LOCK, _Guard(skip) as guard:
+        try:  # read_archive, not torch.export.load: no fallback to the legacy format
+            with _quiet():
+                program = read_archive(io.BytesIO(data)).exported_programs.get("model")
+        except Exception as exc:
+            if guard.refused is None:
+                raise TorchImportError(
+                    f"{path} is not a readable torch.export file: {_first_line(exc)}"
+                ) from None
+    if guard.refused is not None:  # also when torch caught the refusal and went on
+        raise TorchImportError(_refusal(path, guard.refused))
+    if program is None:
+        raise TorchImportError(f"{path} is not a readable torch.export file: no program")
+    _check_calls(program, path)
+    return program, skipped
+
+
+def _screen(path: Path, data: bytes) -> tuple[set[str], str | None]:
+    """Check the archive before torch reads it: refuse the legacy format, find sample
+    inputs that ``torch.load(weights_only=True)`` refuses.
+
+    Returns those sample-input records (the guard reads them as empty, so the program
+    loads without example inputs) and why they were refused.
+    """
+    from torch.export.pt2_archive import constants as pt2
+
+    skip: set[str] = set()
+    why = None
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            root = names[0].partition("/")[0] + "/" if names else ""
+            records = {name.removeprefix(root): name for name in names if name.startswith(root)}
+            if len(records) != len(names) or pt2.ARCHIVE_FORMAT_PATH not in records:
+                if "version" in names:  # what torch.export.load falls back to
+                    raise TorchImportError(
+                        _refusal(path, "the legacy torch.export format, which torch unpickles")
+                    )
+                raise TorchImportError(f"{path} is not a readable torch.export file: not PT2")
+            prefix, suffix = pt2.MODELS_FILENAME_FORMAT.split("{}")
+            for record in records:  # the records torch takes for programs, as it names them
+                if not record.startswith(pt2.MODELS_DIR):
+                    continue
+                model = record[len(prefix) : -len(suffix)]
+                sample = pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(model)
+                if sample not in records:
+                    continue
+                try:
+                    torch.load(io.BytesIO(archive.read(records[sample])), weights_only=True)
+                except pickle.UnpicklingError as exc:
+                    skip.add(sample)
+                    why = f"pickled data{_needing(exc)}"
+    except TorchImportError:
+        raise
+    except Exception as exc:  # a damaged zip, or a damaged payload in it
+        raise TorchImportError(
+            f"{path} is not a readable torch.export file: {_first_line(exc)}"
+        ) from None
+    return skip, why
+
+
+def _needing(exc: BaseException) -> str:
+    """`` needing mod.name``: the global that ``weights_only`` unpickling refused, if named."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f" needing {match[1]}" if match else ""
+
+
+class _Guard:
+    """Patches torch's loader so that, in this thread, it cannot run code from the file.
+
+    While active: ``torch.load`` unpickles with ``weights_only=True`` whatever it is asked;
+    ``pickle.loads``/``load``, TorchScript object unpickling and AOTInductor library
+    loading are refused; sympy reads only plain shape expressions (:func:`_plain_sym_expr`);
+    modules are imported by name only if already imported or part of torch; the records
+    in ``skip`` read as empty. A refusal is kept in ``refused`` (torch wraps some errors
+    in its own, or retries) and raised as :class:`_Refused`. Other threads get the
+    original functions; the caller holds ``_TORCH_LOCK`` so that guards never stack; every
+    patch is undone on exit, whatever happened.
+    """
+
+    def __init__(self, skip: set[str]) -> None:
+        self.skip = skip
+        self.refused: str | None = None
+        self._thread = threading.get_ident()
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> _Guard:
+        from torch._export.serde.serialize import GraphModuleDeserializer
+        from torch.export.pt2_archive import _package
+
+        try:
+            self._patch(torch, "load", self._torch_load)
+            self._patch(pickle, "loads", self._refuse("a pickled Python object"))
+            self._patch(pickle, "load", self._refuse("a pickled Python object"))
+            self._patch(torch._C, "_pickle_load_obj", self._refuse("a pickled TorchScript object"))
+            self._patch(_package, "_load_aoti", self._refuse("AOTInductor compiled code"))
+            self._patch(_package.PT2ArchiveReader, "read_bytes", self._read_bytes)
+            self._patch(GraphModuleDeserializer, "_parse_sym_expr", self._parse_sym_expr)
+            self._patch(importlib, "import_module", self._import_module)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _patch(self, owner: Any, name: str, check: Callable) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != self._thread:
+                return original(*args, **kwargs)
+            return check(original, *args, **kwargs)
+
+        self._saved.append((owner, name, original))
+        setattr(owner, name, patched)
+
+    def _restore(self) -> None:
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            setattr(owner, name, original)
+
+    def _refused(self, what: str) -> _Refused:
+        self.refused = self.refused or what
+        return _Refused(what)
+
+    def _refuse(self, what: str) -> Callable:
+        def check(original: Callable, *args: Any, **kwargs: Any) -> Any:
+            raise self._refused(what)
+
+        return check
+
+    def _torch_load(
+        self, original: Callable, f: Any, *args: Any, weights_only: Any = None, **kwargs: Any
+    ) -> Any:
+        try:  # whatever weights_only the caller asked for
+            return original(f, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise self._refused(f"pickled data{_needing(exc)}") from None
+
+    def _read_bytes(self, original: Callable, reader: Any, name: str) -> bytes:
+        return b"" if name in self.skip else original(reader, name)
+
+    def _parse_sym_expr(
+        self, original: Callable, deserializer: Any, expr_str: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        names = {**deserializer.sympy_functions, **deserializer.symbol_name_to_symbol}
+        if not _plain_sym_expr(expr_str, names):
+            raise self._refused(f"a shape expression sympy would run as Python: {expr_str[:60]!r}")
+        return original(deserializer, expr_str, *args, **kwargs)
+
+    def _import_module(self, original: Callable, name: str, package: str | None = None) -> Any:
+        full = importlib.util.resolve_name(name, package) if name.startswith(".") else name
+        if full not in sys.modules and full.partition(".")[0] != "torch":
+            raise self._refused(f"an import of module {full!r}")
+        return original(name, package)
+
+
+def _plain_sym_expr(text: str, names: dict[str, Any]) -> bool:
+    """Whether ``sympy.sympify`` can read ``text`` without running code from it.
+
+    sympify evaluates a string as Python. Accepted is what torch writes: numbers, the
+    deserializer's own symbols and functions (``names``), sympy classes and singletons
+    called with such arguments and constant keywords; strings only as the name of a
+    ``Symbol``/``Dummy`` or the digits of a ``Float``. No attributes, subscripts, lambdas.
+    """
+    if not _SYM_TEXT.fullmatch(text):
+        return False
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    strings: set[int] = set()  # ids of the string constants a call above allowed
+    for node in ast.walk(tree):  # breadth first: a call before its arguments
+        if not isinstance(node, _SYM_NODES):
+            return False
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or not all(
+                isinstance(k.value, ast.Constant) for k in node.keywords
+            ):
+                return False
+            first = node.args[0] if node.args else None
+            pattern = _SYM_STRINGS.get(node.func.id)
+            if pattern and isinstance(first, ast.Constant) and isinstance(first.value, str):
+                if not pattern.fullmatch(first.value):
+                    return False
+                strings.add(id(first))
+        elif isinstance(node, ast.Constant):
+            if type(node.value) not in (int, float, bool) and id(node) not in strings:
+                return False
+        elif isinstance(node, ast.Name) and node.id not in names:
+            obj = None if node.id.startswith("_") else getattr(sympy, node.id, None)
+            if not isinstance(obj, sympy.Basic) and not (
+                isinstance(obj, type) and issubclass(obj, sympy.Basic)
+            ):
+                return False
+    return True
+
+
+def _check_calls(program: ExportedProgram, path: Path) -> None:
+    """Refuse a graph that calls anything but torch operators and shape arithmetic.
+
+    A node read from a file may name any function reachable from ``torch``, ``math`` or
+    ``operator`` (one of torch's own imports a module by name and calls it), and graphopt
+    runs the graph while decomposing it and as the reference.
+    """
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for fn in [node.target, *pytree.tree_leaves((node.args, node.kwargs))]:
+                if callable(fn) and not _is_operator(fn):
+                    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+                    raise TorchImportError(
+                        _refusal(
+                            path,
+                            f"node {node.name!r}, which calls "
+                            f"{getattr(fn, '__module__', None) or '?'}.{name} (not an operator)",
+                        )
+                    )
+
+
+def _is_operator(fn: Any) -> bool:
+    if isinstance(fn, torch._ops.OpOverload | torch._ops.HigherOrderOperator):
+        return True
+    return any(fn is f for f in _SHAPE_ARITHMETIC)
 
 
 # --- source locations -------------------------------------------------------------------
@@ -1234,11 +1563,17 @@ ATEN: dict[str, Convert] = {
 }
 
 
-def as_source(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) -> TorchSource:
+def as_source(
+    model: Any,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> TorchSource:
     """What ``graphopt.compile`` makes of a torch model: a :class:`TorchSource` as it is,
-    a ``.pt2`` path loaded, an ``ExportedProgram`` read (with its own example inputs)."""
+    a ``.pt2`` path loaded (``trust_pickle``: see :func:`load_pt2`), an ``ExportedProgram``
+    read (with its own example inputs)."""
     if isinstance(model, str | os.PathLike):
-        return load_pt2(model, input_shapes)
+        return load_pt2(model, input_shapes, trust_pickle=trust_pickle)
     if isinstance(model, ExportedProgram):
         args = _inputs_for_shapes(model, input_shapes) if input_shapes else None
         return _from_program(model, args, "ExportedProgram", module=None)
