@@ -4,22 +4,37 @@ Layout: the exact bytes ``export_library`` wrote, then the manifest as UTF-8 JSO
 length as 8 little-endian bytes, then ``MAGIC``. The dynamic loader ignores bytes past
 the ELF segments, so the file loads unchanged with ``tvm.runtime.load_module`` (TVM
 runtime alone), and the manifest is readable on any machine without loading the code.
+
+The manifest records the SHA-256 of the library bytes before it (``library.sha256``);
+graphopt checks it before it loads any code, so a truncated, zeroed or spliced file (a
+manifest from another build) is one clear error, not a crash or wrong numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import statistics
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from graphopt.errors import ArtifactError, InputError
 
-__all__ = ["Artifact", "load", "read_manifest", "append_manifest", "MAGIC", "check_inputs"]
+__all__ = [
+    "Artifact",
+    "load",
+    "read_manifest",
+    "append_manifest",
+    "library_digest",
+    "check_library",
+    "MAGIC",
+    "check_inputs",
+]
 
 MAGIC = b"\x00GRAPHOPT-MANIFEST-v1"
 _LEN = 8
@@ -31,11 +46,24 @@ def append_manifest(path: Path, manifest: dict) -> None:
         f.write(data + len(data).to_bytes(_LEN, "little") + MAGIC)
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """Read the manifest of an artifact file without loading its code."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"artifact not found: {path}")
+def library_digest(path: str | os.PathLike, size: int | None = None) -> dict:
+    """``{"sha256", "bytes"}`` of the first ``size`` bytes of ``path`` (all when None)."""
+    h = hashlib.sha256()
+    left = Path(path).stat().st_size if size is None else size
+    done = 0
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+            done += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": done}
+
+
+def _manifest_span(path: Path) -> tuple[int, int]:
+    """``(library bytes, manifest bytes)`` of an artifact file, checking its trailer."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         size = f.tell()
@@ -49,11 +77,47 @@ def read_manifest(path: str | os.PathLike) -> dict:
         n = int.from_bytes(end[:_LEN], "little")
         if n > size - tail:
             raise ArtifactError(f"{path} has a corrupt manifest")
-        f.seek(size - tail - n)
+        return size - tail - n, n
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read the manifest of an artifact file without loading its code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    start, n = _manifest_span(path)
+    with open(path, "rb") as f:
+        f.seek(start)
         try:
-            return json.loads(f.read(n))
+            manifest = json.loads(f.read(n))
         except ValueError:
             raise ArtifactError(f"{path} has a corrupt manifest") from None
+    if not isinstance(manifest, dict) or not all(
+        k in manifest for k in ("target", "inputs", "outputs")
+    ):
+        raise ArtifactError(f"{path} has a corrupt manifest (fields missing)")
+    return manifest
+
+
+def check_library(path: str | os.PathLike, manifest: dict) -> dict:
+    """Check the library bytes of ``path`` against ``manifest["library"]``; return the
+    digest. Raises :class:`ArtifactError` for a damaged file or a foreign manifest."""
+    path = Path(path)
+    recorded = manifest.get("library")
+    if not isinstance(recorded, dict) or "sha256" not in recorded:
+        raise ArtifactError(
+            f"{path} records no library checksum (written by an older graphopt?): recompile it"
+        )
+    size, _ = _manifest_span(path)
+    digest = library_digest(path, size)
+    if digest["bytes"] != recorded.get("bytes") or digest["sha256"] != recorded["sha256"]:
+        raise ArtifactError(
+            f"{path} is damaged: its library ({digest['bytes']} bytes, sha256 "
+            f"{digest['sha256'][:12]}...) is not the one its manifest records "
+            f"({recorded.get('bytes')} bytes, {str(recorded['sha256'])[:12]}...); "
+            "recompile or copy it again"
+        )
+    return digest
 
 
 def check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -90,10 +154,17 @@ def check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.nd
 class Artifact:
     """A compiled model: ``artifact(**inputs)`` or ``artifact.run(inputs)`` -> outputs dict."""
 
-    def __init__(self, path: str | os.PathLike, manifest: dict | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, manifest: dict | None = None, *, check: bool = True
+    ) -> None:
+        """``check=False`` skips the library checksum: only for a library graphopt has
+        just built and not yet sealed with its manifest (``compile`` verifying it)."""
         self.path = Path(path)
+        self._check = check
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         self._runner = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, target={self.manifest['target']['name']!r})"
@@ -107,11 +178,35 @@ class Artifact:
         return [o["name"] for o in self.manifest["outputs"]]
 
     def _load(self):  # noqa: ANN202
-        if self._runner is None:
-            from graphopt.targets import module_for
+        runner = self._runner
+        if runner is not None:
+            return runner
+        with self._lock:  # one load, however many threads call first
+            if self._closed:
+                raise ArtifactError(f"{self.path} is closed")
+            if self._runner is None:
+                from graphopt.targets import module_for
 
-            self._runner = module_for(self.manifest["target"]["name"]).load(self.path)
-        return self._runner
+                module = module_for(self.manifest["target"]["name"])
+                if self._check:  # before any of its code loads
+                    check_library(self.path, self.manifest)
+                self._runner = module.load(self.path)
+            return self._runner
+
+    def close(self) -> None:
+        """Release the loaded code and its memory (weights, workspaces). Idempotent;
+        ``run`` afterwards raises. ``with graphopt.load(path) as art:`` closes on exit."""
+        with self._lock:
+            self._closed = True
+            runner, self._runner = self._runner, None
+        if runner is not None and hasattr(runner, "close"):
+            runner.close()
+
+    def __enter__(self) -> Artifact:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     @property
     def emulated(self) -> bool:
@@ -147,6 +242,7 @@ class Artifact:
         os.close(fd)
         try:
             shutil.copyfile(self.path, tmp)
+            shutil.copymode(self.path, tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from graphopt.errors import GraphoptError
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+NO_ENTRY_POINTS_VAR = "GRAPHOPT_NO_ENTRY_POINTS"
 
 
 def _add_input_shape(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,16 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="activation layout for convs: nchwc, nhwc or nchw, as the target offers "
         "(default: the target's; see: graphopt targets)",
+    )
+
+
+def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a .pt2 as torch.export.load does (unpickling, AOTInductor code, "
+        "Python in shape expressions), which can run code from the file: only for files "
+        "you trust (default: refuse what needs it)",
     )
 
 
@@ -88,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--tuning-db", metavar="DIR", help="use schedules from a `graphopt tune` database"
     )
+    _add_trust_pickle(c)
     _add_common(c)
     _add_tune_parser(sub)
 
@@ -104,10 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_shape(i)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--svg", metavar="FILE", help="draw the graph as imported (Graphviz)")
+    _add_trust_pickle(i)
     _add_common(i)
 
     ps = sub.add_parser("passes", help="list the graph passes, their options and order")
     ps.add_argument("--pass-plugin", action="append", default=[], metavar="FILE")
+    _add_no_entry_points(ps)
     _add_common(ps)
 
     v = sub.add_parser("verify", help="check an artifact against its source model here")
@@ -115,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="the ONNX file or .pt2 the artifact was compiled from")
     v.add_argument("--inputs", metavar="NPZ", help="inputs keyed by name (default: random)")
     _add_tolerances(v)
+    _add_trust_pickle(v)
     _add_common(v)
 
     t = sub.add_parser("targets", help="list the targets, their options and defaults")
@@ -147,14 +164,33 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="load passes from a Python file (PASSES = [...] or graphopt_passes())",
+        help="load passes from a Python file (PASSES = [...] or graphopt_passes()); "
+        "this runs the file's code",
     )
+    _add_no_entry_points(p)
+
+
+def _add_no_entry_points(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-entry-points",
+        action="store_true",
+        help="do not load passes from installed packages' graphopt.passes entry points "
+        f"(also: {NO_ENTRY_POINTS_VAR}=1)",
+    )
+
+
+def _entry_points_on(args: argparse.Namespace) -> bool:
+    """Installed plugins run code on import; a user can turn them off, e.g. when one is
+    broken and would otherwise stop every compile."""
+    off = os.environ.get(NO_ENTRY_POINTS_VAR, "").strip().lower() not in ("", "0", "no")
+    return not (args.no_entry_points or off)
 
 
 def _pipeline(args: argparse.Namespace) -> list:
     from graphopt.passes import build_pipeline, registry
 
-    return build_pipeline(args.passes, registry(args.pass_plugin), args.disable_pass)
+    table = registry(args.pass_plugin, entry_points=_entry_points_on(args))
+    return build_pipeline(args.passes, table, args.disable_pass)
 
 
 def _print_pass_times(records: list[dict]) -> None:
@@ -174,7 +210,7 @@ def _source_of(cls: type) -> str:
 def _cmd_passes(args: argparse.Namespace) -> int:
     from graphopt.passes import DEFAULT_PIPELINE, PASSES, pass_options, registry
 
-    table = registry(args.pass_plugin)
+    table = registry(args.pass_plugin, entry_points=_entry_points_on(args))
     print(f"default pipeline: {','.join(DEFAULT_PIPELINE)}")
     for name, cls in table.items():
         doc = (cls.__doc__ or "").strip().splitlines()
@@ -192,6 +228,7 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.artifact import load_npz
+    from graphopt.compiler import nonfinite_note
 
     out = Path(args.output) if args.output else Path(Path(args.model).stem + ".so")
     given = {"cpu": args.cpu, "triple": args.triple, "arch": args.arch}
@@ -216,6 +253,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         svg=args.svg,
         tuning_db=args.tuning_db,
         layout=args.layout,
+        trust_pickle=args.trust_pickle,
     )
     m = artifact.manifest
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
@@ -234,6 +272,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         verdict = (
             f"{'passed' if v['ok'] else 'FAILED (kept by --keep-unverified)'} against "
             f"{v['reference']}, {v['inputs']} inputs, max |diff| {worst:.3g}"
+            f"{nonfinite_note(v)}"
         )
     size = out.stat().st_size / 1e6
     highlights = ("avx512f", "avx512bw", "avx512vnni", "avx2", "fma", "neon", "sve", "dotprod")
@@ -351,14 +390,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from graphopt.artifact import MAGIC, read_manifest
+    from graphopt.artifact import MAGIC, check_library, read_manifest
 
     path = Path(args.model)
     if path.is_file() and path.stat().st_size > len(MAGIC):
         with open(path, "rb") as f:
             f.seek(-len(MAGIC), 2)
             if f.read() == MAGIC:
-                print(json.dumps(read_manifest(path), indent=1))
+                manifest = read_manifest(path)
+                check_library(path, manifest)  # a damaged or spliced file: one error line
+                shown = {**manifest, "library_check": "ok: the library's sha256 matches"}
+                print(json.dumps(shown, indent=1))
                 return 0
     from graphopt.frontends import is_torch_model
     from graphopt.frontends.onnx import onnx_to_graph, parse_input_shapes
@@ -369,7 +411,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if is_torch_model(str(path)):
         from graphopt.frontends.torch import as_source
 
-        graph = as_source(str(path), shapes).graph.copy()
+        graph = as_source(str(path), shapes, trust_pickle=args.trust_pickle).graph.copy()
     else:
         graph = onnx_to_graph(path, shapes, require_static=False)
     graph.output_names = list(graph.outputs)
@@ -447,7 +489,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from graphopt.errors import VerificationError
 
     inputs = load_npz(args.inputs) if args.inputs else None
-    report = verify(args.artifact, args.model, inputs, rtol=args.rtol, atol=args.atol)
+    report = verify(
+        args.artifact,
+        args.model,
+        inputs,
+        rtol=args.rtol,
+        atol=args.atol,
+        trust_pickle=args.trust_pickle,
+    )
     print(f"{args.artifact}: {_verification_line(report)}")
     if not report["ok"]:
         bad = report["first_mismatch"]
@@ -514,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    if not args.debug:  # a notice is one line, like an error, not file:line + source
+        warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
     try:
         return _COMMANDS[args.command](args)
     except GraphoptError as exc:
@@ -524,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory (try smaller input shapes)", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a graphopt bug: still one line, unless --debug
         if args.debug:
             raise

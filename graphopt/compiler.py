@@ -14,7 +14,9 @@ The order, one line each:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
 import tempfile
 import time
@@ -24,8 +26,23 @@ import numpy as np
 import onnx
 
 import graphopt
-from graphopt.artifact import Artifact, append_manifest, check_inputs, random_inputs
-from graphopt.errors import TargetError, UnsupportedOpsError, VerificationError
+from graphopt.artifact import (
+    Artifact,
+    append_manifest,
+    check_inputs,
+    library_digest,
+    random_inputs,
+)
+from graphopt.errors import (
+    ArtifactError,
+    CompileError,
+    GraphoptError,
+    InputError,
+    ModelLoadError,
+    TargetError,
+    UnsupportedOpsError,
+    VerificationError,
+)
 from graphopt.frontends import is_torch_model
 from graphopt.frontends.onnx import graph_to_onnx, load_onnx, onnx_to_graph, parse_input_shapes
 from graphopt.ir import Graph
@@ -36,7 +53,7 @@ from graphopt.passes._dump import IRDumper
 from graphopt.targets import TargetSpec, check_layout, resolve
 from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare, onnxruntime_reference
 
-__all__ = ["compile", "prepare"]
+__all__ = ["compile", "prepare", "check_sizes"]
 
 
 def _fixed_proto(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
@@ -59,6 +76,8 @@ def prepare(  # noqa: ANN201
     passes: list[Pass] | None = None,
     dump_ir: str | os.PathLike | None = None,
     svg: str | os.PathLike | None = None,
+    *,
+    trust_pickle: bool = False,
 ):
     """Steps 1-3: return ``(source, graph, pass_records)`` or raise with every bad node.
 
@@ -72,11 +91,12 @@ def prepare(  # noqa: ANN201
     if is_torch_model(model):
         from graphopt.frontends.torch import as_source
 
-        source = as_source(model, parse_input_shapes(input_shapes))
+        source = as_source(model, parse_input_shapes(input_shapes), trust_pickle=trust_pickle)
         graph = source.graph.copy()  # passes rewrite in place; the source stays reusable
     else:
         source = load_onnx(model)
         graph = onnx_to_graph(source, parse_input_shapes(input_shapes))
+    check_sizes(graph)  # before a pass folds a huge constant or TVM meets a negative dim
     if svg is not None:
         require_dot(svg)  # before any work
     observe = IRDumper(dump_ir) if dump_ir is not None else None
@@ -91,6 +111,152 @@ def prepare(  # noqa: ANN201
     if bad:
         raise UnsupportedOpsError(bad)
     return source, graph, records
+
+
+def check_sizes(graph: Graph, available: int | None = None) -> None:
+    """Refuse shapes no kernel can run: input dims below 1, negative dims anywhere, and
+    tensors that cannot fit in memory (``available`` bytes; default: what this machine
+    has free now), judged from the shapes ONNX shape inference gives every value."""
+    for name in graph.inputs:
+        shape = graph.values[name].shape or ()
+        if any(isinstance(d, int) and d < 1 for d in shape):
+            raise InputError(
+                f"input {name!r} has shape {tuple(shape)}: every dim must be at least 1 "
+                "(fix it in the model or with --input-shape)"
+            )
+    worst = None  # (bytes, name, shape)
+    for name, value in graph.values.items():
+        if value.shape is None or not value.is_static:
+            continue
+        if any(d < 0 for d in value.shape):
+            raise ModelLoadError(f"value {name!r} has a negative dim: shape {value.shape}")
+        try:
+            itemsize = np.dtype(value.dtype).itemsize
+        except TypeError:
+            continue
+        size = math.prod(value.shape) * itemsize
+        if worst is None or size > worst[0]:
+            worst = (size, name, value.shape)
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().total
+    if worst is not None and worst[0] > available:
+        size, name, shape = worst
+        raise InputError(
+            f"value {name!r} of shape {tuple(shape)} needs {size / 2**30:.1f} GiB, more than "
+            f"this machine's {available / 2**30:.1f} GiB of memory; compile with smaller "
+            "input shapes (--input-shape)"
+        )
+
+
+def _reserve_output(output, model) -> tuple[Path, Path, list[Path]]:  # noqa: ANN001
+    """Check where the artifact goes and create the hidden file it is built in, there;
+    return ``(output, temporary file, folders created for it, innermost first)``.
+
+    Done before any work, so a path that cannot be written fails in a second, not after
+    a long compile. The temporary name carries this process's id: a compile killed
+    (``kill -9``) leaves one behind, and the next compile of that output removes every
+    such file whose process is gone.
+    """
+    if output is None:
+        out = Path(tempfile.mkdtemp(prefix="graphopt-")) / "model.so"
+    else:
+        out = Path(output)
+    where = f"cannot write the artifact to {out}"
+    if isinstance(model, str | os.PathLike) and out.exists() and Path(model).exists():
+        if os.path.samefile(out, model):
+            raise ArtifactError(f"{where}: that is the model being compiled; choose another -o")
+    if out.is_dir():
+        raise ArtifactError(f"{where}: it is a folder")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ArtifactError(f"{where}: {blocking} is a file, not a folder")
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        detail = f"{exc.strerror or exc} ({exc.filename or out.parent})"
+        raise ArtifactError(f"{where}: {detail}") from None
+    _sweep_stale(out)
+    try:
+        fd, name = tempfile.mkstemp(
+            prefix=f".{out.name}.{os.getpid()}.", suffix=".so", dir=out.parent
+        )
+    except OSError as exc:
+        raise ArtifactError(f"{where}: {exc.strerror or exc} ({out.parent})") from None
+    os.close(fd)
+    return out, Path(name), made
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove temporaries of ``out`` that a killed compile left: ``.NAME.PID.*.so`` whose
+    process no longer runs (a live one may be another compile of the same output)."""
+    prefix = f".{out.name}."
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".so")):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for a moment,
+    for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(path: Path) -> None:
+    """Give the artifact the mode a linker's output gets: 0777 less the umask (the
+    temporary file was made 0600)."""
+    os.chmod(path, 0o777 & ~_umask())
+
+
+@contextlib.contextmanager
+def _stage(what: str):  # noqa: ANN202
+    """Turn a failure inside TVM into one :class:`CompileError` line naming the stage.
+
+    The model passed graphopt's checks, so this is a graphopt or TVM limitation; the
+    message says so, and ``--debug`` shows the traceback for a report.
+    """
+    try:
+        yield
+    except GraphoptError:
+        raise
+    except MemoryError:
+        raise CompileError(f"ran out of memory trying to {what}") from None
+    except Exception as exc:
+        text = str(exc).strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        first = next((ln for ln in lines if not ln.startswith(("Traceback", "File "))), "")
+        raise CompileError(
+            f"TVM failed to {what}: {type(exc).__name__}: {first[:300]} (a graphopt/TVM "
+            "limitation: please report it; --debug shows the traceback)"
+        ) from exc
 
 
 def _sha256(proto: onnx.ModelProto, model) -> str:  # noqa: ANN001
@@ -119,6 +285,7 @@ def compile(  # noqa: A001 - the public name users expect
     log=None,  # noqa: ANN001 - callable(str) for progress lines
     dump_ir: str | os.PathLike | None = None,
     svg: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
 ) -> Artifact:
     """Compile a model into a verified :class:`Artifact`.
 
@@ -134,40 +301,46 @@ def compile(  # noqa: A001 - the public name users expect
     for this target; kernels with records use them (``manifest["tuning"]`` names them).
     ``layout``: the activation layout convs compile in, one the target lists
     (``graphopt targets``; default: the target's own); the manifest records it.
+    ``trust_pickle``: load a ``.pt2`` file as ``torch.export.load`` does (unpickling,
+    AOTInductor code, ...), which can run code from the file: only for files you trust
+    (see ``graphopt.frontends.torch.load_pt2``).
+
+    Before any work, ``output`` is checked: it must not be the model itself, and its
+    folder must take a new file (the hidden temporary file the artifact is built in is
+    made there first; ones a killed compile left behind are removed).
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
     layout = check_layout(spec, layout)  # refuse one the target lacks before any work
     db = _open_tuning_db(tuning_db, spec)  # refuse a foreign or corrupt one before any work
-    source, graph, records = prepare(model, input_shapes, passes, dump_ir=dump_ir, svg=svg)
-    from_onnx = isinstance(source, onnx.ModelProto)
-    say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
+    out_path, tmp, made = _reserve_output(output, model)  # and an unwritable output
+    done = False
+    try:  # the artifact is assembled in ``tmp`` and renamed into place when complete
+        source, graph, records = prepare(
+            model, input_shapes, passes, dump_ir=dump_ir, svg=svg, trust_pickle=trust_pickle
+        )
+        from_onnx = isinstance(source, onnx.ModelProto)
+        say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
 
-    from graphopt.lower import to_relax
+        from graphopt.lower import to_relax
 
-    mod = to_relax(graph)
-    if dump_ir is not None:
-        Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
-    tuning = {} if tuning_db is not None else None
-    executable = _build(mod, spec, layout, db, tuning)
-    compile_seconds = time.perf_counter() - start
-    chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
-    say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
+        with _stage("lower the graph to Relax"):
+            mod = to_relax(graph)
+        if dump_ir is not None:
+            Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
+        tuning = {} if tuning_db is not None else None
+        with _stage(f"build the model for {spec.name}"):
+            executable = _build(mod, spec, layout, db, tuning)
+        compile_seconds = time.perf_counter() - start
+        chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
+        say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
 
-    out_path = (
-        Path(output)
-        if output is not None
-        else Path(tempfile.mkdtemp(prefix="graphopt-")) / "model.so"
-    )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".so", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        spec.module.export(executable, tmp)
+        with _stage(f"export the library for {spec.name}"):
+            spec.module.export(executable, tmp)
+        _set_mode(tmp)
         manifest = {
-            "format": "graphopt-artifact/1",
+            "format": "graphopt-artifact/2",  # 2: the library checksum
             "graphopt_version": graphopt.__version__,
             "tvm_version": _tvm_version(),
             "target": {
@@ -184,8 +357,9 @@ def compile(  # noqa: A001 - the public name users expect
             "compile_seconds": round(compile_seconds, 3),
             "verification": {"status": "skipped"},
             "tuning": tuning,  # None, or which kernels came from the tuning database
+            "library": library_digest(tmp),  # checked before every load
         }
-        artifact = Artifact(tmp, manifest)
+        artifact = Artifact(tmp, manifest, check=False)  # not sealed yet
         blocked = getattr(spec.module, "cannot_run_here", lambda _tvm: None)(spec.tvm)
         if verify and blocked:  # e.g. CUDA compiled on a machine without a GPU
             manifest["verification"] = {"status": "not-run", "reason": blocked}
@@ -218,10 +392,15 @@ def compile(  # noqa: A001 - the public name users expect
                     f"(rtol={rtol}, atol={atol}); no artifact written "
                     "(--keep-unverified writes it anyway)"
                 )
+        artifact.close()  # the copy of the code verification loaded
         append_manifest(tmp, manifest)
         os.replace(tmp, out_path)
+        done = True
     finally:
         tmp.unlink(missing_ok=True)
+        for folder in () if done else made:  # a failed compile leaves no trace
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return Artifact(out_path, manifest)
 
 
@@ -272,7 +451,17 @@ def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, ato
             f"{name} cannot run this model, so graphopt cannot verify it: {msg}; "
             "--no-verify compiles without the check"
         ) from None
-    report = compare(artifact.run(inputs), expected, rtol, atol)
+    try:
+        actual = artifact.run(inputs)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # a kernel that fails at run time: never an artifact
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(
+            f"the compiled model failed when run for verification: {msg[:300]}; no artifact "
+            "written (a graphopt/TVM limitation: please report it)"
+        ) from exc
+    report = compare(actual, expected, rtol, atol)
     report.update(reference=name, inputs=source)
     return report
 
@@ -282,9 +471,15 @@ def _verification_line(report: dict) -> str:
     status = "passed" if report["ok"] else "FAILED"
     return (
         f"verification {status} against {report['reference']} "
-        f"({report['inputs']} inputs, max |diff| {worst:.3g}, rtol={report['rtol']}, "
-        f"atol={report['atol']})"
+        f"({report['inputs']} inputs, max |diff| {worst:.3g}{nonfinite_note(report)}, "
+        f"rtol={report['rtol']}, atol={report['atol']})"
     )
+
+
+def nonfinite_note(report: dict) -> str:
+    """``", 12 NaN/inf values equal on both sides"``, or "" when there were none."""
+    n = sum(o.get("nonfinite_matched", 0) for o in report["outputs"])
+    return f", {n} NaN/inf value(s) equal on both sides (not compared)" if n else ""
 
 
 def _features(spec: TargetSpec) -> list[str]:
@@ -336,6 +531,7 @@ def verify(
     *,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
+    trust_pickle: bool = False,
 ) -> dict:
     """Check an existing artifact against its source model, here and now.
 
@@ -348,7 +544,7 @@ def verify(
     if is_torch_model(model):
         from graphopt.frontends.torch import as_source
 
-        source = as_source(model, shapes)
+        source = as_source(model, shapes, trust_pickle=trust_pickle)
         reference = ("torch", lambda: source.reference)
         if inputs is None:
             return _verify(artifact, reference, source.example_inputs, "example", rtol, atol)

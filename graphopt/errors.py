@@ -10,6 +10,7 @@ __all__ = [
     "InputError",
     "VerificationError",
     "ArtifactError",
+    "CompileError",
 ]
 
 
@@ -50,3 +51,11 @@ class VerificationError(GraphoptError):
 
 class ArtifactError(GraphoptError):
     """An artifact file that is missing, not a graphopt artifact, or not runnable here."""
+
+
+class CompileError(GraphoptError):
+    """TVM failed to lower or build a model graphopt accepted (a limitation to report).
+
+    The model passed every check graphopt makes up front, so this names the stage and
+    TVM's first line; ``--debug`` shows the whole traceback for a bug report.
+    """

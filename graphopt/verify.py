@@ -2,7 +2,9 @@
 
 For ONNX input the reference is onnxruntime (all graph optimizations off, so it computes
 the model as written). Outputs match when ``|actual - expected| <= atol + rtol * |expected|``
-element-wise (``numpy.allclose``), defaults ``rtol=1e-3``, ``atol=1e-4``.
+element-wise (``numpy.allclose``), defaults ``rtol=1e-3``, ``atol=1e-4``. NaN must meet
+NaN and an infinity the same infinity; the report counts such matches per output
+(``nonfinite_matched``) so a model that outputs NaN does not pass as "max |diff| 0".
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def compare(actual: dict, expected: dict, rtol: float, atol: float) -> dict:
                 bool(np.allclose(got, exp, rtol=rtol, atol=atol, equal_nan=True)) and same_nonfinite
             )
             entry.update(ok=ok, max_abs_diff=float(diff[finite].max()) if finite.any() else 0.0)
+            # NaN/inf equal on both sides pass, but "max |diff| 0" alone would hide them
+            both = ~np.isfinite(exp) & ~np.isfinite(got)
+            same = (np.isnan(exp) & np.isnan(got)) | (np.isinf(exp) & (got == exp))
+            if (both & same).any():
+                entry["nonfinite_matched"] = int((both & same).sum())
             if not ok:
                 tol = atol + rtol * np.abs(exp.astype(np.float64))
                 entry["mismatched"] = int(((diff > tol) | ~finite).sum())
