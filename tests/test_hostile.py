@@ -308,3 +308,10 @@ def test_a_broken_installed_plugin_can_be_switched_off(tmp_path, capsys, monkeyp
     monkeypatch.setenv("GRAPHOPT_NO_ENTRY_POINTS", "1")
     assert main(argv) == 0
     assert main(["passes"]) == 0
+
+
+def test_an_artifact_named_without_so_compiles_and_runs(tmp_path, capsys):
+    model = _save(tmp_path, _relu([1, 4]))
+    assert main(["compile", str(model), "-o", str(tmp_path / "model.art")]) == 0
+    assert main(["run", str(tmp_path / "model.art"), "--repeat", "2"]) == 0
+    assert "median" in capsys.readouterr().out

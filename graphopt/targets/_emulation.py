@@ -154,6 +154,10 @@ class EmulatedRunner:
     ) -> tuple[list[np.ndarray], list[float]]:
         with tempfile.TemporaryDirectory(prefix="graphopt-arm-") as tmp:
             tmp = Path(tmp)
+            # The runner's Module::LoadFromFile picks its loader by the file's suffix: a
+            # link named .so lets an artifact of any name (model.art) load.
+            library = tmp / "model.so"
+            library.symlink_to(self.artifact)
             lines = []
             for i, arr in enumerate(arrays):
                 arr = np.ascontiguousarray(arr)
@@ -168,7 +172,7 @@ class EmulatedRunner:
                 "-L",
                 str(SYSROOT),
                 str(self.kit / "runner"),
-                str(self.artifact),
+                str(library),
                 str(tmp / "spec.txt"),
                 str(tmp),
                 str(repeat),

@@ -409,7 +409,7 @@ def cannot_run_here(tvm_dict: dict) -> str | None:
 
 
 def load(path: Path):  # noqa: ANN201 - returns a runner
-    """Load a CUDA artifact into a Relax VM on GPU 0."""
+    """Load a CUDA artifact into Relax VMs on GPU 0 (as :func:`x86.load_native` does)."""
     import tvm
 
     arch = _artifact_arch(path)
@@ -425,12 +425,6 @@ def load(path: Path):  # noqa: ANN201 - returns a runner
             f"{path} is a CUDA artifact for {arch} and this GPU "
             f"({tvm.cuda(0).device_name}) is {here}: recompile with --arch {here}"
         )
-    dev = tvm.cuda(0)
-    try:
-        lib = tvm.runtime.load_module(str(path))
-        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-    except Exception as exc:
-        raise ArtifactError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     from graphopt.targets._runner import VMRunner
 
-    return VMRunner(vm, dev)
+    return VMRunner.open(path, tvm.cuda(0))

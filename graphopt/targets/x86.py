@@ -146,14 +146,11 @@ def load(path: Path):  # noqa: ANN201 - returns a runner
 
 
 def load_native(path: Path):  # noqa: ANN201 - returns a runner
-    """Load an artifact built for this host's own architecture into a CPU Relax VM."""
+    """Load an artifact built for this host's own architecture into CPU Relax VMs (any
+    file name: :func:`graphopt.targets._runner.load_library`)."""
     import tvm
 
     from graphopt.targets._runner import VMRunner, use_all_cores
 
     use_all_cores()
-    try:
-        lib = tvm.runtime.load_module(str(path))
-    except Exception as exc:
-        raise ArtifactError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
-    return VMRunner(tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()), tvm.cpu())
+    return VMRunner.open(path, tvm.cpu())

@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from onnx import helper
@@ -48,3 +50,28 @@ def test_one_thread_per_physical_core(artifact):
 def test_a_thread_count_the_user_set_is_kept(artifact):
     assert _threads(artifact.path, TVM_NUM_THREADS="1") == 1
     assert _threads(artifact.path, OMP_NUM_THREADS="1") == 1
+
+
+def test_emulation_hands_its_runner_a_so_name(tmp_path, monkeypatch):
+    # The aarch64 runner's Module::LoadFromFile picks its loader by the file's suffix, so
+    # graphopt passes it a link named .so to the artifact (model.art). No qemu needed:
+    # the runner's command is caught where it would start.
+    from graphopt.targets import _emulation
+
+    artifact = tmp_path / "model.art"
+    artifact.write_bytes(b"the library")
+    monkeypatch.setattr(_emulation, "ensure_kit", lambda: tmp_path)
+    monkeypatch.setattr(_emulation, "_need", lambda tool, _package: tool)
+    seen = {}
+
+    def fake_run(cmd, **_kwargs):
+        _qemu, _l, _sysroot, _runner, library, _spec, outdir, _repeat = cmd
+        seen.update(name=Path(library).name, data=Path(library).read_bytes())
+        (Path(outdir) / "out0.txt").write_text("2 32 1 3")  # float32, shape (1, 3)
+        (Path(outdir) / "out0.bin").write_bytes(np.arange(3, dtype=np.float32).tobytes())
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(_emulation.subprocess, "run", fake_run)
+    outs = _emulation.EmulatedRunner(artifact).run([np.zeros((1, 4), np.float32)])
+    assert seen == {"name": "model.so", "data": b"the library"}
+    np.testing.assert_array_equal(outs[0], [[0, 1, 2]])
