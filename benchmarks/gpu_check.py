@@ -26,7 +26,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphopt  # noqa: E402
-from graphopt import targets, zoo  # noqa: E402
+from graphopt import zoo  # noqa: E402
 from graphopt.errors import GraphoptError  # noqa: E402
 from graphopt.targets import TargetSpec, cuda  # noqa: E402
 
@@ -101,7 +101,6 @@ def main() -> None:
         fail("no CUDA GPU (or no NVIDIA driver) on this machine: gpu_check needs one")
     if cuda.nvcc_path() is None:
         fail("nvcc not found: install the CUDA toolkit or put its bin/ on PATH")
-    targets.TARGETS.setdefault(cuda.NAME, cuda)  # until the lead's table names it
 
     import tvm
 

@@ -29,7 +29,7 @@ def scheduled_module(
     _, graph, _ = prepare(build(name))
     spec = resolve("x86")
     target = tvm.target.Target(spec.tvm)
-    phases = spec.module.phases(target, layout=layout)
+    phases = spec.target.phases(target, layout)
     seq = [p for key in ("library_dispatch", "layout", "legalize", "schedule") for p in phases[key]]
     with target:
         mod = tvm.transform.Sequential(seq)(to_relax(graph))

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import ArtifactError, InputError
+from graphopt.targets import target_named
+from graphopt.verify import random_inputs
 
 __all__ = [
     "Artifact",
@@ -185,12 +187,10 @@ class Artifact:
             if self._closed:
                 raise ArtifactError(f"{self.path} is closed")
             if self._runner is None:
-                from graphopt.targets import module_for
-
-                module = module_for(self.manifest["target"]["name"])
+                target = target_named(self.manifest["target"]["name"])
                 if self._check:  # before any of its code loads
                     check_library(self.path, self.manifest)
-                self._runner = module.load(self.path)
+                self._runner = target.load(self.path, self.manifest)
             return self._runner
 
     def close(self) -> None:
@@ -248,24 +248,6 @@ class Artifact:
             Path(tmp).unlink(missing_ok=True)
             raise
         return Artifact(path, self.manifest)
-
-
-def random_inputs(specs: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs: standard normal floats, small non-negative ints, random bools."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in specs:
-        dtype = np.dtype(spec["dtype"])
-        shape = tuple(spec["shape"])
-        if dtype.kind == "f":
-            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            out[spec["name"]] = rng.integers(0, 10, shape).astype(dtype)
-        elif dtype.kind == "b":
-            out[spec["name"]] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            raise InputError(f"cannot make random inputs of dtype {dtype} for {spec['name']!r}")
-    return out
 
 
 def load(path: str | os.PathLike) -> Artifact:

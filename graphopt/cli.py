@@ -510,13 +510,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_targets(args: argparse.Namespace) -> int:
     from graphopt.targets import TARGETS
 
-    for name, module in TARGETS.items():
-        print(f"{name:6} {module.DESCRIPTION}")
-        for option, doc in module.OPTIONS.items():
+    for name, target in TARGETS.items():
+        print(f"{name:6} {target.description}")
+        for option, doc in target.options.items():
             print(f"         --{option}: {doc}")
         print("         --layout:")
-        for layout in module.LAYOUTS.values():
-            default = " (default)" if layout.name == module.DEFAULT_LAYOUT else ""
+        for layout in target.layouts.values():
+            default = " (default)" if layout.name == target.default_layout else ""
             print(f"           {layout.name + default:16} {layout.description}")
     return 0
 

@@ -50,7 +50,7 @@ from graphopt.lower import unsupported_nodes
 from graphopt.passes import Pass, default_passes, run_passes
 from graphopt.passes._draw import require_dot, write_svg
 from graphopt.passes._dump import IRDumper
-from graphopt.targets import TargetSpec, check_layout, resolve
+from graphopt.targets import TargetSpec, build, check_layout, resolve, tvm_version
 from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare, onnxruntime_reference
 
 __all__ = ["compile", "prepare", "check_sizes"]
@@ -331,22 +331,22 @@ def compile(  # noqa: A001 - the public name users expect
             Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
         tuning = {} if tuning_db is not None else None
         with _stage(f"build the model for {spec.name}"):
-            executable = _build(mod, spec, layout, db, tuning)
+            executable = build(mod, spec, layout, _schedule_passes(db, tuning))
         compile_seconds = time.perf_counter() - start
         chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
         say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
 
         with _stage(f"export the library for {spec.name}"):
-            spec.module.export(executable, tmp)
+            spec.target.export(executable, tmp)
         _set_mode(tmp)
         manifest = {
             "format": "graphopt-artifact/2",  # 2: the library checksum
             "graphopt_version": graphopt.__version__,
-            "tvm_version": _tvm_version(),
+            "tvm_version": tvm_version(),
             "target": {
                 "name": spec.name,
                 "tvm": spec.tvm,
-                "features": _features(spec),
+                "features": spec.target.features(spec.tvm),
                 "layout": layout,
             },
             "inputs": [_spec(graph, n, n) for n in graph.inputs],
@@ -360,7 +360,7 @@ def compile(  # noqa: A001 - the public name users expect
             "library": library_digest(tmp),  # checked before every load
         }
         artifact = Artifact(tmp, manifest, check=False)  # not sealed yet
-        blocked = getattr(spec.module, "cannot_run_here", lambda _tvm: None)(spec.tvm)
+        blocked = spec.target.cannot_run_here(spec.tvm)
         if verify and blocked:  # e.g. CUDA compiled on a machine without a GPU
             manifest["verification"] = {"status": "not-run", "reason": blocked}
             say(f"verification NOT RUN: {blocked}; run `graphopt verify` where it can run")
@@ -407,33 +407,23 @@ def compile(  # noqa: A001 - the public name users expect
 def _open_tuning_db(path, spec: TargetSpec):  # noqa: ANN001, ANN202
     if path is None:
         return None
-    import inspect
-
-    if "tuning_db" not in inspect.signature(spec.module.phases).parameters:
+    if not spec.target.tunable:
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
+    # MetaSchedule is heavy: imported only when a database is used
     from graphopt.tuning import open_database
 
     return open_database(path, spec)
 
 
-def _build(mod, spec: TargetSpec, layout: str, tuning_db=None, tuning: dict | None = None):  # noqa: ANN001, ANN202
-    import tvm
-
-    target = tvm.target.Target(spec.tvm)
+def _schedule_passes(tuning_db, tuning: dict | None) -> list:  # noqa: ANN001
+    """The tuning database's pass, handed to the target's schedule phase: kernels with a
+    record use it (``tuning`` gets which), the target's default schedules do the rest."""
     if tuning_db is None:
-        phases = spec.module.phases(target, layout=layout)
-    else:  # kernels with a record use it; the target's default schedules do the rest
-        tuning.update(database=str(tuning_db.path), from_database={}, default=[])
-        phases = spec.module.phases(
-            target, layout=layout, tuning_db=tuning_db, tuning_report=tuning
-        )
+        return []
+    from graphopt.tuning import ApplyTuningDatabase
 
-    @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")
-    def pipeline(m, _ctx):  # noqa: ANN001, ANN202
-        with target:
-            return tvm.transform.Sequential([p for ps in phases.values() for p in ps])(m)
-
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    tuning.update(database=str(tuning_db.path), from_database={}, default=[])
+    return [ApplyTuningDatabase(tuning_db, tuning)]
 
 
 def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, atol: float) -> dict:  # noqa: ANN001
@@ -482,11 +472,6 @@ def nonfinite_note(report: dict) -> str:
     return f", {n} NaN/inf value(s) equal on both sides (not compared)" if n else ""
 
 
-def _features(spec: TargetSpec) -> list[str]:
-    describe = getattr(spec.module, "features", None)
-    return describe(spec.tvm) if describe else []
-
-
 def _spec(graph: Graph, value: str, name: str) -> dict:
     v = graph.values[value]
     return {"name": name, "shape": [int(d) for d in v.shape], "dtype": v.dtype}
@@ -513,12 +498,6 @@ def _source_entry(model, source, graph: Graph) -> dict:  # noqa: ANN001
         "format": "torch",
         "torch_version": torch.__version__,
     }
-
-
-def _tvm_version() -> str:
-    import tvm
-
-    return tvm.__version__
 
 
 _ = graph_to_onnx  # re-exported for dumps by callers of prepare()

@@ -1,4 +1,8 @@
-"""Check an artifact's numbers against a reference implementation.
+"""Check an artifact's numbers against a reference implementation, on inputs made here.
+
+``random_inputs`` makes the seeded inputs verification (and ``graphopt run``) uses when
+the user gives none. This module sits low: it imports no other graphopt module but the
+errors, so frontends may use it.
 
 For ONNX input the reference is onnxruntime (all graph optimizations off, so it computes
 the model as written). Outputs match when ``|actual - expected| <= atol + rtol * |expected|``
@@ -14,7 +18,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "compare", "onnxruntime_reference"]
+from graphopt.errors import InputError
+
+__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "compare", "onnxruntime_reference", "random_inputs"]
 
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
@@ -78,3 +84,21 @@ def compare(actual: dict, expected: dict, rtol: float, atol: float) -> dict:
         "outputs": outputs,
         "first_mismatch": first_bad,
     }
+
+
+def random_inputs(specs: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal floats, small non-negative ints, random bools."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in specs:
+        dtype = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        if dtype.kind == "f":
+            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            out[spec["name"]] = rng.integers(0, 10, shape).astype(dtype)
+        elif dtype.kind == "b":
+            out[spec["name"]] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            raise InputError(f"cannot make random inputs of dtype {dtype} for {spec['name']!r}")
+    return out

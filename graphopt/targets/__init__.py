@@ -1,25 +1,36 @@
 """Compilation targets: one module per target, one table that names them.
 
-Each target module provides ``NAME``, ``DESCRIPTION``, ``OPTIONS`` (option -> help),
-``LAYOUTS`` (layout name -> :class:`~graphopt.targets._layout.Layout`, its default
-first, also named by ``DEFAULT_LAYOUT``), ``tvm_target(**options)``,
-``phases(target, layout)`` (Relax pass lists per phase, in the shape of TVM's
-``relax/backend/<target>/pipeline.py``), ``export(executable, path)`` and ``load(path)``.
-``TARGETS`` maps names to modules; nothing else in graphopt branches on target names.
+Each target module defines ``TARGET``, a :class:`~graphopt.targets._contract.Target`
+record: its name, options, layouts (the default first), ``tvm_target(**options)``,
+``phases(target, layout, extra_schedule_passes)`` (Relax pass lists per phase, in the
+shape of TVM's ``relax/backend/<target>/pipeline.py``), ``export``, ``load`` and the
+optional parts with defaults (features, cross compiler, ``cannot_run_here``, tunable).
+``TARGETS`` maps names to those records; nothing else in graphopt branches on target
+names. :func:`build` runs a target's phases and ``tvm.compile``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 
 from graphopt.errors import TargetError
 from graphopt.targets import _layout, arm, cuda, x86
+from graphopt.targets._contract import Target
 
-__all__ = ["TARGETS", "TargetSpec", "resolve", "module_for", "check_layout"]
+__all__ = [
+    "TARGETS",
+    "Target",
+    "TargetSpec",
+    "resolve",
+    "target_named",
+    "check_layout",
+    "build",
+    "tvm_version",
+]
 
-TARGETS: dict[str, ModuleType] = {x86.NAME: x86, arm.NAME: arm, cuda.NAME: cuda}
+TARGETS: dict[str, Target] = {t.name: t for t in (x86.TARGET, arm.TARGET, cuda.TARGET)}
 
 
 @dataclass(frozen=True)
@@ -30,11 +41,11 @@ class TargetSpec:
     tvm: dict = field(default_factory=dict)
 
     @property
-    def module(self) -> ModuleType:
-        return TARGETS[self.name]
+    def target(self) -> Target:
+        return target_named(self.name)
 
 
-def module_for(name: str) -> ModuleType:
+def target_named(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
@@ -53,23 +64,46 @@ def resolve(spec: str | dict, **options) -> TargetSpec:
             raise TargetError(
                 f"with a TVM target dict, put {', '.join(sorted(options))} in the dict itself"
             )
-        for name, module in TARGETS.items():
-            if module.accepts(spec):
-                return TargetSpec(name, module.check_tvm_dict(spec))
+        for name, target in TARGETS.items():
+            if target.accepts(spec):
+                return TargetSpec(name, target.check_tvm_dict(spec))
         raise TargetError(
             f"no graphopt target accepts TVM target {json.dumps(spec)}; "
             f"available: {', '.join(TARGETS)}"
         )
     if not isinstance(spec, str):
         raise TargetError(f"target must be a name or a dict, got {type(spec).__name__}")
-    module = module_for(spec)
-    unknown = sorted(set(options) - set(module.OPTIONS))
+    target = target_named(spec)
+    unknown = sorted(set(options) - set(target.options))
     if unknown:
         raise TargetError(f"target {spec!r} has no option(s) {', '.join(unknown)}")
-    return TargetSpec(module.NAME, module.tvm_target(**options))
+    return TargetSpec(target.name, target.tvm_target(**options))
 
 
 def check_layout(spec: TargetSpec, layout: str | None) -> str:
     """The layout name ``spec``'s target compiles with: ``layout`` if the target offers
     it, its default when None; else a :class:`TargetError` naming what it offers."""
-    return _layout.choose(spec.name, spec.module.LAYOUTS, layout).name
+    return _layout.choose(spec.name, spec.target.layouts, layout).name
+
+
+def build(mod, spec: TargetSpec, layout: str, extra_schedule_passes: Sequence = ()):  # noqa: ANN001, ANN201
+    """``tvm.compile`` of a Relax module with ``spec``'s phases in ``layout``; the caller's
+    ``extra_schedule_passes`` (a tuning database's) schedule first. Returns the VM
+    executable ``spec.target.export`` writes."""
+    import tvm
+
+    target = tvm.target.Target(spec.tvm)
+    phases = spec.target.phases(target, layout, extra_schedule_passes)
+
+    @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")
+    def pipeline(m, _ctx):  # noqa: ANN001, ANN202
+        with target:
+            return tvm.transform.Sequential([p for ps in phases.values() for p in ps])(m)
+
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__

@@ -4,22 +4,25 @@ Artifacts link with the aarch64 cross toolchain (Debian ``g++-aarch64-linux-gnu`
 aarch64 host they run natively; on x86 they run under QEMU user-mode emulation
 (Debian ``qemu-user``) through graphopt's small C++ runner, cross-built against the
 aarch64 TVM runtime from the ``apache-tvm``/``apache-tvm-ffi`` PyPI wheels (see
-:mod:`graphopt.targets._emulation`). The Relax pipeline is the CPU one (x86's phases);
-vector widths come from the target. The default layout is NHWC (``LAYOUTS``), the one
-ARM's own libraries (Compute Library, XNNPACK) use: channels innermost, so a conv's
-register tile reads contiguous input channels and NEON-wide weight blocks
-(:mod:`graphopt.targets._cpu_nhwc`). Not yet timed on a device (emulated latencies mean
-nothing); ``--layout nchwc`` compiles the x86 default instead.
+:mod:`graphopt.targets._emulation`). The Relax pipeline is the CPU one x86 uses too
+(:mod:`graphopt.targets._cpu`); vector widths come from the target. The default layout
+is NHWC (``LAYOUTS``), the one ARM's own libraries (Compute Library, XNNPACK) use:
+channels innermost, so a conv's register tile reads contiguous input channels and
+NEON-wide weight blocks (:mod:`graphopt.targets._cpu_nhwc`). Not yet timed on a device
+(emulated latencies mean nothing); ``--layout nchwc`` compiles the x86 default instead.
 """
 
 from __future__ import annotations
 
 import platform
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from graphopt.errors import TargetError
-from graphopt.targets import _layout
+from graphopt.targets import _cpu, _layout
+from graphopt.targets._contract import Target
+from graphopt.targets._emulation import EmulatedRunner
 
 NAME = "arm"
 DESCRIPTION = "aarch64 Linux with NEON via LLVM, cross-compiled; runs under qemu-user on x86"
@@ -51,29 +54,14 @@ def accepts(tvm_dict: dict) -> bool:
     return tvm_dict.get("kind") == "llvm" and triple.startswith(("aarch64", "arm64"))
 
 
-def check_tvm_dict(tvm_dict: dict) -> dict:
-    from graphopt.targets import x86
-
-    return x86.check_tvm_dict(tvm_dict)
-
-
 def phases(
     target,  # noqa: ANN001 - tvm.target.Target
     layout: str | None = None,
-    tuning_db=None,  # noqa: ANN001
-    tuning_report=None,  # noqa: ANN001
+    extra_schedule_passes: Sequence = (),
 ) -> dict[str, list]:
-    """The CPU pipeline (see x86.phases) in ``layout`` (default ``DEFAULT_LAYOUT``);
-    NEON widths follow from ``target``."""
-    from graphopt.targets import x86
-
-    return x86.cpu_phases(target, _layout.choose(NAME, LAYOUTS, layout), tuning_db, tuning_report)
-
-
-def features(tvm_dict: dict) -> list[str]:
-    from graphopt.targets import x86
-
-    return x86.features(tvm_dict)
+    """The CPU pipeline (:func:`graphopt.targets._cpu.cpu_phases`) in ``layout`` (default
+    ``DEFAULT_LAYOUT``); NEON widths follow from ``target``."""
+    return _cpu.cpu_phases(target, _layout.choose(NAME, LAYOUTS, layout), extra_schedule_passes)
 
 
 def cross_compiler() -> str:
@@ -92,12 +80,25 @@ def export(executable, path: Path) -> None:  # noqa: ANN001 - tvm VMExecutable
     executable.export_library(str(path), fcompile=cc.cross_compiler(cross_compiler()))
 
 
-def load(path: Path):  # noqa: ANN201 - returns a runner
+def load(path: Path, _manifest: dict | None = None):  # noqa: ANN201 - returns a runner
     """Native on aarch64; elsewhere under qemu-user (or a clear error saying how)."""
     if platform.machine().lower() in _ARM_MACHINES:
-        from graphopt.targets import x86
-
-        return x86.load_native(path)
-    from graphopt.targets._emulation import EmulatedRunner
-
+        return _cpu.load_native(path)
     return EmulatedRunner(Path(path))
+
+
+TARGET = Target(
+    name=NAME,
+    description=DESCRIPTION,
+    options=OPTIONS,
+    layouts=LAYOUTS,
+    tvm_target=tvm_target,
+    accepts=accepts,
+    check_tvm_dict=_cpu.check_tvm_dict,
+    phases=phases,
+    export=export,
+    load=load,
+    features=_cpu.features,
+    cross_compiler=cross_compiler,
+    tunable=True,
+)

@@ -23,11 +23,14 @@ import re
 import shutil
 import struct
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from graphopt.errors import ArtifactError, TargetError
 from graphopt.targets import _layout
+from graphopt.targets._contract import Target
 from graphopt.targets._phases import dataflow_lower_passes, finalize_passes
+from graphopt.targets._runner import VMRunner
 
 __all__ = [
     "NAME",
@@ -155,10 +158,15 @@ def _target_arch(target) -> str:  # noqa: ANN001 - tvm.target.Target
     return str(target.attrs.get("arch", "")) or DEFAULT_ARCH
 
 
-def phases(target, layout: str | None = None) -> dict[str, list]:  # noqa: ANN001 - tvm Target
+def phases(
+    target,  # noqa: ANN001 - tvm.target.Target
+    layout: str | None = None,
+    extra_schedule_passes: Sequence = (),
+) -> dict[str, list]:
     """Relax passes per phase; see TVM's relax/backend/cuda/pipeline.py for the originals.
 
-    ``layout``: a name from ``LAYOUTS`` (default ``DEFAULT_LAYOUT``).
+    ``layout``: a name from ``LAYOUTS`` (default ``DEFAULT_LAYOUT``);
+    ``extra_schedule_passes`` run first in the schedule phase.
     """
     from tvm import relax
     from tvm.s_tir import dlight as dl
@@ -183,6 +191,7 @@ def phases(target, layout: str | None = None) -> dict[str, list]:  # noqa: ANN00
         # After FuseTIR, so epilogues are scheduled with their producer. The first rule
         # that fits a kernel wins; then every kernel must be bound to GPU threads.
         "schedule": [
+            *extra_schedule_passes,
             dl.ApplyDefaultSchedule(*gpu.default_rules()),
             gpu.RequireThreadBinding(),
         ],
@@ -388,15 +397,6 @@ def fatbin_entries(data: bytes) -> list[tuple[str, str]]:
 # ---- load -------------------------------------------------------------------------
 
 
-def _artifact_arch(path: Path) -> str:
-    from graphopt.artifact import read_manifest
-
-    try:
-        return str(read_manifest(path)["target"]["tvm"].get("arch", "unknown arch"))
-    except (ArtifactError, KeyError, TypeError):
-        return "unknown arch"
-
-
 def cannot_run_here(tvm_dict: dict) -> str | None:
     """Why an artifact for ``tvm_dict`` cannot run on this machine (None when it can)."""
     here = local_arch()
@@ -408,11 +408,12 @@ def cannot_run_here(tvm_dict: dict) -> str | None:
     return None
 
 
-def load(path: Path):  # noqa: ANN201 - returns a runner
-    """Load a CUDA artifact into Relax VMs on GPU 0 (as :func:`x86.load_native` does)."""
+def load(path: Path, manifest: dict):  # noqa: ANN201 - returns a runner
+    """Load a CUDA artifact into Relax VMs on GPU 0, after checking that this machine's
+    GPU runs the arch its ``manifest`` records."""
     import tvm
 
-    arch = _artifact_arch(path)
+    arch = str(manifest.get("target", {}).get("tvm", {}).get("arch", "unknown arch"))
     here = local_arch()
     if here is None:
         raise ArtifactError(
@@ -425,6 +426,20 @@ def load(path: Path):  # noqa: ANN201 - returns a runner
             f"{path} is a CUDA artifact for {arch} and this GPU "
             f"({tvm.cuda(0).device_name}) is {here}: recompile with --arch {here}"
         )
-    from graphopt.targets._runner import VMRunner
-
     return VMRunner.open(path, tvm.cuda(0))
+
+
+TARGET = Target(
+    name=NAME,
+    description=DESCRIPTION,
+    options=OPTIONS,
+    layouts=LAYOUTS,
+    tvm_target=tvm_target,
+    accepts=accepts,
+    check_tvm_dict=check_tvm_dict,
+    phases=phases,
+    export=export,
+    load=load,
+    features=features,
+    cannot_run_here=cannot_run_here,
+)

@@ -40,7 +40,7 @@ class Task:
 def phases_before_schedule(spec, target, layout: str | None = None) -> list:  # noqa: ANN001 - TargetSpec, tvm Target
     """The target's Relax passes (in ``layout``) that run before its ``schedule`` phase."""
     passes = []
-    for name, phase in spec.module.phases(target, layout=layout).items():
+    for name, phase in spec.target.phases(target, layout).items():
         if name == "schedule":
             return passes
         passes.extend(phase)

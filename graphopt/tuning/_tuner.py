@@ -299,7 +299,7 @@ def _default_scheduled(task: Task, spec, target, layout: str) -> tvm.IRModule:  
     gvar = tvm.ir.GlobalVar(task.name)
     mod = tvm.IRModule({gvar: task.func})
     with target:
-        schedule = spec.module.phases(target, layout=layout)["schedule"]
+        schedule = spec.target.phases(target, layout)["schedule"]
         mod = tvm.transform.Sequential(schedule)(mod)
     return workload_mod(mod[gvar])
 
@@ -391,7 +391,7 @@ def tune(
             f"{todo} trial(s) to run; database {db_path}"
         )
 
-        cross = getattr(spec.module, "cross_compiler", None)
+        cross = spec.target.cross_compiler
         # builds and measurements alternate, so builds may use every core (~0.5 GB each)
         builder = PersistentBuilder(
             max_workers=max(1, min(os.cpu_count() or 1, 4)),

@@ -34,7 +34,7 @@ _UP_TO_SCHEDULE = ("library_dispatch", "layout", "legalize", "schedule")
 def _scheduled(model: onnx.ModelProto, target_name: str = "x86", layout: str = "nhwc"):  # noqa: ANN202
     spec = resolve(target_name)
     target = tvm.target.Target(spec.tvm)
-    phases = spec.module.phases(target, layout=layout)
+    phases = spec.target.phases(target, layout)
     mod = to_relax(prepare(model)[1])
     with target:
         for name in _UP_TO_SCHEDULE:

@@ -32,7 +32,7 @@ def _scheduled_module(model: onnx.ModelProto) -> tvm.IRModule:
     _, graph, _ = prepare(model)
     mod = to_relax(graph)
     target = tvm.target.Target(spec.tvm)
-    phases = spec.module.phases(target)
+    phases = spec.target.phases(target, None)
     with target:
         for name in _UP_TO_SCHEDULE:
             mod = tvm.transform.Sequential(phases[name])(mod)
@@ -269,7 +269,7 @@ def _conv_layouts(model: onnx.ModelProto) -> list[str]:
     _, graph, _ = prepare(model)
     target = tvm.target.Target(spec.tvm)
     with target:
-        mod = tvm.transform.Sequential(spec.module.phases(target)["layout"])(to_relax(graph))
+        mod = tvm.transform.Sequential(spec.target.phases(target, None)["layout"])(to_relax(graph))
     found = []
 
     def visit(expr) -> None:  # noqa: ANN001

@@ -36,7 +36,7 @@ def _has_gpu() -> bool:
 @pytest.fixture(scope="module", autouse=True)
 def cuda_registered():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(targets.TARGETS, "cuda", cuda)
+        mp.setitem(targets.TARGETS, "cuda", cuda.TARGET)
         yield
 
 

@@ -33,7 +33,7 @@ def _target(name: str):  # noqa: ANN202
 def _through(model, target_name: str, layout: str | None, phase_names) -> tvm.IRModule:  # noqa: ANN001
     """``model`` lowered, then through the named phases of the target in ``layout``."""
     target = _target(target_name)
-    phases = TARGETS[target_name].phases(target, layout=layout)
+    phases = TARGETS[target_name].phases(target, layout, ())
     mod = to_relax(prepare(model)[1])
     with target:
         for name in phase_names:
@@ -73,10 +73,10 @@ def _runtime_transforms(mod: tvm.IRModule) -> list[relax.Call]:
 # --- the tables -----------------------------------------------------------------------------
 def test_every_target_lists_its_layouts_default_first() -> None:
     expected = {"x86": "nchwc", "arm": "nhwc", "cuda": "nhwc"}
-    for name, module in TARGETS.items():
-        assert module.DEFAULT_LAYOUT == next(iter(module.LAYOUTS)) == expected[name]
-        assert set(module.LAYOUTS) <= set(_layout.LAYOUT_NAMES)
-        assert "nchw" in module.LAYOUTS and "nhwc" in module.LAYOUTS
+    for name, target in TARGETS.items():
+        assert target.default_layout == next(iter(target.layouts)) == expected[name]
+        assert set(target.layouts) <= set(_layout.LAYOUT_NAMES)
+        assert "nchw" in target.layouts and "nhwc" in target.layouts
     assert "nchwc" not in cuda.LAYOUTS
 
 
