@@ -16,8 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from graphopt.compiler import prepare
 from graphopt.lower import to_relax
+from graphopt.prepare import prepare
 from graphopt.targets import resolve
 from graphopt.targets._runner import use_all_cores
 from graphopt.zoo import build

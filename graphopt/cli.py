@@ -15,8 +15,27 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from graphopt.errors import GraphoptError
+import graphopt
+from graphopt import zoo
+from graphopt.artifact import MAGIC, check_library, load_npz, read_manifest
+from graphopt.compiler import nonfinite_note, verification_line, verify
+from graphopt.errors import GraphoptError, VerificationError
+from graphopt.lower import unsupported_nodes
+from graphopt.passes import (
+    DEFAULT_PIPELINE,
+    PASSES,
+    build_pipeline,
+    default_passes,
+    pass_options,
+    registry,
+    run_passes,
+)
+from graphopt.passes._draw import write_svg
+from graphopt.prepare import load_model
+from graphopt.targets import TARGETS
+from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["main"]
 
@@ -35,7 +54,6 @@ def _add_input_shape(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tolerances(p: argparse.ArgumentParser) -> None:
-    from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
@@ -187,7 +205,6 @@ def _entry_points_on(args: argparse.Namespace) -> bool:
 
 
 def _pipeline(args: argparse.Namespace) -> list:
-    from graphopt.passes import build_pipeline, registry
 
     table = registry(args.pass_plugin, entry_points=_entry_points_on(args))
     return build_pipeline(args.passes, table, args.disable_pass)
@@ -208,7 +225,6 @@ def _source_of(cls: type) -> str:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from graphopt.passes import DEFAULT_PIPELINE, PASSES, pass_options, registry
 
     table = registry(args.pass_plugin, entry_points=_entry_points_on(args))
     print(f"default pipeline: {','.join(DEFAULT_PIPELINE)}")
@@ -226,9 +242,6 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    import graphopt
-    from graphopt.artifact import load_npz
-    from graphopt.compiler import nonfinite_note
 
     out = Path(args.output) if args.output else Path(Path(args.model).stem + ".so")
     given = {"cpu": args.cpu, "triple": args.triple, "arch": args.arch}
@@ -326,6 +339,7 @@ def _add_tune_parser(sub) -> None:  # noqa: ANN001
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    # MetaSchedule takes seconds to import (and imports torch): only for this command
     from graphopt.tuning import ProgressPrinter, format_report, tune
 
     given = {"cpu": args.cpu, "triple": args.triple}
@@ -361,8 +375,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import graphopt
-    from graphopt.artifact import load_npz
 
     if args.repeat < 1:
         raise GraphoptError("--repeat must be at least 1")
@@ -390,7 +402,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from graphopt.artifact import MAGIC, check_library, read_manifest
 
     path = Path(args.model)
     if path.is_file() and path.stat().st_size > len(MAGIC):
@@ -402,23 +413,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 shown = {**manifest, "library_check": "ok: the library's sha256 matches"}
                 print(json.dumps(shown, indent=1))
                 return 0
-    from graphopt.frontends import is_torch_model
-    from graphopt.frontends.onnx import onnx_to_graph, parse_input_shapes
-    from graphopt.lower import unsupported_nodes
-    from graphopt.passes import default_passes, run_passes
 
-    shapes = parse_input_shapes(args.input_shape)
-    if is_torch_model(str(path)):
-        from graphopt.frontends.torch import as_source
-
-        graph = as_source(str(path), shapes, trust_pickle=args.trust_pickle).graph.copy()
-    else:
-        graph = onnx_to_graph(path, shapes, require_static=False)
+    _, graph = load_model(
+        path, args.input_shape, trust_pickle=args.trust_pickle, require_static=False
+    )
     graph.output_names = list(graph.outputs)
     ops = graph.op_counts()
     if args.svg:
-        from graphopt.passes._draw import write_svg
-
         write_svg(graph, args.svg, title=f"{path.name} as imported")
     graph, _ = run_passes(graph, default_passes())
     bad = unsupported_nodes(graph)
@@ -468,9 +469,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
-    import onnx
-
-    from graphopt import zoo
 
     if not args.name:
         for name, doc in zoo.DESCRIPTIONS.items():
@@ -484,9 +482,6 @@ def _cmd_example(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from graphopt.artifact import load_npz
-    from graphopt.compiler import _verification_line, verify
-    from graphopt.errors import VerificationError
 
     inputs = load_npz(args.inputs) if args.inputs else None
     report = verify(
@@ -497,7 +492,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         atol=args.atol,
         trust_pickle=args.trust_pickle,
     )
-    print(f"{args.artifact}: {_verification_line(report)}")
+    print(f"{args.artifact}: {verification_line(report)}")
     if not report["ok"]:
         bad = report["first_mismatch"]
         raise VerificationError(
@@ -508,7 +503,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from graphopt.targets import TARGETS
 
     for name, target in TARGETS.items():
         print(f"{name:6} {target.description}")
@@ -556,8 +550,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.version:
-        import graphopt
-
         print(f"graphopt {graphopt.__version__}")
         return 0
     if not args.command:

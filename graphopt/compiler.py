@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import tempfile
 import time
@@ -37,117 +36,16 @@ from graphopt.errors import (
     ArtifactError,
     CompileError,
     GraphoptError,
-    InputError,
-    ModelLoadError,
     TargetError,
-    UnsupportedOpsError,
     VerificationError,
 )
-from graphopt.frontends import is_torch_model
-from graphopt.frontends.onnx import graph_to_onnx, load_onnx, onnx_to_graph, parse_input_shapes
 from graphopt.ir import Graph
-from graphopt.lower import unsupported_nodes
-from graphopt.passes import Pass, default_passes, run_passes
-from graphopt.passes._draw import require_dot, write_svg
-from graphopt.passes._dump import IRDumper
+from graphopt.passes import Pass
+from graphopt.prepare import check_sizes, load_model, prepare, reference_for
 from graphopt.targets import TargetSpec, build, check_layout, resolve, tvm_version
-from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare, onnxruntime_reference
+from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare
 
-__all__ = ["compile", "prepare", "check_sizes"]
-
-
-def _fixed_proto(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
-    """The user's model with the input shapes graphopt compiled for (for onnxruntime)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(proto)
-    shapes = {name: graph.values[name].shape for name in graph.inputs}
-    for inp in fixed.graph.input:
-        if inp.name in shapes:
-            dims = inp.type.tensor_type.shape
-            dims.ClearField("dim")
-            for d in shapes[inp.name]:
-                dims.dim.add().dim_value = d
-    return fixed
-
-
-def prepare(  # noqa: ANN201
-    model,  # noqa: ANN001
-    input_shapes=None,  # noqa: ANN001
-    passes: list[Pass] | None = None,
-    dump_ir: str | os.PathLike | None = None,
-    svg: str | os.PathLike | None = None,
-    *,
-    trust_pickle: bool = False,
-):
-    """Steps 1-3: return ``(source, graph, pass_records)`` or raise with every bad node.
-
-    ``dump_ir``: a directory for the graph before and after each pass
-    (:mod:`graphopt.passes._dump`); ``svg``: draw the graph after the passes there.
-
-    ``source`` is the checked ``onnx.ModelProto``, or for a torch model (a
-    ``graphopt.from_torch`` result, an ``ExportedProgram`` or a ``.pt2`` path) its
-    ``TorchSource``.
-    """
-    if is_torch_model(model):
-        from graphopt.frontends.torch import as_source
-
-        source = as_source(model, parse_input_shapes(input_shapes), trust_pickle=trust_pickle)
-        graph = source.graph.copy()  # passes rewrite in place; the source stays reusable
-    else:
-        source = load_onnx(model)
-        graph = onnx_to_graph(source, parse_input_shapes(input_shapes))
-    check_sizes(graph)  # before a pass folds a huge constant or TVM meets a negative dim
-    if svg is not None:
-        require_dot(svg)  # before any work
-    observe = IRDumper(dump_ir) if dump_ir is not None else None
-    if graph.output_names is None:
-        graph.output_names = list(graph.outputs)
-    graph, records = run_passes(
-        graph, default_passes() if passes is None else passes, observe=observe
-    )
-    if svg is not None:
-        write_svg(graph, svg, title=f"{graph.name} after {len(records)} passes")
-    bad = unsupported_nodes(graph)
-    if bad:
-        raise UnsupportedOpsError(bad)
-    return source, graph, records
-
-
-def check_sizes(graph: Graph, available: int | None = None) -> None:
-    """Refuse shapes no kernel can run: input dims below 1, negative dims anywhere, and
-    tensors that cannot fit in memory (``available`` bytes; default: what this machine
-    has free now), judged from the shapes ONNX shape inference gives every value."""
-    for name in graph.inputs:
-        shape = graph.values[name].shape or ()
-        if any(isinstance(d, int) and d < 1 for d in shape):
-            raise InputError(
-                f"input {name!r} has shape {tuple(shape)}: every dim must be at least 1 "
-                "(fix it in the model or with --input-shape)"
-            )
-    worst = None  # (bytes, name, shape)
-    for name, value in graph.values.items():
-        if value.shape is None or not value.is_static:
-            continue
-        if any(d < 0 for d in value.shape):
-            raise ModelLoadError(f"value {name!r} has a negative dim: shape {value.shape}")
-        try:
-            itemsize = np.dtype(value.dtype).itemsize
-        except TypeError:
-            continue
-        size = math.prod(value.shape) * itemsize
-        if worst is None or size > worst[0]:
-            worst = (size, name, value.shape)
-    if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().total
-    if worst is not None and worst[0] > available:
-        size, name, shape = worst
-        raise InputError(
-            f"value {name!r} of shape {tuple(shape)} needs {size / 2**30:.1f} GiB, more than "
-            f"this machine's {available / 2**30:.1f} GiB of memory; compile with smaller "
-            "input shapes (--input-shape)"
-        )
+__all__ = ["compile", "verify", "prepare", "check_sizes"]  # the last two: graphopt.prepare
 
 
 def _reserve_output(output, model) -> tuple[Path, Path, list[Path]]:  # noqa: ANN001
@@ -320,7 +218,6 @@ def compile(  # noqa: A001 - the public name users expect
         source, graph, records = prepare(
             model, input_shapes, passes, dump_ir=dump_ir, svg=svg, trust_pickle=trust_pickle
         )
-        from_onnx = isinstance(source, onnx.ModelProto)
         say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
 
         from graphopt.lower import to_relax
@@ -365,21 +262,10 @@ def compile(  # noqa: A001 - the public name users expect
             manifest["verification"] = {"status": "not-run", "reason": blocked}
             say(f"verification NOT RUN: {blocked}; run `graphopt verify` where it can run")
         elif verify:
-            if from_onnx:
-                reference = (
-                    "onnxruntime",
-                    lambda: onnxruntime_reference(_fixed_proto(source, graph)),
-                )
-                report = _verify(artifact, reference, verify_inputs, "user", rtol, atol)
-            elif verify_inputs is not None:
-                reference = ("torch", lambda: source.reference)
-                report = _verify(artifact, reference, verify_inputs, "user", rtol, atol)
-            else:  # the user's own example inputs (token ids in range, for one)
-                reference = ("torch", lambda: source.reference)
-                example = source.example_inputs
-                report = _verify(artifact, reference, example, "example", rtol, atol)
+            inputs, whose = _check_inputs_for(source, verify_inputs)
+            report = _verify(artifact, reference_for(source, graph), inputs, whose, rtol, atol)
             manifest["verification"] = report
-            say(_verification_line(report))
+            say(verification_line(report))
             if not report["ok"] and not keep_unverified:
                 bad = report["first_mismatch"]
                 detail = bad.get("reason") or (
@@ -456,7 +342,7 @@ def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, ato
     return report
 
 
-def _verification_line(report: dict) -> str:
+def verification_line(report: dict) -> str:
     worst = max((o.get("max_abs_diff", float("inf")) for o in report["outputs"]), default=0.0)
     status = "passed" if report["ok"] else "FAILED"
     return (
@@ -500,9 +386,6 @@ def _source_entry(model, source, graph: Graph) -> dict:  # noqa: ANN001
     }
 
 
-_ = graph_to_onnx  # re-exported for dumps by callers of prepare()
-
-
 def verify(
     artifact: Artifact | str | os.PathLike,
     model,  # noqa: ANN001 - what compile() took: ONNX path/ModelProto or a torch model
@@ -520,15 +403,16 @@ def verify(
     if not isinstance(artifact, Artifact):
         artifact = Artifact(artifact)
     shapes = {s["name"]: tuple(s["shape"]) for s in artifact.input_specs}
-    if is_torch_model(model):
-        from graphopt.frontends.torch import as_source
+    source, graph = load_model(model, shapes, trust_pickle=trust_pickle)
+    inputs, whose = _check_inputs_for(source, inputs)
+    return _verify(artifact, reference_for(source, graph), inputs, whose, rtol, atol)
 
-        source = as_source(model, shapes, trust_pickle=trust_pickle)
-        reference = ("torch", lambda: source.reference)
-        if inputs is None:
-            return _verify(artifact, reference, source.example_inputs, "example", rtol, atol)
-        return _verify(artifact, reference, inputs, "user", rtol, atol)
-    proto = load_onnx(model)
-    graph = onnx_to_graph(proto, shapes)
-    reference = ("onnxruntime", lambda: onnxruntime_reference(_fixed_proto(proto, graph)))
-    return _verify(artifact, reference, inputs, "user", rtol, atol)
+
+def _check_inputs_for(source, given: dict | None) -> tuple[dict | None, str]:  # noqa: ANN001
+    """The inputs verification uses and whose they are: the user's; else a torch model's
+    own example inputs (token ids in range, for one); else None, seeded random ones."""
+    if given is not None:
+        return given, "user"
+    if isinstance(source, onnx.ModelProto):
+        return None, "user"
+    return source.example_inputs, "example"

@@ -84,15 +84,15 @@ def test_failed_verification_leaves_existing_output_untouched(tmp_path, monkeypa
     out = tmp_path / "model.so"
     out.write_bytes(b"previous artifact")
 
-    import graphopt.compiler as compiler
+    import graphopt.prepare as prepare
 
-    real = compiler.onnxruntime_reference
+    real = prepare.onnxruntime_reference
 
     def off_by_one(proto):
         run = real(proto)
         return lambda inputs: {k: v + 1.0 for k, v in run(inputs).items()}
 
-    monkeypatch.setattr(compiler, "onnxruntime_reference", off_by_one)
+    monkeypatch.setattr(prepare, "onnxruntime_reference", off_by_one)
     with pytest.raises(VerificationError, match=r"output 'y'.*max \|diff\| 1"):
         graphopt.compile(tiny_model, "x86", out)
     assert out.read_bytes() == b"previous artifact"

@@ -21,6 +21,7 @@ from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RPCConf
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from graphopt.errors import GraphoptError
+from graphopt.targets._runner import use_all_cores
 
 __all__ = ["PersistentBuilder", "local_runner", "rpc_runner", "check_tracker", "RPCError"]
 
@@ -103,8 +104,6 @@ def local_runner(
 
     The workers inherit graphopt's thread count, so kernels are timed as artifacts run.
     """
-    from graphopt.targets._runner import use_all_cores
-
     use_all_cores()
     return LocalRunner(
         timeout_sec=timeout_sec, evaluator_config=_evaluator(number, repeat, min_repeat_ms)

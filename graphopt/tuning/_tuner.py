@@ -31,6 +31,9 @@ from tvm.s_tir.meta_schedule.builder import BuilderInput
 from tvm.s_tir.meta_schedule.runner import RunnerInput, RunnerResult
 
 from graphopt.errors import GraphoptError
+from graphopt.lower import to_relax
+from graphopt.prepare import prepare
+from graphopt.targets import check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError, workload_mod
 from graphopt.tuning._measure import (
     PersistentBuilder,
@@ -335,10 +338,6 @@ def tune(
     ``layout``: as for ``compile`` (the target's default when None); compile with the same
     layout to use what this tunes.
     """
-    from graphopt.compiler import prepare
-    from graphopt.lower import to_relax
-    from graphopt.targets import check_layout, resolve
-
     say = log or (lambda _msg: None)
     for flag, value in (("--trials", trials), ("--per-task", per_task)):
         if value is not None and value < 1:

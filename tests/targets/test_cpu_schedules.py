@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
-from graphopt.compiler import prepare  # noqa: E402
 from graphopt.lower import to_relax  # noqa: E402
+from graphopt.prepare import prepare  # noqa: E402
 from graphopt.targets import _cpu_schedules as cpu  # noqa: E402
 from graphopt.targets import resolve  # noqa: E402
 from graphopt.zoo import ZOO, build  # noqa: E402

@@ -195,8 +195,8 @@ def _fused_kernels(name: str, layout: str | None = None):
     """The model's PrimFuncs as the schedule phase sees them."""
     import tvm
 
-    from graphopt.compiler import prepare
     from graphopt.lower import to_relax
+    from graphopt.prepare import prepare
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
     phases = cuda.phases(target, layout=layout)

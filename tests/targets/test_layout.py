@@ -15,9 +15,9 @@ tvm = pytest.importorskip("tvm")
 import tvm_ffi  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt.compiler import prepare  # noqa: E402
 from graphopt.errors import TargetError  # noqa: E402
 from graphopt.lower import to_relax  # noqa: E402
+from graphopt.prepare import prepare  # noqa: E402
 from graphopt.targets import TARGETS, _layout, check_layout, cuda, resolve  # noqa: E402
 from tests.conftest import make_model, zoo_model  # noqa: E402
 
