@@ -24,7 +24,7 @@ __all__ = [
     "TorchImportError",
 ]
 
-_TORCH_NAMES = ("from_torch", "TorchSource", "TorchImportError")
+_TORCH_NAMES = ("from_torch", "TorchSource", "TorchImportError", "as_source")
 
 
 def is_torch_model(model: Any) -> bool:
@@ -38,6 +38,8 @@ def is_torch_model(model: Any) -> bool:
 
 
 def __getattr__(name: str) -> Any:
+    """The torch frontend's names, importing torch (seconds) only when one is asked for:
+    graphopt runs without torch installed."""
     if name in _TORCH_NAMES:
         from graphopt.frontends import torch as torch_frontend
 

@@ -29,8 +29,9 @@ sympy = pytest.importorskip("sympy")
 import graphopt  # noqa: E402
 from graphopt.cli import main  # noqa: E402
 from graphopt.errors import ModelLoadError  # noqa: E402
-from graphopt.frontends import torch as frontend  # noqa: E402
 from graphopt.frontends.torch import TorchImportError, load_pt2  # noqa: E402
+from graphopt.frontends.torch._quiet import TORCH_LOCK  # noqa: E402
+from graphopt.frontends.torch._safe_load import Guard, Refused, plain_sym_expr  # noqa: E402
 
 OPT_IN = "--trust-pickle"
 
@@ -298,7 +299,7 @@ def test_shape_expression_sympy_would_evaluate_is_refused(saved, tmp_path, marke
     ],
 )
 def test_only_plain_shape_expressions_reach_sympy(text):
-    assert not frontend._plain_sym_expr(text, {})
+    assert not plain_sym_expr(text, {})
 
 
 def test_shape_expressions_torch_writes_reach_sympy():
@@ -312,7 +313,7 @@ def test_shape_expressions_torch_writes_reach_sympy():
         *(sympy.Float(0.5) * s0, -sympy.oo, sympy.true, CeilToInt(ToFloat(s0) / 2)),
         sympy.And(sympy.Eq(s0, 2), sympy.Ne(s0, 3), s0 >= 2, sympy.Not(s0 < 5)),
     ]:
-        assert frontend._plain_sym_expr(_print_sympy(expr), names), _print_sympy(expr)
+        assert plain_sym_expr(_print_sympy(expr), names), _print_sympy(expr)
 
 
 def _gadget(directory: Path, marker: Path, monkeypatch) -> str:
@@ -465,9 +466,9 @@ def test_guard_is_per_thread_and_undone(saved, tmp_path, marker):
     originals = _patched_by_the_guard()
     data = pickle.dumps([1, 2])
     other: list[object] = []
-    with frontend._TORCH_LOCK, frontend._Guard(set()):
+    with TORCH_LOCK, Guard(set()):
         assert _patched_by_the_guard() != originals
-        with pytest.raises(frontend._Refused):
+        with pytest.raises(Refused):
             pickle.loads(data)
         thread = threading.Thread(target=lambda: other.append(pickle.loads(data)))
         thread.start()

@@ -1,0 +1,190 @@
+"""The IR-building state every ATen converter writes through: :class:`GraphBuilder`.
+
+A converter is ``convert(builder, node) -> value`` (:data:`Convert`): it reads the fx
+node's inputs as IR values (:meth:`GraphBuilder.value`), emits ONNX-semantics nodes into
+``builder.graph`` and returns the IR value name of the node's result (a list of them for
+a tuple result, ``None`` where an element is not translated). It raises :class:`Refuse`
+to decline a node, with the reason the user sees. The walk over the program that calls
+the converters is :class:`graphopt.frontends.torch._importer.Importer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+
+from graphopt.ir import Graph, Node, Value
+
+__all__ = [
+    "OPSET",
+    "Convert",
+    "GraphBuilder",
+    "Poisoned",
+    "Refuse",
+    "dtype_name",
+    "int_list",
+    "node_arg",
+]
+
+# Gelu became an ONNX op in opset 20; ReduceMean takes axes as an input from 18 on.
+OPSET = 20
+
+
+class Refuse(Exception):
+    """Raised by a converter: the node cannot be translated, for the given reason."""
+
+
+class Poisoned(Exception):
+    """An input comes from a refused node: skip quietly, the refusal is reported."""
+
+
+def dtype_name(t: torch.dtype) -> str:
+    """The numpy name of a torch dtype (``"float32"``, ``"bool"``); refused if numpy has none."""
+    name = str(t).removeprefix("torch.")
+    if name == "bool":
+        return "bool"
+    try:
+        return str(np.dtype(name))
+    except TypeError:
+        raise Refuse(f"dtype {name} is not supported") from None
+
+
+def _onnx_type(dtype: str) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def node_arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` of ``node``, given positionally or as keyword ``name``."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def int_list(v: Any, n: int) -> list[int]:
+    """An int or int list as a list of ints; a single value stands for all ``n`` dims."""
+    v = [int(x) for x in (v if isinstance(v, Sequence) else [v])]
+    return v * n if len(v) == 1 else v
+
+
+class GraphBuilder:
+    """The graph being built from an ExportedProgram, and the fx values already in it.
+
+    ``env`` maps an fx node name to its IR value name (or a list of them for tuple
+    results, ``None`` where an element is not translated); ``folded`` holds the torch
+    value of every node computed at import (parameters and constant subgraphs), added
+    to the graph as a numpy constant only where a translated node reads it; ``poisoned``
+    names the nodes that read a refused node's result.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.graph = Graph(name, OPSET)
+        self.env: dict[str, Any] = {}
+        self.folded: dict[str, Any] = {}
+        self.poisoned: set[str] = set()
+
+    def value(self, arg: Any, dtype: str | None = None) -> str:
+        """The IR value for an fx argument (a node, or a Python scalar as a constant)."""
+        if isinstance(arg, torch.fx.Node):
+            if arg.name in self.poisoned:
+                raise Poisoned
+            if arg.name in self.folded:
+                if arg.name not in self.env:
+                    tensor = self.folded[arg.name]
+                    if not isinstance(tensor, torch.Tensor):
+                        raise Refuse(f"input {arg.name!r} is not a tensor")
+                    array = tensor.detach().cpu().contiguous().numpy()
+                    self.env[arg.name] = self.const(array, arg.name)
+                return self.cast(self.env[arg.name], dtype)
+            v = self.env[arg.name]
+            if not isinstance(v, str):
+                raise Refuse(f"input {arg.name!r} is not a single tensor")
+            return self.cast(v, dtype)
+        if isinstance(arg, bool | int | float):
+            return self.const(np.array(arg, dtype=dtype or np.asarray(arg).dtype), "scalar")
+        raise Refuse(f"argument {arg!r} is not supported")
+
+    def const(self, array: np.ndarray, tag: str) -> str:
+        return self.graph.add_constant(self.graph.unique_name(tag), np.asarray(array))
+
+    def is_const(self, arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg.name in self.folded
+
+    def constant(self, arg: torch.fx.Node) -> np.ndarray:
+        return self.folded[arg.name].detach().cpu().contiguous().numpy()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.graph.values[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return self.graph.values[name].dtype
+
+    def emit(
+        self,
+        op: str,
+        inputs: list[str],
+        shape: Sequence[int],
+        dtype: str,
+        attrs: dict | None = None,
+        tag: str = "v",
+        n_out: int = 1,
+    ) -> str | list[str]:
+        outs = []
+        for _ in range(n_out):
+            out = self.graph.unique_name(tag)
+            self.graph.values[out] = Value(out, tuple(int(d) for d in shape), dtype)
+            outs.append(out)
+        self.graph.add_node(
+            Node(self.graph.unique_name(f"{op}_{tag}"), op, list(inputs), outs, attrs or {})
+        )
+        return outs[0] if n_out == 1 else outs
+
+    def out(self, node: torch.fx.Node, op: str, inputs: list[str], attrs: dict | None = None):
+        """Emit ``op`` producing the value of ``node`` (its shape and dtype from meta)."""
+        val = node.meta["val"]
+        return self.emit(op, inputs, val.shape, dtype_name(val.dtype), attrs, tag=node.name)
+
+    def cast(self, name: str, dtype: str | None) -> str:
+        if dtype is None or self.dtype(name) == dtype:
+            return name
+        if self.graph.is_constant(name):
+            return self.const(self.graph.constants[name].astype(dtype), name)
+        return self.emit(
+            "Cast", [name], self.shape(name), dtype, {"to": _onnx_type(dtype)}, tag=name
+        )
+
+    def ints(self, values: Sequence[int], tag: str = "idx") -> str:
+        return self.const(np.array(list(values), dtype=np.int64), tag)
+
+    def reshape(self, name: str, shape: Sequence[int], tag: str = "reshape") -> str:
+        shape = tuple(int(d) for d in shape)
+        if self.shape(name) == shape:
+            return name
+        if self.graph.is_constant(name):
+            return self.const(self.graph.constants[name].reshape(shape), tag)
+        return self.emit("Reshape", [name, self.ints(shape)], shape, self.dtype(name), tag=tag)
+
+    def transpose(self, name: str, perm: Sequence[int], tag: str = "transpose") -> str:
+        perm = [int(p) for p in perm]
+        if perm == sorted(perm):
+            return name
+        if self.graph.is_constant(name):
+            return self.const(self.graph.constants[name].transpose(perm), tag)
+        shape = self.shape(name)
+        moved = [d for d in perm if shape[d] != 1]
+        if moved == sorted(moved):  # only size-1 dims move: a reshape, no data movement
+            return self.reshape(name, [shape[p] for p in perm], tag)
+        return self.emit(
+            "Transpose",
+            [name],
+            [shape[p] for p in perm],
+            self.dtype(name),
+            {"perm": perm},
+            tag=tag,
+        )
+
+
+# A converter: one fx node in, its IR value(s) out (see the module docstring).
+Convert = Callable[[GraphBuilder, torch.fx.Node], Any]
