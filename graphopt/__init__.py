@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from graphopt.artifact import Artifact, load  # noqa: E402
-from graphopt.compiler import compile  # noqa: E402
-from graphopt.errors import GraphoptError  # noqa: E402
+from graphopt import frontends
+from graphopt._version import __version__
+from graphopt.artifact import Artifact, load
+from graphopt.compiler import compile
+from graphopt.errors import GraphoptError
 
 __all__ = ["Artifact", "GraphoptError", "compile", "from_torch", "load", "__version__"]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - torch is imported only when asked for
     if name in ("from_torch", "TorchSource"):
-        from graphopt.frontends import torch as torch_frontend
-
-        return getattr(torch_frontend, name)
+        return getattr(frontends, name)  # the frontends package imports torch lazily
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

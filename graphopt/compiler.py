@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import graphopt
+from graphopt._version import __version__
 from graphopt.artifact import (
     Artifact,
     append_manifest,
@@ -40,6 +40,7 @@ from graphopt.errors import (
     VerificationError,
 )
 from graphopt.ir import Graph
+from graphopt.lower import to_relax
 from graphopt.passes import Pass
 from graphopt.prepare import check_sizes, load_model, prepare, reference_for
 from graphopt.targets import TargetSpec, build, check_layout, resolve, tvm_version
@@ -211,7 +212,8 @@ def compile(  # noqa: A001 - the public name users expect
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
     layout = check_layout(spec, layout)  # refuse one the target lacks before any work
-    db = _open_tuning_db(tuning_db, spec)  # refuse a foreign or corrupt one before any work
+    tuning = {} if tuning_db is not None else None  # which kernels the database schedules
+    tuned = _tuning_passes(tuning_db, spec, tuning)  # refuses a foreign or corrupt database
     out_path, tmp, made = _reserve_output(output, model)  # and an unwritable output
     done = False
     try:  # the artifact is assembled in ``tmp`` and renamed into place when complete
@@ -220,15 +222,12 @@ def compile(  # noqa: A001 - the public name users expect
         )
         say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
 
-        from graphopt.lower import to_relax
-
         with _stage("lower the graph to Relax"):
             mod = to_relax(graph)
         if dump_ir is not None:
             Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
-        tuning = {} if tuning_db is not None else None
         with _stage(f"build the model for {spec.name}"):
-            executable = build(mod, spec, layout, _schedule_passes(db, tuning))
+            executable = build(mod, spec, layout, tuned)
         compile_seconds = time.perf_counter() - start
         chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
         say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
@@ -238,7 +237,7 @@ def compile(  # noqa: A001 - the public name users expect
         _set_mode(tmp)
         manifest = {
             "format": "graphopt-artifact/2",  # 2: the library checksum
-            "graphopt_version": graphopt.__version__,
+            "graphopt_version": __version__,
             "tvm_version": tvm_version(),
             "target": {
                 "name": spec.name,
@@ -290,26 +289,20 @@ def compile(  # noqa: A001 - the public name users expect
     return Artifact(out_path, manifest)
 
 
-def _open_tuning_db(path, spec: TargetSpec):  # noqa: ANN001, ANN202
+def _tuning_passes(path, spec: TargetSpec, report: dict | None) -> list:  # noqa: ANN001
+    """The tuning database's pass for the target's schedule phase (none without a
+    database): kernels with a record use it and ``report`` gets which, the target's
+    default schedules do the rest. Opens (and checks) the database before any work."""
     if path is None:
-        return None
+        return []
     if not spec.target.tunable:
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
-    # MetaSchedule is heavy: imported only when a database is used
-    from graphopt.tuning import open_database
+    # MetaSchedule takes seconds to import: only when a database is used
+    from graphopt.tuning import ApplyTuningDatabase, open_database
 
-    return open_database(path, spec)
-
-
-def _schedule_passes(tuning_db, tuning: dict | None) -> list:  # noqa: ANN001
-    """The tuning database's pass, handed to the target's schedule phase: kernels with a
-    record use it (``tuning`` gets which), the target's default schedules do the rest."""
-    if tuning_db is None:
-        return []
-    from graphopt.tuning import ApplyTuningDatabase
-
-    tuning.update(database=str(tuning_db.path), from_database={}, default=[])
-    return [ApplyTuningDatabase(tuning_db, tuning)]
+    db = open_database(path, spec)
+    report.update(database=str(db.path), from_database={}, default=[])
+    return [ApplyTuningDatabase(db, report)]
 
 
 def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, atol: float) -> dict:  # noqa: ANN001

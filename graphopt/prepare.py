@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from graphopt import frontends
 from graphopt.errors import InputError, ModelLoadError, UnsupportedOpsError
 from graphopt.frontends import is_torch_model
 from graphopt.frontends.onnx import load_onnx, onnx_to_graph, parse_input_shapes
@@ -47,11 +48,8 @@ def load_model(
     ``trust_pickle``: see :func:`graphopt.frontends.torch.load_pt2`.
     """
     shapes = parse_input_shapes(input_shapes)
-    if is_torch_model(model):
-        # torch is optional and heavy: its frontend is imported for torch models only
-        from graphopt.frontends.torch import as_source
-
-        source = as_source(model, shapes, trust_pickle=trust_pickle)
+    if is_torch_model(model):  # the frontends package imports torch only now
+        source = frontends.as_source(model, shapes, trust_pickle=trust_pickle)
         return source, source.graph.copy()  # passes rewrite in place; keep the source
     source = load_onnx(model)
     return source, onnx_to_graph(source, shapes, require_static=require_static)

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphopt.errors import GraphoptError
+
 __all__ = ["ZOO", "DESCRIPTIONS", "build"]
 
 OPSET = 17
@@ -279,7 +281,6 @@ DESCRIPTIONS = {name: (fn.__doc__ or "").strip().split("\n")[0] for name, fn in 
 
 
 def build(name: str) -> onnx.ModelProto:
-    from graphopt.errors import GraphoptError
 
     if name not in ZOO:
         raise GraphoptError(f"unknown example {name!r}; examples: {', '.join(ZOO)}")

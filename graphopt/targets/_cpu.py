@@ -48,9 +48,9 @@ def cpu_phases(
 
     # TVM-built schedule rules: imported when a pipeline is built, so that importing
     # graphopt (the IR, the passes) does not import TVM.
-    from graphopt.targets import _cpu_nhwc as nhwc
-    from graphopt.targets import _cpu_schedules as cpu
+    from graphopt.targets import _cpu_nhwc, _cpu_schedules
 
+    nhwc, cpu = _cpu_nhwc, _cpu_schedules
     return {
         # Sorting/sampling ops map to library implementations before legalization.
         "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],

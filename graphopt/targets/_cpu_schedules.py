@@ -36,6 +36,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
 
+from graphopt.targets._phases import schedule_unscheduled
+
 __all__ = [
     "RULES",
     "LEGALIZE",
@@ -685,7 +687,6 @@ def apply_rules(
 
 def ApplyCPUSchedules(rules=None) -> tvm.transform.Pass:  # noqa: ANN001, N802
     """Schedule every PrimFunc not yet scheduled. Put after FuseTIR, before CallTIRRewrite."""
-    from graphopt.targets._phases import schedule_unscheduled
 
     def schedule_one(_gvar, func):  # noqa: ANN001, ANN202
         return apply_rules(func, tvm.target.Target.current(allow_none=False), rules)

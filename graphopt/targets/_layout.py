@@ -68,11 +68,18 @@ def _no_passes(_target) -> list:  # noqa: ANN001
     return []
 
 
+def _cpu_schedules():  # noqa: ANN202
+    """The CPU schedule module, which builds TVM passes at import: imported when a CPU
+    layout's passes are made, so reading these tables (``graphopt targets``) needs no TVM."""
+    from graphopt.targets import _cpu_schedules as cpu
+
+    return cpu
+
+
 def _nchwc_passes(target) -> list:  # noqa: ANN001
     from tvm import relax
 
-    from graphopt.targets import _cpu_schedules as cpu
-
+    cpu = _cpu_schedules()
     return [
         cpu.ConvertToNCHWc(cpu.vector_lanes(target)),
         relax.transform.EliminateCommonSubexpr(),
@@ -82,8 +89,7 @@ def _nchwc_passes(target) -> list:  # noqa: ANN001
 def _nhwc_cpu_passes(target) -> list:  # noqa: ANN001
     from tvm import relax
 
-    from graphopt.targets import _cpu_schedules as cpu
-
+    cpu = _cpu_schedules()
     return [
         ConvertToNHWC(block=cpu.vector_lanes(target)),
         CancelTransposes(),
@@ -145,9 +151,8 @@ def _nhwc_kernel_layout(call, block: int | None) -> str | None:  # noqa: ANN001
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
         return None
-    from graphopt.targets._cpu_schedules import _shape
-
-    data, weight = _shape(call.args[0]), _shape(call.args[1])
+    shape = _cpu_schedules()._shape
+    data, weight = shape(call.args[0]), shape(call.args[1])
     if data is None or weight is None or len(data) != 4 or len(weight) != 4:
         return None
     if block is None or str(call.args[0].ty.dtype) != "float32":
