@@ -58,8 +58,10 @@ def _reserve_output(output, model) -> tuple[Path, Path, list[Path]]:  # noqa: AN
     (``kill -9``) leaves one behind, and the next compile of that output removes every
     such file whose process is gone.
     """
-    if output is None:
+    made = []
+    if output is None:  # a fresh folder, removed again if the compile fails
         out = Path(tempfile.mkdtemp(prefix="graphopt-")) / "model.so"
+        made.append(out.parent)
     else:
         out = Path(output)
     where = f"cannot write the artifact to {out}"
@@ -71,7 +73,7 @@ def _reserve_output(output, model) -> tuple[Path, Path, list[Path]]:  # noqa: AN
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ArtifactError(f"{where}: {blocking} is a file, not a folder")
-    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    made += [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -11,19 +11,35 @@ crashes or hangs is reported as an error, and the run goes on.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
 
+import tvm
 from tvm.ir.utils import derived_object
-from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RPCConfig, RPCRunner
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.runner import (
+    EvaluatorConfig,
+    LocalRunner,
+    RPCConfig,
+    RPCRunner,
+    Runner,
+    RunnerInput,
+)
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from graphopt.errors import GraphoptError
 from graphopt.targets._runner import use_all_cores
 
-__all__ = ["PersistentBuilder", "local_runner", "rpc_runner", "check_tracker", "RPCError"]
+__all__ = [
+    "PersistentBuilder",
+    "measure",
+    "local_runner",
+    "rpc_runner",
+    "check_tracker",
+    "RPCError",
+]
 
 
 class RPCError(GraphoptError):
@@ -31,7 +47,6 @@ class RPCError(GraphoptError):
 
 
 def _build_and_export(mod, target, cross_compiler):  # noqa: ANN001, ANN202 - runs in a worker
-    import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
@@ -91,6 +106,45 @@ class PersistentBuilder(PyBuilder):
         self.pool.shutdown(wait=False)
 
 
+def measure(
+    builder: PyBuilder, runner: Runner, target: tvm.target.Target, mods: list, args_infos: list
+) -> tuple[list, float, float]:
+    """Build and run ``mods`` for ``target``.
+
+    Returns ``(run_secs or None, error or None)`` per mod, then the seconds spent building
+    and measuring. A candidate that fails to build or run comes back as its error, so one
+    bad schedule does not stop the search.
+    """
+    t0 = time.perf_counter()
+    built = builder.build([BuilderInput(m, target) for m in mods])
+    t1 = time.perf_counter()
+    results: list[tuple] = [None] * len(mods)
+    inputs, where = [], []
+    for i, b in enumerate(built):
+        if b.error_msg is not None:
+            results[i] = (None, b.error_msg)
+        else:
+            inputs.append(RunnerInput(b.artifact_path, _device_type(target), args_infos[i]))
+            where.append(i)
+    if inputs:
+        futures = runner.run(inputs)
+        for i, fut in zip(where, futures, strict=True):
+            r = fut.result()
+            if r.error_msg is not None or not r.run_secs:
+                results[i] = (None, r.error_msg or "no measurement")
+            else:
+                results[i] = ([float(s) for s in r.run_secs], None)
+    for b in built:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    return results, t1 - t0, time.perf_counter() - t1
+
+
+def _device_type(target: tvm.target.Target) -> str:
+    kind = str(target.kind.name)
+    return "cpu" if kind == "llvm" else kind
+
+
 def _evaluator(number: int, repeat: int, min_repeat_ms: int) -> EvaluatorConfig:
     return EvaluatorConfig(
         number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, enable_cpu_cache_flush=False
@@ -98,7 +152,7 @@ def _evaluator(number: int, repeat: int, min_repeat_ms: int) -> EvaluatorConfig:
 
 
 def local_runner(
-    timeout_sec: float = 10.0, number: int = 3, repeat: int = 1, min_repeat_ms: int = 20
+    *, timeout_sec: float = 10.0, number: int = 3, repeat: int = 1, min_repeat_ms: int = 20
 ) -> LocalRunner:
     """Measure on this machine, one candidate at a time, each in a worker with a timeout.
 
@@ -151,6 +205,7 @@ def rpc_runner(
     port: int,
     key: str,
     devices: int,
+    *,
     timeout_sec: float = 20.0,
     number: int = 3,
     repeat: int = 1,

@@ -195,11 +195,11 @@ def test_foreign_or_corrupt_db_is_refused(tuned, models, tmp_path, capsys) -> No
 def test_budgets_add_up_to_the_requested_trials_and_leave_no_task_out():
     from types import SimpleNamespace
 
-    from graphopt.tuning._tuner import _budgets
+    from graphopt.tuning._options import TuneOptions
 
     tasks = [SimpleNamespace(weight=w) for w in (18.9, 9.5, 4.7, 1.8, 1.0, 0.1, 0.0, 0.0)]
-    shares = _budgets(tasks, 24, None, None)
+    shares = TuneOptions(trials=24).budgets(tasks)
     assert sum(shares) == 24 and min(shares) >= 1
     assert shares == sorted(shares, reverse=True)  # heavier tasks never get fewer
-    assert _budgets(tasks, 3, None, None) == [1] * len(tasks)  # fewer trials than tasks
-    assert max(_budgets(tasks, 1000, 50, None)) == 50  # --per-task caps each share
+    assert TuneOptions(trials=3).budgets(tasks) == [1] * len(tasks)  # fewer trials than tasks
+    assert max(TuneOptions(trials=1000, per_task=50).budgets(tasks)) == 50  # --per-task caps

@@ -1,0 +1,393 @@
+"""One ``tune`` run: MetaSchedule's search, driven task by task from Python.
+
+Why not ``tune_relax``: graphopt needs per-task budgets weighted by the model's FLOPs, a
+database that survives ``kill -9``, resuming without re-spending trials, a progress line,
+and Ctrl-C that keeps every finished batch; MetaSchedule's C++ task scheduler offers
+none of these hooks. :meth:`Session.loop` is its loop (generate candidates, build, run,
+notify the strategy, update the cost model, commit), one batch at a time, always giving
+the next batch to the task furthest behind its budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import tvm
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+from tvm.s_tir.meta_schedule.cost_model import CostModel
+from tvm.s_tir.meta_schedule.runner import Runner, RunnerResult
+
+from graphopt.targets import TargetSpec
+from graphopt.tuning._database import TuningDatabase, workload_mod
+from graphopt.tuning._measure import PersistentBuilder, measure
+from graphopt.tuning._options import TuneOptions
+from graphopt.tuning._report import TaskResult, TuneReport
+from graphopt.tuning._search import cost_model, tune_context
+from graphopt.tuning._tasks import Task
+
+__all__ = ["Session", "Targets", "TaskState", "Clock"]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the kernels are built for.
+
+    ``compile_target`` is the one ``graphopt compile`` builds for: tasks are extracted and
+    default schedules measured with it, so they match what compile will look up.
+    ``tune_target`` adds ``num-cores``, which MetaSchedule needs to plan parallel loops.
+    """
+
+    spec: TargetSpec
+    layout: str
+    compile_target: tvm.target.Target
+    tune_target: tvm.target.Target
+    cores: int
+
+    @classmethod
+    def of(cls, spec: TargetSpec, layout: str) -> Targets:
+        """The host's physical cores unless the target dict says ``num-cores``."""
+        cores = int(spec.tvm.get("num-cores") or _physical_cores())
+        return cls(
+            spec=spec,
+            layout=layout,
+            compile_target=tvm.target.Target(spec.tvm),
+            tune_target=tvm.target.Target(dict(spec.tvm, **{"num-cores": cores})),
+            cores=cores,
+        )
+
+    def default_scheduled(self, task: Task) -> tvm.IRModule:
+        """The task's kernel under the target's default schedule (its ``schedule`` phase)."""
+        gvar = tvm.ir.GlobalVar(task.name)
+        mod = tvm.IRModule({gvar: task.func})
+        with self.compile_target:
+            schedule = self.spec.target.phases(self.compile_target, self.layout)["schedule"]
+            mod = tvm.transform.Sequential(schedule)(mod)
+        return workload_mod(mod[gvar])
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Clock:
+    """When the run started and, with a time budget, when it must stop (monotonic)."""
+
+    start: float
+    deadline: float | None
+
+    @classmethod
+    def started(cls, budget: float | None) -> Clock:
+        now = time.monotonic()
+        return cls(now, now + budget if budget is not None else None)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def up(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def left(self) -> float | None:
+        """Seconds to the deadline; None without one."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0.0)
+
+
+@dataclass
+class TaskState:
+    """Where one task stands in this run: its database entry, budget and search."""
+
+    task: Task
+    entry: object  # its TuningDatabase entry: trials, best and default latency so far
+    budget: int
+    ctx: object = None  # its MetaSchedule TuneContext, made when first searched
+    new_trials: int = 0
+    status: str = "pending"  # or "tuned", "skipped", "exhausted"
+
+    @classmethod
+    def start(cls, task: Task, budget: int, database: TuningDatabase) -> TaskState:
+        """Commit ``task`` to ``database``; a task its records already settle starts done,
+        which is how a rerun resumes."""
+        entry = database.add_workload(task.mod, task.name, task.flops)
+        state = cls(task, entry, budget)
+        if entry.exhausted:
+            state.status = "exhausted"
+        elif entry.trials >= budget:
+            state.status = "skipped"
+        return state
+
+    @property
+    def done(self) -> bool:
+        return self.status != "pending"
+
+    @property
+    def left(self) -> int:
+        return self.budget - self.entry.trials
+
+    def result(self, unfinished: str) -> TaskResult:
+        """The report's row; ``unfinished`` is the status of a task still pending."""
+        e = self.entry
+        status = {
+            "skipped": "skipped (budget reached)",
+            "exhausted": "search space exhausted",
+            "tuned": "tuned",
+        }.get(self.status, unfinished)
+        return TaskResult(
+            name=self.task.name,
+            flops=self.task.flops,
+            calls=self.task.calls,
+            budget=self.budget,
+            trials=e.trials,
+            new_trials=self.new_trials,
+            failed=e.failed,
+            default_secs=e.baseline_secs,
+            tuned_secs=e.best_secs,
+            status=status,
+        )
+
+
+class _Stop:
+    """First Ctrl-C: finish nothing more, keep what is committed. Second: raise now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _Stop:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
+            self._old = None
+        return self
+
+    def _handle(self, *_args) -> None:  # noqa: ANN002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *_exc) -> None:  # noqa: ANN002
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _no_timing() -> dict[str, float]:
+    return {"search": 0.0, "build": 0.0, "measure": 0.0, "baseline": 0.0}
+
+
+@dataclass
+class Session:
+    """Everything one ``tune`` run works with, so its steps take no long argument lists.
+
+    :func:`~graphopt.tuning.tune` makes it once the database is locked and the tasks are
+    committed; :meth:`run` measures the default schedules, searches, and reports.
+    ``progress`` gets a dict after every batch; ``say`` gets status lines.
+    """
+
+    options: TuneOptions
+    targets: Targets
+    database: TuningDatabase
+    builder: PersistentBuilder
+    runner: Runner
+    states: list[TaskState]
+    clock: Clock
+    progress: Callable[[dict], None] | None
+    say: Callable[[str], None]
+    # what the run itself changes
+    stop: _Stop = field(init=False, default_factory=_Stop)
+    timing: dict[str, float] = field(init=False, default_factory=_no_timing)  # seconds each
+    timed_out: bool = field(init=False, default=False)
+    planned: int = field(init=False)  # trials left to run when the session began
+
+    def __post_init__(self) -> None:
+        self.planned = sum(max(s.left, 0) for s in self.states if not s.done)
+
+    def run(self) -> TuneReport:
+        """Baselines, then the search until budgets, the clock or Ctrl-C end it.
+
+        However it ends, the build workers and the search contexts are released, and
+        everything committed stays in the database.
+        """
+        done = sum(1 for s in self.states if s.done)
+        self.say(
+            f"{len(self.states)} task(s), {done} already at budget, "
+            f"{self.planned} trial(s) to run; database {self.database.path}"
+        )
+        interrupted = False
+        try:
+            with self.stop:
+                self.baselines()
+                if not self.stop.requested:
+                    self.loop()
+                interrupted = self.stop.requested
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            self._release()
+        return self._report(interrupted)
+
+    def baselines(self) -> None:
+        """Measure each task's default schedule once (kept in the database): speed-ups,
+        and whether ``compile`` prefers a record, are measured against it."""
+        missing = [s for s in self.states if s.entry.baseline_secs is None]
+        if not missing:
+            return
+        self.say(f"measuring the default schedules of {len(missing)} kernel(s)")
+        t0 = time.perf_counter()
+        mods, infos, measured = [], [], []
+        for s in missing:
+            try:
+                mod = self.targets.default_scheduled(s.task)
+            except Exception:  # noqa: BLE001 - no default schedule: no baseline
+                continue
+            mods.append(mod)
+            infos.append(ArgInfo.from_prim_func(mod["main"]))
+            measured.append(s)
+        target = self.targets.compile_target
+        results, _, _ = measure(self.builder, self.runner, target, mods, infos)
+        if not self.stop.requested:
+            for s, (secs, _err) in zip(measured, results, strict=True):
+                if secs is not None:
+                    self.database.set_baseline(s.entry, sum(secs) / len(secs))
+        self.timing["baseline"] += time.perf_counter() - t0
+
+    def loop(self) -> None:
+        """Batch after batch to the task furthest behind its budget, until every task is
+        done, the clock runs out or Ctrl-C."""
+        model = cost_model(self.targets.cores)
+        while not self.stop.requested:
+            if self.clock.up():
+                self.timed_out = True
+                break
+            state = self._furthest_behind()
+            if state is None:
+                break
+            self._batch(state, model)
+
+    def _furthest_behind(self) -> TaskState | None:
+        """The pending task with the smallest share of its budget spent (ties: heavier)."""
+        live = [s for s in self.states if not s.done]
+        if not live:
+            return None
+        return min(live, key=lambda s: (s.entry.trials / s.budget, -s.task.weight))
+
+    def _batch(self, state: TaskState, model: CostModel) -> None:
+        """Search, build, measure and commit one batch of ``state``'s task."""
+        left = state.left
+        if left <= 0:
+            state.status = "tuned"
+            return
+        candidates = self._candidates(state, model)
+        if self.stop.requested:
+            return
+        if not candidates:
+            self.database.mark_exhausted(state.entry)
+            state.status = "exhausted"
+            return
+        candidates = candidates[:left]
+        mods = [c.sch.mod for c in candidates]
+        infos = [c.args_info for c in candidates]
+        target = self.targets.tune_target
+        results, build_secs, run_secs = measure(self.builder, self.runner, target, mods, infos)
+        self.timing["build"] += build_secs
+        self.timing["measure"] += run_secs
+        if self.stop.requested:
+            return  # this batch may have been hit by the Ctrl-C too: drop it
+        self._learn(state, model, candidates, results)
+        self.database.add_results(
+            state.entry,
+            [
+                (c.sch.trace, secs, c.args_info, err)
+                for c, (secs, err) in zip(candidates, results, strict=True)
+            ],
+        )
+        state.new_trials += len(candidates)
+        if state.entry.trials >= state.budget:
+            state.status = "tuned"
+        if self.progress is not None:
+            self.progress(self._progress(state))
+
+    def _candidates(self, state: TaskState, model: CostModel) -> list:
+        """The next batch the search proposes (its context is made on first use)."""
+        t0 = time.perf_counter()
+        if state.ctx is None:
+            left = state.left
+            state.ctx = tune_context(
+                state.task, self.targets.tune_target, cores=self.targets.cores, options=self.options
+            )
+            state.ctx.pre_tuning(
+                max_trials=left,
+                num_trials_per_iter=min(self.options.batch_size, left),
+                database=self.database.memory,
+                cost_model=model,
+            )
+        candidates = state.ctx.generate_measure_candidates()
+        self.timing["search"] += time.perf_counter() - t0
+        return candidates
+
+    def _learn(self, state: TaskState, model: CostModel, candidates: list, results: list) -> None:
+        """Tell the search strategy and the cost model how the batch measured."""
+        runner_results = [RunnerResult(secs, err) for secs, err in results]
+        t0 = time.perf_counter()
+        state.ctx.notify_runner_results(candidates, runner_results)
+        model.update(state.ctx, candidates, runner_results)
+        self.timing["search"] += time.perf_counter() - t0
+
+    def _progress(self, current: TaskState) -> dict:
+        """The progress line's numbers; without a deadline, time left is extrapolated."""
+        elapsed = self.clock.elapsed()
+        new = sum(s.new_trials for s in self.states)
+        planned = None if self.options.nominal_budgets else self.planned
+        left = self.clock.left()
+        if left is None:
+            left = elapsed / new * max(planned - new, 0) if new and planned else None
+        return {
+            "tasks_done": sum(1 for s in self.states if s.done),
+            "tasks": len(self.states),
+            "trials": new,
+            "planned": planned,
+            "task": current.task.name,
+            "best_secs": current.entry.best_secs,
+            "default_secs": current.entry.baseline_secs,
+            "model_secs": self._model_secs(),
+            "elapsed": elapsed,
+            "left": left,
+        }
+
+    def _model_secs(self) -> float | None:
+        """Kernel time of one model run with the best known schedule per kernel."""
+        total = 0.0
+        for s in self.states:
+            e = s.entry
+            known = [x for x in (e.best_secs, e.baseline_secs) if x is not None]
+            if not known:
+                return None
+            total += min(known) * s.task.calls
+        return total
+
+    def _release(self) -> None:
+        self.builder.shutdown()
+        for s in self.states:
+            if s.ctx is not None:
+                with contextlib.suppress(Exception):
+                    s.ctx.post_tuning()
+
+    def _report(self, interrupted: bool) -> TuneReport:
+        unfinished = "interrupted" if interrupted else "time up" if self.timed_out else "-"
+        return TuneReport(
+            tasks=[s.result(unfinished) for s in self.states],
+            db=str(self.database.path),
+            interrupted=interrupted,
+            timed_out=self.timed_out,
+            seconds=self.clock.elapsed(),
+            timing=self.timing,
+            nominal_budgets=self.options.nominal_budgets,
+            layout=self.targets.layout,
+        )
