@@ -31,6 +31,7 @@ from graphopt.passes._pipeline import (
 )
 from graphopt.passes._pipeline import build_pipeline as _build
 from graphopt.passes._rewrite import Match, RewritePass, RewriteRule, apply_rules, rewrite_pass
+from graphopt.passes.annotate_conv_groups import AnnotateConvGroups, FuseConvAct
 from graphopt.passes.cse import EliminateCommonSubexpressions
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.eliminate_identity import EliminateIdentity
@@ -39,7 +40,6 @@ from graphopt.passes.expand_rnn import ExpandRNN
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_mul_add import FoldConvMulAdd
-from graphopt.passes.fuse_conv_act import FuseConvAct
 from graphopt.passes.fuse_silu import FuseSiLU
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "FoldBatchNorm",
     "FoldConstants",
     "FoldConvMulAdd",
+    "AnnotateConvGroups",
     "FuseConvAct",
     "FuseSiLU",
 ]
@@ -90,7 +91,7 @@ PASSES: dict[str, type[Pass]] = {
         FoldBatchNorm,
         FoldConvMulAdd,
         FuseSiLU,
-        FuseConvAct,
+        AnnotateConvGroups,
         EliminateDeadCode,
     )
 }
@@ -109,7 +110,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fold-batchnorm",
     "fold-conv-mul-add",
     "fuse-silu",
-    "fuse-conv-act",
+    "annotate-conv-groups",
     "dead-code",
 )
 

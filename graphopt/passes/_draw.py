@@ -2,7 +2,7 @@
 
 The DOT text is written here (no pydot needed); ``dot -Tsvg`` renders it. Op nodes show
 their type and output shape; graph inputs and outputs are ellipses; constants are not
-drawn (a node lists how many it reads). Nodes that ``fuse-conv-act`` annotated with the
+drawn (a node lists how many it reads). Nodes that ``annotate-conv-groups`` annotated with the
 same ``group`` sit in one shaded cluster. A path ending in ``.dot`` gets the DOT text
 itself, which needs no Graphviz.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import Graph
-from graphopt.passes.fuse_conv_act import GROUP_ATTR
+from graphopt.passes.annotate_conv_groups import GROUP_ATTR
 
 __all__ = ["to_dot", "write_svg", "require_dot"]
 

@@ -59,6 +59,10 @@ class PluginError(GraphoptError):
     """A pass plugin file or entry point that fails to load or defines no passes."""
 
 
+# Passes renamed to say what they do; pipelines written with the old name keep working.
+RENAMED = {"fuse-conv-act": "annotate-conv-groups"}
+
+
 # --- options ------------------------------------------------------------------------
 
 _TYPES = {int: "int", float: "float", bool: "bool", str: "str"}
@@ -228,6 +232,8 @@ def build_pipeline(
         if isinstance(text, str)
         else [(name, {}) for name in text]
     )
+    items = [(RENAMED.get(name, name), options) for name, options in items]
+    disable = [RENAMED.get(name, name) for name in disable]
     known = ", ".join(sorted(registry))
     for name in disable:
         if name not in registry:

@@ -1,13 +1,15 @@
-"""Mark Conv/Gemm + bias + activation chains as fused groups.
+"""Mark Conv/Gemm + bias + activation chains as groups, for drawings.
 
-What it does, honestly: it *annotates*. Each ``Conv``, ``ConvTranspose``, ``Gemm`` or
-``MatMul`` followed (through single-user values) by an ``Add`` of a constant bias and/or
-an activation (``Relu``, ``Clip``, ``LeakyRelu``, ``Sigmoid``, ``HardSigmoid``,
-``HardSwish``, ``Tanh``, ``Gelu``, ``graphopt.SiLU``) gets a ``group`` attribute on its
-networkx node naming the group, which ``--svg`` drawings show as one box. It does not
-change what is computed or how it is lowered: TVM's ``FuseOps``/``FuseTIR`` (in every
-target's pipeline) already fuse such elementwise tails into the producer's kernel. A
-bias ``Add`` after a Conv is folded into the Conv itself by ``fold-conv-mul-add``.
+What it does: it *annotates* (hence the name; it was ``fuse-conv-act``, which promised a
+fusion it never did, and that name still works in pipelines). Each ``Conv``,
+``ConvTranspose``, ``Gemm`` or ``MatMul`` followed (through single-user values) by an
+``Add`` of a constant bias and/or an activation (``Relu``, ``Clip``, ``LeakyRelu``,
+``Sigmoid``, ``HardSigmoid``, ``HardSwish``, ``Tanh``, ``Gelu``, ``graphopt.SiLU``) gets a
+``group`` attribute on its networkx node naming the group, which ``--svg`` drawings show
+as one box. It does not change what is computed or how it is lowered: TVM's
+``FuseOps``/``FuseTIR`` (in every target's pipeline) already fuse such elementwise tails
+into the producer's kernel. A bias ``Add`` after a Conv is folded into the Conv itself by
+``fold-conv-mul-add``.
 
 Run it late (after the folds and ``fuse-silu``): passes that replace a node drop its
 annotation.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from graphopt.ir import Graph, Node
 from graphopt.passes._base import Pass, PassResult
 
-__all__ = ["FuseConvAct", "GROUP_ATTR", "groups"]
+__all__ = ["AnnotateConvGroups", "FuseConvAct", "GROUP_ATTR", "groups"]
 
 GROUP_ATTR = "group"
 _ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -70,10 +72,10 @@ def groups(graph: Graph) -> dict[str, list[str]]:
 
 
 @dataclass(frozen=True)
-class FuseConvAct(Pass):
-    """Annotate Conv/Gemm + bias + activation chains as fused groups (for drawings)."""
+class AnnotateConvGroups(Pass):
+    """Annotate Conv/Gemm + bias + activation chains as groups (for drawings)."""
 
-    name = "fuse-conv-act"
+    name = "annotate-conv-groups"
     after = ("fold-batchnorm", "fold-conv-mul-add", "fuse-silu")
 
     def run(self, graph: Graph) -> PassResult:
@@ -95,3 +97,6 @@ class FuseConvAct(Pass):
                 nxg.nodes[m.name][GROUP_ATTR] = node.name
             stats["+".join(m.op_type for m in members)] += 1
         return PassResult(graph, bool(stats), stats)
+
+
+FuseConvAct = AnnotateConvGroups  # the old name, kept for plugins and scripts that use it
