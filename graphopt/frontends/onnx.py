@@ -9,6 +9,7 @@ inference.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,27 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from graphopt.errors import InputError, ModelLoadError
-from graphopt.ir import Graph, Node
+from graphopt.ir import Graph, Node, Value, graph_to_onnx
 
 __all__ = ["load_onnx", "onnx_to_graph", "parse_input_shapes", "graph_to_onnx", "onnx_dtype"]
 
 
 def onnx_dtype(elem_type: int) -> str:
-    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    """The numpy dtype name of an ONNX element type; an unknown one is a ModelLoadError."""
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError):
+        raise ModelLoadError(f"unknown ONNX element type {elem_type}") from None
+
+
+def _array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+    """``numpy_helper.to_array``, with a malformed tensor (data that does not fit its
+    dims or type, an unknown type) a ModelLoadError naming it: onnx.checker lets some
+    through (more bytes than the dims need, a changed data type)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:
+        raise ModelLoadError(f"{what} cannot be read: {_first_line(exc)}") from exc
 
 
 def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
@@ -49,10 +64,27 @@ def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int, .
     return shapes
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type when empty): error lines stay one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Load and check an ONNX model, raising :class:`ModelLoadError` with a clear reason."""
+    """Load and check an ONNX model, raising :class:`ModelLoadError` with a clear reason.
+
+    External data is read here, from the model's folder only (:func:`_load_external_data`).
+    """
     if isinstance(model, onnx.ModelProto):
         proto = model
+        external = next(_external_tensors(proto), None)
+        if external is not None:
+            where, tensor = external
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} in {where} keeps its data in an external file "
+                f"({_location(tensor)!r}), and a ModelProto in memory has no folder to read"
+                " it from: pass the model's file path instead"
+            )
     else:
         path = Path(model)
         if not path.exists():
@@ -66,21 +98,158 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             proto = onnx.load_from_string(data)
         except Exception as exc:  # protobuf raises DecodeError and friends
             raise ModelLoadError(
-                f"{path} is not a readable ONNX model (truncated or not protobuf): {exc}"
+                f"{path} is not a readable ONNX model (truncated or not protobuf): "
+                f"{_first_line(exc)}"
             ) from exc
         if not proto.graph.node and not proto.graph.output:
             raise ModelLoadError(f"{path} is not an ONNX model: it holds no graph")
-        if proto.graph.initializer and any(
-            init.HasField("data_location") and init.data_location == onnx.TensorProto.EXTERNAL
-            for init in proto.graph.initializer
-        ):
-            onnx.load_external_data_for_model(proto, str(path.parent))
+        _load_external_data(proto, path)
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelLoadError(f"model fails onnx.checker: {first}") from exc
+    except Exception as exc:  # ValidationError, and C++ errors on hostile input
+        raise ModelLoadError(f"model fails onnx.checker: {_first_line(exc)}") from exc
+    _check_opsets(proto)
     return proto
+
+
+def _check_opsets(proto: onnx.ModelProto) -> None:
+    """onnx.checker accepts a domain imported twice and opsets it has never heard of;
+    graphopt would read ops by the first import and onnxruntime by another, or by no
+    known semantics at all."""
+    seen: dict[str, int] = {}
+    for o in proto.opset_import:
+        domain = "" if o.domain == "ai.onnx" else o.domain
+        if domain in seen:
+            raise ModelLoadError(
+                f"the model imports opset domain {o.domain or 'ai.onnx'!r} twice (versions "
+                f"{seen[domain]} and {o.version}): which one applies is ambiguous"
+            )
+        seen[domain] = o.version
+    newest = onnx.defs.onnx_opset_version()
+    if not 1 <= seen.get("", 1) <= newest:
+        raise ModelLoadError(
+            f"the model's ONNX opset {seen['']} is not one onnx {onnx.__version__} knows "
+            f"(1 to {newest})"
+        )
+
+
+def _graph_tensors(graph: onnx.GraphProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    yield from ((f"the initializers{where}", t) for t in graph.initializer)
+    for sparse in graph.sparse_initializer:
+        yield from ((f"the sparse initializers{where}", t) for t in (sparse.values, sparse.indices))
+    yield from _node_tensors(graph.node, where)
+
+
+def _node_tensors(
+    nodes: Iterable[onnx.NodeProto], where: str
+) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for node in nodes:
+        for attr in node.attribute:
+            yield from _attribute_tensors(
+                attr, f"{node.op_type} node {node.name!r} attribute {attr.name!r}{where}"
+            )
+
+
+def _attribute_tensors(
+    attr: onnx.AttributeProto, here: str
+) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Tensors in an attribute, whatever its declared type says: a hostile model may set
+    ``t`` on an INT attribute, and what is there is what some reader may read."""
+    if attr.HasField("t"):
+        yield here, attr.t
+    yield from ((here, t) for t in attr.tensors)
+    sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+    yield from (
+        (here, t) for s in sparse + list(attr.sparse_tensors) for t in (s.values, s.indices)
+    )
+    inside = f" (in the subgraph of {here})"
+    if attr.HasField("g"):
+        yield from _graph_tensors(attr.g, inside)
+    for g in attr.graphs:
+        yield from _graph_tensors(g, inside)
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every TensorProto of the model with a phrase saying where it is: initializers
+    (dense and sparse), node attributes and subgraphs (If/Loop/Scan bodies) at any depth,
+    function bodies and their attribute defaults, training graphs.
+    ``onnx.load_external_data_for_model`` skips sparse tensors, subgraph initializers
+    inside functions and function attribute defaults, so graphopt walks the model itself."""
+    yield from _graph_tensors(proto.graph, "")
+    for f in proto.functions:
+        yield from _node_tensors(f.node, f" (in function {f.name!r})")
+        for attr in f.attribute_proto:
+            yield from _attribute_tensors(
+                attr, f"the default of attribute {attr.name!r} of function {f.name!r}"
+            )
+    for info in proto.training_info:
+        yield from _graph_tensors(info.initialization, " (in a training graph)")
+        yield from _graph_tensors(info.algorithm, " (in a training graph)")
+
+
+def _external_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    return (
+        (where, t)
+        for where, t in _all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    )
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    """The ``location`` key of an external tensor (the last one, as onnx reads it)."""
+    return {e.key: e.value for e in tensor.external_data}.get("location", "")
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Read every external tensor into the proto, from ``path``'s folder and nowhere else,
+    so that nothing later (``numpy_helper.to_array``, onnxruntime) resolves a location
+    against the current directory."""
+    folder = os.path.realpath(path.parent)
+    for where, tensor in _external_tensors(proto):
+        tensor.raw_data = _external_bytes(
+            tensor, folder, f"{path}: tensor {tensor.name!r} in {where}"
+        )
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _external_bytes(tensor: onnx.TensorProto, folder: str, where: str) -> bytes:
+    """The bytes an external tensor names, or :class:`ModelLoadError`.
+
+    A location is refused when it is absolute or resolves (``..``, symlinks followed)
+    outside ``folder``, when it is not a regular file, or when offset/length do not fit
+    the file: a model must not be able to pull other files (keys, ``/etc/passwd``) into
+    an artifact, and a fifo or a huge length must not hang or exhaust the compile.
+    """
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{where} has external data at {location!r}, which {why}")
+
+    if not location or "\0" in location:
+        raise refuse("is not a file name")
+    if os.path.isabs(location):
+        raise refuse("is an absolute path (only files in the model's folder are read)")
+    target = os.path.realpath(os.path.join(folder, location))
+    if os.path.commonpath([folder, target]) != folder:
+        raise refuse(f"resolves outside the model's folder {folder}")
+    if not os.path.isfile(target):
+        raise refuse(f"is not a file in the model's folder {folder}")
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError:
+        raise refuse("has a non-integer offset or length") from None
+    try:
+        with open(target, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if not 0 <= offset <= size or (length is not None and not 0 <= length <= size - offset):
+                raise refuse(f"is {size} bytes: offset {offset}, length {length} do not fit")
+            f.seek(offset)
+            return f.read(size - offset if length is None else length)
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
 
 
 def _fix_input_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -131,17 +300,25 @@ def onnx_to_graph(
     """
     proto = onnx.ModelProto()
     proto.CopyFrom(load_onnx(model))
+    if not proto.graph.output:  # onnx.checker allows it; nothing would run
+        raise ModelLoadError("the model's graph has no outputs: there is nothing to compile")
+    for kind, infos in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for vi in infos:  # onnx.checker allows both; graphopt compiles tensors only
+            if not vi.type.HasField("tensor_type"):
+                raise ModelLoadError(f"graph {kind} {vi.name!r} is not a tensor")
+            if not vi.type.tensor_type.elem_type:  # and onnxruntime refuses the model
+                raise ModelLoadError(f"graph {kind} {vi.name!r} declares no element type")
     _fix_input_shapes(proto, input_shapes or {})
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise ModelLoadError(f"ONNX shape inference failed: {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"ONNX shape inference failed: {_first_line(exc)}") from exc
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     graph = Graph(proto.graph.name or "graph", opset)
     init_names = set()
     for init in proto.graph.initializer:
-        graph.add_constant(init.name, numpy_helper.to_array(init))
+        graph.add_constant(init.name, _array(init, f"initializer {init.name!r}"))
         init_names.add(init.name)
     for inp in proto.graph.input:
         if inp.name in init_names:
@@ -172,14 +349,12 @@ def onnx_to_graph(
 
 
 def _value(vi: onnx.ValueInfoProto):
-    from graphopt.ir import Value
-
     return Value(vi.name, _shape_of(vi.type), onnx_dtype(vi.type.tensor_type.elem_type))
 
 
 def _constant_value(node: onnx.NodeProto, attrs: dict) -> np.ndarray:
     if "value" in attrs:
-        return numpy_helper.to_array(attrs["value"])
+        return _array(attrs["value"], f"the value of Constant node {node.name!r}")
     for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
         if key in attrs:
             return np.array(attrs[key], dtype=dtype)
@@ -187,31 +362,3 @@ def _constant_value(node: onnx.NodeProto, attrs: dict) -> np.ndarray:
         if key in attrs:
             return np.array(list(attrs[key]), dtype=dtype)
     raise ModelLoadError(f"Constant node {node.name!r} has an unsupported value attribute")
-
-
-def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
-    """Write ``graph`` back to ONNX (for dumps and for checking passes with onnxruntime)."""
-    helper = onnx.helper
-
-    def info(name: str) -> onnx.ValueInfoProto:
-        v = graph.values.get(name)
-        if v is None:
-            return helper.make_empty_tensor_value_info(name)
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(v.dtype))
-        return helper.make_tensor_value_info(name, elem, v.shape)
-
-    nodes = []
-    for n in graph.nodes():
-        nodes.append(
-            helper.make_node(
-                n.op_type, n.inputs, n.outputs, name=n.name, domain=n.domain or None, **n.attrs
-            )
-        )
-    used = {i for n in graph.nodes() for i in n.inputs} | set(graph.outputs)
-    inits = [
-        numpy_helper.from_array(a, name) for name, a in graph.constants.items() if name in used
-    ]
-    g = helper.make_graph(
-        nodes, graph.name, [info(i) for i in graph.inputs], [info(o) for o in graph.outputs], inits
-    )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)])
