@@ -17,8 +17,10 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-__all__ = ["Graph", "Node", "Value"]
+__all__ = ["Graph", "Node", "Value", "graph_to_onnx"]
 
 
 @dataclass
@@ -196,3 +198,31 @@ class Graph:
                 )
             )
         return other
+
+
+def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
+    """Write ``graph`` back to ONNX (for dumps and for checking passes with onnxruntime)."""
+    helper = onnx.helper
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        v = graph.values.get(name)
+        if v is None:
+            return helper.make_empty_tensor_value_info(name)
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(v.dtype))
+        return helper.make_tensor_value_info(name, elem, v.shape)
+
+    nodes = []
+    for n in graph.nodes():
+        nodes.append(
+            helper.make_node(
+                n.op_type, n.inputs, n.outputs, name=n.name, domain=n.domain or None, **n.attrs
+            )
+        )
+    used = {i for n in graph.nodes() for i in n.inputs} | set(graph.outputs)
+    inits = [
+        numpy_helper.from_array(a, name) for name, a in graph.constants.items() if name in used
+    ]
+    g = helper.make_graph(
+        nodes, graph.name, [info(i) for i in graph.inputs], [info(o) for o in graph.outputs], inits
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)])

@@ -6,7 +6,10 @@ before a compile starts. The converters themselves live in :mod:`graphopt.lower.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+
+import numpy as np
 
 from graphopt.ir import Graph, Node
 
@@ -23,11 +26,54 @@ def _needs_const(*positions: int) -> Callable[[Graph, Node], str | None]:
     return check
 
 
+def _static(graph: Graph, name: str) -> tuple[int, ...] | None:
+    """``name``'s shape when every dim is known; None for symbolic ones (``graphopt
+    inspect`` shows models before their shapes are fixed: they are judged at compile)."""
+    value = graph.values.get(name) if name else None
+    return tuple(value.shape) if value is not None and value.is_static else None
+
+
+def _window(node: Node, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> str | None:
+    """Check a Conv/pool window (kernel, strides, dilations, pads) against the ONNX rules,
+    and that every output position exists: TVM asserts (or divides by zero) on a
+    stride 0, a negative pad or an empty output instead of saying which node is wrong."""
+    n = len(spatial)
+    if len(kernel) != n or any(k < 1 for k in kernel):
+        return f"kernel shape {list(kernel)} does not fit a {n}-D input"
+    for key, size, least in (("strides", n, 1), ("dilations", n, 1), ("pads", 2 * n, 0)):
+        values = node.attrs.get(key)
+        if values is not None and (len(values) != size or any(v < least for v in values)):
+            return f"{key}={list(values)}: expected {size} values of at least {least}"
+    auto_pad = node.attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode(errors="replace") if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        return f"auto_pad={auto_pad!r} is not an ONNX auto_pad mode"
+    dilations = node.attrs.get("dilations", [1] * n)
+    pads = node.attrs.get("pads", [0] * 2 * n) if auto_pad == "NOTSET" else [0] * 2 * n
+    for i in range(n):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("NOTSET", "VALID") and spatial[i] + pads[i] + pads[n + i] < span:
+            return f"the window ({span} wide with dilation) is larger than the padded input"
+    return None
+
+
 def _check_conv(graph: Graph, node: Node) -> str | None:
     value = graph.values.get(node.inputs[0])
     if value is None or value.shape is None or len(value.shape) not in (3, 4):
         return "only 1-D and 2-D convolutions are supported"
-    return None
+    x, w = _static(graph, node.inputs[0]), _static(graph, node.inputs[1])
+    if x is None or w is None:
+        return None
+    group = node.attrs.get("group", 1)
+    if len(w) != len(x) or group < 1 or x[1] != w[1] * group or w[0] % group:
+        return f"input shape {x}, weight shape {w} and group={group} do not fit together"
+    bias = _static(graph, node.inputs[2]) if len(node.inputs) > 2 else None
+    if bias is not None and bias != (w[0],):
+        return f"bias shape {bias} does not match the {w[0]} output channels"
+    kernel = tuple(node.attrs.get("kernel_shape", w[2:]))
+    if kernel != w[2:]:
+        return f"kernel_shape={list(kernel)} disagrees with the weight shape {w}"
+    return _window(node, x[2:], kernel)
 
 
 def _check_pool(graph: Graph, node: Node) -> str | None:
@@ -38,6 +84,14 @@ def _check_pool(graph: Graph, node: Node) -> str | None:
         return "only 1-D and 2-D pooling is supported"
     if node.attrs.get("storage_order", 0):
         return "storage_order=1 is not supported"
+    x = _static(graph, node.inputs[0])
+    return None if x is None else _window(node, x[2:], tuple(node.attrs["kernel_shape"]))
+
+
+def _check_global_pool(graph: Graph, node: Node) -> str | None:
+    value = graph.values.get(node.inputs[0])
+    if value is not None and value.shape is not None and len(value.shape) < 3:
+        return f"the input has rank {len(value.shape)}; global pooling needs N, C and spatial dims"
     return None
 
 
@@ -51,12 +105,157 @@ def _check_softmax(graph: Graph, node: Node) -> str | None:
     return None
 
 
+def const_ints(graph: Graph, name: str) -> list[int]:
+    """A constant's values as ints, flattened: ONNX wants axes, pads and shapes 1-D, but
+    shape inference passes a scalar too."""
+    return [int(v) for v in np.asarray(graph.constants[name]).reshape(-1)]
+
+
+def slice_picks(graph: Graph, node: Node, shape: tuple[int, ...]) -> list[tuple[int, range]]:
+    """Per sliced axis of a Slice node (constant operands), the axis and the indices it
+    takes, in the order taken; ValueError names what is wrong (ONNX's clamping rules are
+    Python's slice rules, negative steps included)."""
+    starts, ends = const_ints(graph, node.inputs[1]), const_ints(graph, node.inputs[2])
+    axes_name = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+    steps_name = node.inputs[4] if len(node.inputs) > 4 and node.inputs[4] else None
+    axes = const_ints(graph, axes_name) if axes_name else list(range(len(starts)))
+    steps = const_ints(graph, steps_name) if steps_name else [1] * len(starts)
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ValueError("starts, ends, axes and steps differ in length")
+    if any(not -len(shape) <= a < len(shape) for a in axes):
+        raise ValueError(f"axes {axes} out of range for rank {len(shape)}")
+    if 0 in steps:
+        raise ValueError("a step of 0")
+    picks = []
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        picked = range(*slice(start, end, step).indices(shape[axis % len(shape)]))
+        if not picked:
+            raise ValueError("an empty slice is not supported")
+        picks.append((axis % len(shape), picked))
+    return picks
+
+
+def pad_widths(graph: Graph, node: Node, rank: int) -> list[int]:
+    """A Pad node's (constant) pads as ``[begin0, end0, begin1, end1, ...]`` over all
+    ``rank`` axes; ValueError names what is wrong."""
+    pads = const_ints(graph, node.inputs[1])
+    axes_name = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+    axes = const_ints(graph, axes_name) if axes_name else list(range(rank))
+    if len(pads) != 2 * len(axes) or any(not -rank <= a < rank for a in axes):
+        raise ValueError(f"pads {pads} do not fit axes {axes} of a rank-{rank} input")
+    width = [0] * (2 * rank)
+    for i, a in enumerate(axes):
+        width[2 * (a % rank)], width[2 * (a % rank) + 1] = pads[i], pads[len(axes) + i]
+    if any(w < 0 for w in width):
+        raise ValueError("negative pads are not supported")
+    return width
+
+
+def _check_slice(graph: Graph, node: Node) -> str | None:
+    shape = _static(graph, node.inputs[0])
+    reason = _needs_const(1, 2, 3, 4)(graph, node)
+    if reason or shape is None:
+        return reason
+    try:
+        slice_picks(graph, node, shape)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _check_pad(graph: Graph, node: Node) -> str | None:
     mode = node.attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = mode.decode(errors="replace") if isinstance(mode, bytes) else mode
     if mode != "constant":
         return f"mode={mode!r} is not supported (only 'constant')"
-    return _needs_const(1, 2, 3)(graph, node)
+    shape = _static(graph, node.inputs[0])
+    reason = _needs_const(1, 2, 3)(graph, node)
+    if reason or shape is None:
+        return reason
+    if len(node.inputs) > 2 and node.inputs[2] and graph.constants[node.inputs[2]].size != 1:
+        return "the constant_value input must hold one value"
+    try:
+        pad_widths(graph, node, len(shape))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_reshape(graph: Graph, node: Node) -> str | None:
+    """The target shape must be one ONNX allows for this input: TVM would fail on a
+    wrong element count with an error that names no node."""
+    shape = _static(graph, node.inputs[0])
+    reason = _needs_const(1)(graph, node)
+    if reason or shape is None:
+        return reason
+    target = const_ints(graph, node.inputs[1])
+    if not node.attrs.get("allowzero", 0):
+        if any(d == 0 and i >= len(shape) for i, d in enumerate(target)):
+            return f"shape {target} copies a dim (0) the rank-{len(shape)} input lacks"
+        target = [shape[i] if d == 0 else d for i, d in enumerate(target)]
+    if target.count(-1) > 1 or any(d < -1 for d in target):
+        return f"{target} is not a Reshape target"
+    known = math.prod(d for d in target if d != -1)
+    total = math.prod(shape)
+    fits = (known > 0 and total % known == 0) if -1 in target else known == total
+    return None if fits else f"cannot reshape {list(shape)} ({total} elements) to {target}"
+
+
+def _check_clip(graph: Graph, node: Node) -> str | None:
+    reason = _needs_const(1, 2)(graph, node)
+    if reason:
+        return reason
+    bounds = [i for i in node.inputs[1:3] if i]
+    if any(graph.constants[i].size != 1 for i in bounds):
+        return "min and max must be scalars"
+    return None
+
+
+def _check_gemm(graph: Graph, node: Node) -> str | None:
+    """ONNX shape inference checks A and B but not that C broadcasts to the [M, N]
+    result; Relax's add then fails naming no node."""
+    a, b = _static(graph, node.inputs[0]), _static(graph, node.inputs[1])
+    if a is None or b is None:
+        return None
+    if len(a) != 2 or len(b) != 2:
+        return f"A {list(a)} and B {list(b)} must be matrices"
+    m, k = a[::-1] if node.attrs.get("transA", 0) else a
+    k2, n = b[::-1] if node.attrs.get("transB", 0) else b
+    c = _static(graph, node.inputs[2]) if len(node.inputs) > 2 else None
+    if k != k2:
+        return f"A {list(a)} and B {list(b)} do not multiply (transA/transB applied)"
+    if c is not None and not _broadcasts_to(c, (m, n)):
+        return f"C {list(c)} does not broadcast to the [{m}, {n}] result"
+    return None
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
+
+
+def _check_flatten(graph: Graph, node: Node) -> str | None:
+    value, axis = graph.values.get(node.inputs[0]), node.attrs.get("axis", 1)
+    rank = len(value.shape) if value is not None and value.shape is not None else None
+    if rank is not None and not -rank <= axis <= rank:
+        return f"axis={axis} is outside [-{rank}, {rank}]"
+    return None
+
+
+def _check_transpose(graph: Graph, node: Node) -> str | None:
+    shape, perm = _static(graph, node.inputs[0]), node.attrs.get("perm")
+    if shape is not None and perm is not None and sorted(perm) != list(range(len(shape))):
+        return f"perm={list(perm)} is not a permutation of the {len(shape)} axes"
+    return None
+
+
+def _check_div(graph: Graph, node: Node) -> str | None:
+    value = graph.values.get(node.inputs[0])
+    if value is not None and np.issubdtype(np.dtype(value.dtype), np.integer):
+        return "integer division is not supported"
+    return None
 
 
 def _ok(graph: Graph, node: Node) -> str | None:
@@ -69,14 +268,14 @@ CONVERTERS: dict[str, Callable[[Graph, Node], str | None]] = {
     "BatchNormalization": _check_bn,
     "MaxPool": _check_pool,
     "AveragePool": _check_pool,
-    "GlobalAveragePool": _ok,
-    "GlobalMaxPool": _ok,
-    "Gemm": _ok,
+    "GlobalAveragePool": _check_global_pool,
+    "GlobalMaxPool": _check_global_pool,
+    "Gemm": _check_gemm,
     "MatMul": _ok,
     "Add": _ok,
     "Sub": _ok,
     "Mul": _ok,
-    "Div": _ok,
+    "Div": _check_div,
     "Pow": _ok,
     "Max": _ok,
     "Min": _ok,
@@ -94,13 +293,13 @@ CONVERTERS: dict[str, Callable[[Graph, Node], str | None]] = {
     "Erf": _ok,
     "Reciprocal": _ok,
     "Gelu": _ok,
-    "Clip": _needs_const(1, 2),
+    "Clip": _check_clip,
     "Softmax": _check_softmax,
     "LogSoftmax": _check_softmax,
     "Concat": _ok,
-    "Reshape": _needs_const(1),
-    "Flatten": _ok,
-    "Transpose": _ok,
+    "Reshape": _check_reshape,
+    "Flatten": _check_flatten,
+    "Transpose": _check_transpose,
     "Squeeze": _needs_const(1),
     "Unsqueeze": _needs_const(1),
     "ReduceMean": _needs_const(1),
@@ -110,7 +309,7 @@ CONVERTERS: dict[str, Callable[[Graph, Node], str | None]] = {
     "Dropout": _ok,
     "Cast": _ok,
     "Gather": _ok,
-    "Slice": _needs_const(1, 2, 3, 4),
+    "Slice": _check_slice,
     "Pad": _check_pad,
     # graphopt's own domain: ops a pass makes (definitions in graphopt.passes._functions)
     "graphopt::SiLU": _ok,
@@ -139,7 +338,77 @@ def unsupported_nodes(graph: Graph) -> list[tuple[str, str, str]]:
         if check is None:
             found.append((node.op_type, node.name, _EXPANDED_BY_PASS.get(node.op_type, "")))
             continue
-        reason = check(graph, node)
+        reason = (
+            _check_operands(graph, node)
+            or _check_dtypes(graph, node)
+            or check(graph, node)
+            or _check_empty(graph, node)
+        )
         if reason:
             found.append((node.op_type, node.name, reason))
     return found
+
+
+# Element types TVM compiles kernels for and numpy/onnxruntime agree on. ONNX also has
+# strings, complex numbers, bfloat16 and 8/4-bit floats; TVM fails on those late, with
+# an error that names no node.
+_DTYPES = {"bool", "float16", "float32", "float64"} | {
+    f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)
+}
+
+
+# Inputs an op may leave out (an empty name); every other one is required. onnx.checker
+# lets an empty name through in some variadic positions (Min's second input, say).
+_OPTIONAL_INPUTS = {
+    "Conv": {2},
+    "Gemm": {2},
+    "Clip": {1, 2},
+    "Slice": {3, 4},
+    "Pad": {2, 3},
+    "Dropout": {1, 2},
+    "Squeeze": {1},
+    "ReduceMean": {1},
+    "ReduceSum": {1},
+    "ReduceMax": {1},
+}
+# Inputs that hold the data, which must share one element type; the rest are shapes,
+# axes, indices or flags. Where ONNX allows an op mixed types, the converter reconciles
+# them (Pow's exponent); everywhere else TVM fails on a mix with an error naming no node.
+_DATA_INPUTS = {
+    op: (0,)
+    for op in ("Reshape", "Slice", "Squeeze", "Unsqueeze", "ReduceMean", "ReduceSum",
+               "ReduceMax", "Gather", "Cast", "Dropout", "Pow", "BatchNormalization")
+} | {"Pad": (0, 2)}  # fmt: skip
+
+
+def _check_operands(graph: Graph, node: Node) -> str | None:
+    optional = _OPTIONAL_INPUTS.get(node.op_type, set())
+    blank = [i for i, name in enumerate(node.inputs) if not name and i not in optional]
+    if blank:
+        return f"input {blank[0]} is empty, and {node.op_type} needs it"
+    data = _DATA_INPUTS.get(node.op_type, range(len(node.inputs)))
+    values = [graph.values.get(node.inputs[i]) for i in data if i < len(node.inputs)]
+    dtypes = sorted({v.dtype for v in values if v is not None})
+    if len(dtypes) > 1:
+        return f"inputs of different element types ({', '.join(dtypes)})"
+    return None
+
+
+def _check_empty(graph: Graph, node: Node) -> str | None:
+    """TVM cannot build a kernel over an empty tensor (it fails vectorizing a loop of
+    extent 0, naming no node); ONNX allows them, e.g. a Gather with no indices."""
+    for name in node.outputs:
+        shape = _static(graph, name)
+        if shape is not None and 0 in shape:
+            return (
+                f"output {name!r} is empty (shape {list(shape)}); empty tensors are not supported"
+            )
+    return None
+
+
+def _check_dtypes(graph: Graph, node: Node) -> str | None:
+    for name in [*node.inputs, *node.outputs]:
+        value = graph.values.get(name) if name else None
+        if value is not None and value.dtype not in _DTYPES:
+            return f"{name!r} has element type {value.dtype}, which is not supported"
+    return None

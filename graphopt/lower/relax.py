@@ -20,7 +20,14 @@ from tvm.relax import op as R
 
 from graphopt.errors import UnsupportedOpsError
 from graphopt.ir import Graph, Node, Value
-from graphopt.lower._ops import CONVERTERS, converter_key, unsupported_nodes
+from graphopt.lower._ops import (
+    CONVERTERS,
+    const_ints,
+    converter_key,
+    pad_widths,
+    slice_picks,
+    unsupported_nodes,
+)
 
 __all__ = ["to_relax"]
 
@@ -272,19 +279,12 @@ def _unary(fn: Callable) -> Callable:
     return convert
 
 
-def div(ctx: _Ctx, node: Node):
-    a, b = ctx.x(node.inputs[0]), ctx.x(node.inputs[1])
-    if np.issubdtype(np.dtype(ctx.dtype(node.inputs[0])), np.integer):
-        raise UnsupportedOpsError([("Div", node.name, "integer division is not supported")])
-    return [ctx.emit(R.divide(a, b))]
-
-
 def clip(ctx: _Ctx, node: Node):
     x = ctx.x(node.inputs[0])
     lo = _opt(node, 1)
     hi = _opt(node, 2)
-    lo_v = ctx.const(lo) if lo else node.attrs.get("min")
-    hi_v = ctx.const(hi) if hi else node.attrs.get("max")
+    lo_v = ctx.const(lo).reshape(-1)[0] if lo else node.attrs.get("min")
+    hi_v = ctx.const(hi).reshape(-1)[0] if hi else node.attrs.get("max")
     if lo_v is not None:
         x = R.maximum(x, ctx.scalar(float(lo_v), node.inputs[0]))
     if hi_v is not None:
@@ -342,7 +342,7 @@ def concat(ctx: _Ctx, node: Node):
 
 def reshape(ctx: _Ctx, node: Node):
     in_shape = ctx.shape(node.inputs[0])
-    target = [int(d) for d in ctx.const(node.inputs[1])]
+    target = const_ints(ctx.graph, node.inputs[1])
     if not node.attrs.get("allowzero", 0):
         target = [in_shape[i] if d == 0 else d for i, d in enumerate(target)]
     return [ctx.emit(R.reshape(ctx.x(node.inputs[0]), target))]
@@ -350,7 +350,9 @@ def reshape(ctx: _Ctx, node: Node):
 
 def flatten(ctx: _Ctx, node: Node):
     shape = ctx.shape(node.inputs[0])
-    axis = int(node.attrs.get("axis", 1)) % (len(shape) + 1) if shape else 0
+    axis = int(node.attrs.get("axis", 1))
+    if axis < 0:  # counts from the rank r (axis is in [-r, r]), not from r + 1
+        axis += len(shape)
     new = [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]
     return [ctx.emit(R.reshape(ctx.x(node.inputs[0]), new))]
 
@@ -363,7 +365,7 @@ def transpose(ctx: _Ctx, node: Node):
 def _axes(ctx: _Ctx, node: Node) -> list[int] | None:
     name = _opt(node, 1)
     if name:
-        return [int(a) for a in ctx.const(name)]
+        return const_ints(ctx.graph, name)
     axes = node.attrs.get("axes")
     return None if axes is None else [int(a) for a in axes]
 
@@ -424,45 +426,25 @@ def gather(ctx: _Ctx, node: Node):
 
 
 def slice_(ctx: _Ctx, node: Node):
-    shape = ctx.shape(node.inputs[0])
-    starts = [int(v) for v in ctx.const(node.inputs[1])]
-    ends = [int(v) for v in ctx.const(node.inputs[2])]
-    axes_name, steps_name = _opt(node, 3), _opt(node, 4)
-    axes = [int(v) for v in ctx.const(axes_name)] if axes_name else list(range(len(starts)))
-    steps = [int(v) for v in ctx.const(steps_name)] if steps_name else [1] * len(starts)
-    b, e, s, ax, flips = [], [], [], [], []
-    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        axis %= len(shape)
-        # Python's slice semantics match ONNX's clamping rules, including negative steps.
-        picked = range(*slice(start, end, step).indices(shape[axis]))
-        if not picked:
-            raise UnsupportedOpsError([("Slice", node.name, "an empty slice is not supported")])
-        if step < 0:  # take the same elements with a positive step, then reverse them
+    begin, end, strides, axes, flips = [], [], [], [], []
+    for axis, picked in slice_picks(ctx.graph, node, ctx.shape(node.inputs[0])):
+        if picked.step < 0:  # take the same elements with a positive step, then reverse them
             picked = picked[::-1]
             flips.append(axis)
-        b.append(picked[0])
-        e.append(picked[-1] + 1)
-        s.append(abs(step))
-        ax.append(axis)
-    out = R.strided_slice(ctx.x(node.inputs[0]), axes=ax, begin=b, end=e, strides=s)
+        begin.append(picked[0])
+        end.append(picked[-1] + 1)
+        strides.append(picked.step)
+        axes.append(axis)
+    out = R.strided_slice(ctx.x(node.inputs[0]), axes=axes, begin=begin, end=end, strides=strides)
     for axis in flips:
         out = R.flip(out, axis)
     return [ctx.emit(out)]
 
 
 def pad(ctx: _Ctx, node: Node):
-    shape = ctx.shape(node.inputs[0])
-    pads = [int(v) for v in ctx.const(node.inputs[1])]
+    width = pad_widths(ctx.graph, node, len(ctx.shape(node.inputs[0])))
     value_name = _opt(node, 2)
-    value = float(ctx.const(value_name)) if value_name else 0.0
-    rank = len(shape)
-    axes_name = _opt(node, 3)
-    axes = [int(a) % rank for a in ctx.const(axes_name)] if axes_name else list(range(rank))
-    width = [0] * (2 * rank)
-    for i, a in enumerate(axes):
-        width[2 * a], width[2 * a + 1] = pads[i], pads[len(axes) + i]
-    if any(w < 0 for w in width):
-        raise UnsupportedOpsError([("Pad", node.name, "negative pads are not supported")])
+    value = float(ctx.const(value_name).reshape(-1)[0]) if value_name else 0.0
     return [ctx.emit(R.nn.pad(ctx.x(node.inputs[0]), width, pad_value=value))]
 
 
@@ -471,7 +453,13 @@ def identity(ctx: _Ctx, node: Node):
 
 
 def power(ctx: _Ctx, node: Node):
-    return [ctx.emit(R.power(ctx.x(node.inputs[0]), ctx.x(node.inputs[1])))]
+    """ONNX lets the exponent's type differ from the base's (``x ** 2`` with an int64 2);
+    Relax wants one type, and the result has the base's."""
+    base, exponent = node.inputs[0], node.inputs[1]
+    y = ctx.x(exponent)
+    if ctx.dtype(exponent) != ctx.dtype(base):
+        y = R.astype(y, ctx.dtype(base))
+    return [ctx.emit(R.power(ctx.x(base), y))]
 
 
 _LOWER: dict[str, Callable[[_Ctx, Node], list]] = {
@@ -486,7 +474,7 @@ _LOWER: dict[str, Callable[[_Ctx, Node], list]] = {
     "Add": _binary(R.add),
     "Sub": _binary(R.subtract),
     "Mul": _binary(R.multiply),
-    "Div": div,
+    "Div": _binary(R.divide),
     "Pow": power,
     "Max": _variadic(R.maximum),
     "Min": _variadic(R.minimum),
@@ -541,13 +529,21 @@ def to_relax(graph: Graph) -> tvm.IRModule:
         ctx.env[name] = var
         params.append(var)
     with bb.function("main", params):
-        with bb.dataflow():
-            for node in graph.nodes():
-                outs = _LOWER[converter_key(node)](ctx, node)
-                for name, expr in zip([o for o in node.outputs if o], outs, strict=True):
-                    ctx.env[name] = expr
-            outputs = [ctx.x(o) for o in graph.outputs]
-            result = bb.emit_output(relax.Tuple(outputs))
+        try:
+            with bb.dataflow():
+                for node in graph.nodes():
+                    outs = _LOWER[converter_key(node)](ctx, node)
+                    for name, expr in zip([o for o in node.outputs if o], outs, strict=True):
+                        ctx.env[name] = expr
+                outputs = [ctx.x(o) for o in graph.outputs]
+                result = bb.emit_output(relax.Tuple(outputs))
+        except Exception:
+            # TVM's function scope leaves the block and variable scope the body opened
+            # when it raises; the builder then logs "BlockBuilder destroyed with remaining
+            # blocks!" to stderr when collected: a line after the user's one error line.
+            bb._end_block()
+            bb.end_scope()
+            raise
         bb.emit_func_output(result)
     # What runs is what Relax computed: record its output shapes (ONNX shape inference
     # disagrees with onnxruntime and the spec text on ceil-mode pooling, for one).

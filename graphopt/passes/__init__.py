@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from graphopt.errors import GraphoptError
 from graphopt.passes._base import Pass, PassError, PassResult, run_passes
 from graphopt.passes._functions import GRAPHOPT_DOMAIN
 from graphopt.passes._pipeline import (
@@ -135,8 +136,6 @@ def build_pipeline(
 
 
 def get_pass(name: str) -> Pass:
-    from graphopt.errors import GraphoptError
-
     try:
         return PASSES[name]()
     except KeyError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from graphopt.ir import Graph
+from graphopt.ir import Graph, graph_to_onnx
 
 __all__ = ["GRAPHOPT_DOMAIN", "FUNCTIONS", "to_onnx", "attach_functions"]
 
@@ -52,6 +52,4 @@ def attach_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_onnx(graph: Graph) -> onnx.ModelProto:
     """``graph_to_onnx`` plus the definitions of any graphopt-domain ops it holds."""
-    from graphopt.frontends.onnx import graph_to_onnx
-
     return attach_functions(graph_to_onnx(graph))

@@ -111,13 +111,40 @@ def check(graph: Graph, node: Node) -> str | None:
     hidden = r_shape[-1]
     if node.attrs.get("hidden_size", hidden) != hidden:
         return f"attribute hidden_size={node.attrs['hidden_size']} disagrees with R {r_shape}"
+    layout = node.attrs.get("layout", 0)
+    seq, batch = (x_shape[1], x_shape[0]) if layout else (x_shape[0], x_shape[1])
+    wrong = _wrong_shape(graph, node, len(_DIRECTIONS[direction]), batch, x_shape[2], hidden)
+    if wrong:
+        return wrong
     lens = _opt(node, 4)
     if lens is not None:
-        seq = x_shape[1] if node.attrs.get("layout", 0) else x_shape[0]
         if not graph.is_constant(lens):
             return f"input sequence_lens ({lens!r}) is not a constant (variable lengths)"
         if np.any(graph.constants[lens] != seq):
             return f"input sequence_lens holds lengths other than the full length {seq}"
+    return None
+
+
+def _wrong_shape(graph: Graph, node: Node, dirs: int, batch: int, size: int, hidden: int):  # noqa: ANN202
+    """Why an input's shape is not the one the ONNX spec gives it, or None. ONNX shape
+    inference does not check them, and the expansion would fail in numpy broadcasting
+    with a message that names neither the node nor the input."""
+    gates = _CELLS[node.op_type][0] * hidden
+    state = (batch, dirs, hidden) if node.attrs.get("layout", 0) else (dirs, batch, hidden)
+    expected = {
+        "W": (dirs, gates, size),
+        "R": (dirs, gates, hidden),
+        "B": (dirs, 2 * gates),
+        "sequence_lens": (batch,),
+        "initial_h": state,
+        "initial_c": state,
+        "P": (dirs, 3 * hidden),
+    }
+    for i, (label, shape) in enumerate(expected.items(), start=1):
+        name = _opt(node, i)
+        if name is not None and _static_shape(graph, name) != shape:
+            got = _static_shape(graph, name)
+            return f"input {label} ({name!r}) has shape {got}, expected {shape}"
     return None
 
 
