@@ -272,6 +272,11 @@ def compile(  # noqa: A001 - the public name users expect
                 detail = bad.get("reason") or (
                     f"max |diff| {bad['max_abs_diff']:.3g}, "
                     f"{bad['mismatched']} element(s) out of tolerance"
+                    + (
+                        f", {bad['nonfinite_mismatched']} of them NaN/inf on one side only"
+                        if bad.get("nonfinite_mismatched")
+                        else ""
+                    )
                 )
                 raise VerificationError(
                     f"artifact disagrees with {report['reference']} on output {bad['name']!r}: "

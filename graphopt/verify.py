@@ -73,7 +73,9 @@ def compare(actual: dict, expected: dict, rtol: float, atol: float) -> dict:
                 entry["nonfinite_matched"] = int((both & same).sum())
             if not ok:
                 tol = atol + rtol * np.abs(exp.astype(np.float64))
-                entry["mismatched"] = int(((diff > tol) | ~finite).sum())
+                off = ~finite & ~same  # NaN/inf on one side only, or different infinities
+                entry["mismatched"] = int(((diff > tol) & finite).sum() + off.sum())
+                entry["nonfinite_mismatched"] = int(off.sum())
         outputs.append(entry)
         if not entry["ok"] and first_bad is None:
             first_bad = entry

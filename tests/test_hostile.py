@@ -287,6 +287,16 @@ def test_nan_on_both_sides_is_counted_not_hidden(tmp_path, capsys):
     assert f"{report['outputs'][0]['nonfinite_matched']} NaN/inf value(s)" in out
 
 
+def test_nan_on_one_side_only_is_counted_as_such():
+    from graphopt.verify import compare
+
+    expected = np.array([1.0, np.nan, np.inf, 2.0], np.float32)
+    actual = np.array([1.0, np.nan, 5.0, np.nan], np.float32)
+    out = compare({"y": actual}, {"y": expected}, rtol=1e-3, atol=1e-4)["outputs"][0]
+    assert not out["ok"] and out["max_abs_diff"] == 0.0
+    assert (out["nonfinite_matched"], out["mismatched"], out["nonfinite_mismatched"]) == (1, 2, 2)
+
+
 def _broken_plugin(folder: Path, monkeypatch) -> None:  # noqa: ANN001
     (folder / "broken_passes_pkg.py").write_text("raise ImportError('half-installed')\n")
     dist = folder / "broken_passes_pkg-0.1.dist-info"
