@@ -152,7 +152,47 @@ def _pt2_case(command: str):  # noqa: ANN202
     return build
 
 
+def _external_case(location: str, plant):  # noqa: ANN001, ANN202
+    """A model whose Constant reads external data at ``location``; ``plant(folder)`` puts
+    a secret where a careless loader would find it (the test's cwd is the folder)."""
+
+    def build(folder: Path, _built) -> list[str]:  # noqa: ANN001
+        from tests.frontends.test_onnx_external import SECRET, constant_model, external, save
+
+        plant(folder, SECRET)
+        tensor = external("c", np.zeros(8, np.float32), location)
+        model = save(constant_model(tensor), folder / "models" / "m.onnx")
+        return ["compile", model, "-o", str(folder / "out.so")]
+
+    return build
+
+
+def _hidden_in_cwd(folder: Path, secret: bytes) -> None:
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "key").write_bytes(secret)
+
+
+def _beside_the_models_folder(folder: Path, secret: bytes) -> None:
+    (folder / "secret.bin").write_bytes(secret)
+
+
+def _symlink_out(folder: Path, secret: bytes) -> None:
+    (folder / "secret.bin").write_bytes(secret)
+    (folder / "models").mkdir()
+    (folder / "models" / "link.bin").symlink_to(folder / "secret.bin")
+
+
 CASES = {
+    # reading outside the model's folder
+    "external data resolved against the cwd": (
+        _external_case(".hidden/key", _hidden_in_cwd),
+        "external data",
+    ),
+    "external data at ../": (_external_case("../secret.bin", _beside_the_models_folder), r"\.\."),
+    "external data through a symlink": (
+        _external_case("link.bin", _symlink_out),
+        "outside",
+    ),
     # code in the model file
     "pt2 with a pickled weight (compile)": (_pt2_case("compile"), "--trust-pickle"),
     "pt2 with a pickled weight (inspect)": (_pt2_case("inspect"), "--trust-pickle"),
