@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "graphopt"
 # Layers, lowest first: a module may import its own layer and the ones below it.
 LAYERS = [
     {"graphopt.errors", "graphopt._version"},
-    {"graphopt.ir", "graphopt.verify"},
+    {"graphopt.ir", "graphopt.ir_builder", "graphopt.verify"},
     {"graphopt.frontends", "graphopt.passes"},
     {"graphopt.lower", "graphopt.zoo", "graphopt.zoo_torch"},
     {"graphopt.targets"},

@@ -50,6 +50,7 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from onnx import helper, numpy_helper, shape_inference
 
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir_builder import IRBuilder
 from graphopt.passes._base import Pass, PassError, PassResult
 from graphopt.passes._functions import attach_functions
 
@@ -309,19 +310,23 @@ def find_matches(graph: Graph, rule: RewriteRule) -> list[Match]:
 
 
 class _Builder:
-    """The ``op`` a replacement receives: records new nodes, adds constants directly."""
+    """The ``op`` a replacement receives: records new nodes, adds constants directly.
+
+    Names and constants come from an :class:`~graphopt.ir_builder.IRBuilder`: a new node
+    is ``<root>_<op>`` (``_1``, ``_2``, ... when taken) and so is its output, or
+    ``<node>_out<k>`` for several outputs.
+    """
 
     def __init__(self, graph: Graph, match: Match) -> None:
         self.graph = graph
         self.match = match
         self.nodes: list[Node] = []
         self._prefix = match.root.name
+        self._names = IRBuilder(graph)
 
     def constant(self, array: Any, name: str | None = None) -> str:
         """Add ``array`` as a new constant; returns its value name."""
-        return self.graph.add_constant(
-            self.graph.unique_name(name or f"{self._prefix}_const"), np.asarray(array)
-        )
+        return self._names.const(array, name or f"{self._prefix}_const")
 
     def value(self, name: str) -> np.ndarray | None:
         """The array of constant ``name``, or None when it is not a constant."""
@@ -333,12 +338,12 @@ class _Builder:
 
         def emit(*inputs: Any, _domain: str = "", _outputs: int = 1, **attrs: Any) -> Any:
             names = [self._input(i) for i in inputs]
-            base = f"{self._prefix}_{op_type.lower()}"
-            node_name = self._fresh(base)
-            outs = [
-                self._fresh(f"{node_name}_out{k}" if _outputs > 1 else node_name)
-                for k in range(_outputs)
-            ]
+            # Recorded, not added: the graph changes only once the whole replacement
+            # passes shape inference (see _replace).
+            node_name = self._names.fresh(f"{self._prefix}_{op_type.lower()}")
+            outs = [node_name]
+            if _outputs > 1:
+                outs = [self._names.fresh(f"{node_name}_out{k}") for k in range(_outputs)]
             self.nodes.append(Node(node_name, op_type, names, outs, attrs, _norm_domain(_domain)))
             return outs[0] if _outputs == 1 else tuple(outs)
 
@@ -354,15 +359,6 @@ class _Builder:
                 raise ValueError(f"replacement input {x!r} is not a value of the graph")
             return x
         return self.constant(x)
-
-    def _fresh(self, base: str) -> str:
-        taken = {n.name for n in self.nodes} | {o for n in self.nodes for o in n.outputs}
-        name = self.graph.unique_name(base)
-        k = 0
-        while name in taken:
-            k += 1
-            name = self.graph.unique_name(f"{base}_{k}")
-        return name
 
 
 def _describe(v: Value | None) -> str:

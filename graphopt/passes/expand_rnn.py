@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphopt.errors import UnsupportedOpsError
-from graphopt.ir import Graph, Node, Value
+from graphopt.ir import Graph, Node
+from graphopt.ir_builder import IRBuilder
 from graphopt.passes._base import Pass, PassResult
 
 __all__ = ["ExpandRNN", "check"]
@@ -148,36 +149,19 @@ def _wrong_shape(graph: Graph, node: Node, dirs: int, batch: int, size: int, hid
     return None
 
 
-class _Emitter:
+class _Emitter(IRBuilder):
     """Adds primitive nodes for one recurrent node, folding all-constant ones in numpy.
 
-    ``None`` stands for an all-zero tensor: ``add(x, None)`` is ``x``, ``mul(x, None)``
-    and ``matmul(None, w)`` are ``None``, so zero initial states cost nothing.
+    Names are ``<node>_<op>_<n>`` (see :class:`~graphopt.ir_builder.IRBuilder`). ``None``
+    stands for an all-zero tensor: ``add(x, None)`` is ``x``, ``mul(x, None)`` and
+    ``matmul(None, w)`` are ``None``, so zero initial states cost nothing.
     """
 
     def __init__(self, graph: Graph, prefix: str, dtype: str) -> None:
-        self.graph = graph
-        self.prefix = prefix
-        self.dtype = dtype
+        super().__init__(graph, prefix)
+        self.value_dtype = dtype
         self.stats: Counter = Counter()
         self._indices: dict[tuple, str] = {}
-        self._count = 0
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.graph.values[name].shape)
-
-    def const(self, array: np.ndarray, tag: str) -> str:
-        return self.graph.add_constant(self.fresh(tag), array)
-
-    def fresh(self, tag: str) -> str:
-        """A new value/node name. (``Graph.unique_name`` rebuilds a set per call, which is
-        quadratic over the thousands of nodes an unrolled sequence makes.)"""
-        g = self.graph
-        while True:
-            self._count += 1
-            name = f"{self.prefix}_{tag}_{self._count}"
-            if name not in g.values and name not in g.nx_graph and g.producer(name) is None:
-                return name
 
     def _index(self, values: Sequence[int] | int) -> str:
         key = (np.ndim(values), tuple(np.ravel(values)))
@@ -185,7 +169,7 @@ class _Emitter:
             self._indices[key] = self.const(np.array(values, dtype=np.int64), "idx")
         return self._indices[key]
 
-    def emit(
+    def emit(  # no dtype: every value has the recurrent node's
         self,
         op: str,
         inputs: list[str],
@@ -193,21 +177,21 @@ class _Emitter:
         fold: Callable[..., np.ndarray] | None = None,
         attrs: dict | None = None,
         out: str | None = None,
-        const_inputs: list[str] = (),
+        const_inputs: Sequence[str] = (),
     ) -> str:
         """Add ``op`` (or its numpy result when every data input is constant)."""
-        if fold is not None and all(self.graph.is_constant(i) for i in inputs):
-            result = fold(*(self.graph.constants[i] for i in inputs))
-            if out is not None:
-                return self.graph.add_constant(out, result)
-            return self.const(result, op.lower())
-        name = out or self.fresh(op.lower())
-        self.graph.values[name] = Value(name, tuple(shape), self.dtype)
-        node_name = name if out is None else self.fresh(op.lower())
-        self.graph.add_node(
-            Node(node_name, op, inputs + list(const_inputs), [name], dict(attrs or {}))
+        name = super().emit(
+            op,
+            inputs,
+            shape,
+            self.value_dtype,
+            attrs,
+            out=out,
+            fold=fold,
+            const_inputs=const_inputs,
         )
-        self.stats[op] += 1
+        if not self.graph.is_constant(name):
+            self.stats[op] += 1
         return name
 
     # --- data movement ------------------------------------------------------------
@@ -282,7 +266,7 @@ class _Emitter:
     # --- arithmetic (None is zero) --------------------------------------------------
     def _binary(self, op: str, a: str, b: str, fn: Callable) -> str:
         shape = np.broadcast_shapes(self.shape(a), self.shape(b))
-        return self.emit(op, [a, b], shape, lambda x, y: fn(x, y).astype(self.dtype))
+        return self.emit(op, [a, b], shape, lambda x, y: fn(x, y).astype(self.value_dtype))
 
     def add(self, a: str | None, b: str | None) -> str | None:
         if a is None or b is None:
@@ -336,7 +320,7 @@ class _Emitter:
             "Tanh": np.tanh,
             "Relu": lambda a: np.maximum(a, 0),
         }
-        return self.emit(op, [x], self.shape(x), lambda a: fns[op](a).astype(self.dtype))
+        return self.emit(op, [x], self.shape(x), lambda a: fns[op](a).astype(self.value_dtype))
 
 
 @dataclass

@@ -18,7 +18,8 @@ import onnx
 import torch
 import torch.fx
 
-from graphopt.ir import Graph, Node, Value
+from graphopt.ir import Graph
+from graphopt.ir_builder import IRBuilder
 
 __all__ = [
     "OPSET",
@@ -69,8 +70,11 @@ def int_list(v: Any, n: int) -> list[int]:
     return v * n if len(v) == 1 else v
 
 
-class GraphBuilder:
+class GraphBuilder(IRBuilder):
     """The graph being built from an ExportedProgram, and the fx values already in it.
+
+    Names, constants and nodes come from :class:`~graphopt.ir_builder.IRBuilder`; this
+    adds the torch side.
 
     ``env`` maps an fx node name to its IR value name (or a list of them for tuple
     results, ``None`` where an element is not translated); ``folded`` holds the torch
@@ -80,7 +84,7 @@ class GraphBuilder:
     """
 
     def __init__(self, name: str) -> None:
-        self.graph = Graph(name, OPSET)
+        super().__init__(Graph(name, OPSET))
         self.env: dict[str, Any] = {}
         self.folded: dict[str, Any] = {}
         self.poisoned: set[str] = set()
@@ -106,22 +110,13 @@ class GraphBuilder:
             return self.const(np.array(arg, dtype=dtype or np.asarray(arg).dtype), "scalar")
         raise Refuse(f"argument {arg!r} is not supported")
 
-    def const(self, array: np.ndarray, tag: str) -> str:
-        return self.graph.add_constant(self.graph.unique_name(tag), np.asarray(array))
-
     def is_const(self, arg: Any) -> bool:
         return isinstance(arg, torch.fx.Node) and arg.name in self.folded
 
     def constant(self, arg: torch.fx.Node) -> np.ndarray:
         return self.folded[arg.name].detach().cpu().contiguous().numpy()
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.graph.values[name].shape)
-
-    def dtype(self, name: str) -> str:
-        return self.graph.values[name].dtype
-
-    def emit(
+    def emit(  # names the node after op and tag
         self,
         op: str,
         inputs: list[str],
@@ -129,17 +124,11 @@ class GraphBuilder:
         dtype: str,
         attrs: dict | None = None,
         tag: str = "v",
-        n_out: int = 1,
-    ) -> str | list[str]:
-        outs = []
-        for _ in range(n_out):
-            out = self.graph.unique_name(tag)
-            self.graph.values[out] = Value(out, tuple(int(d) for d in shape), dtype)
-            outs.append(out)
-        self.graph.add_node(
-            Node(self.graph.unique_name(f"{op}_{tag}"), op, list(inputs), outs, attrs or {})
+    ) -> str:
+        """Add ``op``; its output is named after ``tag``, the node ``<op>_<tag>``."""
+        return super().emit(
+            op, inputs, shape, dtype, attrs, tag=tag, name=self.fresh(f"{op}_{tag}")
         )
-        return outs[0] if n_out == 1 else outs
 
     def out(self, node: torch.fx.Node, op: str, inputs: list[str], attrs: dict | None = None):
         """Emit ``op`` producing the value of ``node`` (its shape and dtype from meta)."""

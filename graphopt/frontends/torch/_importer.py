@@ -152,7 +152,7 @@ class Importer(GraphBuilder):
                 continue
             # An input, or an output twice: a copy (eliminate-identity keeps these).
             self.graph.values[out] = replace(self.graph.values[src], name=out)
-            node_name = self.graph.unique_name(f"Identity_{out}")
+            node_name = self.fresh(f"Identity_{out}")
             self.graph.add_node(Node(node_name, "Identity", [src], [out]))
         self.graph.outputs = names
 

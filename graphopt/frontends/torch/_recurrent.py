@@ -92,15 +92,15 @@ def _recurrent(imp: GraphBuilder, node: torch.fx.Node):
         y_shape = (batch, seq, dirs, hidden) if layout else (seq, dirs, batch, hidden)
         s_shape = (batch, dirs, hidden) if layout else (dirs, batch, hidden)
         last = layer == layers - 1
-        outs = [imp.graph.unique_name(f"{tag}_Y") if (not last or 0 in used) else ""]
+        outs = [imp.fresh(f"{tag}_Y") if (not last or 0 in used) else ""]
         for k in range(len(states)):
-            outs.append(imp.graph.unique_name(f"{tag}_Y{'hc'[k]}") if k + 1 in used else "")
+            outs.append(imp.fresh(f"{tag}_Y{'hc'[k]}") if k + 1 in used else "")
         while outs and not outs[-1]:
             outs.pop()
         for name, shape in zip(outs, [y_shape] + [s_shape] * len(states), strict=False):
             if name:
                 imp.graph.values[name] = Value(name, shape, dtype)
-        imp.graph.add_node(Node(imp.graph.unique_name(f"{op}_{tag}"), op, inputs, outs, attrs))
+        imp.graph.add_node(Node(imp.fresh(f"{op}_{tag}"), op, inputs, outs, attrs))
         for k, name in enumerate(outs[1:]):
             if name:
                 finals[k].append(imp.transpose(name, [1, 0, 2] if layout else [0, 1, 2], tag))
