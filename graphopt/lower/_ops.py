@@ -1,13 +1,17 @@
-"""The op table: which ONNX ops lower, and the static checks that refuse attribute values.
+"""The op table: which ONNX ops lower, the static checks that refuse attribute values, and
+the name of each op's converter.
 
-Checks here run without TVM, so ``graphopt inspect`` can name every op that would fail
-before a compile starts. The converters themselves live in :mod:`graphopt.lower.relax`.
+``CONVERTERS`` maps an op to its :class:`OpRule` (check, converter name), one entry per
+op. Checks run without TVM, so ``graphopt inspect`` can name every op that would fail
+before a compile starts; the converters live in :mod:`graphopt.lower.relax`, which imports
+TVM, and are named here by string.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -262,57 +266,71 @@ def _ok(graph: Graph, node: Node) -> str | None:
     return None
 
 
-# op_type -> static check. The converter for each key lives in graphopt.lower.relax.
-CONVERTERS: dict[str, Callable[[Graph, Node], str | None]] = {
-    "Conv": _check_conv,
-    "BatchNormalization": _check_bn,
-    "MaxPool": _check_pool,
-    "AveragePool": _check_pool,
-    "GlobalAveragePool": _check_global_pool,
-    "GlobalMaxPool": _check_global_pool,
-    "Gemm": _check_gemm,
-    "MatMul": _ok,
-    "Add": _ok,
-    "Sub": _ok,
-    "Mul": _ok,
-    "Div": _check_div,
-    "Pow": _ok,
-    "Max": _ok,
-    "Min": _ok,
-    "Relu": _ok,
-    "LeakyRelu": _ok,
-    "Sigmoid": _ok,
-    "HardSigmoid": _ok,
-    "HardSwish": _ok,
-    "Tanh": _ok,
-    "Exp": _ok,
-    "Log": _ok,
-    "Sqrt": _ok,
-    "Neg": _ok,
-    "Abs": _ok,
-    "Erf": _ok,
-    "Reciprocal": _ok,
-    "Gelu": _ok,
-    "Clip": _check_clip,
-    "Softmax": _check_softmax,
-    "LogSoftmax": _check_softmax,
-    "Concat": _ok,
-    "Reshape": _check_reshape,
-    "Flatten": _check_flatten,
-    "Transpose": _check_transpose,
-    "Squeeze": _needs_const(1),
-    "Unsqueeze": _needs_const(1),
-    "ReduceMean": _needs_const(1),
-    "ReduceSum": _needs_const(1),
-    "ReduceMax": _needs_const(1),
-    "Identity": _ok,
-    "Dropout": _ok,
-    "Cast": _ok,
-    "Gather": _ok,
-    "Slice": _check_slice,
-    "Pad": _check_pad,
+@dataclass(frozen=True)
+class OpRule:
+    """What graphopt knows about one op it compiles.
+
+    ``check(graph, node)`` returns why a node cannot be lowered, or None; it runs without
+    TVM (``graphopt inspect`` and ``prepare`` call it first). ``lower`` names the function
+    of :mod:`graphopt.lower.relax` that converts the node, so this table loads without
+    importing TVM; ``tests/lower/test_ops.py`` checks that every name resolves.
+    """
+
+    check: Callable[[Graph, Node], str | None]
+    lower: str
+
+
+# converter key (see converter_key) -> its check and converter, the one table of ops.
+CONVERTERS: dict[str, OpRule] = {
+    "Conv": OpRule(_check_conv, "conv"),
+    "BatchNormalization": OpRule(_check_bn, "batch_norm"),
+    "MaxPool": OpRule(_check_pool, "max_pool"),
+    "AveragePool": OpRule(_check_pool, "avg_pool"),
+    "GlobalAveragePool": OpRule(_check_global_pool, "global_avg_pool"),
+    "GlobalMaxPool": OpRule(_check_global_pool, "global_max_pool"),
+    "Gemm": OpRule(_check_gemm, "gemm"),
+    "MatMul": OpRule(_ok, "matmul"),
+    "Add": OpRule(_ok, "add"),
+    "Sub": OpRule(_ok, "subtract"),
+    "Mul": OpRule(_ok, "multiply"),
+    "Div": OpRule(_check_div, "divide"),
+    "Pow": OpRule(_ok, "power"),
+    "Max": OpRule(_ok, "maximum"),
+    "Min": OpRule(_ok, "minimum"),
+    "Relu": OpRule(_ok, "relu"),
+    "LeakyRelu": OpRule(_ok, "leaky_relu"),
+    "Sigmoid": OpRule(_ok, "sigmoid"),
+    "HardSigmoid": OpRule(_ok, "hard_sigmoid"),
+    "HardSwish": OpRule(_ok, "hard_swish"),
+    "Tanh": OpRule(_ok, "tanh"),
+    "Exp": OpRule(_ok, "exp"),
+    "Log": OpRule(_ok, "log"),
+    "Sqrt": OpRule(_ok, "sqrt"),
+    "Neg": OpRule(_ok, "negative"),
+    "Abs": OpRule(_ok, "absolute"),
+    "Erf": OpRule(_ok, "erf"),
+    "Reciprocal": OpRule(_ok, "reciprocal"),
+    "Gelu": OpRule(_ok, "gelu"),
+    "Clip": OpRule(_check_clip, "clip"),
+    "Softmax": OpRule(_check_softmax, "softmax"),
+    "LogSoftmax": OpRule(_check_softmax, "log_softmax"),
+    "Concat": OpRule(_ok, "concat"),
+    "Reshape": OpRule(_check_reshape, "reshape"),
+    "Flatten": OpRule(_check_flatten, "flatten"),
+    "Transpose": OpRule(_check_transpose, "transpose"),
+    "Squeeze": OpRule(_needs_const(1), "squeeze"),
+    "Unsqueeze": OpRule(_needs_const(1), "unsqueeze"),
+    "ReduceMean": OpRule(_needs_const(1), "reduce_mean"),
+    "ReduceSum": OpRule(_needs_const(1), "reduce_sum"),
+    "ReduceMax": OpRule(_needs_const(1), "reduce_max"),
+    "Identity": OpRule(_ok, "identity"),
+    "Dropout": OpRule(_ok, "identity"),
+    "Cast": OpRule(_ok, "cast"),
+    "Gather": OpRule(_ok, "gather"),
+    "Slice": OpRule(_check_slice, "slice_"),
+    "Pad": OpRule(_check_pad, "pad"),
     # graphopt's own domain: ops a pass makes (definitions in graphopt.passes._functions)
-    "graphopt::SiLU": _ok,
+    "graphopt::SiLU": OpRule(_ok, "silu"),
 }
 
 
@@ -334,14 +352,14 @@ def unsupported_nodes(graph: Graph) -> list[tuple[str, str, str]]:
         if node.domain not in ("", "ai.onnx") and converter_key(node) not in CONVERTERS:
             found.append((f"{node.domain}::{node.op_type}", node.name, "custom op domain"))
             continue
-        check = CONVERTERS.get(converter_key(node))
-        if check is None:
+        rule = CONVERTERS.get(converter_key(node))
+        if rule is None:
             found.append((node.op_type, node.name, _EXPANDED_BY_PASS.get(node.op_type, "")))
             continue
         reason = (
             _check_operands(graph, node)
             or _check_dtypes(graph, node)
-            or check(graph, node)
+            or rule.check(graph, node)
             or _check_empty(graph, node)
         )
         if reason:

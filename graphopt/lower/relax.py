@@ -462,57 +462,35 @@ def power(ctx: _Ctx, node: Node):
     return [ctx.emit(R.power(ctx.x(base), y))]
 
 
-_LOWER: dict[str, Callable[[_Ctx, Node], list]] = {
-    "Conv": conv,
-    "BatchNormalization": batch_norm,
-    "MaxPool": max_pool,
-    "AveragePool": avg_pool,
-    "GlobalAveragePool": global_avg_pool,
-    "GlobalMaxPool": global_max_pool,
-    "Gemm": gemm,
-    "MatMul": _binary(R.matmul),
-    "Add": _binary(R.add),
-    "Sub": _binary(R.subtract),
-    "Mul": _binary(R.multiply),
-    "Div": _binary(R.divide),
-    "Pow": power,
-    "Max": _variadic(R.maximum),
-    "Min": _variadic(R.minimum),
-    "Relu": _unary(R.nn.relu),
-    "LeakyRelu": leaky_relu,
-    "Sigmoid": _unary(R.sigmoid),
-    "HardSigmoid": hard_sigmoid,
-    "HardSwish": hard_swish,
-    "Tanh": _unary(R.tanh),
-    "Exp": _unary(R.exp),
-    "Log": _unary(R.log),
-    "Sqrt": _unary(R.sqrt),
-    "Neg": _unary(R.negative),
-    "Abs": _unary(R.abs),
-    "Erf": _unary(R.erf),
-    "Reciprocal": reciprocal,
-    "Gelu": gelu,
-    "Clip": clip,
-    "Softmax": _softmax_like(R.nn.softmax),
-    "LogSoftmax": _softmax_like(R.nn.log_softmax),
-    "Concat": concat,
-    "Reshape": reshape,
-    "Flatten": flatten,
-    "Transpose": transpose,
-    "Squeeze": squeeze,
-    "Unsqueeze": unsqueeze,
-    "ReduceMean": _reduce(R.mean),
-    "ReduceSum": _reduce(R.sum),
-    "ReduceMax": _reduce(R.max),
-    "Identity": identity,
-    "Dropout": identity,
-    "Cast": cast,
-    "Gather": gather,
-    "Slice": slice_,
-    "Pad": pad,
-    "graphopt::SiLU": _unary(R.nn.silu),
-}
-assert set(_LOWER) == set(CONVERTERS), set(_LOWER) ^ set(CONVERTERS)
+# Converters that are one Relax op each; graphopt.lower._ops.CONVERTERS names them.
+matmul = _binary(R.matmul)
+add = _binary(R.add)
+subtract = _binary(R.subtract)
+multiply = _binary(R.multiply)
+divide = _binary(R.divide)
+maximum = _variadic(R.maximum)
+minimum = _variadic(R.minimum)
+relu = _unary(R.nn.relu)
+sigmoid = _unary(R.sigmoid)
+tanh = _unary(R.tanh)
+exp = _unary(R.exp)
+log = _unary(R.log)
+sqrt = _unary(R.sqrt)
+negative = _unary(R.negative)
+absolute = _unary(R.abs)
+erf = _unary(R.erf)
+softmax = _softmax_like(R.nn.softmax)
+log_softmax = _softmax_like(R.nn.log_softmax)
+reduce_mean = _reduce(R.mean)
+reduce_sum = _reduce(R.sum)
+reduce_max = _reduce(R.max)
+silu = _unary(R.nn.silu)
+
+
+def converter(key: str) -> Callable[[_Ctx, Node], list]:
+    """The converter of op ``key`` (see ``converter_key``): the function of this module
+    that ``CONVERTERS[key].lower`` names."""
+    return globals()[CONVERTERS[key].lower]
 
 
 def to_relax(graph: Graph) -> tvm.IRModule:
@@ -532,7 +510,7 @@ def to_relax(graph: Graph) -> tvm.IRModule:
         try:
             with bb.dataflow():
                 for node in graph.nodes():
-                    outs = _LOWER[converter_key(node)](ctx, node)
+                    outs = converter(converter_key(node))(ctx, node)
                     for name, expr in zip([o for o in node.outputs if o], outs, strict=True):
                         ctx.env[name] = expr
                 outputs = [ctx.x(o) for o in graph.outputs]

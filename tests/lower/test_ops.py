@@ -1,5 +1,8 @@
 """Op converters whose ONNX semantics are easy to get wrong, each checked against onnxruntime."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
@@ -7,7 +10,8 @@ from onnx import TensorProto, helper
 import graphopt
 from graphopt.errors import UnsupportedOpsError
 from graphopt.frontends.onnx import onnx_to_graph
-from graphopt.lower import unsupported_nodes
+from graphopt.lower import CONVERTERS, unsupported_nodes
+from graphopt.lower.relax import converter
 from tests.conftest import make_model
 
 C = {"int64": lambda *v: np.array(v, np.int64)}
@@ -210,3 +214,18 @@ def test_average_pool_over_full_windows_divides_once():
 
     assert "multiply" not in lowered(strides=[2, 2])
     assert "multiply" in lowered(strides=[2, 2], pads=[1, 1, 1, 1])
+
+
+def test_every_op_has_a_check_and_a_converter():
+    for key, rule in CONVERTERS.items():
+        assert callable(rule.check), key
+        assert callable(converter(key)), f"{key}: relax.py has no converter {rule.lower!r}"
+
+
+def test_import_lower_and_check_ops_without_tvm():
+    """``graphopt inspect`` and ``prepare`` call unsupported_nodes before any TVM work."""
+    code = (
+        "import sys, graphopt.lower as L; from graphopt.ir import Graph; "
+        "L.unsupported_nodes(Graph('g', 17)); assert 'tvm' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
