@@ -33,6 +33,7 @@ __all__ = [
     "read_manifest",
     "append_manifest",
     "library_digest",
+    "is_artifact",
     "check_library",
     "MAGIC",
     "check_inputs",
@@ -80,6 +81,17 @@ def _manifest_span(path: Path) -> tuple[int, int]:
         if n > size - tail:
             raise ArtifactError(f"{path} has a corrupt manifest")
         return size - tail - n, n
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file ending in graphopt's manifest marker (cheap: reads the
+    last bytes only; :func:`read_manifest` and :func:`check_library` check the rest)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size <= len(MAGIC):
+        return False
+    with open(path, "rb") as f:
+        f.seek(-len(MAGIC), os.SEEK_END)
+        return f.read() == MAGIC
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -19,9 +19,9 @@ import onnx
 
 import graphopt
 from graphopt import zoo
-from graphopt.artifact import MAGIC, check_library, load_npz, read_manifest
+from graphopt.artifact import check_library, is_artifact, load_npz, read_manifest
 from graphopt.compiler import nonfinite_note, verification_line, verify
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError, VerificationError, first_line
 from graphopt.lower import unsupported_nodes
 from graphopt.passes import (
     DEFAULT_PIPELINE,
@@ -404,15 +404,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
 
     path = Path(args.model)
-    if path.is_file() and path.stat().st_size > len(MAGIC):
-        with open(path, "rb") as f:
-            f.seek(-len(MAGIC), 2)
-            if f.read() == MAGIC:
-                manifest = read_manifest(path)
-                check_library(path, manifest)  # a damaged or spliced file: one error line
-                shown = {**manifest, "library_check": "ok: the library's sha256 matches"}
-                print(json.dumps(shown, indent=1))
-                return 0
+    if is_artifact(path):
+        manifest = read_manifest(path)
+        check_library(path, manifest)  # a damaged or spliced file: one error line
+        shown = {**manifest, "library_check": "ok: the library's sha256 matches"}
+        print(json.dumps(shown, indent=1))
+        return 0
 
     _, graph = load_model(
         path, args.input_shape, trust_pickle=args.trust_pickle, require_static=False
@@ -575,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a graphopt bug: still one line, unless --debug
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = first_line(exc, default="")
         print(
             f"error: internal error: {type(exc).__name__}: {msg} "
             "(rerun with --debug for the traceback; please report it)",

@@ -38,6 +38,7 @@ from graphopt.errors import (
     GraphoptError,
     TargetError,
     VerificationError,
+    first_line,
 )
 from graphopt.ir import Graph
 from graphopt.lower import to_relax
@@ -322,7 +323,7 @@ def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, ato
     try:
         expected = make()(inputs)
     except Exception as exc:  # onnxruntime refuses some valid models (e.g. RNN layout=1)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise VerificationError(
             f"{name} cannot run this model, so graphopt cannot verify it: {msg}; "
             "--no-verify compiles without the check"
@@ -332,7 +333,7 @@ def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, ato
     except GraphoptError:
         raise
     except Exception as exc:  # a kernel that fails at run time: never an artifact
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise VerificationError(
             f"the compiled model failed when run for verification: {msg[:300]}; no artifact "
             "written (a graphopt/TVM limitation: please report it)"

@@ -11,7 +11,17 @@ __all__ = [
     "VerificationError",
     "ArtifactError",
     "CompileError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of ``exc``'s message, so an error stays one line; ``default`` (the
+    exception's type name when None) if the message is empty."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    return type(exc).__name__ if default is None else default
 
 
 class GraphoptError(Exception):

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from graphopt.errors import InputError, ModelLoadError
+from graphopt.errors import InputError, ModelLoadError, first_line
 from graphopt.ir import Graph, Node, Value, graph_to_onnx
 
 __all__ = ["load_onnx", "onnx_to_graph", "parse_input_shapes", "graph_to_onnx", "onnx_dtype"]
@@ -37,7 +37,7 @@ def _array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
     try:
         return numpy_helper.to_array(tensor)
     except Exception as exc:
-        raise ModelLoadError(f"{what} cannot be read: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{what} cannot be read: {first_line(exc)}") from exc
 
 
 def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
@@ -62,12 +62,6 @@ def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int, .
             ) from None
         shapes[name.strip()] = shape
     return shapes
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (its type when empty): error lines stay one line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -99,7 +93,7 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:  # protobuf raises DecodeError and friends
             raise ModelLoadError(
                 f"{path} is not a readable ONNX model (truncated or not protobuf): "
-                f"{_first_line(exc)}"
+                f"{first_line(exc)}"
             ) from exc
         if not proto.graph.node and not proto.graph.output:
             raise ModelLoadError(f"{path} is not an ONNX model: it holds no graph")
@@ -107,7 +101,7 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # ValidationError, and C++ errors on hostile input
-        raise ModelLoadError(f"model fails onnx.checker: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"model fails onnx.checker: {first_line(exc)}") from exc
     _check_opsets(proto)
     return proto
 
@@ -312,7 +306,7 @@ def onnx_to_graph(
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise ModelLoadError(f"ONNX shape inference failed: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"ONNX shape inference failed: {first_line(exc)}") from exc
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     graph = Graph(proto.graph.name or "graph", opset)

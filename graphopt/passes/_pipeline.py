@@ -32,7 +32,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, first_line
 from graphopt.passes._base import Pass
 
 __all__ = [
@@ -285,7 +285,7 @@ def load_plugin(path: str | Path) -> list[type[Pass]]:
             found = getattr(module, "PASSES", None)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = first_line(exc, default="")
         raise PluginError(f"{where} failed to import: {type(exc).__name__}: {msg}") from exc
     if found is None:
         raise PluginError(f"{where} defines neither PASSES nor graphopt_passes()")
@@ -302,7 +302,7 @@ def entry_point_passes() -> list[type[Pass]]:
             if callable(obj) and not isinstance(obj, type):
                 obj = obj()
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            msg = first_line(exc, default="")
             raise PluginError(f"{where} failed to load: {type(exc).__name__}: {msg}") from exc
         found += _check_passes(obj, where)
     return found

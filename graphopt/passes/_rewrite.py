@@ -49,6 +49,7 @@ import onnx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 from onnx import helper, numpy_helper, shape_inference
 
+from graphopt.errors import first_line
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir_builder import IRBuilder
 from graphopt.passes._base import Pass, PassError, PassResult
@@ -429,7 +430,7 @@ def _replace(graph: Graph, match: Match, pass_name: str) -> None:
         try:
             inferred = _infer(graph, op.nodes)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise PassError(f"{where}: replacement fails ONNX shape inference: {msg}") from None
     else:
         inferred = {}

@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ModelLoadError, first_line
 
 __all__ = ["TORCH_LOCK", "TorchImportError", "first_line", "quiet"]
 
@@ -43,9 +43,3 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (its type's name if it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
