@@ -94,8 +94,8 @@ def prepare(  # noqa: ANN201
 
 def check_sizes(graph: Graph, available: int | None = None) -> None:
     """Refuse shapes no kernel can run: input dims below 1, negative dims anywhere, and
-    tensors that cannot fit in memory (``available`` bytes; default: what this machine
-    has free now), judged from the shapes ONNX shape inference gives every value."""
+    tensors that cannot fit in memory (``available`` bytes; default: this machine's
+    total memory), judged from the shapes ONNX shape inference gives every value."""
     for name in graph.inputs:
         shape = graph.values[name].shape or ()
         if any(isinstance(d, int) and d < 1 for d in shape):

@@ -42,16 +42,8 @@ def built(tmp_path_factory):  # noqa: ANN201
     return paths
 
 
-def _relu(shape: list, name: str = "x") -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", [name], ["y"])],
-        "g",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+def _relu(shape: list) -> onnx.ModelProto:
+    return make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": shape}, {"y": shape})
 
 
 def _save(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
