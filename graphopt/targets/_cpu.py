@@ -69,10 +69,13 @@ def cpu_phases(
             relax.transform.FuseTIR(),
         ],
         # Default schedules (first fitting rule wins) on the fused kernels; after FuseTIR
-        # so epilogues are scheduled with their producer. The NHWC conv rule first: it
-        # takes only its own annotated convs, whatever the layout.
+        # so epilogues are scheduled with their producer. The NHWC conv rules first: they
+        # take only their own annotated convs, whatever the layout.
         # A tuning database first (it marks its kernels scheduled, so the defaults skip them).
-        "schedule": [*extra_schedule_passes, cpu.ApplyCPUSchedules(rules=[nhwc.RULE, *cpu.RULES])],
+        "schedule": [
+            *extra_schedule_passes,
+            cpu.ApplyCPUSchedules(rules=[*nhwc.RULES, *cpu.RULES]),
+        ],
         "dataflow_lower": dataflow_lower_passes(),
         "finalize": finalize_passes(),
     }

@@ -10,9 +10,11 @@ front to back.
    TOPI has no conv with a blocked weight, so these TE computes do, the padding as a
    separate ``data_pad`` stage; their anchor blocks carry the ``graphopt.kernel``
    annotation the rule looks for. Any other conv2d goes to ``_cpu_schedules``' handler.
-2. ``RULE``: ``("conv2d_nhwc", rule_conv2d_nhwc)``, put before ``_cpu_schedules.RULES``
-   (``ApplyCPUSchedules(rules=[RULE, *RULES])``). It declines every kernel without the
-   annotation, so it costs nothing in the other layouts.
+2. ``RULES``: ``conv2d_nhwc``, ``depthwise_nhwc``, ``grouped_nhwc`` (one schedule,
+   :func:`rule_conv2d_nhwc`, named by the conv family it takes), put before
+   ``_cpu_schedules.RULES`` (``ApplyCPUSchedules(rules=[*nhwc.RULES, *cpu.RULES])``).
+   They decline every kernel without the annotation, so they cost nothing in the other
+   layouts.
 
 The register tile is ``reg_n`` adjacent output pixels of one row by one channel block:
 ``reg_n`` accumulator vectors stay in registers over the whole reduction (kh, kw, ci),
@@ -20,7 +22,9 @@ each step one weight vector load, ``reg_n`` broadcasts of an input channel (cont
 in NHWC) and ``reg_n`` FMAs; the fused epilogue (bias, ReLU, residual add) is applied on
 the way out; (n, channel block, row) run in parallel, the channel block outermost so a
 thread's weights stay in its cache across rows. Depthwise convs use the same tile with
-only (kh, kw) to reduce, the channel lanes reading contiguous input vectors.
+only (kh, kw) to reduce, the channel lanes reading contiguous input vectors. Grouped convs
+(ResNeXt, RegNet) block their output channels inside one group, so a block's lanes share
+their input channels: the dense tile over the group's ``ci``.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from graphopt.targets import _cpu_schedules as cpu
 __all__ = [
     "LEGALIZE",
     "RULE",
+    "RULES",
     "conv2d_nhwc_te",
     "depthwise_conv2d_nhwc_te",
     "rule_conv2d_nhwc",
 ]
 
 _ANNOTATION = "graphopt.kernel"  # the key _cpu_schedules' rules look for
-_KINDS = ("conv2d_nhwc", "depthwise_conv2d_nhwc")
+_KINDS = ("conv2d_nhwc", "depthwise_conv2d_nhwc", "grouped_conv2d_nhwc")
 _OHWIO = re.compile(r"^OHWI(\d+)o$")
 # Vector registers kept free of accumulators: the weight vector, the broadcast, spares.
 _SPARE_REGISTERS = 4
@@ -113,15 +118,48 @@ def depthwise_conv2d_nhwc_te(data, weight, strides, padding, dilation, out_dtype
     )
 
 
+def grouped_conv2d_nhwc_te(data, weight, strides, padding, dilation, out_dtype: str, groups: int):  # noqa: ANN001, ANN201, E501, PLR0913
+    """Grouped NHWC conv, OHWI[b]o weights with b dividing the output channels per group
+    (og), I the input channels per group (ig):
+
+    out[n, y, x, c] = sum pad[n, y*s+kh*d, x*s+kw*d, c // og * ig + ci]
+                          * w[c // b, kh, kw, ci, c % b]
+    """
+    n, _, _, _ = (int(d) for d in data.shape)
+    co_o, _, _, ig, b = (int(d) for d in weight.shape)
+    og = co_o * b // groups
+    kh, kw, sh, sw, dh, dw, oh, ow = _geometry(data, weight, strides, padding, dilation)
+    pad = _pad_nhwc(data, padding)
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, ig), "rc")
+    return te.compute(
+        (n, oh, ow, co_o * b),
+        lambda i, y, x, c: te.sum(
+            pad[i, y * sh + rh * dh, x * sw + rw * dw, c // og * ig + rc].astype(out_dtype)
+            * weight[c // b, rh, rw, rc, c % b].astype(out_dtype),
+            axis=[rh, rw, rc],
+        ),
+        name="grouped_conv2d_nhwc",
+        attrs={_ANNOTATION: "grouped_conv2d_nhwc"},
+    )
+
+
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     a = call.attrs
     blocked = _OHWIO.match(str(a.kernel_layout))
     if not (str(a.data_layout) == str(a.out_layout) == "NHWC" and blocked):
         return cpu.LEGALIZE["relax.nn.conv2d"](bb, call)
-    if int(a.groups) == 1:
+    groups = int(a.groups)
+    if groups == 1:
         return cpu.call_conv_te(bb, call, conv2d_nhwc_te, "conv2d_nhwc")
-    # ConvertToNHWC blocks only dense and depthwise weights
-    return cpu.call_conv_te(bb, call, depthwise_conv2d_nhwc_te, "depthwise_conv2d_nhwc")
+    if groups == int(call.args[0].ty.shape.values[3]) and int(call.args[1].ty.shape.values[3]) == 1:
+        return cpu.call_conv_te(bb, call, depthwise_conv2d_nhwc_te, "depthwise_conv2d_nhwc")
+
+    def grouped(data, weight, strides, padding, dilation, out_dtype):  # noqa: ANN001, ANN202, PLR0913
+        return grouped_conv2d_nhwc_te(data, weight, strides, padding, dilation, out_dtype, groups)
+
+    return cpu.call_conv_te(bb, call, grouped, "grouped_conv2d_nhwc")
 
 
 LEGALIZE = {"relax.nn.conv2d": _legalize_conv2d}
@@ -199,4 +237,22 @@ def rule_conv2d_nhwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sc
     return cpu._schedule_others(sch, others, lanes)
 
 
-RULE = ("conv2d_nhwc", rule_conv2d_nhwc)
+def _family_rule(kind: str):  # noqa: ANN202
+    """:func:`rule_conv2d_nhwc` for the kernels whose conv is ``kind`` only."""
+
+    def rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        kinds = [cpu._annotation(sch, b) for b in cpu._root_blocks(sch)]
+        if kind not in kinds:
+            return None
+        return rule_conv2d_nhwc(func, target)
+
+    return rule
+
+
+RULE = ("conv2d_nhwc", rule_conv2d_nhwc)  # every family (the one rule of earlier versions)
+RULES = [
+    ("conv2d_nhwc", _family_rule("conv2d_nhwc")),
+    ("depthwise_nhwc", _family_rule("depthwise_conv2d_nhwc")),
+    ("grouped_nhwc", _family_rule("grouped_conv2d_nhwc")),
+]

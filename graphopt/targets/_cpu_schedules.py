@@ -4,13 +4,14 @@ Three pieces, in the order the x86 pipeline uses them with its default layout ``
 (the layouts each target offers, and their passes, are tabled in
 :mod:`graphopt.targets._layout`; the NHWC conv rule is :mod:`graphopt.targets._cpu_nhwc`):
 
-1. ``ConvertToNCHWc`` (a Relax pass, before LegalizeOps): convolutions move to the packed
-   layout ``NCHW[x]c`` with weights ``OIHW[x]i[y]o``, so the innermost axis of every
-   activation and weight is a block of output channels one SIMD register wide. Relax's
-   ConvertLayout carries the layout through the elementwise ops in between and inserts
-   ``layout_transform`` only where a layout-unaware op needs plain NCHW. Weight transforms
-   act on constants, so the FoldConstant after LegalizeOps packs every weight once, at
-   compile time.
+1. ``ConvertToNCHWc`` (a Relax pass, before LegalizeOps): every conv moves to the packed
+   layout ``NCHW[x]c`` with weights ``OIHW[x]i[y]o`` on its own, so the innermost axis of
+   every activation and weight is a block of output channels (one SIMD register wide
+   where the channel count allows). The packed layout is carried through elementwise
+   ops, SE gates, pools, pads, channel concats and slices; a ``layout_transform`` goes
+   only on an edge whose consumer cannot carry it (:mod:`graphopt.targets._nchwc`).
+   Weight transforms act on constants, so the FoldConstant after LegalizeOps packs every
+   weight once, at compile time.
 2. ``LEGALIZE`` (LegalizeOps' customize map): TOPI cannot legalize a channel-blocked
    conv2d, so these TE computes do; their anchor blocks carry a ``graphopt.kernel``
    annotation that the rules below look for. float32 sigmoid/tanh/exp take TOPI's
@@ -22,6 +23,12 @@ Three pieces, in the order the x86 pipeline uses them with its default layout ``
    fresh schedule: a schedule can only be slow, never wrong, since every primitive used
    here is checked by TVM for legality. The winning rule's name is recorded in the
    PrimFunc's ``graphopt.schedule_rule`` attribute.
+
+Rule names (the ``graphopt.schedule_rule`` attribute, what ``graphopt profile`` shows):
+``conv2d_nchwc``, ``pointwise_nchwc`` (1x1), ``depthwise_nchwc``, ``grouped_nchwc`` (and
+the NHWC layout's ``conv2d_nhwc``, ``depthwise_nhwc``, ``grouped_nhwc``), ``matmul``,
+``reduction`` (pools, means), ``injective``, ``fallback``. A kernel with a conv or matmul
+also carries ``graphopt.fast_path``: False when a generic rule (``GENERIC_RULES``) took it.
 
 The conv schedules follow the Relay-era ``topi/x86/conv2d_avx_common.py``: a register
 tile of ``reg_n`` output pixels by one channel block, reduction loops outside it, the
@@ -36,6 +43,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
 
+from graphopt.targets._nchwc import PackNCHWc
 from graphopt.targets._phases import schedule_unscheduled
 
 __all__ = [
@@ -80,93 +88,11 @@ def _shape(expr) -> list[int] | None:  # noqa: ANN001
         return None
 
 
-def _conv_kind(call) -> str | None:  # noqa: ANN001
-    """'dense' / 'depthwise' for a 2-D NCHW/OIHW float conv we can pack, else None."""
-    a = call.attrs
-    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
-        return None
-    data, weight = _shape(call.args[0]), _shape(call.args[1])
-    if data is None or weight is None or len(data) != 4 or len(weight) != 4:
-        return None
-    if str(call.args[0].ty.dtype) != "float32":
-        return None
-    groups = int(a.groups)
-    if groups == 1:
-        return "dense"
-    if groups == data[1] == weight[0] and weight[1] == 1:
-        return "depthwise"
-    return None
-
-
-def _channel_block(channels: int, block: int, is_input: bool) -> int | None:
-    if channels % block == 0:
-        return block
-    if channels % 8 == 0:
-        return 8
-    # A thin input (an RGB image) is one block: the whole channel axis moves innermost.
-    return channels if is_input and channels < 8 else None
-
-
-def _uniform_block(mod: tvm.IRModule, lanes: int) -> int:
-    """One channel block for the whole model: ``lanes`` if every conv allows it, else 8."""
-    chans: list[int] = []
-
-    def visit(expr) -> None:  # noqa: ANN001
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
-            if _conv_kind(expr) is not None:
-                chans.extend(c for c in (_shape(expr.args[1])[0], _shape(expr.args[0])[1]))
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    if all(c % lanes == 0 for c in chans if c % 8 == 0):
-        return lanes
-    return 8
-
-
-def _layouts_for(call, block: int) -> dict:  # noqa: ANN001
-    kind = _conv_kind(call)
-    if kind is None:
-        return {}
-    cin, cout = _shape(call.args[0])[1], _shape(call.args[1])[0]
-    bi = _channel_block(cin, block, is_input=True)
-    bo = _channel_block(cout, block, is_input=False)
-    if bi is None or bo is None:
-        return {}
-    if kind == "depthwise":
-        if bi != bo:
-            return {}
-        return {"relax.nn.conv2d": [f"NCHW{bi}c", f"OIHW1i{bo}o", f"NCHW{bo}c"]}
-    return {"relax.nn.conv2d": [f"NCHW{bi}c", f"OIHW{bi}i{bo}o", f"NCHW{bo}c"]}
-
-
 def ConvertToNCHWc(lanes: int) -> tvm.transform.Pass:  # noqa: N802 - a pass, named like TVM's
-    """Convert 2-D convs to NCHW[x]c (x = ``lanes`` or 8). Put before LegalizeOps.
-
-    Each tensor's block follows from its channel count alone (``lanes`` when it divides
-    it, else 8), so a producer and its consumers always agree and MobileNetV2's 24-channel
-    layers take 8 while the rest of the model keeps full-width vectors. Where ConvertLayout
-    cannot reconcile blocks (a concat of a 16c and an 8c tensor), one block for the whole
-    model is tried; where that fails too, the module stays unconverted, so a model that
-    cannot be packed still compiles (with the plain-layout rules).
-    """
-
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.ConvertToNCHWc")
-    def convert(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
-        for block in dict.fromkeys([lanes, _uniform_block(mod, lanes)]):
-
-            def layout_cb(call, block=block):  # noqa: ANN001, ANN202
-                if getattr(call.op, "name", "") != "relax.nn.conv2d":
-                    return {}
-                return _layouts_for(call, block)
-
-            try:
-                return relax.transform.ConvertLayout({}, layout_cb)(mod)
-            except (RuntimeError, ValueError):  # TVM's InternalError is a RuntimeError
-                continue
-        return mod
-
-    return convert
+    """Pack every 2-D conv into NCHW[x]c on its own (x = ``lanes``, 8, 4 or 2 per tensor, by
+    its channel count); layout transforms only on edges whose consumer cannot carry the
+    packed layout. See :mod:`graphopt.targets._nchwc`. Put before LegalizeOps."""
+    return PackNCHWc(lanes)
 
 
 # --- 2. legalization of packed convs ---------------------------------------------------
@@ -237,6 +163,38 @@ def depthwise_conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtyp
     )
 
 
+def grouped_conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype: str, groups: int):  # noqa: ANN001, ANN201, PLR0913
+    """Grouped packed conv, each channel block inside one group (the block divides the
+    channels per group): a dense packed conv whose input blocks start at its group's.
+
+    out[n, co, y, x, ci] = sum data[n, g(co) * ig + rco, y*s+kh*d, x*s+kw*d, rci]
+                               * w[co, rco, kh, kw, rci, ci],  g(co) = co // og
+    (ig, og: input/output channel blocks per group)
+    """
+    n, ic_o, ih, iw, b = (int(d) for d in data.shape)
+    oc_o, ig, kh, kw, _, _ = (int(d) for d in weight.shape)
+    og = oc_o // groups
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
+    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    pad = _pad_nchwc(data, padding)
+    rco = te.reduce_axis((0, ig), "rco")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rci = te.reduce_axis((0, b), "rci")
+    return te.compute(
+        (n, oc_o, oh, ow, b),
+        lambda bn, co, y, x, ci: te.sum(
+            pad[bn, co // og * ig + rco, y * sh + rh * dh, x * sw + rw * dw, rci].astype(out_dtype)
+            * weight[co, rco, rh, rw, rci, ci].astype(out_dtype),
+            axis=[rco, rh, rw, rci],
+        ),
+        name="grouped_conv2d_nchwc",
+        attrs={_ANNOTATION: "grouped_conv2d_nchwc"},
+    )
+
+
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     a = call.attrs
     data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
@@ -244,9 +202,17 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if not (data_m and out_m and kern_m):
         default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
         return default(bb, call)
-    if int(a.groups) == 1:
+    groups = int(a.groups)
+    if groups == 1:
         return call_conv_te(bb, call, conv2d_nchwc_te, "conv2d_nchwc")
-    return call_conv_te(bb, call, depthwise_conv2d_nchwc_te, "depthwise_conv2d_nchwc")
+    data = [int(d) for d in call.args[0].ty.shape.values]
+    if groups == data[1] * data[4]:
+        return call_conv_te(bb, call, depthwise_conv2d_nchwc_te, "depthwise_conv2d_nchwc")
+
+    def grouped(data, weight, strides, padding, dilation, out_dtype):  # noqa: ANN001, ANN202, PLR0913
+        return grouped_conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype, groups)
+
+    return call_conv_te(bb, call, grouped, "grouped_conv2d_nchwc")
 
 
 def call_conv_te(bb: relax.BlockBuilder, call: relax.Call, compute, name: str) -> relax.Expr:  # noqa: ANN001
@@ -320,12 +286,20 @@ def _annotation(sch: s_tir.Schedule, block) -> str | None:  # noqa: ANN001
     return str(value) if value is not None else None
 
 
+def _buffer_shape(sch: s_tir.Schedule, block) -> list:  # noqa: ANN001
+    writes = sch.get(block).writes
+    return [str(d) for d in writes[0].source.shape] if len(writes) == 1 else []
+
+
 def _inline_epilogue(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
     """Fold every elementwise consumer chain into ``block`` (which then writes the result)."""
+    shape = _buffer_shape(sch, block)
     progress = True
     while progress:
         progress = False
         for consumer in sch.get_consumers(block):
+            if _buffer_shape(sch, consumer) != shape:
+                continue  # a broadcast (an SE gate times the feature map) stays a loop nest
             try:
                 sch.reverse_compute_inline(consumer)
             except ScheduleError:
@@ -335,7 +309,8 @@ def _inline_epilogue(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
 
 
 def _inline_spatial_intermediates(sch: s_tir.Schedule, keep: list) -> None:  # noqa: ANN001
-    """compute_inline every spatial block except ``keep`` and blocks that write outputs."""
+    """compute_inline every spatial block except ``keep``, blocks that write outputs, and
+    blocks whose inlining would copy a large expression (:func:`_duplicates_work`)."""
     keep_names = {sch.get(b).name_hint for b in keep}
     progress = True
     while progress:
@@ -343,12 +318,40 @@ def _inline_spatial_intermediates(sch: s_tir.Schedule, keep: list) -> None:  # n
         for block in _root_blocks(sch):
             if sch.get(block).name_hint in keep_names or "R" in _iter_kinds(sch, block):
                 continue
+            if _duplicates_work(sch, block):
+                keep_names.add(sch.get(block).name_hint)
+                continue
             try:
                 sch.compute_inline(block)
             except ScheduleError:
                 continue
             progress = True
             break
+
+
+# A producer whose value prints longer than this is not copied into a consumer that reads
+# it more than once.
+_MAX_DUPLICATED_EXPR = 400
+
+
+def _duplicates_work(sch: s_tir.Schedule, block) -> bool:  # noqa: ANN001
+    """Whether inlining ``block`` copies a large expression into a consumer that reads it
+    more than once.
+
+    Why: TOPI's tanh reads its input several times, so x = sigmoid(x) * tanh(x) repeated
+    n times grows exponentially when each x is inlined (3 times: 18 s, 4 times: 475 s of
+    compile time), and the kernel recomputes every copy. Such a producer stays a loop
+    nest of its own (one store and load per element).
+    """
+    writes = sch.get(block).writes
+    if len(writes) != 1:
+        return False
+    size = len(str(sch.get(block).body))
+    if size <= _MAX_DUPLICATED_EXPR:
+        return False
+    # TVM 0.27 exposes no Python TIR visitor; the printed body names each buffer load.
+    name = writes[0].source.name + "["
+    return any(str(sch.get(c).body).count(name) > 1 for c in sch.get_consumers(block))
 
 
 def _product(values) -> int:  # noqa: ANN001
@@ -504,8 +507,38 @@ def _schedule_others(sch: s_tir.Schedule, blocks: list, lanes: int) -> s_tir.Sch
     return sch
 
 
+def _conv_family(sch: s_tir.Schedule, block) -> str | None:  # noqa: ANN001
+    """The rule name for a packed conv anchor: its family (1x1 dense convs: pointwise)."""
+    kind = _annotation(sch, block)
+    if kind == "conv2d_nchwc":
+        dom = [int(iv.dom.extent) for iv in sch.get(block).iter_vars]
+        return "pointwise_nchwc" if dom[6] == dom[7] == 1 else "conv2d_nchwc"
+    return {
+        "depthwise_conv2d_nchwc": "depthwise_nchwc",
+        "grouped_conv2d_nchwc": "grouped_nchwc",
+    }.get(kind)
+
+
+def _packed_conv_rule(family: str):  # noqa: ANN202
+    """The packed-conv rule that takes only convs of ``family`` (its name in RULES)."""
+
+    def rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        anchors = [b for b in _root_blocks(sch) if _annotation(sch, b) in _PACKED_CONVS]
+        if len(anchors) != 1 or _conv_family(sch, anchors[0]) != family:
+            return None
+        return rule_conv2d_nchwc(func, target)
+
+    rule.__name__ = f"rule_{family}"
+    rule.__doc__ = f"{family} convs: :func:`rule_conv2d_nchwc`."
+    return rule
+
+
+_PACKED_CONVS = ("conv2d_nchwc", "depthwise_conv2d_nchwc", "grouped_conv2d_nchwc")
+
+
 def rule_conv2d_nchwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
-    """Packed conv (dense or depthwise) plus its fused epilogue.
+    """Packed conv (dense, pointwise, depthwise or grouped) plus its fused epilogue.
 
     Why: conv is >90% of a CNN's time. The output tile [reg_n pixels x one channel block]
     stays in registers over the whole reduction (ic chunk, kh, kw, ic lane), each step one
@@ -513,11 +546,7 @@ def rule_conv2d_nchwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.S
     applied on the way out of the registers; (n, oc chunk, row) loops run in parallel.
     """
     sch = s_tir.Schedule(func)
-    anchors = [
-        b
-        for b in _root_blocks(sch)
-        if _annotation(sch, b) in ("conv2d_nchwc", "depthwise_conv2d_nchwc")
-    ]
+    anchors = [b for b in _root_blocks(sch) if _annotation(sch, b) in _PACKED_CONVS]
     if len(anchors) != 1:
         return None
     conv = anchors[0]
@@ -662,9 +691,28 @@ def rule_fallback(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sched
     return sch
 
 
+def _is_matmul(sch: s_tir.Schedule, block) -> bool:  # noqa: ANN001
+    name = sch.get(block).name_hint
+    return "matmul" in name or "dense" in name
+
+
+def rule_matmul(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """Gemm/MatMul (and batched): :func:`rule_reduction`'s register tile, for kernels whose
+    one reduction is a matmul (so the profile names them, and a conv never lands here)."""
+    sch = s_tir.Schedule(func)
+    reductions = [b for b in _root_blocks(sch) if "R" in _iter_kinds(sch, b)]
+    if len(reductions) != 1 or not _is_matmul(sch, reductions[0]):
+        return None
+    return rule_reduction(func, target)
+
+
 # Ordered: the first rule that returns a schedule wins.
 RULES = [
-    ("conv2d_nchwc", rule_conv2d_nchwc),
+    ("conv2d_nchwc", _packed_conv_rule("conv2d_nchwc")),
+    ("pointwise_nchwc", _packed_conv_rule("pointwise_nchwc")),
+    ("depthwise_nchwc", _packed_conv_rule("depthwise_nchwc")),
+    ("grouped_nchwc", _packed_conv_rule("grouped_nchwc")),
+    ("matmul", rule_matmul),
     ("reduction", rule_reduction),
     ("injective", rule_injective),
     ("fallback", rule_fallback),
@@ -674,15 +722,38 @@ RULES = [
 def apply_rules(
     func: tirx.PrimFunc, target: tvm.target.Target, rules=None
 ) -> tuple[str, tirx.PrimFunc] | None:  # noqa: ANN001
-    """Return ``(rule name, scheduled PrimFunc)`` for the first rule that fits, or None."""
+    """Return ``(rule name, scheduled PrimFunc)`` for the first rule that fits, or None.
+
+    A kernel with a conv or matmul in it also gets ``graphopt.fast_path``: True when a
+    rule made for it scheduled it, False when it fell to a generic rule (``reduction``,
+    ``fallback``, or none), which the compile summary reports as a warning.
+    """
+    heavy = _heavy_kernel(func)
     for name, rule in RULES if rules is None else rules:
         try:
             sch = rule(func, target)
         except Exception:  # noqa: BLE001 - a rule that cannot apply declines
             sch = None
         if sch is not None:
-            return name, sch.mod["main"]
+            new = sch.mod["main"]
+            if heavy:
+                new = new.with_attr("graphopt.fast_path", name not in GENERIC_RULES)
+            return name, new
     return None
+
+
+# Rules that take any loop nest: a conv or matmul scheduled by one of them is slow.
+GENERIC_RULES = ("reduction", "injective", "fallback")
+
+
+def _heavy_kernel(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` computes a conv or a matmul (by its blocks' names)."""
+    try:
+        sch = s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+    except Exception:  # noqa: BLE001 - not a single-root kernel: not one we classify
+        return False
+    return any(k in n for n in names for k in ("conv", "matmul", "dense"))
 
 
 def ApplyCPUSchedules(rules=None) -> tvm.transform.Pass:  # noqa: ANN001, N802

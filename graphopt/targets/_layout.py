@@ -1,26 +1,29 @@
 """Activation layouts, chosen per target at the Relax level, and the passes that make them.
 
 Why at the Relax level: a conv's layout decides how every elementwise op, pool and
-residual add between two convs walks memory. Relax's ``ConvertLayout`` changes the convs
-(while they are still Relax ops, before LegalizeOps), carries their layout through every
-op that has layout inference (elementwise ops, pools, mean, concat) and inserts a
-transform only where an op needs its original layout; so the transforms end up at the
-graph's edges (after the model input, before a flatten/reshape or an output) and the
-middle of the network runs in the new layout. Weight transforms act on constants: the
+residual add between two convs walks memory. The layout passes change the convs (while
+they are still Relax ops, before LegalizeOps), carry their layout through the ops that
+can take it (elementwise ops, pools, mean, concat) and insert a transform only where an
+op needs its original layout; so the transforms end up at the graph's edges (after the
+model input, before a flatten/reshape or an output) and the middle of the network runs
+in the new layout. ``nchwc`` does this per conv (:mod:`graphopt.targets._nchwc`: one op
+it cannot carry costs a transform on that edge, never the whole model); ``nhwc`` uses
+Relax's ``ConvertLayout``, which keeps the tensor rank. Weight transforms act on constants: the
 FoldConstant after LegalizeOps runs them once, at compile time.
 
 The layouts, by name (each target lists the ones it supports in its ``LAYOUTS`` table, the
 first one its default; ``--layout`` picks another):
 
 - ``nchw``: as imported; no conversion.
-- ``nchwc``: NCHW[x]c activations, OIHW[x]i[y]o weights (x = SIMD lanes); the x86
+- ``nchwc``: NCHW[x]c activations, OIHW[x]i[y]o weights (x = SIMD lanes, or 8, 4, 2
+  where the channel count needs it; grouped convs a block inside one group); the x86
   default, see :mod:`graphopt.targets._cpu_schedules`.
 - ``nhwc``: NHWC activations. The weights are OHWI (cuDNN's and CUTLASS's convention:
   the reduction axis I is contiguous in both GEMM operands, which is what dlight's
   Matmul rule wants from an implicit-GEMM conv) on CUDA; on CPUs OHWI[x]o, OHWI with
   the output channels blocked by the SIMD width, so the register-tile conv of
   :mod:`graphopt.targets._cpu_nhwc` loads one contiguous weight vector per step and
-  walks its whole reduction contiguously.
+  walks its whole reduction contiguously (grouped convs: b divides a group's outputs).
 
 After the conversion, :func:`CancelTransposes` composes back-to-back ``permute_dims``
 and drops identities (a model that transposes its NHWC input to NCHW for its first conv
@@ -146,7 +149,8 @@ def _nhwc_kernel_layout(call, block: int | None) -> str | None:  # noqa: ANN001
 
     OHWI[b]o (b: ``block`` or a smaller power of two dividing the output channels) for
     float32 dense and depthwise convs when ``block`` is given, else plain OHWI; grouped
-    convs (neither dense nor depthwise) always get plain OHWI.
+    convs (neither dense nor depthwise) get OHWI[b]o with b dividing the output channels
+    of one group (so a block's lanes share their input channels), else plain OHWI.
     """
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
@@ -159,9 +163,7 @@ def _nhwc_kernel_layout(call, block: int | None) -> str | None:  # noqa: ANN001
         return "OHWI"
     groups, cin, cout = int(a.groups), data[1], weight[0]
     depthwise = groups == cin == cout and weight[1] == 1
-    if groups != 1 and not depthwise:
-        return "OHWI"
-    b = _channel_block(cout, block)
+    b = _channel_block(cout if groups == 1 or depthwise else cout // groups, block)
     return f"OHWI{b}o" if b else "OHWI"
 
 

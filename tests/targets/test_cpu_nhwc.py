@@ -66,9 +66,10 @@ def test_every_cnn_conv_takes_the_nhwc_rule(name: str) -> None:
     rules = _rules_used(_zoo_scheduled(name))
     convs = {k: v for k, v in rules.items() if "conv2d" in k}
     assert len(convs) >= 10  # identical kernels are one PrimFunc
-    assert set(convs.values()) == {"conv2d_nhwc"}
-    depthwise = [k for k in convs if k.startswith("fused_depthwise_conv2d_nhwc")]
+    depthwise = {k for k in convs if k.startswith("fused_depthwise_conv2d_nhwc")}
     assert bool(depthwise) == (name == "mobilenetv2")
+    assert {convs[k] for k in depthwise} <= {"depthwise_nhwc"}
+    assert {v for k, v in convs.items() if k not in depthwise} == {"conv2d_nhwc"}
 
 
 def test_register_tile_shape() -> None:
@@ -140,11 +141,11 @@ def test_rule_declines_what_is_not_its_own() -> None:
         assert nhwc.rule_conv2d_nhwc(nchwc, target) is None
 
 
-def test_grouped_conv_in_nhwc_uses_the_generic_rules() -> None:
-    """Negative: a grouped conv (not depthwise) keeps plain OHWI weights and TOPI's
-    compute; the generic reduction rule schedules it and it matches onnxruntime."""
+def test_grouped_conv_in_nhwc_takes_the_grouped_rule() -> None:
+    """A grouped conv (2 groups of 4 channels) blocks its weights inside one group
+    (OHWI4o) and takes the grouped rule, not the dense one; it matches onnxruntime."""
     model = _grouped_conv_model()
     rules = _rules_used(_scheduled(model)[0])
     conv = [v for k, v in rules.items() if "conv2d" in k]
-    assert conv and "conv2d_nhwc" not in conv
+    assert conv == ["grouped_nhwc"]
     graphopt.compile(model, "x86", layout="nhwc")  # verifies against onnxruntime
