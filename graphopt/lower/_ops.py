@@ -9,11 +9,13 @@ TVM, and are named here by string.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from graphopt.ir import Graph, Node
 
@@ -63,8 +65,8 @@ def _window(node: Node, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> st
 
 def _check_conv(graph: Graph, node: Node) -> str | None:
     value = graph.values.get(node.inputs[0])
-    if value is None or value.shape is None or len(value.shape) not in (3, 4):
-        return "only 1-D and 2-D convolutions are supported"
+    if value is None or value.shape is None or len(value.shape) not in (3, 4, 5):
+        return "only 1-D, 2-D and 3-D convolutions are supported"
     x, w = _static(graph, node.inputs[0]), _static(graph, node.inputs[1])
     if x is None or w is None:
         return None
@@ -84,8 +86,8 @@ def _check_pool(graph: Graph, node: Node) -> str | None:
     if len([o for o in node.outputs if o]) > 1:
         return "the Indices output is not supported"
     value = graph.values.get(node.inputs[0])
-    if value is None or value.shape is None or len(value.shape) not in (3, 4):
-        return "only 1-D and 2-D pooling is supported"
+    if value is None or value.shape is None or len(value.shape) not in (3, 4, 5):
+        return "only 1-D, 2-D and 3-D pooling is supported"
     if node.attrs.get("storage_order", 0):
         return "storage_order=1 is not supported"
     x = _static(graph, node.inputs[0])
@@ -100,8 +102,11 @@ def _check_global_pool(graph: Graph, node: Node) -> str | None:
 
 
 def _check_bn(graph: Graph, node: Node) -> str | None:
-    if node.attrs.get("training_mode", 0) or len([o for o in node.outputs if o]) > 1:
-        return "training-mode BatchNormalization is not supported"
+    """Training mode (batch statistics, updated running mean/var) from opset 14 on, where
+    its outputs are Y, running_mean, running_var; before that outputs differ."""
+    training = node.attrs.get("training_mode", 0)
+    if len([o for o in node.outputs if o]) > 1 and not (training and graph.opset >= 14):
+        return "the mean/var outputs are only supported with training_mode=1, opset 14+"
     return None
 
 
@@ -170,8 +175,8 @@ def _check_slice(graph: Graph, node: Node) -> str | None:
 def _check_pad(graph: Graph, node: Node) -> str | None:
     mode = node.attrs.get("mode", b"constant")
     mode = mode.decode(errors="replace") if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return f"mode={mode!r} is not supported (only 'constant')"
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        return f"mode={mode!r} is not an ONNX Pad mode"
     shape = _static(graph, node.inputs[0])
     reason = _needs_const(1, 2, 3)(graph, node)
     if reason or shape is None:
@@ -185,13 +190,33 @@ def _check_pad(graph: Graph, node: Node) -> str | None:
     return None
 
 
+def declared_shape(graph: Graph, node: Node) -> list[int]:
+    """The static shape ONNX shape inference (or the model's declaration) gives the
+    node's first output: what a shape input computed at run time must produce."""
+    return list(_static(graph, node.outputs[0]) or ())
+
+
+def _runtime_shape(graph: Graph, node: Node, position: int) -> str | None:
+    """A shape input that is not a constant is allowed when the output's shape is
+    static anyway (declared in the model, or inferred): the result is then fixed by that
+    shape, and the shape input's values are not needed. Otherwise only a run knows."""
+    name = node.inputs[position] if len(node.inputs) > position else ""
+    if not name or graph.is_constant(name) or _static(graph, node.outputs[0]) is not None:
+        return None
+    return f"input {position} ({name!r}) sets the output shape, which only a run would know"
+
+
 def _check_reshape(graph: Graph, node: Node) -> str | None:
     """The target shape must be one ONNX allows for this input: TVM would fail on a
     wrong element count with an error that names no node."""
     shape = _static(graph, node.inputs[0])
-    reason = _needs_const(1)(graph, node)
+    reason = _runtime_shape(graph, node, 1)
     if reason or shape is None:
         return reason
+    if not graph.is_constant(node.inputs[1]):
+        out = declared_shape(graph, node)
+        fits = math.prod(out) == math.prod(shape)
+        return None if fits else f"cannot reshape {list(shape)} to {out}"
     target = const_ints(graph, node.inputs[1])
     if not node.attrs.get("allowzero", 0):
         if any(d == 0 and i >= len(shape) for i, d in enumerate(target)):
@@ -205,12 +230,67 @@ def _check_reshape(graph: Graph, node: Node) -> str | None:
     return None if fits else f"cannot reshape {list(shape)} ({total} elements) to {target}"
 
 
+def _check_expand(graph: Graph, node: Node) -> str | None:
+    return _runtime_shape(graph, node, 1)
+
+
+def _check_squeeze(graph: Graph, node: Node) -> str | None:
+    """Axes given at run time are fine when the output shape is static: Squeeze and
+    Unsqueeze only reshape (lowered as a reshape to that shape)."""
+    return _runtime_shape(graph, node, 1)
+
+
+# Reductions for which reducing a size-1 axis changes nothing (L1, L2, SumSquare and
+# LogSum do change it: |x|, x*x, log x).
+_SIZE1_IDENTITY = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                   "ReduceLogSumExp"}  # fmt: skip
+
+
+def runtime_axes(graph: Graph, node: Node) -> list[int]:
+    """The axes a reduction with run-time ``axes`` must have used, read off its static
+    input and output shapes; ValueError when the shapes allow more than one answer that
+    would compute different values."""
+    shape, out = _static(graph, node.inputs[0]), _static(graph, node.outputs[0])
+    if shape is None or out is None:
+        raise ValueError("its axes are only known at run time")
+    keep = node.attrs.get("keepdims", 1)
+    found = set()
+    for picked in itertools.product((False, True), repeat=len(shape)):
+        axes = [i for i, p in enumerate(picked) if p]
+        if not axes and not node.attrs.get("noop_with_empty_axes", 0):
+            axes = list(range(len(shape)))
+        if keep:
+            got = tuple(1 if i in axes else d for i, d in enumerate(shape))
+        else:
+            got = tuple(d for i, d in enumerate(shape) if i not in axes)
+        if got != out:
+            continue
+        if node.op_type in _SIZE1_IDENTITY:  # size-1 axes: the same values either way
+            axes = [a for a in axes if shape[a] != 1] if keep else axes
+        found.add(tuple(axes))
+    if len(found) != 1 or not keep and any(shape[a] == 1 for a in next(iter(found))):
+        raise ValueError(f"its run-time axes are ambiguous for shapes {list(shape)} -> {list(out)}")
+    return list(next(iter(found)))
+
+
+def _check_reduce(graph: Graph, node: Node) -> str | None:
+    value = graph.values.get(node.inputs[0])
+    if value is not None and value.dtype == "bool":  # TVM has no min/max value for bool
+        return "reductions over bool tensors are not supported"
+    name = node.inputs[1] if len(node.inputs) > 1 else ""
+    if not name or graph.is_constant(name):
+        return None
+    try:
+        runtime_axes(graph, node)
+    except ValueError as exc:
+        return f"input 1 ({name!r}): {exc}"
+    return None
+
+
 def _check_clip(graph: Graph, node: Node) -> str | None:
-    reason = _needs_const(1, 2)(graph, node)
-    if reason:
-        return reason
     bounds = [i for i in node.inputs[1:3] if i]
-    if any(graph.constants[i].size != 1 for i in bounds):
+    shapes = [_static(graph, i) for i in bounds]
+    if any(s is None or math.prod(s) != 1 or len(s) > 1 for s in shapes):
         return "min and max must be scalars"
     return None
 
@@ -255,15 +335,163 @@ def _check_transpose(graph: Graph, node: Node) -> str | None:
     return None
 
 
-def _check_div(graph: Graph, node: Node) -> str | None:
-    value = graph.values.get(node.inputs[0])
-    if value is not None and np.issubdtype(np.dtype(value.dtype), np.integer):
-        return "integer division is not supported"
-    return None
+def _check_cast(graph: Graph, node: Node) -> str | None:
+    """FLOAT8, E8M0, INT4/INT2, bfloat16, strings: TVM gives wrong values or fails at run
+    time on them; refused here whether or not shape inference typed the output."""
+    try:
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    except (KeyError, ValueError, TypeError):
+        return f"to={node.attrs.get('to')!r} is not an element type graphopt knows"
+    return None if dtype in _DTYPES else f"casting to {dtype} is not supported"
+
+
+def _check_dropout(graph: Graph, node: Node) -> str | None:
+    """Inference only: a training_mode that is not a constant false drops at random
+    (unless the ratio is a constant 0)."""
+    training = node.inputs[2] if len(node.inputs) > 2 else ""
+    ratio = node.inputs[1] if len(node.inputs) > 1 else ""
+    if not training:
+        return None
+    if graph.is_constant(training) and not np.asarray(graph.constants[training]).any():
+        return None
+    if ratio and graph.is_constant(ratio) and not np.asarray(graph.constants[ratio]).any():
+        return None
+    return "training_mode may be true: dropout at random is not supported"
 
 
 def _ok(graph: Graph, node: Node) -> str | None:
     return None
+
+
+def _all(*checks: Callable[[Graph, Node], str | None]) -> Callable[[Graph, Node], str | None]:
+    def check(graph: Graph, node: Node) -> str | None:
+        return next((r for r in (c(graph, node) for c in checks) if r), None)
+
+    return check
+
+
+# --- ops lowered by TVM's own ONNX converters (graphopt.lower._tvm_onnx) ----------
+# Each entry is the check that refuses what TVM's converter gets wrong, or what would
+# fail at run time; the node cases of ONNX's backend tests say which those are.
+
+
+def _const_inputs(*positions: int) -> Callable[[Graph, Node], str | None]:
+    """Shape-like inputs (shapes, axes, sizes, scales, repeats, pads) must be folded to
+    constants: a shape only a run would know cannot be compiled."""
+    need = _needs_const(*positions)
+
+    def check(graph: Graph, node: Node) -> str | None:
+        reason = need(graph, node)
+        return (
+            f"{reason}: it sets the output shape, which only a run would know" if reason else None
+        )
+
+    return check
+
+
+def _check_top_k(graph: Graph, node: Node) -> str | None:
+    """A run-time k is the static outputs' length on the axis. TVM's sort fails at run
+    time on uint64."""
+    value = graph.values.get(node.inputs[0])
+    if value is not None and value.dtype == "uint64":
+        return "TopK over uint64 is not supported"
+    return _runtime_shape(graph, node, 1)
+
+
+def _check_split(graph: Graph, node: Node) -> str | None:
+    """Run-time split sizes are fine when every output's shape is static (they are then
+    those shapes' lengths on the axis)."""
+    name = node.inputs[1] if len(node.inputs) > 1 else ""
+    if name and not graph.is_constant(name):
+        if any(_static(graph, o) is None for o in node.outputs if o):
+            return f"input 1 ({name!r}) sets the output shapes, which only a run would know"
+    return None
+
+
+def _attr_text(node: Node, key: str, default: str) -> str:
+    v = node.attrs.get(key, default)
+    return v.decode(errors="replace") if isinstance(v, bytes) else v
+
+
+def _check_resize(graph: Graph, node: Node) -> str | None:
+    """graphopt's own Resize (lower/_resize.py) needs the output shape static; scales,
+    sizes and roi may come at run time. Antialiasing is not implemented."""
+    if node.attrs.get("antialias", 0):
+        return "antialias=1 is not supported"
+    shape, out = _static(graph, node.inputs[0]), _static(graph, node.outputs[0])
+    if out is None:
+        return "its output shape is only known at run time"
+    if shape is not None and len(shape) != len(out):
+        return f"output rank {len(out)} differs from input rank {len(shape)}"
+    mode = _attr_text(node, "mode", "nearest")
+    if mode not in ("nearest", "linear", "cubic"):
+        return f"mode={mode!r} is not a Resize mode"
+    return None
+
+
+def _check_mod(graph: Graph, node: Node) -> str | None:
+    value = graph.values.get(node.inputs[0])
+    if not node.attrs.get("fmod", 0) and value is not None and "float" in value.dtype:
+        return "fmod=0 on floats (TVM's floor_mod differs from numpy's mod at the edges)"
+    return None
+
+
+def _check_space_to_depth(graph: Graph, node: Node) -> str | None:
+    mode = node.attrs.get("mode", b"DCR")
+    mode = mode.decode(errors="replace") if isinstance(mode, bytes) else mode
+    return None if mode == "DCR" else f"mode={mode!r} is not supported (TVM's converter ignores it)"
+
+
+def _check_rms_norm(graph: Graph, node: Node) -> str | None:
+    value = graph.values.get(node.inputs[0])
+    rank = len(value.shape) if value is not None and value.shape is not None else None
+    if rank and int(node.attrs.get("axis", -1)) % rank == 0:
+        return "normalizing over every axis (axis 0) is not supported (TVM fails to build it)"
+    return None
+
+
+def _check_pow(graph: Graph, node: Node) -> str | None:
+    value = graph.values.get(node.inputs[0])
+    if value is not None and "float" not in value.dtype:
+        return f"an integer base ({value.dtype}): TVM's power only takes floats"
+    return None
+
+
+TVM_OPS: dict[str, Callable[[Graph, Node], str | None]] = {
+    # element-wise
+    **dict.fromkeys(
+        "Acos Acosh Asin Asinh Atan Atanh Cos Sin Tan Floor Ceil Round Sign "
+        "Softsign Selu Elu PRelu ThresholdedRelu Shrink IsNaN Not "
+        "And Or Xor Equal Less LessOrEqual Greater GreaterOrEqual "
+        "BitwiseAnd BitwiseOr BitwiseXor BitwiseNot Where Sum Mean CastLike".split(),
+        _ok,
+    ),
+    # normalization
+    **dict.fromkeys(
+        "GroupNormalization InstanceNormalization LRN MeanVarianceNormalization".split(),
+        _ok,
+    ),
+    "RMSNormalization": _check_rms_norm,
+    # index ops
+    **dict.fromkeys("ArgMax ArgMin GatherElements GatherND Einsum".split(), _ok),
+    "Mod": _check_mod,
+    "SpaceToDepth": _check_space_to_depth,
+    "CumSum": _needs_const(1),
+    "Trilu": _needs_const(1),
+    "OneHot": _const_inputs(1),
+    # shapes
+    "Tile": _const_inputs(1),
+    "Range": _const_inputs(0, 1, 2),
+    "ConstantOfShape": _const_inputs(0),
+    "DepthToSpace": _ok,
+    "EyeLike": _ok,
+    "Size": _ok,
+    "LpPool": _ok,
+    "GlobalLpPool": _ok,
+    "MaxUnpool": _ok,
+    "ScatterElements": _ok,
+    "ScatterND": _ok,
+}
 
 
 @dataclass(frozen=True)
@@ -293,8 +521,10 @@ CONVERTERS: dict[str, OpRule] = {
     "Add": OpRule(_ok, "add"),
     "Sub": OpRule(_ok, "subtract"),
     "Mul": OpRule(_ok, "multiply"),
-    "Div": OpRule(_check_div, "divide"),
-    "Pow": OpRule(_ok, "power"),
+    "Div": OpRule(_ok, "divide"),
+    "Pow": OpRule(_check_pow, "power"),
+    "Cosh": OpRule(_ok, "cosh"),
+    "Sinh": OpRule(_ok, "sinh"),
     "Max": OpRule(_ok, "maximum"),
     "Min": OpRule(_ok, "minimum"),
     "Relu": OpRule(_ok, "relu"),
@@ -318,20 +548,37 @@ CONVERTERS: dict[str, OpRule] = {
     "Reshape": OpRule(_check_reshape, "reshape"),
     "Flatten": OpRule(_check_flatten, "flatten"),
     "Transpose": OpRule(_check_transpose, "transpose"),
-    "Squeeze": OpRule(_needs_const(1), "squeeze"),
-    "Unsqueeze": OpRule(_needs_const(1), "unsqueeze"),
-    "ReduceMean": OpRule(_needs_const(1), "reduce_mean"),
-    "ReduceSum": OpRule(_needs_const(1), "reduce_sum"),
-    "ReduceMax": OpRule(_needs_const(1), "reduce_max"),
+    "Squeeze": OpRule(_check_squeeze, "squeeze"),
+    "Unsqueeze": OpRule(_check_squeeze, "unsqueeze"),
+    "ReduceMean": OpRule(_check_reduce, "reduce_mean"),
+    "ReduceSum": OpRule(_check_reduce, "reduce_sum"),
+    "ReduceMax": OpRule(_check_reduce, "reduce_max"),
     "Identity": OpRule(_ok, "identity"),
-    "Dropout": OpRule(_ok, "identity"),
-    "Cast": OpRule(_ok, "cast"),
+    "Dropout": OpRule(_check_dropout, "dropout"),
+    "Cast": OpRule(_check_cast, "cast"),
     "Gather": OpRule(_ok, "gather"),
     "Slice": OpRule(_check_slice, "slice_"),
     "Pad": OpRule(_check_pad, "pad"),
+    "Expand": OpRule(_check_expand, "expand"),
+    "NegativeLogLikelihoodLoss": OpRule(_ok, "nll_loss"),
+    "LayerNormalization": OpRule(_ok, "layer_norm"),
+    "Softplus": OpRule(_ok, "softplus"),
+    "Mish": OpRule(_ok, "mish"),
+    "IsInf": OpRule(_ok, "is_inf"),
+    "BitShift": OpRule(_ok, "bit_shift"),
+    "Split": OpRule(_check_split, "split"),
+    **dict.fromkeys(
+        "ReduceMin ReduceProd ReduceLogSumExp ReduceLogSum ReduceSumSquare ReduceL1 "
+        "ReduceL2".split(),
+        OpRule(_check_reduce, "reduce_tvm"),
+    ),
+    "TopK": OpRule(_check_top_k, "top_k"),
+    "ConvTranspose": OpRule(_ok, "conv_transpose"),
+    "Resize": OpRule(_check_resize, "resize"),
+    "Upsample": OpRule(_check_resize, "resize"),
     # graphopt's own domain: ops a pass makes (definitions in graphopt.passes._functions)
     "graphopt::SiLU": OpRule(_ok, "silu"),
-}
+} | {op: OpRule(rule, "tvm_onnx") for op, rule in TVM_OPS.items()}
 
 
 def converter_key(node: Node) -> str:
@@ -364,6 +611,10 @@ def unsupported_nodes(graph: Graph) -> list[tuple[str, str, str]]:
         )
         if reason:
             found.append((node.op_type, node.name, reason))
+    for name in graph.outputs:  # a constant output (folded) has no node to check
+        value = graph.values.get(name)
+        if value is not None and value.dtype not in _DTYPES:
+            found.append(("Output", name, f"element type {value.dtype} is not supported"))
     return found
 
 
@@ -399,7 +650,42 @@ _DATA_INPUTS = {
 } | {"Pad": (0, 2)}  # fmt: skip
 
 
+def _schema_operands(graph: Graph, node: Node) -> str | None:
+    """Operands against the op's ONNX schema: required inputs present, inputs that share a
+    type parameter of the same element type (TVM fails on a mix naming no node)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, graph.opset)
+    except onnx.defs.SchemaError:
+        return f"ONNX opset {graph.opset} has no {node.op_type}"
+    formal = list(schema.inputs)
+    groups: dict[str, set[str]] = {}
+    for i, name in enumerate(node.inputs):
+        if not formal:
+            break
+        param = formal[min(i, len(formal) - 1)]
+        if not name:
+            if param.option != onnx.defs.OpSchema.FormalParameterOption.Optional:
+                return f"input {i} is empty, and {node.op_type} needs it"
+            continue
+        value = graph.values.get(name)
+        if value is not None and not param.type_str.startswith("tensor("):
+            groups.setdefault(param.type_str, set()).add(value.dtype)
+    mixed = next((sorted(d) for d in groups.values() if len(d) > 1), None)
+    return f"inputs of different element types ({', '.join(mixed)})" if mixed else None
+
+
+# graphopt's own converters whose operands the ONNX schema describes (mixed types).
+_SCHEMA_OPERANDS = {
+    *("ReduceMin", "ReduceProd", "ReduceLogSumExp", "ReduceLogSum", "ReduceSumSquare"),
+    *("ReduceL1", "ReduceL2", "TopK"),
+    *("ConvTranspose", "Split", "Resize", "Upsample", "Expand", "IsInf"),
+    *("NegativeLogLikelihoodLoss", "LayerNormalization"),
+}
+
+
 def _check_operands(graph: Graph, node: Node) -> str | None:
+    if node.op_type in TVM_OPS or node.op_type in _SCHEMA_OPERANDS:
+        return _schema_operands(graph, node)
     optional = _OPTIONAL_INPUTS.get(node.op_type, set())
     blank = [i for i, name in enumerate(node.inputs) if not name and i not in optional]
     if blank:
@@ -429,4 +715,8 @@ def _check_dtypes(graph: Graph, node: Node) -> str | None:
         value = graph.values.get(name) if name else None
         if value is not None and value.dtype not in _DTYPES:
             return f"{name!r} has element type {value.dtype}, which is not supported"
+        if name and graph.is_constant(name):
+            kind = np.asarray(graph.constants[name]).dtype
+            if str(kind) not in _DTYPES:
+                return f"{name!r} is a constant of element type {kind}, which is not supported"
     return None

@@ -20,14 +20,20 @@ from tvm.relax import op as R
 
 from graphopt.errors import UnsupportedOpsError
 from graphopt.ir import Graph, Node, Value
+from graphopt.lower import _resize
 from graphopt.lower._ops import (
     CONVERTERS,
     const_ints,
     converter_key,
+    declared_shape,
     pad_widths,
+    runtime_axes,
     slice_picks,
     unsupported_nodes,
 )
+from graphopt.lower._tvm_onnx import tvm_onnx
+
+_ = tvm_onnx  # named by CONVERTERS entries ("tvm_onnx"), looked up by converter()
 
 __all__ = ["to_relax"]
 
@@ -38,11 +44,22 @@ def _const(array: np.ndarray) -> relax.Expr:
     return relax.const(array, str(array.dtype))
 
 
+def _static_dim(d: tvm.ir.PrimExpr) -> int | tvm.ir.PrimExpr:
+    return int(d) if isinstance(d, tvm.tirx.IntImm) else d
+
+
 class _Ctx:
     def __init__(self, graph: Graph, bb: relax.BlockBuilder) -> None:
         self.graph = graph
         self.bb = bb
         self.env: dict[str, relax.Expr] = {}
+        self.symbols: dict[str, tvm.tirx.Var] = {}  # symbolic dims (dynamic batch), by name
+
+    def dim(self, d: int | str) -> int | tvm.tirx.Var:
+        """A graph dim as Relax takes it: an int, or the one tir var of its symbol."""
+        if isinstance(d, str):
+            return self.symbols.setdefault(d, tvm.tirx.Var(_safe(d), "int64"))
+        return int(d)
 
     def x(self, name: str) -> relax.Expr:
         if name not in self.env:
@@ -52,12 +69,13 @@ class _Ctx:
     def const(self, name: str) -> np.ndarray:
         return self.graph.constants[name]
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def shape(self, name: str) -> tuple:
+        """Static dims as ints; a symbolic one (dynamic batch) as its tir expression."""
         expr = self.env.get(name)
         if expr is not None and getattr(expr.ty, "shape", None) is not None:
-            return tuple(int(d) for d in expr.ty.shape.values)
+            return tuple(_static_dim(d) for d in expr.ty.shape.values)
         value = self.graph.values[name]
-        return tuple(int(d) for d in value.shape)
+        return tuple(self.dim(d) for d in value.shape)
 
     def dtype(self, name: str) -> str:
         return self.graph.values[name].dtype
@@ -128,17 +146,57 @@ def conv(ctx: _Ctx, node: Node):
     dilations = list(node.attrs.get("dilations", [1] * n))
     begin, end = _spatial_pads(node, in_shape[2:], kernel, strides, dilations)
     groups = int(node.attrs.get("group", 1))
-    op = R.nn.conv2d if n == 2 else R.nn.conv1d
+    op = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}[n]
+    # float16 accumulates in float32 (as MatMul does): a float16 sum drifts by ulps
+    dtype = ctx.dtype(node.inputs[0])
+    acc = "float32" if dtype == "float16" else dtype
     out = ctx.emit(
-        op(data, weight, strides=strides, padding=begin + end, dilation=dilations, groups=groups)
+        op(
+            data,
+            weight,
+            strides=strides,
+            padding=begin + end,
+            dilation=dilations,
+            groups=groups,
+            out_dtype=acc,
+        )
     )
     bias = _opt(node, 2)
     if bias:
-        out = ctx.emit(R.add(out, R.reshape(ctx.x(bias), [1, -1] + [1] * n)))
+        b = ctx.x(bias) if acc == dtype else ctx.emit(R.astype(ctx.x(bias), acc))
+        out = ctx.emit(R.add(out, R.reshape(b, [1, -1] + [1] * n)))
+    if acc != dtype:
+        out = ctx.emit(R.astype(out, dtype))
     return [out]
 
 
+def _batch_norm_training(ctx: _Ctx, node: Node):
+    """Y from the batch's mean and (biased) variance over all axes but C; the running
+    mean/var outputs are ``input * momentum + batch * (1 - momentum)``."""
+    x = ctx.x(node.inputs[0])
+    rank = len(ctx.shape(node.inputs[0]))
+    dt = ctx.dtype(node.inputs[0])
+    axes = [0, *range(2, rank)]
+    eps = relax.const(float(node.attrs.get("epsilon", 1e-5)), dt)
+    momentum = float(node.attrs.get("momentum", 0.9))
+    mean = ctx.emit(R.mean(x, axis=axes, keepdims=True))
+    diff = ctx.emit(R.subtract(x, mean))
+    var = ctx.emit(R.mean(R.multiply(diff, diff), axis=axes, keepdims=True))
+    bshape = [1, -1] + [1] * (rank - 2)
+    scale, bias = (R.reshape(ctx.x(i), bshape) for i in node.inputs[1:3])
+    y = R.add(R.multiply(R.divide(diff, R.sqrt(R.add(var, eps))), scale), bias)
+    outs = [ctx.emit(y)]
+    for name, old, new in zip(node.outputs[1:3], node.inputs[3:5], (mean, var), strict=False):
+        if name:
+            keep = R.multiply(ctx.x(old), relax.const(momentum, dt))
+            update = R.multiply(R.reshape(new, [-1]), relax.const(1 - momentum, dt))
+            outs.append(ctx.emit(R.add(keep, update)))
+    return outs
+
+
 def batch_norm(ctx: _Ctx, node: Node):
+    if node.attrs.get("training_mode", 0):
+        return _batch_norm_training(ctx, node)
     x = ctx.x(node.inputs[0])
     rank = len(ctx.shape(node.inputs[0]))
     eps = float(node.attrs.get("epsilon", 1e-5))
@@ -158,7 +216,7 @@ def batch_norm(ctx: _Ctx, node: Node):
 
 def max_pool(ctx: _Ctx, node: Node):
     _, n, kernel, strides, dilations, begin, end = _pool_params(ctx, node)
-    op = R.nn.max_pool2d if n == 2 else R.nn.max_pool1d
+    op = {1: R.nn.max_pool1d, 2: R.nn.max_pool2d, 3: R.nn.max_pool3d}[n]
     return [
         ctx.emit(
             op(
@@ -217,7 +275,7 @@ def avg_pool(ctx: _Ctx, node: Node):
     mask[tuple(slice(max(lo[i], 0), hi[i]) for i in range(n))] = 1.0
     counts = _window_sum(mask, kernel, strides, dilations)
     ksize = float(np.prod(kernel))
-    op = R.nn.avg_pool2d if n == 2 else R.nn.avg_pool1d
+    op = {1: R.nn.avg_pool1d, 2: R.nn.avg_pool2d, 3: R.nn.avg_pool3d}[n]
     # avg_pool without padding divides every window by prod(kernel): undo that exactly.
     pooled = ctx.emit(op(x, pool_size=kernel, strides=strides, dilation=dilations))
     factor = ksize / counts
@@ -279,16 +337,31 @@ def _unary(fn: Callable) -> Callable:
     return convert
 
 
+def cosh(ctx: _Ctx, node: Node):
+    """(e^x + e^-x) / 2: LLVM has no cosh intrinsic for TVM's x86 back end."""
+    x = ctx.x(node.inputs[0])
+    half = ctx.scalar(0.5, node.inputs[0])
+    return [ctx.emit(R.multiply(R.add(R.exp(x), R.exp(R.negative(x))), half))]
+
+
+def sinh(ctx: _Ctx, node: Node):
+    """(e^x - e^-x) / 2, as cosh."""
+    x = ctx.x(node.inputs[0])
+    half = ctx.scalar(0.5, node.inputs[0])
+    return [ctx.emit(R.multiply(R.subtract(R.exp(x), R.exp(R.negative(x))), half))]
+
+
 def clip(ctx: _Ctx, node: Node):
     x = ctx.x(node.inputs[0])
     lo = _opt(node, 1)
     hi = _opt(node, 2)
-    lo_v = ctx.const(lo).reshape(-1)[0] if lo else node.attrs.get("min")
-    hi_v = ctx.const(hi).reshape(-1)[0] if hi else node.attrs.get("max")
-    if lo_v is not None:
-        x = R.maximum(x, ctx.scalar(float(lo_v), node.inputs[0]))
-    if hi_v is not None:
-        x = R.minimum(x, ctx.scalar(float(hi_v), node.inputs[0]))
+    for name, key, fn in ((lo, "min", R.maximum), (hi, "max", R.minimum)):
+        if name and not ctx.graph.is_constant(name):  # a run-time bound: a 0-d tensor
+            x = fn(x, ctx.x(name))
+            continue
+        v = ctx.const(name).reshape(-1)[0] if name else node.attrs.get(key)
+        if v is not None:
+            x = fn(x, relax.const(v, ctx.dtype(node.inputs[0])))
     return [ctx.emit(x)]
 
 
@@ -326,11 +399,14 @@ def _softmax_like(fn: Callable) -> Callable:
     def convert(ctx: _Ctx, node: Node):
         shape = ctx.shape(node.inputs[0])
         x = ctx.x(node.inputs[0])
+        if ctx.dtype(node.inputs[0]) == "float16" and ctx.graph.opset >= 13:
+            wide = fn(R.astype(x, "float32"), axis=int(node.attrs.get("axis", -1)))
+            return [ctx.emit(R.astype(wide, "float16"))]
         if ctx.graph.opset >= 13:
             return [ctx.emit(fn(x, axis=int(node.attrs.get("axis", -1))))]
         # Before opset 13 the input is coerced to 2-D at `axis` (default 1).
         axis = int(node.attrs.get("axis", 1)) % max(len(shape), 1)
-        flat = R.reshape(x, [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))])
+        flat = R.reshape(x, [math.prod(shape[:axis]), math.prod(shape[axis:])])
         return [ctx.emit(R.reshape(fn(flat, axis=-1), list(shape)))]
 
     return convert
@@ -341,6 +417,8 @@ def concat(ctx: _Ctx, node: Node):
 
 
 def reshape(ctx: _Ctx, node: Node):
+    if not ctx.graph.is_constant(node.inputs[1]):  # the check let it through: see declared_shape
+        return [ctx.emit(R.reshape(ctx.x(node.inputs[0]), declared_shape(ctx.graph, node)))]
     in_shape = ctx.shape(node.inputs[0])
     target = const_ints(ctx.graph, node.inputs[1])
     if not node.attrs.get("allowzero", 0):
@@ -353,7 +431,7 @@ def flatten(ctx: _Ctx, node: Node):
     axis = int(node.attrs.get("axis", 1))
     if axis < 0:  # counts from the rank r (axis is in [-r, r]), not from r + 1
         axis += len(shape)
-    new = [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]
+    new = [math.prod(shape[:axis]), math.prod(shape[axis:])]  # tir exprs with a symbolic dim
     return [ctx.emit(R.reshape(ctx.x(node.inputs[0]), new))]
 
 
@@ -364,6 +442,8 @@ def transpose(ctx: _Ctx, node: Node):
 
 def _axes(ctx: _Ctx, node: Node) -> list[int] | None:
     name = _opt(node, 1)
+    if name and not ctx.graph.is_constant(name):  # run-time axes: read off the shapes
+        return runtime_axes(ctx.graph, node)
     if name:
         return const_ints(ctx.graph, name)
     axes = node.attrs.get("axes")
@@ -371,10 +451,14 @@ def _axes(ctx: _Ctx, node: Node) -> list[int] | None:
 
 
 def squeeze(ctx: _Ctx, node: Node):
+    if _opt(node, 1) and not ctx.graph.is_constant(node.inputs[1]):
+        return [ctx.emit(R.reshape(ctx.x(node.inputs[0]), declared_shape(ctx.graph, node)))]
     return [ctx.emit(R.squeeze(ctx.x(node.inputs[0]), _axes(ctx, node)))]
 
 
 def unsqueeze(ctx: _Ctx, node: Node):
+    if not ctx.graph.is_constant(node.inputs[1]):
+        return [ctx.emit(R.reshape(ctx.x(node.inputs[0]), declared_shape(ctx.graph, node)))]
     rank = len(ctx.shape(node.outputs[0])) if node.outputs[0] in ctx.graph.values else None
     axes = _axes(ctx, node)
     if rank is None:
@@ -387,6 +471,8 @@ def _reduce(fn: Callable) -> Callable:
     def convert(ctx: _Ctx, node: Node):
         axes = _axes(ctx, node)
         keepdims = bool(node.attrs.get("keepdims", 1))
+        if not axes and _opt(node, 1) and not ctx.graph.is_constant(node.inputs[1]):
+            return [ctx.x(node.inputs[0])]  # only size-1 axes: nothing to reduce
         if not axes:
             if node.attrs.get("noop_with_empty_axes", 0):
                 return [ctx.x(node.inputs[0])]
@@ -394,6 +480,44 @@ def _reduce(fn: Callable) -> Callable:
         return [ctx.emit(fn(ctx.x(node.inputs[0]), axis=axes, keepdims=keepdims))]
 
     return convert
+
+
+def _max_with_inf(x: relax.Expr, axis, keepdims: bool) -> relax.Expr:  # noqa: ANN001
+    """R.max, except that TVM starts a float max at the lowest finite value, so a max over
+    only -inf comes out -FLT_MAX: where no element is that value, the answer is -inf."""
+    dt = str(x.ty.dtype)
+    m = R.max(x, axis=axis, keepdims=keepdims)
+    if "float" not in dt:
+        return m
+    lowest = relax.const(float(np.finfo(dt).min), dt)
+    seen = R.max(R.astype(R.equal(x, lowest), "int8"), axis=axis, keepdims=keepdims)
+    only_inf = R.logical_and(R.equal(m, lowest), R.equal(seen, relax.const(0, "int8")))
+    return R.where(only_inf, relax.const(-np.inf, dt), m)
+
+
+def divide(ctx: _Ctx, node: Node):
+    """Integer Div truncates toward zero (C++-style, as ONNX's reference does); a zero
+    divisor gives 0 (numpy's answer) instead of a SIGFPE."""
+    x, y = ctx.x(node.inputs[0]), ctx.x(node.inputs[1])
+    dt = ctx.dtype(node.inputs[0])
+    if not np.issubdtype(np.dtype(dt), np.integer):
+        return [ctx.emit(R.divide(x, y))]
+    zero, one = relax.const(0, dt), relax.const(1, dt)
+    nonzero = R.not_equal(y, zero)
+    safe = R.where(nonzero, y, R.ones_like(y))
+    q, r = R.floor_divide(x, safe), R.floor_mod(x, safe)
+    if np.issubdtype(np.dtype(dt), np.signedinteger):
+        signs = R.logical_xor(R.less(x, zero), R.less(safe, zero))
+        q = R.where(R.logical_and(R.not_equal(r, zero), signs), R.add(q, one), q)
+    return [ctx.emit(R.where(nonzero, q, R.zeros_like(q)))]
+
+
+def matmul(ctx: _Ctx, node: Node):
+    """float16 products accumulate in float32, as numpy and onnxruntime do."""
+    a, b = ctx.x(node.inputs[0]), ctx.x(node.inputs[1])
+    if ctx.dtype(node.inputs[0]) != "float16":
+        return [ctx.emit(R.matmul(a, b))]
+    return [ctx.emit(R.astype(R.matmul(a, b, out_dtype="float32"), "float16"))]
 
 
 def cast(ctx: _Ctx, node: Node):
@@ -442,10 +566,190 @@ def slice_(ctx: _Ctx, node: Node):
 
 
 def pad(ctx: _Ctx, node: Node):
+    if _attr_str(node, "mode", "constant") != "constant":  # edge, reflect, wrap: TVM's
+        return tvm_onnx(ctx, node)
     width = pad_widths(ctx.graph, node, len(ctx.shape(node.inputs[0])))
     value_name = _opt(node, 2)
     value = float(ctx.const(value_name).reshape(-1)[0]) if value_name else 0.0
     return [ctx.emit(R.nn.pad(ctx.x(node.inputs[0]), width, pad_value=value))]
+
+
+def expand(ctx: _Ctx, node: Node):
+    if ctx.graph.is_constant(node.inputs[1]):
+        return tvm_onnx(ctx, node)
+    return [ctx.emit(R.broadcast_to(ctx.x(node.inputs[0]), declared_shape(ctx.graph, node)))]
+
+
+def nll_loss(ctx: _Ctx, node: Node):
+    """loss[n, d...] = -input[n, target[n, d...], d...] * weight[target[n, d...]], zero
+    where target is ignore_index; 'mean' divides the sum by the weights' sum."""
+    x, target = ctx.x(node.inputs[0]), ctx.x(node.inputs[1])
+    tdt = ctx.dtype(node.inputs[1])
+    keep = None
+    if "ignore_index" in node.attrs:
+        keep = R.not_equal(target, relax.const(int(node.attrs["ignore_index"]), tdt))
+        target = R.where(keep, target, relax.const(0, tdt))
+    picked = R.gather_elements(x, R.expand_dims(target, [1]), axis=1)
+    picked = R.squeeze(picked, [1])
+    weight = _opt(node, 2)
+    if weight:
+        w = R.take(ctx.x(weight), target, axis=0, mode="clip")
+    else:
+        w = R.ones_like(picked)
+    if keep is not None:
+        w = R.where(keep, w, R.zeros_like(w))
+    loss = R.negative(R.multiply(picked, w))
+    reduction = _attr_str(node, "reduction", "mean")
+    if reduction == "sum":
+        loss = R.sum(loss)
+    elif reduction == "mean":
+        loss = R.divide(R.sum(loss), R.sum(w))
+    return [ctx.emit(loss)]
+
+
+def layer_norm(ctx: _Ctx, node: Node):
+    """Y = (X - mean) / sqrt(var + epsilon) * scale + bias over the axes from ``axis``
+    on (negative counts from the rank), in float32 for stash_type=1 half inputs; the
+    optional outputs Mean and InvStdDev keep the reduced axes as 1s."""
+    shape, dt = ctx.shape(node.inputs[0]), ctx.dtype(node.inputs[0])
+    axis = int(node.attrs.get("axis", -1)) % len(shape)
+    axes = list(range(axis, len(shape)))
+    work = "float32" if node.attrs.get("stash_type", 1) == 1 and dt == "float16" else dt
+    x = ctx.x(node.inputs[0])
+    x = R.astype(x, work) if work != dt else x
+    mean = ctx.emit(R.mean(x, axis=axes, keepdims=True))
+    diff = ctx.emit(R.subtract(x, mean))
+    var = R.mean(R.multiply(diff, diff), axis=axes, keepdims=True)
+    eps = relax.const(float(node.attrs.get("epsilon", 1e-5)), work)
+    inv = ctx.emit(R.divide(relax.const(1.0, work), R.sqrt(R.add(var, eps))))
+    y = R.multiply(diff, inv)
+    y = R.astype(y, dt) if work != dt else y
+    y = R.multiply(y, ctx.x(node.inputs[1]))
+    if _opt(node, 2):
+        y = R.add(y, ctx.x(node.inputs[2]))
+    outs = [ctx.emit(y)]
+    for name, expr in zip(node.outputs[1:], (mean, inv), strict=False):
+        if name:
+            outs.append(ctx.emit(R.astype(expr, ctx.dtype(name))))
+    return outs
+
+
+def _softplus(x: relax.Expr, dt: str) -> relax.Expr:
+    """log(1 + exp(x)) without overflow: max(x, 0) + log(1 + exp(-|x|))."""
+    one = relax.const(1.0, dt)
+    tail = R.log(R.add(one, R.exp(R.negative(R.abs(x)))))
+    return R.add(R.maximum(x, relax.const(0.0, dt)), tail)
+
+
+def softplus(ctx: _Ctx, node: Node):
+    x = ctx.x(node.inputs[0])
+    return [ctx.emit(_softplus(x, ctx.dtype(node.inputs[0])))]
+
+
+def mish(ctx: _Ctx, node: Node):
+    x = ctx.x(node.inputs[0])
+    return [ctx.emit(R.multiply(x, R.tanh(_softplus(x, ctx.dtype(node.inputs[0])))))]
+
+
+def is_inf(ctx: _Ctx, node: Node):
+    x = ctx.x(node.inputs[0])
+    zero = relax.const(0.0, ctx.dtype(node.inputs[0]))
+    found = R.isinf(x)
+    pos, neg = node.attrs.get("detect_positive", 1), node.attrs.get("detect_negative", 1)
+    if not pos:
+        found = R.logical_and(found, R.less(x, zero))
+    if not neg:
+        found = R.logical_and(found, R.greater(x, zero))
+    if not pos and not neg:
+        found = R.zeros_like(found)
+    return [ctx.emit(found)]
+
+
+def bit_shift(ctx: _Ctx, node: Node):
+    """numpy's (and so ONNX's reference) results for shifts outside [0, bits): 0 to the
+    left; to the right 0, or -1 for a negative signed value."""
+    x, shift = ctx.x(node.inputs[0]), ctx.x(node.inputs[1])
+    dt = ctx.dtype(node.inputs[0])
+    bits = np.dtype(dt).itemsize * 8
+    valid = R.logical_and(
+        R.greater_equal(shift, relax.const(0, dt)), R.less(shift, relax.const(bits, dt))
+    )
+    safe = R.where(valid, shift, relax.const(0, dt))
+    if _attr_str(node, "direction", "LEFT") == "LEFT":
+        done, fill = R.left_shift(x, safe), R.zeros_like(x)
+    else:
+        done = R.right_shift(x, safe)
+        signed = np.dtype(dt).kind == "i"
+        fill = R.right_shift(x, relax.const(bits - 1, dt)) if signed else R.zeros_like(x)
+    return [ctx.emit(R.where(valid, done, fill))]
+
+
+def conv_transpose(ctx: _Ctx, node: Node):
+    """TVM's converter ignores ``output_shape``: turn it into the pads (and, where the
+    padding would be negative, the output_padding) ONNX derives from it."""
+    if "output_shape" not in node.attrs:
+        return tvm_onnx(ctx, node)
+    in_sp = ctx.shape(node.inputs[0])[2:]
+    n = len(in_sp)
+    kernel = list(node.attrs.get("kernel_shape", ctx.shape(node.inputs[1])[2:]))
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    extra = list(node.attrs.get("output_padding", [0] * n))
+    want = list(node.attrs["output_shape"])[-n:]
+    begin, end = [0] * n, [0] * n
+    for i in range(n):
+        total = strides[i] * (in_sp[i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
+        total -= want[i]
+        if total < 0:
+            extra[i] -= total
+            continue
+        small = total // 2
+        upper = _attr_str(node, "auto_pad", "NOTSET") == "SAME_UPPER"
+        begin[i], end[i] = (small, total - small) if upper else (total - small, small)
+    skip = ("output_shape", "auto_pad", "pads", "output_padding")
+    attrs = {k: v for k, v in node.attrs.items() if k not in skip}
+    attrs |= {"pads": begin + end, "output_padding": extra}
+    plain = Node(node.name, node.op_type, node.inputs, node.outputs, attrs, node.domain)
+    return tvm_onnx(ctx, plain)
+
+
+def reduce_tvm(ctx: _Ctx, node: Node):
+    """TVM's reduction converters, with run-time axes read off the static shapes."""
+    if not _opt(node, 1) or ctx.graph.is_constant(node.inputs[1]):
+        return tvm_onnx(ctx, node)
+    axes = runtime_axes(ctx.graph, node)
+    if not axes:  # only size-1 axes, or none with noop_with_empty_axes: nothing to do
+        return [ctx.x(node.inputs[0])]
+    return tvm_onnx(ctx, node, {1: np.array(axes, np.int64)})
+
+
+def top_k(ctx: _Ctx, node: Node):
+    """A run-time k is the static outputs' length on the axis."""
+    if ctx.graph.is_constant(node.inputs[1]):
+        return tvm_onnx(ctx, node)
+    k = declared_shape(ctx.graph, node)[int(node.attrs.get("axis", -1))]
+    return tvm_onnx(ctx, node, {1: np.array([k], np.int64)})
+
+
+def split(ctx: _Ctx, node: Node):
+    """Split sizes given at run time are the static output shapes' lengths on the axis."""
+    if not _opt(node, 1) or ctx.graph.is_constant(node.inputs[1]):
+        return tvm_onnx(ctx, node)
+    axis = int(node.attrs.get("axis", 0))
+    sizes = [ctx.graph.values[o].shape[axis] for o in node.outputs]
+    return tvm_onnx(ctx, node, {1: np.array(sizes, np.int64)})
+
+
+def resize(ctx: _Ctx, node: Node):
+    return _resize.resize(ctx, node)
+
+
+def dropout(ctx: _Ctx, node: Node):
+    """Inference (the check saw to it): the data unchanged, and a mask of all true."""
+    outs = [ctx.x(node.inputs[0])]
+    if len(node.outputs) > 1 and node.outputs[1]:
+        outs.append(ctx.emit(R.ones(ctx.shape(node.inputs[0]), "bool")))
+    return outs
 
 
 def identity(ctx: _Ctx, node: Node):
@@ -463,11 +767,9 @@ def power(ctx: _Ctx, node: Node):
 
 
 # Converters that are one Relax op each; graphopt.lower._ops.CONVERTERS names them.
-matmul = _binary(R.matmul)
 add = _binary(R.add)
 subtract = _binary(R.subtract)
 multiply = _binary(R.multiply)
-divide = _binary(R.divide)
 maximum = _variadic(R.maximum)
 minimum = _variadic(R.minimum)
 relu = _unary(R.nn.relu)
@@ -483,7 +785,7 @@ softmax = _softmax_like(R.nn.softmax)
 log_softmax = _softmax_like(R.nn.log_softmax)
 reduce_mean = _reduce(R.mean)
 reduce_sum = _reduce(R.sum)
-reduce_max = _reduce(R.max)
+reduce_max = _reduce(_max_with_inf)
 silu = _unary(R.nn.silu)
 
 
@@ -503,7 +805,8 @@ def to_relax(graph: Graph) -> tvm.IRModule:
     params = []
     for name in graph.inputs:
         value = graph.values[name]
-        var = relax.Var(_safe(name), relax.TensorType(list(value.shape), value.dtype))
+        shape = [ctx.dim(d) for d in value.shape]  # a str dim: symbolic (dynamic batch)
+        var = relax.Var(_safe(name), relax.TensorType(shape, value.dtype))
         ctx.env[name] = var
         params.append(var)
     with bb.function("main", params):
@@ -527,8 +830,36 @@ def to_relax(graph: Graph) -> tvm.IRModule:
     # disagrees with onnxruntime and the spec text on ceil-mode pooling, for one).
     for name, expr in zip(graph.outputs, outputs, strict=True):
         ty = expr.ty
-        graph.values[name] = Value(name, tuple(int(d) for d in ty.shape.values), str(ty.dtype))
-    return bb.get()
+        dims = tuple(d if isinstance(d, int) else str(d) for d in map(_static_dim, ty.shape.values))
+        graph.values[name] = Value(name, dims, str(ty.dtype))
+    mod = bb.get()
+    _refuse_empty_constants(mod)
+    return mod
+
+
+def _refuse_empty_constants(mod: tvm.IRModule) -> None:
+    """An empty constant the function uses (a folded empty output, say) builds, but the
+    library then fails to load ("Invalid DLTensor file format"): refuse it here."""
+    empty: list[tuple[int, ...]] = []
+
+    def visit(expr) -> None:  # noqa: ANN001
+        if isinstance(expr, tvm.ir.expr.GenericConst):  # a tensor constant
+            shape = getattr(expr.ty, "shape", None)
+            dims = [getattr(d, "value", None) for d in shape.values] if shape is not None else []
+            if 0 in dims:
+                empty.append(tuple(dims))
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    if empty:
+        raise UnsupportedOpsError(
+            [
+                (
+                    "Constant",
+                    "",
+                    f"an empty constant of shape {list(empty[0])}: empty tensors are not supported",
+                )
+            ]
+        )
 
 
 def _safe(name: str) -> str:

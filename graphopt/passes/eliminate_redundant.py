@@ -126,6 +126,9 @@ def _check_cast_noop(graph: Graph, match: Match) -> str | None:
     to = helper.tensor_dtype_to_np_dtype(match.root.attrs["to"])
     if v is None or np.dtype(v.dtype) != to:
         return f"casts {v.dtype if v else 'unknown'} to {to}"
+    out = graph.values.get(match.root.outputs[0])
+    if out is not None and out.shape != v.shape:  # shape inference knows more after it
+        return f"its output shape {out.shape} differs from its input's {v.shape}"
     return None
 
 

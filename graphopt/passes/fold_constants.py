@@ -1,4 +1,5 @@
-"""Evaluate nodes whose inputs are all constants, and ``Shape`` of statically known values.
+"""Evaluate nodes whose inputs are all constants, and ``Shape``/``Size`` of statically
+known values.
 
 Evaluation uses ONNX's own reference implementation (``onnx.reference``), so folding
 follows the spec exactly. This turns the shape arithmetic that exporters emit
@@ -45,7 +46,7 @@ def _evaluate(graph: Graph, node: Node) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class FoldConstants(Pass):
-    """Replace constant-input nodes (and Shape of static values) by their results."""
+    """Replace constant-input nodes (and Shape/Size of static values) by their results."""
 
     name = "fold-constants"
     after = ("eliminate-identity",)
@@ -56,13 +57,14 @@ class FoldConstants(Pass):
         for node in graph.nodes():
             if node.domain or node.op_type in _NONDETERMINISTIC:
                 continue
-            if node.op_type == "Shape":
+            if node.op_type in ("Shape", "Size"):
                 value = graph.values.get(node.inputs[0])
                 if value is None or not value.is_static:
                     continue
                 shape = np.array(value.shape, dtype=np.int64)
                 start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
-                results = [shape[start:end]]
+                size = np.array(np.prod(shape), dtype=np.int64)
+                results = [shape[start:end] if node.op_type == "Shape" else size]
             elif all(not i or graph.is_constant(i) for i in node.inputs) and node.inputs:
                 try:
                     results = _evaluate(graph, node)

@@ -127,7 +127,9 @@ class VMRunner:
     def _to_device(self, arrays: list[np.ndarray]) -> list:
         import tvm
 
-        return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
+        # np.require keeps a 0-d array 0-d (ascontiguousarray makes it shape (1,), which
+        # the VM then refuses for a scalar input).
+        return [tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in arrays]
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         args = self._to_device(arrays)

@@ -75,6 +75,26 @@ def test_fold_constants_turns_shape_arithmetic_into_constants():
     np.testing.assert_array_equal(run_ort(r.graph, inputs)[0], before[0])
 
 
+def test_fold_constants_folds_size_of_a_static_value():
+    m = make_model(
+        [
+            helper.make_node("Size", ["x"], ["n"]),
+            helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+            helper.make_node("Reshape", ["x", "n1"], ["y"]),
+        ],
+        {"x": (2, 3)},
+        {"y": (6,)},
+        {"axes": np.array([0], np.int64)},
+    )
+    g = onnx_to_graph(m)
+    inputs = random_inputs(g)
+    before = run_ort(g, inputs)
+    r = FoldConstants()(g)
+    assert r.stats == {"Size": 1, "Unsqueeze": 1}
+    np.testing.assert_array_equal(r.graph.constants["n1"], [6])
+    np.testing.assert_array_equal(run_ort(r.graph, inputs)[0], before[0])
+
+
 def test_fold_constants_leaves_data_dependent_nodes():
     m = make_model(
         [helper.make_node("Add", ["x", "c"], ["y"])],
