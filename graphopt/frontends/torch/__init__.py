@@ -6,9 +6,10 @@ Accepted: an ``nn.Module`` (exported with ``torch.export.export`` in eval mode),
 running code from it unless the caller trusts the file: see :func:`load_pt2`).
 
 The program is decomposed to core ATen (``run_decompositions``) except for the ops that
-map more directly onto ONNX than their decompositions do: ``linear``, ``matmul`` and the
-recurrent layers ``lstm``/``gru``/``rnn_tanh``/``rnn_relu`` (whose decomposition would be
-an already unrolled loop). Each remaining ATen node becomes ONNX-semantics nodes through
+map more directly onto ONNX than their decompositions do: ``linear``, ``matmul``, the
+upsampling ops (each one ``Resize``) and the recurrent layers
+``lstm``/``gru``/``rnn_tanh``/``rnn_relu`` (whose decomposition would be an already
+unrolled loop). Each remaining ATen node becomes ONNX-semantics nodes through
 the ``ATEN`` table; recurrent layers become one ONNX ``LSTM``/``GRU``/``RNN`` node per
 layer, with torch's gate order converted to ONNX's::
 
@@ -25,8 +26,8 @@ The modules, each importing only those above it:
 - ``_quiet``: torch called one job at a time, its failures as one ``TorchImportError`` line.
 - ``_safe_load``: reading a ``.pt2`` file without running code from it (the guard).
 - ``_builder``: ``GraphBuilder``, the IR-building state every converter writes through.
-- ``_shape_ops``, ``_compute_ops``, ``_recurrent``: the ATen converters, each module
-  ending with its part of the ``ATEN`` table.
+- ``_shape_ops``, ``_compute_ops``, ``_resize``, ``_recurrent``: the ATen converters, each
+  module ending with its part of the ``ATEN`` table.
 - ``_importer``: the ``ATEN`` table and the walk over an fx graph that uses it.
 - ``_source``: ``from_torch``, ``load_pt2``, ``as_source``: a model in, a ``TorchSource`` out.
 """

@@ -29,6 +29,7 @@ __all__ = [
     "Refuse",
     "dtype_name",
     "int_list",
+    "named_args",
     "node_arg",
 ]
 
@@ -62,6 +63,19 @@ def _onnx_type(dtype: str) -> int:
 def node_arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
     """Argument ``i`` of ``node``, given positionally or as keyword ``name``."""
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def named_args(node: torch.fx.Node) -> dict[str, Any]:
+    """Every argument of an ATen ``node`` by its schema name, defaults filled in."""
+    args: dict[str, Any] = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            args[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            args[arg.name] = node.kwargs[arg.name]
+        else:
+            args[arg.name] = arg.default_value if arg.has_default_value() else None
+    return args
 
 
 def int_list(v: Any, n: int) -> list[int]:
@@ -125,7 +139,12 @@ class GraphBuilder(IRBuilder):
         attrs: dict | None = None,
         tag: str = "v",
     ) -> str:
-        """Add ``op``; its output is named after ``tag``, the node ``<op>_<tag>``."""
+        """Add ``op``; its output is named after ``tag``, the node ``<op>_<tag>``.
+
+        String attributes are stored as bytes, as the ONNX frontend has them (what
+        ``onnx.helper.get_attribute_value`` returns), so both frontends give one IR.
+        """
+        attrs = {k: v.encode() if isinstance(v, str) else v for k, v in (attrs or {}).items()}
         return super().emit(
             op, inputs, shape, dtype, attrs, tag=tag, name=self.fresh(f"{op}_{tag}")
         )

@@ -1,10 +1,11 @@
 """ATen converters for the ops that compute: casts, element-wise arithmetic and activations,
-convolution, batch norm, pooling, matrix products, reductions and softmax.
+convolution (1- to 3-D, transposed too), batch/layer/group norm, pooling, matrix products,
+reductions and softmax.
 
 Each converter emits ONNX-semantics nodes through a :class:`GraphBuilder` (see
 :mod:`._builder`); ``COMPUTE_OPS`` at the bottom is this module's part of the ``ATEN``
 table. Torch's implicit type promotion and ``alpha`` scaling are made explicit here;
-what is not supported (a transposed convolution, a rounding division, ...) is refused
+what is not supported (a rounding division, tensor clamp bounds, ...) is refused
 with its reason.
 """
 
@@ -22,6 +23,7 @@ from graphopt.frontends.torch._builder import (
     Refuse,
     dtype_name,
     int_list,
+    named_args,
     node_arg,
 )
 
@@ -117,12 +119,11 @@ def _rsqrt(imp: GraphBuilder, node: torch.fx.Node):
 
 
 def _convolution(imp: GraphBuilder, node: torch.fx.Node):
-    x, w, b, stride, padding, dilation, transposed, _output_padding, groups = node.args[:9]
-    if transposed:
-        raise Refuse("transposed convolution is not supported")
+    """1-, 2- and 3-D ``Conv``, or ``ConvTranspose`` (whose weight layout torch shares)."""
+    x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args[:9]
     n = len(imp.shape(imp.value(x))) - 2
-    if n not in (1, 2):
-        raise Refuse(f"{n}-D convolution is not supported (only 1-D and 2-D)")
+    if n not in (1, 2, 3):
+        raise Refuse(f"{n}-D convolution is not supported (only 1-, 2- and 3-D)")
     weight = imp.value(w)
     pads = int_list(padding, n)
     attrs = {
@@ -132,8 +133,10 @@ def _convolution(imp: GraphBuilder, node: torch.fx.Node):
         "dilations": int_list(dilation, n),
         "group": int(groups),
     }
+    if transposed:
+        attrs["output_padding"] = int_list(output_padding, n)
     inputs = [imp.value(x), weight] + ([imp.value(b)] if b is not None else [])
-    return imp.out(node, "Conv", inputs, attrs)
+    return imp.out(node, "ConvTranspose" if transposed else "Conv", inputs, attrs)
 
 
 def _batch_norm(imp: GraphBuilder, node: torch.fx.Node):
@@ -151,6 +154,55 @@ def _batch_norm(imp: GraphBuilder, node: torch.fx.Node):
         tag=node.name,
     )
     return [out, None, None]
+
+
+def _layer_norm(imp: GraphBuilder, node: torch.fx.Node):
+    """``LayerNormalization`` over the trailing dims ``normalized_shape`` names (axis >= 0).
+
+    ``native_layer_norm``'s mean and 1/std outputs are not translated (eval graphs drop them).
+    """
+    args = named_args(node)
+    x = imp.value(args["input"])
+    shape = imp.shape(x)
+    axis = len(shape) - len(args["normalized_shape"])
+    native = isinstance(node.meta["val"], tuple | list)
+    val = node.meta["val"][0] if native else node.meta["val"]
+    dtype = dtype_name(val.dtype)
+    weight, bias = args["weight"], args["bias"]
+    if weight is None:
+        scale = imp.const(np.ones(shape[axis:], dtype), "one")
+    else:
+        scale = imp.value(weight)
+    inputs = [x, scale] + ([imp.value(bias)] if bias is not None else [])
+    attrs = {"axis": axis, "epsilon": float(args["eps"])}
+    out = imp.emit("LayerNormalization", inputs, val.shape, dtype, attrs, tag=node.name)
+    return [out, None, None] if native else out
+
+
+def _group_norm(imp: GraphBuilder, node: torch.fx.Node):
+    """``GroupNormalization`` (opset 18-20: scale and bias per group), then torch's per-channel
+    affine as ``Mul``/``Add`` over the channel axis.
+
+    The IR speaks opset 20, where GroupNormalization's scale and bias have one entry per
+    group; torch's weight and bias have one per channel (opset 21's form), so the group
+    scale is 1, the bias 0, and the channel affine follows.
+    """
+    args = named_args(node)
+    x = imp.value(args["input"])
+    shape = imp.shape(x)
+    groups = int(args["group"] if "group" in args else args["num_groups"])
+    native = isinstance(node.meta["val"], tuple | list)
+    val = node.meta["val"][0] if native else node.meta["val"]
+    dtype = dtype_name(val.dtype)
+    unit = [imp.const(np.ones(groups, dtype), "one"), imp.const(np.zeros(groups, dtype), "zero")]
+    attrs = {"num_groups": groups, "epsilon": float(args["eps"])}
+    out = imp.emit("GroupNormalization", [x, *unit], shape, dtype, attrs, tag=node.name)
+    per_channel = [shape[1]] + [1] * (len(shape) - 2)
+    for key, op in (("weight", "Mul"), ("bias", "Add")):
+        if args[key] is not None:
+            affine = imp.reshape(imp.value(args[key]), per_channel, tag=f"{node.name}_{key}")
+            out = imp.emit(op, [out, affine], shape, dtype, tag=f"{node.name}_{key}")
+    return [out, None, None] if native else out
 
 
 def _pool_attrs(node: torch.fx.Node, n: int) -> dict:
@@ -267,10 +319,18 @@ COMPUTE_OPS: dict[str, Convert] = {
     "aten.dropout.default": _dropout,
     "aten.convolution.default": _convolution,
     "aten._native_batch_norm_legit_no_training.default": _batch_norm,
+    "aten.native_layer_norm.default": _layer_norm,
+    "aten.layer_norm.default": _layer_norm,
+    "aten.native_group_norm.default": _group_norm,
+    "aten.group_norm.default": _group_norm,
     "aten.max_pool2d_with_indices.default": _max_pool,
+    "aten.max_pool3d_with_indices.default": _max_pool,
     "aten.avg_pool2d.default": _avg_pool,
+    "aten.avg_pool3d.default": _avg_pool,
     "aten._adaptive_avg_pool2d.default": _adaptive_pool("AveragePool", False),
+    "aten._adaptive_avg_pool3d.default": _adaptive_pool("AveragePool", False),
     "aten.adaptive_max_pool2d.default": _adaptive_pool("MaxPool", True),
+    "aten.adaptive_max_pool3d.default": _adaptive_pool("MaxPool", True),
     "aten.linear.default": _linear,
     "aten.addmm.default": _addmm,
     "aten.mm.default": _matmul,

@@ -2,9 +2,9 @@
 
 Parameters, buffers and constant subgraphs are evaluated by torch at import (``folded``);
 every other node goes through the ``ATEN`` table, whose parts sit beside their converters
-(:mod:`._shape_ops`, :mod:`._compute_ops`, :mod:`._recurrent`). Every node the table
-cannot translate is named, with the user's source line (:func:`source_location`), in one
-:class:`UnsupportedOpsError`.
+(:mod:`._shape_ops`, :mod:`._compute_ops`, :mod:`._resize`, :mod:`._recurrent`). Every node
+the table cannot translate is named, with the user's source line (:func:`source_location`),
+in one :class:`UnsupportedOpsError`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from graphopt.frontends.torch._builder import Convert, GraphBuilder, Poisoned, R
 from graphopt.frontends.torch._compute_ops import COMPUTE_OPS
 from graphopt.frontends.torch._quiet import TorchImportError
 from graphopt.frontends.torch._recurrent import RECURRENT_OPS
+from graphopt.frontends.torch._resize import UPSAMPLE_OPS
 from graphopt.frontends.torch._shape_ops import SHAPE_OPS
 from graphopt.ir import Graph, Node
 
 __all__ = ["ATEN", "Importer", "source_location"]
 
 # The table: ATen overload name -> converter. Everything else is refused, with its source.
-ATEN: dict[str, Convert] = {**SHAPE_OPS, **COMPUTE_OPS, **RECURRENT_OPS}
+ATEN: dict[str, Convert] = {**SHAPE_OPS, **COMPUTE_OPS, **UPSAMPLE_OPS, **RECURRENT_OPS}
 # Never evaluated at import, even with constant inputs: they draw random numbers.
 _NEVER_FOLD = ("aten.rand", "aten.bernoulli", "aten.normal", "aten.native_dropout")
 

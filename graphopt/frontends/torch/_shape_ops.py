@@ -1,6 +1,6 @@
 """ATen converters for the ops that move or pick data without computing: tuple items,
 aliases, views and reshapes, expand, permutes, concatenation, gathers and indexing,
-slices, flips, splits and constant padding.
+slices, flips, splits, constant padding and strided views.
 
 Each converter emits ONNX-semantics nodes through a :class:`GraphBuilder` (see
 :mod:`._builder`); ``SHAPE_OPS`` at the bottom is this module's part of the ``ATEN``
@@ -215,6 +215,29 @@ def _split(imp: GraphBuilder, node: torch.fx.Node):
     return pieces
 
 
+def _as_strided(imp: GraphBuilder, node: torch.fx.Node):
+    """A view by strides: the identity where it restates the input's own strides (as the
+    decompositions of channels-last ops do), else a Gather from the flattened input, which
+    is the tensor's storage only where the input is contiguous and starts it.
+    """
+    x = imp.value(node.args[0])
+    src = node.args[0].meta["val"]
+    size, stride = [int(d) for d in node.args[1]], [int(s) for s in node.args[2]]
+    offset = int(node_arg(node, 3, "storage_offset", None) or 0)
+    same = all(n == 1 or s == t for n, s, t in zip(size, stride, src.stride(), strict=False))
+    if list(src.shape) == size and same and offset == src.storage_offset():
+        return x
+    if not src.is_contiguous() or src.storage_offset() != 0:
+        raise Refuse("as_strided on a non-contiguous tensor is not supported")
+    index = np.full(size, offset, np.int64)
+    for dim, (n, s) in enumerate(zip(size, stride, strict=True)):
+        index += (np.arange(n, dtype=np.int64) * s).reshape([n] + [1] * (len(size) - dim - 1))
+    if index.size and index.max() >= src.numel():
+        raise Refuse("as_strided reads past the end of its input")
+    flat = imp.reshape(x, [src.numel()], tag=f"{node.name}_flat")
+    return imp.out(node, "Gather", [flat, imp.const(index, "strided")], {"axis": 0})
+
+
 def _pad(imp: GraphBuilder, node: torch.fx.Node):
     x = imp.value(node.args[0])
     rank = len(imp.shape(x))
@@ -258,4 +281,5 @@ SHAPE_OPS: dict[str, Convert] = {
     "aten.split_with_sizes.default": _split,
     "aten.unbind.int": _split,
     "aten.constant_pad_nd.default": _pad,
+    "aten.as_strided.default": _as_strided,
 }

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from graphopt.errors import InputError, ModelLoadError
 from graphopt.frontends.torch._importer import Importer
 from graphopt.frontends.torch._quiet import TorchImportError, first_line, quiet
+from graphopt.frontends.torch._resize import UPSAMPLE_OPS
 from graphopt.frontends.torch._safe_load import TRUST_HINT, load_untrusted
 from graphopt.ir import Graph
 from graphopt.verify import random_inputs
@@ -35,9 +36,12 @@ from graphopt.verify import random_inputs
 __all__ = ["TorchSource", "as_source", "from_torch", "load_pt2"]
 
 # Kept out of run_decompositions: they map onto ONNX more directly than what they
-# decompose into (the recurrent ones decompose into an unrolled loop).
-_KEEP = ("linear.default", "matmul.default") + tuple(
-    f"{op}.input" for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# decompose into (the recurrent ones decompose into an unrolled loop, the upsampling ones
+# other than nearest/bilinear 2-D into index arithmetic; each is one Resize).
+_KEEP = (
+    ("linear.default", "matmul.default")
+    + tuple(f"{op}.input" for op in ("lstm", "gru", "rnn_tanh", "rnn_relu"))
+    + tuple(key.removeprefix("aten.") for key in UPSAMPLE_OPS)
 )
 
 

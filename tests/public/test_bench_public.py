@@ -1,0 +1,65 @@
+"""benchmarks/bench_public.py's table: ratios, geometric means, failed rows, markdown,
+and the --models parser. No timing: benchmarks are not tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+_spec = importlib.util.spec_from_file_location("bench_public", _BENCH / "bench_public.py")
+bp = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("bench_public", bp)  # dataclasses look their module up there
+_spec.loader.exec_module(bp)
+
+
+def _rows():
+    return [
+        bp.Row("fast", 2.0, 4.0, 1.0, 8e9, 100.0, 3.25),
+        bp.Row("slow", 6.0, 2.0, None, 3e9, 99.96, 10.0, notes=["2 kernels on generic rules"]),
+        bp.Row("broken", ort_ms=1.0, error="VerificationError: max |diff| 3 | 7"),
+    ]
+
+
+def test_ratios_gflops_and_geomean_against_numpy():
+    fast, slow, broken = _rows()
+    assert fast.vs_ort == pytest.approx(0.5) and slow.vs_ort == pytest.approx(3.0)
+    assert fast.gflops == pytest.approx(8e9 / 2e-3 / 1e9)
+    assert slow.vs_openvino is None and broken.vs_ort is None and broken.gflops is None
+    want = float(np.exp(np.mean(np.log([0.5, 3.0]))))
+    assert bp.geomean([fast.vs_ort, slow.vs_ort, broken.vs_ort]) == pytest.approx(want)
+    assert bp.geomean([None]) is None
+
+
+def test_markdown_table_one_row_per_model_and_failures_kept():
+    text = bp.markdown_table(_rows(), ["# header", "machine: X"])
+    lines = text.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert lines[:2] == ["# header", "machine: X"]
+    assert len(table) == 2 + 3  # header, alignment, one per model
+    assert all(line.count(" | ") == len(bp.COLUMNS) - 1 for line in table[2:])
+    fast, slow, broken = (line.split(" | ") for line in table[2:])
+    assert fast[4] == "0.50x" and fast[5] == "2.00x" and fast[7] == "100.0%"
+    assert slow[5] == "-" and slow[7] == "99.9%"  # coverage never rounds up to 100
+    assert "FAILED: VerificationError" in broken[-1] and "\\|" in broken[-1]
+    gm = float(np.exp(np.mean(np.log([0.5, 3.0]))))
+    assert f"geometric mean graphopt/onnxruntime: {gm:.2f}x over 2 of 3 models" in lines
+
+
+def test_model_names_groups_and_unknown():
+    pm = pytest.importorskip("_public_models")  # needs torch; bench_public put it on the path
+    assert bp.model_names("all") == list(pm.MODELS)
+    assert bp.model_names("resnet18,issue14,resnet18") == ["resnet18"] + [
+        m.name for m in pm.ISSUE14
+    ]
+    with pytest.raises(SystemExit, match="unknown model 'nope'"):
+        bp.model_names("nope")
+
+
+def test_parse_args_quick_blocks():
+    assert bp.parse_args(["--quick"]).block == bp.QUICK_BLOCK_S
+    assert bp.parse_args([]).block == 1.0
