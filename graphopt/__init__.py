@@ -7,8 +7,17 @@ from graphopt._version import __version__
 from graphopt.artifact import Artifact, load
 from graphopt.compiler import compile
 from graphopt.errors import GraphoptError
+from graphopt.profiling import profile
 
-__all__ = ["Artifact", "GraphoptError", "compile", "from_torch", "load", "__version__"]
+__all__ = [
+    "Artifact",
+    "GraphoptError",
+    "compile",
+    "from_torch",
+    "load",
+    "profile",
+    "__version__",
+]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - torch is imported only when asked for

@@ -8,6 +8,10 @@ runtime alone), and the manifest is readable on any machine without loading the 
 The manifest records the SHA-256 of the library bytes before it (``library.sha256``);
 graphopt checks it before it loads any code, so a truncated, zeroed or spliced file (a
 manifest from another build) is one clear error, not a crash or wrong numbers.
+
+A dynamic-batch artifact's manifest names its batch dim in the shapes (``["N", 3, 224,
+224]``) and lists it in ``symbolic_dims``; it runs inputs of any size there, one size
+shared by every input that names the symbol.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "check_library",
     "MAGIC",
     "check_inputs",
+    "symbolic_dims",
+    "concrete_specs",
 ]
 
 MAGIC = b"\x00GRAPHOPT-MANIFEST-v1"
@@ -134,8 +140,38 @@ def check_library(path: str | os.PathLike, manifest: dict) -> dict:
     return digest
 
 
+def symbolic_dims(specs: list[dict]) -> list[str]:
+    """The symbols (dynamic batch) among the dims of ``specs``, in order of appearance."""
+    names = [d for s in specs for d in s["shape"] if isinstance(d, str)]
+    return list(dict.fromkeys(names))
+
+
+def concrete_specs(specs: list[dict], size: int = 1) -> list[dict]:
+    """``specs`` with every symbolic dim set to ``size`` (to make inputs of that batch)."""
+    return [{**s, "shape": [size if isinstance(d, str) else d for d in s["shape"]]} for s in specs]
+
+
+def _shape_error(spec: dict, arr: np.ndarray, bound: dict[str, int]) -> str | None:
+    """Why ``arr`` does not fit ``spec``'s shape, binding its symbolic dims in ``bound``
+    (the first input that names a symbol sets its size; the others must agree)."""
+    want = spec["shape"]
+    if arr.ndim == len(want):
+        for got, dim in zip(arr.shape, want, strict=True):
+            if not isinstance(dim, str):
+                if got != dim:
+                    break
+            elif got < 1:
+                return f"dim {dim} must be at least 1, got {got}"
+            elif bound.setdefault(dim, got) != got:
+                return f"dim {dim} is {bound[dim]} in another input, here {got}"
+        else:
+            return None
+    return f"expected {tuple(want)}"
+
+
 def check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Validate ``inputs`` against the manifest's input specs; return them in order."""
+    """Validate ``inputs`` against the manifest's input specs; return them in order.
+    A symbolic dim takes any size of at least 1, the same in every input."""
     names = [s["name"] for s in specs]
     missing = [n for n in names if n not in inputs]
     extra = [n for n in inputs if n not in names]
@@ -150,13 +186,12 @@ def check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.nd
             + ", ".join(f"{s['name']}{tuple(s['shape'])}:{s['dtype']}" for s in specs)
         )
     arrays = []
+    bound: dict[str, int] = {}
     for spec in specs:
         arr = np.asarray(inputs[spec["name"]])
-        if tuple(arr.shape) != tuple(spec["shape"]):
-            raise InputError(
-                f"input {spec['name']!r} has shape {tuple(arr.shape)}, "
-                f"expected {tuple(spec['shape'])}"
-            )
+        why = _shape_error(spec, arr, bound)
+        if why is not None:
+            raise InputError(f"input {spec['name']!r} has shape {tuple(arr.shape)}, {why}")
         if str(arr.dtype) != spec["dtype"]:
             raise InputError(
                 f"input {spec['name']!r} has dtype {arr.dtype}, expected {spec['dtype']}"
@@ -244,8 +279,14 @@ class Artifact:
             "repeat": repeat,
         }
 
-    def random_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
-        return random_inputs(self.input_specs, seed)
+    @property
+    def symbolic_dims(self) -> list[str]:
+        """The dims (a dynamic batch) that take any size at run time; [] for fixed shapes."""
+        return symbolic_dims(self.input_specs)
+
+    def random_inputs(self, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+        """Seeded inputs; a symbolic dim (dynamic batch) gets size ``batch``."""
+        return random_inputs(concrete_specs(self.input_specs, batch), seed)
 
     def save(self, path: str | os.PathLike) -> Artifact:
         """Copy to ``path`` atomically (a complete file or the old one, never half)."""

@@ -34,6 +34,7 @@ from graphopt.passes import (
 )
 from graphopt.passes._draw import write_svg
 from graphopt.prepare import load_model
+from graphopt.profiling import GENERIC_RULES, coverage_line, render
 from graphopt.targets import TARGETS
 from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -102,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_layout(c)
     c.add_argument("-o", "--output", help="artifact path (default: MODEL stem + .so)")
     _add_input_shape(c)
+    c.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="keep the model's symbolic batch dim (dim 0): one artifact for any batch size",
+    )
     c.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     c.add_argument("--verify-inputs", metavar="NPZ", help="inputs for verification, keyed by name")
     _add_tolerances(c)
@@ -129,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--outputs", metavar="NPZ", help="write outputs keyed by output name")
     r.add_argument("--repeat", type=int, default=10, help="timed runs (default 10)")
     r.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    r.add_argument(
+        "--batch", type=int, default=1, help="batch of random inputs (dynamic-batch artifacts)"
+    )
     _add_common(r)
 
     i = sub.add_parser("inspect", help="describe a model (or an artifact's manifest)")
@@ -159,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("name", nargs="?", default="resnet18", help="example name (default resnet18)")
     d.add_argument("--dir", default="graphopt-demo", help="where to write files")
     _add_common(d)
+
+    _add_profile_parser(sub)
 
     e = sub.add_parser("example", help="write a built-in example model as ONNX")
     e.add_argument("name", nargs="?", help="example name (omit to list them)")
@@ -267,6 +278,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         tuning_db=args.tuning_db,
         layout=args.layout,
         trust_pickle=args.trust_pickle,
+        dynamic_batch=args.dynamic_batch,
     )
     m = artifact.manifest
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
@@ -298,9 +310,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if simd:
         print(f"  cpu features: {simd}")
     print(f"  layout:       {m['target']['layout']}")
+    if m.get("symbolic_dims"):
+        shapes = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in m["inputs"])
+        print(f"  dynamic:      {', '.join(m['symbolic_dims'])} takes any size ({shapes})")
     print(f"  ops:          {ops}")
     print(f"  passes:       {passes}")
     print(f"  verification: {verdict}")
+    _print_schedule(m.get("schedule"))
     print(
         f"  compile time: {m['compile_seconds']:.1f} s (total {time.perf_counter() - start:.1f} s)"
     )
@@ -316,6 +332,63 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"  IR dumps:     {args.dump_ir}")
     if args.svg:
         print(f"  drawing:      {args.svg}")
+    return 0
+
+
+def _print_schedule(schedule: dict | None) -> None:
+    """The compile summary's fast-path coverage, and a warning naming each conv/matmul
+    kernel that only a generic schedule rule took (issue: they run several times slower)."""
+    if schedule is None:  # an artifact from before graphopt recorded it
+        return
+    rules = ", ".join(f"{k} x{v}" for k, v in schedule["rules"].items())
+    print(f"  schedules:    {coverage_line(schedule)} (rules: {rules})")
+    generic = schedule["fallback_kernels"]
+    if generic:
+        print(
+            f"  warning: {len(generic)} conv/matmul kernel(s) left to the generic "
+            f"{'/'.join(GENERIC_RULES)} schedules: {', '.join(generic)}"
+        )
+
+
+def _add_profile_parser(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "profile", help="time each kernel of a model; fast-path coverage; per-call overhead"
+    )
+    p.add_argument("model", help="ONNX file or .pt2")
+    p.add_argument("--target", "-t", default="x86", help="target name or TVM target JSON")
+    p.add_argument("--cpu", help="CPU name (x86: default this host's)")
+    _add_layout(p)
+    _add_input_shape(p)
+    p.add_argument("--repeat", type=int, default=50, help="timed calls per kernel, at least")
+    p.add_argument("--top", type=int, default=25, help="kernels shown, slowest first (0: all)")
+    p.add_argument("--json", metavar="FILE", help="also write the whole profile as JSON")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also measure the cost of one call: Artifact.run, bare TVM runtime, onnxruntime",
+    )
+    _add_trust_pickle(p)
+    _add_common(p)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise GraphoptError("--top must be 0 (all) or more")
+    result = graphopt.profile(
+        args.model,
+        args.target,
+        layout=args.layout,
+        input_shapes=args.input_shape,
+        repeat=args.repeat,
+        overhead=args.overhead,
+        target_options={"cpu": args.cpu} if args.cpu else None,
+        trust_pickle=args.trust_pickle,
+        log=lambda msg: print(f"  {msg}", file=sys.stderr),
+    )
+    render(result, top=args.top or None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -379,10 +452,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise GraphoptError("--repeat must be at least 1")
     artifact = graphopt.load(args.artifact)
-    inputs = load_npz(args.inputs) if args.inputs else artifact.random_inputs(args.seed)
+    if args.batch < 1:
+        raise GraphoptError("--batch must be at least 1")
+    inputs = load_npz(args.inputs) if args.inputs else artifact.random_inputs(args.seed, args.batch)
     outputs = artifact.run(inputs)
     stats = artifact.benchmark(inputs, repeat=args.repeat)
-    source = args.inputs or f"random inputs (seed {args.seed})"
+    batch = f", batch {args.batch}" if artifact.symbolic_dims else ""
+    source = args.inputs or f"random inputs (seed {args.seed}{batch})"
     how = " under emulation (qemu-aarch64)" if artifact.emulated else ""
     print(f"ran {args.artifact} ({artifact.manifest['target']['name']}){how} on {source}")
     for name, arr in outputs.items():
@@ -540,6 +616,7 @@ _COMMANDS = {
     "targets": _cmd_targets,
     "verify": _cmd_verify,
     "passes": _cmd_passes,
+    "profile": _cmd_profile,
 }
 
 

@@ -29,8 +29,10 @@ from graphopt.artifact import (
     Artifact,
     append_manifest,
     check_inputs,
+    concrete_specs,
     library_digest,
     random_inputs,
+    symbolic_dims,
 )
 from graphopt.errors import (
     ArtifactError,
@@ -45,6 +47,7 @@ from graphopt.lower import to_relax
 from graphopt.passes import Pass
 from graphopt.prepare import check_sizes, load_model, prepare, reference_for
 from graphopt.targets import TargetSpec, build, check_layout, resolve, tvm_version
+from graphopt.targets._profile import coverage_line, kernels, record_schedule, schedule_summary
 from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare
 
 __all__ = ["compile", "verify", "prepare", "check_sizes"]  # the last two: graphopt.prepare
@@ -188,8 +191,13 @@ def compile(  # noqa: A001 - the public name users expect
     dump_ir: str | os.PathLike | None = None,
     svg: str | os.PathLike | None = None,
     trust_pickle: bool = False,
+    dynamic_batch: bool = False,
 ) -> Artifact:
     """Compile a model into a verified :class:`Artifact`.
+
+    ``dynamic_batch`` (or a symbol as dim 0 in ``input_shapes``, ``{"x": ("N", 3, 224,
+    224)}``): an ONNX model's symbolic batch dim stays symbolic, and the one artifact
+    runs any batch size; verification runs it at batches ``VERIFY_BATCHES``.
 
     ``model``: an ONNX path or ``ModelProto``; or a torch model: what
     ``graphopt.from_torch`` returns, an ``ExportedProgram`` or a ``.pt2`` path.
@@ -221,7 +229,13 @@ def compile(  # noqa: A001 - the public name users expect
     done = False
     try:  # the artifact is assembled in ``tmp`` and renamed into place when complete
         source, graph, records = prepare(
-            model, input_shapes, passes, dump_ir=dump_ir, svg=svg, trust_pickle=trust_pickle
+            model,
+            input_shapes,
+            passes,
+            dump_ir=dump_ir,
+            svg=svg,
+            trust_pickle=trust_pickle,
+            dynamic_batch=dynamic_batch,
         )
         say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
 
@@ -229,11 +243,14 @@ def compile(  # noqa: A001 - the public name users expect
             mod = to_relax(graph)
         if dump_ir is not None:
             Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
-        with _stage(f"build the model for {spec.name}"):
+        with _stage(f"build the model for {spec.name}"), record_schedule() as scheduled:
             executable = build(mod, spec, layout, tuned)
         compile_seconds = time.perf_counter() - start
+        with _stage("read which schedule rule made each kernel"):
+            schedule = schedule_summary(kernels(scheduled.module))
         chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
         say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
+        say(coverage_line(schedule))
 
         with _stage(f"export the library for {spec.name}"):
             spec.target.export(executable, tmp)
@@ -249,6 +266,7 @@ def compile(  # noqa: A001 - the public name users expect
                 "layout": layout,
             },
             "inputs": [_spec(graph, n, n) for n in graph.inputs],
+            "symbolic_dims": symbolic_dims([_spec(graph, n, n) for n in graph.inputs]),
             "outputs": [_spec(graph, v, n) for n, v in graph.public_outputs()],
             "passes": records,
             "ops": dict(sorted(graph.op_counts().items())),
@@ -256,6 +274,7 @@ def compile(  # noqa: A001 - the public name users expect
             "compile_seconds": round(compile_seconds, 3),
             "verification": {"status": "skipped"},
             "tuning": tuning,  # None, or which kernels came from the tuning database
+            "schedule": schedule,  # fast-path coverage, conv/matmul kernels on generic rules
             "library": library_digest(tmp),  # checked before every load
         }
         artifact = Artifact(tmp, manifest, check=False)  # not sealed yet
@@ -272,7 +291,12 @@ def compile(  # noqa: A001 - the public name users expect
                 bad = report["first_mismatch"]
                 detail = bad.get("reason") or (
                     f"max |diff| {bad['max_abs_diff']:.3g}, "
-                    f"{bad['mismatched']} element(s) out of tolerance"
+                    + (
+                        f"{bad['mismatched']} element(s) differ (integer/bool outputs "
+                        "compare exactly)"
+                        if bad.get("exact")
+                        else f"{bad['mismatched']} element(s) out of tolerance"
+                    )
                     + (
                         f", {bad['nonfinite_mismatched']} of them NaN/inf on one side only"
                         if bad.get("nonfinite_mismatched")
@@ -313,9 +337,23 @@ def _tuning_passes(path, spec: TargetSpec, report: dict | None) -> list:  # noqa
     return [ApplyTuningDatabase(db, report)]
 
 
+VERIFY_BATCHES = (1, 3)  # a dynamic-batch artifact is checked at batch 1 and a larger one
+
+
 def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, atol: float) -> dict:  # noqa: ANN001
     """``reference``: ``(name, make)``, ``make()`` returning ``inputs dict -> outputs dict``;
-    ``inputs`` None means seeded random ones, else ``source`` says whose they are."""
+    ``inputs`` None means seeded random ones (at each of ``VERIFY_BATCHES`` for a
+    dynamic-batch artifact), else ``source`` says whose they are."""
+    if inputs is None and artifact.symbolic_dims:
+        reports = []
+        for batch in VERIFY_BATCHES:
+            specs = concrete_specs(artifact.input_specs, batch)
+            given = random_inputs(specs, seed=0), f"random(seed=0, batch={batch})"
+            try:
+                reports.append(_verify(artifact, reference, *given, rtol, atol))
+            except VerificationError as exc:
+                raise VerificationError(f"dynamic batch, at batch {batch}: {exc}") from None
+        return _merge_reports(reports, VERIFY_BATCHES)
     if inputs is None:
         inputs, source = random_inputs(artifact.input_specs, seed=0), "random(seed=0)"
     check_inputs(artifact.input_specs, inputs)
@@ -359,9 +397,28 @@ def nonfinite_note(report: dict) -> str:
     return f", {n} NaN/inf value(s) equal on both sides (not compared)" if n else ""
 
 
+def _merge_reports(reports: list[dict], batches: tuple[int, ...]) -> dict:
+    """One report for runs at several batch sizes: ok when all are; every output entry
+    says its batch; the first mismatch is the first batch's that has one."""
+    outputs = [
+        {**o, "batch": b} for r, b in zip(reports, batches, strict=True) for o in r["outputs"]
+    ]
+    bad = next((o for o in outputs if not o["ok"]), None)
+    return {
+        **reports[0],
+        "ok": bad is None,
+        "outputs": outputs,
+        "first_mismatch": bad,
+        "inputs": f"random(seed=0, batch {' and '.join(map(str, batches))})",
+        "batches": list(batches),
+    }
+
+
 def _spec(graph: Graph, value: str, name: str) -> dict:
+    """A manifest entry; a symbolic dim (dynamic batch) is its name."""
     v = graph.values[value]
-    return {"name": name, "shape": [int(d) for d in v.shape], "dtype": v.dtype}
+    shape = [d if isinstance(d, str) else int(d) for d in v.shape]
+    return {"name": name, "shape": shape, "dtype": v.dtype}
 
 
 def _source_name(model) -> str:  # noqa: ANN001

@@ -40,19 +40,28 @@ def load_model(
     *,
     trust_pickle: bool = False,
     require_static: bool = True,
+    dynamic_batch: bool = False,
 ):  # noqa: ANN201 - (onnx.ModelProto | TorchSource, Graph)
     """``(source, graph)``: ``source`` is the checked ``onnx.ModelProto`` or the torch
     model's ``TorchSource``; ``graph`` a fresh copy the caller may rewrite.
 
     ``require_static=False`` (``graphopt inspect``) lets ONNX inputs keep symbolic dims;
-    ``trust_pickle``: see :func:`graphopt.frontends.torch.load_pt2`.
+    ``trust_pickle``: see :func:`graphopt.frontends.torch.load_pt2`; ``dynamic_batch``
+    (or a symbol as dim 0 in ``input_shapes``): ONNX inputs keep a symbolic batch dim.
     """
     shapes = parse_input_shapes(input_shapes)
     if is_torch_model(model):  # the frontends package imports torch only now
+        if dynamic_batch or any(isinstance(d, str) for s in shapes.values() for d in s):
+            raise InputError(
+                "dynamic batch is supported for ONNX models only (yet); export the torch "
+                "model to ONNX with a dynamic batch axis, or compile it for a fixed batch"
+            )
         source = frontends.as_source(model, shapes, trust_pickle=trust_pickle)
         return source, source.graph.copy()  # passes rewrite in place; keep the source
     source = load_onnx(model)
-    return source, onnx_to_graph(source, shapes, require_static=require_static)
+    return source, onnx_to_graph(
+        source, shapes, require_static=require_static, dynamic_batch=dynamic_batch
+    )
 
 
 def prepare(  # noqa: ANN201
@@ -63,9 +72,10 @@ def prepare(  # noqa: ANN201
     svg: str | os.PathLike | None = None,
     *,
     trust_pickle: bool = False,
+    dynamic_batch: bool = False,
 ):
     """Load, rewrite and check a model: ``(source, graph, pass_records)``, or raise with
-    every node that cannot compile.
+    every node that cannot compile. ``dynamic_batch``: see :func:`load_model`.
 
     ``dump_ir``: a directory for the graph before and after each pass
     (:mod:`graphopt.passes._dump`); ``svg``: draw the graph after the passes there.
@@ -74,7 +84,9 @@ def prepare(  # noqa: ANN201
     ``graphopt.from_torch`` result, an ``ExportedProgram`` or a ``.pt2`` path) its
     ``TorchSource``.
     """
-    source, graph = load_model(model, input_shapes, trust_pickle=trust_pickle)
+    source, graph = load_model(
+        model, input_shapes, trust_pickle=trust_pickle, dynamic_batch=dynamic_batch
+    )
     check_sizes(graph)  # before a pass folds a huge constant or TVM meets a negative dim
     if svg is not None:
         require_dot(svg)  # before any work
@@ -130,7 +142,8 @@ def check_sizes(graph: Graph, available: int | None = None) -> None:
 
 
 def fixed_proto(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
-    """The user's model with the input shapes graphopt compiled for (for onnxruntime)."""
+    """The user's model with the input shapes graphopt compiled for (for onnxruntime);
+    a symbolic dim (dynamic batch) stays symbolic."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     shapes = {name: graph.values[name].shape for name in graph.inputs}
@@ -139,7 +152,11 @@ def fixed_proto(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
             dims = inp.type.tensor_type.shape
             dims.ClearField("dim")
             for d in shapes[inp.name]:
-                dims.dim.add().dim_value = d
+                dim = dims.dim.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
     return fixed
 
 

@@ -9,6 +9,8 @@ the model as written). Outputs match when ``|actual - expected| <= atol + rtol *
 element-wise (``numpy.allclose``), defaults ``rtol=1e-3``, ``atol=1e-4``. NaN must meet
 NaN and an infinity the same infinity; the report counts such matches per output
 (``nonfinite_matched``) so a model that outputs NaN does not pass as "max |diff| 0".
+Integer and bool outputs (indices, masks, counts) match only when equal element for
+element: no tolerance applies (their entry says ``"exact": true``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "compare", "onnxruntime_reference", "
 
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
+EXACT_KINDS = "biu"  # numpy dtype kinds compared without tolerance: bool, int, uint
 
 
 def onnxruntime_reference(proto: onnx.ModelProto) -> Callable[[dict], dict]:
@@ -56,6 +59,8 @@ def compare(actual: dict, expected: dict, rtol: float, atol: float) -> dict:
                 ok=False,
                 reason=f"shape/dtype {got.shape}:{got.dtype} vs reference {exp.shape}:{exp.dtype}",
             )
+        elif exp.dtype.kind in EXACT_KINDS:
+            entry.update(_compare_exact(got, exp))
         else:
             diff = np.abs(got.astype(np.float64) - exp.astype(np.float64))
             finite = np.isfinite(exp) & np.isfinite(got)
@@ -86,6 +91,20 @@ def compare(actual: dict, expected: dict, rtol: float, atol: float) -> dict:
         "outputs": outputs,
         "first_mismatch": first_bad,
     }
+
+
+def _compare_exact(got: np.ndarray, exp: np.ndarray) -> dict:
+    """Integer and bool outputs: equal or not; a tolerance would pass an off-by-one index."""
+    differ = got != exp
+    diff = np.abs(got.astype(np.float64) - exp.astype(np.float64))
+    entry = {
+        "ok": not differ.any(),
+        "exact": True,
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+    }
+    if differ.any():
+        entry.update(mismatched=int(differ.sum()), nonfinite_mismatched=0)
+    return entry
 
 
 def random_inputs(specs: list[dict], seed: int = 0) -> dict[str, np.ndarray]:

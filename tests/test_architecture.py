@@ -25,8 +25,8 @@ LAYERS = [
     {"graphopt.targets"},
     {"graphopt.prepare", "graphopt.artifact"},
     {"graphopt.tuning"},
-    {"graphopt.compiler"},
-    {"graphopt.cli", "graphopt.__main__"},
+    {"graphopt.compiler", "graphopt.profiling"},
+    {"graphopt.cli", "graphopt.__main__", "graphopt.backend"},
 ]
 TVM_USERS = ("graphopt.lower", "graphopt.targets", "graphopt.tuning")
 MAX_LOCAL_IMPORTS = 10  # lazy imports of heavy optional parts (torch, MetaSchedule) only

@@ -33,6 +33,7 @@ def test_compile_run_inspect(tmp_path, capsys, cnn_file):
     assert code == 0
     assert "verification: passed against onnxruntime" in out
     assert "fold-batchnorm (folded 2)" in out and "compile time:" in out
+    assert "fast-path coverage: " in out  # and a warning for each generic conv/matmul kernel
 
     inputs = {"input": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype("float32")}
     np.savez(tmp_path / "in.npz", **inputs)
@@ -301,3 +302,22 @@ def test_inspect_torch_program(tmp_path, capsys):
     code, out, err = _run(capsys, "inspect", path)
     assert code == 0, err
     assert "2x3 float32" in out and "every op is supported" in out
+
+
+def test_profile_command(tmp_path, capsys, cnn_file):
+    report = tmp_path / "profile.json"
+    code, out, _ = _run(capsys, "profile", cnn_file, "--repeat", 3, "--top", 4, "--json", report)
+    assert code == 0
+    assert "fast-path coverage: " in out and "of conv/matmul FLOPs" in out
+    assert "GFLOP/s" in out and "faster kernels not shown" in out
+    data = json.loads(report.read_text())
+    assert data["kernels"] and abs(sum(k["share_percent"] for k in data["kernels"]) - 100) < 0.01
+    assert 0 <= data["schedule"]["coverage"] <= 100
+
+
+def test_profile_refuses_a_target_that_cannot_run_here(capsys, cnn_file):
+    code, _, err = _run(capsys, "profile", cnn_file, "--target", "cuda")
+    if "no CUDA GPU" not in err:
+        pytest.skip("this machine has a CUDA GPU")
+    assert code == 2 and err.startswith("error: cannot profile target cuda here")
+    assert len(err.strip().splitlines()) == 1

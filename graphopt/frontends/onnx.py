@@ -4,6 +4,10 @@ Loading checks the model the way a user would want before any compile starts: th
 file exists, parses as ONNX, passes ``onnx.checker``, and has static input shapes once
 ``--input-shape`` overrides are applied. Shapes of every value come from ONNX shape
 inference.
+
+Dynamic batch (``--dynamic-batch``, or a symbol as dim 0 of ``--input-shape x=N,3,224,224``)
+keeps dim 0 of the inputs the model leaves symbolic as one shared symbol; every other
+dim must still be static. Values then hold that symbol (a ``str``) as their dim 0.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from onnx import numpy_helper, shape_inference
 from graphopt.errors import InputError, ModelLoadError, first_line
 from graphopt.ir import Graph, Node, Value, graph_to_onnx
 
-__all__ = ["load_onnx", "onnx_to_graph", "parse_input_shapes", "graph_to_onnx", "onnx_dtype"]
+__all__ = [
+    "load_onnx",
+    "onnx_to_graph",
+    "parse_input_shapes",
+    "graph_to_onnx",
+    "onnx_dtype",
+    "BATCH_SYMBOL",
+]
+
+BATCH_SYMBOL = "N"  # the batch dim's name when the model's own is missing or not a name
 
 
 def onnx_dtype(elem_type: int) -> str:
@@ -40,25 +53,40 @@ def _array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
         raise ModelLoadError(f"{what} cannot be read: {first_line(exc)}") from exc
 
 
-def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
-    """Parse ``["x=1,3,224,224", ...]`` (or pass a dict through) into ``{name: shape}``."""
+def _dim(d: int | str, first: bool) -> int | str:
+    """A dim of ``--input-shape``: a positive int, or (dim 0 only) a symbol for a dynamic
+    batch; anything else is a ValueError."""
+    if isinstance(d, str):
+        d = d.strip()
+        if first and d.isidentifier():
+            return d
+    d = int(d)
+    if d <= 0:
+        raise ValueError
+    return d
+
+
+def parse_input_shapes(specs: list[str] | dict | None) -> dict[str, tuple[int | str, ...]]:
+    """Parse ``["x=1,3,224,224", ...]`` (or check a dict) into ``{name: shape}``; dim 0
+    may be a symbol (``x=N,3,224,224``): a dynamic batch."""
     if not specs:
         return {}
     if isinstance(specs, dict):
-        return {k: tuple(int(d) for d in v) for k, v in specs.items()}
-    shapes: dict[str, tuple[int, ...]] = {}
+        try:
+            return {k: tuple(_dim(d, i == 0) for i, d in enumerate(v)) for k, v in specs.items()}
+        except (TypeError, ValueError):
+            raise InputError(f"malformed input_shapes {specs!r}") from None
+    shapes: dict[str, tuple[int | str, ...]] = {}
     for spec in specs:
         name, sep, dims = spec.partition("=")
         try:
             if not sep or not name.strip():
                 raise ValueError
-            shape = tuple(int(d) for d in dims.split(","))
-            if any(d <= 0 for d in shape):
-                raise ValueError
+            shape = tuple(_dim(d, i == 0) for i, d in enumerate(dims.split(",")))
         except ValueError:
             raise InputError(
                 f"malformed --input-shape {spec!r}: expected NAME=D1,D2,... with positive ints,"
-                " e.g. input=1,3,224,224"
+                " e.g. input=1,3,224,224 (dim 0 may be a name for a dynamic batch: N,3,224,224)"
             ) from None
         shapes[name.strip()] = shape
     return shapes
@@ -246,9 +274,14 @@ def _external_bytes(tensor: onnx.TensorProto, folder: str, where: str) -> bytes:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
 
 
-def _fix_input_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+def _graph_inputs(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The inputs that are not initializers (those are weights a user may override)."""
     init_names = {i.name for i in proto.graph.initializer}
-    inputs = {i.name: i for i in proto.graph.input if i.name not in init_names}
+    return {i.name: i for i in proto.graph.input if i.name not in init_names}
+
+
+def _fix_input_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int | str, ...]]) -> None:
+    inputs = _graph_inputs(proto)
     unknown = sorted(set(shapes) - set(inputs))
     if unknown:
         raise InputError(
@@ -270,7 +303,38 @@ def _fix_input_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
                 )
         tensor_type.shape.ClearField("dim")
         for d in shape:
-            tensor_type.shape.dim.add().dim_value = d
+            dim = tensor_type.shape.dim.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
+
+
+def _symbolic_batch(proto: onnx.ModelProto, shapes: dict[str, tuple[int | str, ...]]) -> str:
+    """Make dim 0 of every input that leaves it symbolic one shared symbol (a dynamic
+    batch) and return it: the one ``shapes`` names, else the model's own when its inputs
+    agree on one, else ``BATCH_SYMBOL``. An input with a fixed dim 0 keeps it."""
+    given = {s[0] for s in shapes.values() if s and isinstance(s[0], str)}
+    if len(given) > 1:
+        raise InputError(f"--input-shape names several batch symbols ({', '.join(sorted(given))})")
+    free = [
+        vi.type.tensor_type.shape.dim[0]
+        for vi in _graph_inputs(proto).values()
+        if vi.type.tensor_type.HasField("shape")
+        and vi.type.tensor_type.shape.dim
+        and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+    ]
+    if not free:
+        raise InputError(
+            "dynamic batch: no input has a symbolic dim 0 (the model fixes every batch "
+            "size); export it with a dynamic batch axis"
+        )
+    own = {d.dim_param for d in free}
+    symbol = given.pop() if given else own.pop() if len(own) == 1 else BATCH_SYMBOL
+    symbol = symbol if symbol.isidentifier() else BATCH_SYMBOL
+    for d in free:
+        d.dim_param = symbol
+    return symbol
 
 
 def _shape_of(type_proto: onnx.TypeProto) -> tuple[int | str, ...] | None:
@@ -284,13 +348,17 @@ def _shape_of(type_proto: onnx.TypeProto) -> tuple[int | str, ...] | None:
 
 def onnx_to_graph(
     model: str | os.PathLike | onnx.ModelProto,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    input_shapes: dict[str, tuple[int | str, ...]] | None = None,
     require_static: bool = True,
+    *,
+    dynamic_batch: bool = False,
 ) -> Graph:
     """Load ``model`` and convert it to a :class:`Graph`.
 
     With ``require_static`` (needed to compile), a symbolic input dim is an error that
     says how to fix it; ``graphopt inspect`` passes False to show the model as it is.
+    ``dynamic_batch`` (implied by a symbol in ``input_shapes``) keeps dim 0 symbolic:
+    see the module docstring.
     """
     proto = onnx.ModelProto()
     proto.CopyFrom(load_onnx(model))
@@ -303,6 +371,9 @@ def onnx_to_graph(
             if not vi.type.tensor_type.elem_type:  # and onnxruntime refuses the model
                 raise ModelLoadError(f"graph {kind} {vi.name!r} declares no element type")
     _fix_input_shapes(proto, input_shapes or {})
+    batch = None
+    if dynamic_batch or any(s and isinstance(s[0], str) for s in (input_shapes or {}).values()):
+        batch = _symbolic_batch(proto, input_shapes or {})
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -318,10 +389,12 @@ def onnx_to_graph(
         if inp.name in init_names:
             continue
         shape = _shape_of(inp.type)
-        if require_static and (shape is None or not all(isinstance(d, int) for d in shape)):
+        dims = () if shape is None else shape[1:] if shape[:1] == (batch,) else shape
+        if require_static and (shape is None or not all(isinstance(d, int) for d in dims)):
             raise InputError(
                 f"input {inp.name!r} has a symbolic shape {shape}; fix it with "
                 f"--input-shape {inp.name}=D1,D2,... (Python: input_shapes={{...}})"
+                + ("" if batch else ", or keep a symbolic dim 0 with --dynamic-batch")
             )
         graph.add_input(inp.name, shape, onnx_dtype(inp.type.tensor_type.elem_type))
     for vi in list(proto.graph.value_info) + list(proto.graph.output):

@@ -1,0 +1,303 @@
+"""``graphopt profile``: where a model's time goes, kernel by kernel, and what a call costs.
+
+:func:`profile` builds the model as ``graphopt.compile`` does (same target phases, no
+artifact file), keeps the scheduled module (:mod:`graphopt.targets._profile`) and times
+every kernel alone from the built library. Each row says which schedule rule made the
+kernel; one line sums it up: the fast-path coverage, the share of conv/matmul FLOPs in
+kernels that a specialized rule (not the generic ``reduction``/``fallback``) scheduled.
+
+With ``overhead=True`` it also measures the fixed cost of one call on a one-Relu model
+(1x16 float32): through ``Artifact.run`` (numpy in and out), through the bare TVM runtime
+(one Relax VM, inputs already tensors) and through onnxruntime, in microseconds, the
+median of many calls.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from graphopt.compiler import compile as compile_model
+from graphopt.errors import GraphoptError
+from graphopt.lower import to_relax
+from graphopt.prepare import prepare
+from graphopt.targets import TargetSpec, build, check_layout, resolve
+from graphopt.targets._profile import (
+    GENERIC_RULES,
+    coverage_line,
+    device_for,
+    kernels,
+    record_schedule,
+    schedule_summary,
+    time_executable,
+    time_kernels,
+    time_library,
+)
+from graphopt.targets._runner import use_all_cores
+from graphopt.verify import random_inputs
+
+__all__ = [
+    "GENERIC_RULES",
+    "KernelRow",
+    "Overhead",
+    "Profile",
+    "profile",
+    "coverage_line",
+    "render",
+    "call_overhead",
+]
+
+_OVERHEAD_CALLS = 2000
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """One kernel: its time alone per call, its calls per inference, what made it."""
+
+    name: str
+    rule: str | None
+    family: str | None  # "conv", "matmul" or None
+    calls: int
+    seconds_per_call: float
+    flops: int  # per call, conv/matmul kernels only (0 for the rest)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds_per_call * self.calls
+
+    @property
+    def gflops(self) -> float | None:
+        """GFLOP/s of a conv/matmul kernel; None for the others."""
+        if not self.flops or self.seconds_per_call <= 0:
+            return None
+        return self.flops / self.seconds_per_call / 1e9
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Median microseconds of one call of the same tiny model, three ways."""
+
+    artifact_run_us: float  # Artifact.run: numpy in, numpy out
+    tvm_runtime_us: float  # one Relax VM, inputs already tensors, outputs left there
+    onnxruntime_us: float  # InferenceSession.run, numpy in and out
+    calls: int
+    model: str = "one Relu on a 1x16 float32 input"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What :func:`profile` measured; ``rows`` slowest (in total) first."""
+
+    model: str
+    target: str
+    layout: str
+    threads: int
+    rows: list[KernelRow]
+    schedule: dict  # what compile's manifest records under "schedule"
+    call_ms: float  # median of whole-model calls through the bare TVM runtime
+    overhead: Overhead | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kernel_ms(self) -> float:
+        """The sum of every kernel's time per inference, in milliseconds."""
+        return 1e3 * sum(r.total_seconds for r in self.rows)
+
+    @property
+    def coverage(self) -> float | None:
+        """Percent of conv/matmul FLOPs on specialized schedules (None: no such kernel)."""
+        return self.schedule["coverage"]
+
+    def share(self, row: KernelRow) -> float:
+        """``row``'s percent of the summed kernel time."""
+        total = sum(r.total_seconds for r in self.rows)
+        return 100.0 * row.total_seconds / total if total > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "layout": self.layout,
+            "threads": self.threads,
+            "call_ms": self.call_ms,
+            "kernel_ms": self.kernel_ms,
+            "schedule": self.schedule,
+            "coverage_line": coverage_line(self.schedule),
+            "kernels": [
+                {
+                    **asdict(r),
+                    "ms_per_call": r.seconds_per_call * 1e3,
+                    "total_ms": r.total_seconds * 1e3,
+                    "share_percent": self.share(r),
+                    "gflops_per_s": r.gflops,
+                }
+                for r in self.rows
+            ],
+            "overhead": asdict(self.overhead) if self.overhead else None,
+        }
+
+
+def profile(
+    model,  # noqa: ANN001 - whatever graphopt.compile takes
+    target: str | dict | TargetSpec = "x86",
+    *,
+    layout: str | None = None,
+    input_shapes: dict | list[str] | None = None,
+    repeat: int = 50,
+    overhead: bool = False,
+    target_options: dict | None = None,
+    trust_pickle: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Profile:
+    """Build ``model`` for ``target`` (as :func:`graphopt.compile` does, without writing or
+    verifying an artifact) and time each kernel alone, ``repeat`` calls at least (best of
+    3 rounds). A target whose kernels cannot run in this process (CUDA without a GPU,
+    another CPU architecture) is refused before any work.
+    """
+    if repeat < 1:
+        raise GraphoptError("repeat must be at least 1")
+    say = log or (lambda _msg: None)
+    spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
+    layout = check_layout(spec, layout)
+    device = device_for(spec)
+    threads = use_all_cores()
+    source, graph, _ = prepare(model, input_shapes, trust_pickle=trust_pickle)
+    start = time.perf_counter()
+    with record_schedule() as record:
+        executable = build(to_relax(graph), spec, layout)
+    say(f"built for {spec.name} (layout {layout}) in {time.perf_counter() - start:.1f}s")
+    found = kernels(record.module)
+    times = time_kernels(executable, found, device, repeat)
+    rows = [KernelRow(k.name, k.rule, k.family, k.calls, times[k.name], k.flops) for k in found]
+    rows.sort(key=lambda r: -r.total_seconds)
+    specs = [
+        {"name": n, "shape": list(graph.values[n].shape), "dtype": graph.values[n].dtype}
+        for n in graph.inputs
+    ]
+    if isinstance(source, onnx.ModelProto):
+        inputs = random_inputs(specs, seed=0)
+    else:  # a torch model's own example inputs (token ids in range, for one)
+        inputs = source.example_inputs
+    arrays = [np.asarray(inputs[s["name"]]) for s in specs]
+    calls = time_executable(executable, device, arrays, max(repeat, 20))
+    result = Profile(
+        model=Path(model).name if isinstance(model, str | os.PathLike) else graph.name,
+        target=spec.name,
+        layout=layout,
+        threads=threads,
+        rows=rows,
+        schedule=schedule_summary(found),
+        call_ms=1e3 * statistics.median(calls),
+        overhead=call_overhead(spec, layout) if overhead else None,
+    )
+    return result
+
+
+def overhead_model() -> onnx.ModelProto:
+    """The smallest model that still runs one kernel: Relu of a 1x16 float32 tensor."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def call_overhead(spec: TargetSpec, layout: str, calls: int = _OVERHEAD_CALLS) -> Overhead:
+    """The fixed cost of a call (:class:`Overhead`), the median of ``calls`` calls each."""
+    device = device_for(spec)
+    model = overhead_model()
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="graphopt-overhead-") as tmp:
+        artifact = compile_model(model, spec, Path(tmp, "overhead.so"), layout=layout)
+        try:
+            run_us = _median_us(lambda: artifact.run({"x": x}), calls)
+            bare_us = 1e6 * statistics.median(time_library(artifact.path, device, [x], calls))
+        finally:
+            artifact.close()
+    import onnxruntime as ort  # as graphopt.verify does: only when asked for
+
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    ort_us = _median_us(lambda: session.run(None, {"x": x}), calls)
+    return Overhead(run_us, bare_us, ort_us, calls)
+
+
+def _median_us(call: Callable[[], object], calls: int) -> float:
+    for _ in range(min(calls, 50)):  # warm up: first loads, caches, thread pools
+        call()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def render(result: Profile, top: int | None = None, file: IO[str] | None = None) -> None:
+    """Print ``result`` as a table (the ``top`` slowest kernels), the coverage line, the
+    conv/matmul kernels the generic rules took and, when measured, the call overhead."""
+    from rich.console import Console  # only for the table, not on ``import graphopt``
+    from rich.table import Table
+
+    console = Console(file=file, highlight=False)
+    if not console.is_terminal:  # rich's default there, 80 columns, folds kernel names
+        console.width = 140
+    shown = result.rows[:top] if top else result.rows
+    table = Table(
+        title=f"{result.model} on {result.target} (layout {result.layout}, "
+        f"{result.threads} thread(s)): {len(result.rows)} kernels",
+        title_justify="left",
+    )
+    table.add_column("kernel", overflow="fold")
+    table.add_column("rule")
+    for name in ("calls", "ms/call", "total ms", "%", "GFLOP/s"):
+        table.add_column(name, justify="right")
+    for r in shown:
+        gflops = f"{r.gflops:.1f}" if r.gflops is not None else "-"
+        table.add_row(
+            r.name,
+            _rule_cell(r),
+            str(r.calls),
+            f"{r.seconds_per_call * 1e3:.4f}",
+            f"{r.total_seconds * 1e3:.3f}",
+            f"{result.share(r):.1f}",
+            gflops,
+        )
+    console.print(table)
+    if top and len(result.rows) > top:
+        console.print(f"({len(result.rows) - top} faster kernels not shown)", markup=False)
+    say = lambda text: console.print(text, markup=False)  # noqa: E731
+    say(
+        f"kernels alone: {result.kernel_ms:.3f} ms per inference; whole model through the "
+        f"TVM runtime: {result.call_ms:.3f} ms (median)"
+    )
+    say(coverage_line(result.schedule))
+    generic = result.schedule["fallback_kernels"]
+    if generic:
+        say(
+            f"conv/matmul kernels on generic schedules ({'/'.join(GENERIC_RULES)}): "
+            + ", ".join(generic)
+        )
+    if result.overhead is not None:
+        o = result.overhead
+        say(
+            f"per-call overhead ({o.model}, median of {o.calls} calls): "
+            f"Artifact.run {o.artifact_run_us:.1f} us, TVM runtime {o.tvm_runtime_us:.1f} us, "
+            f"onnxruntime {o.onnxruntime_us:.1f} us"
+        )
+
+
+def _rule_cell(row: KernelRow) -> str:
+    rule = row.rule or "-"
+    return f"{rule} (!)" if row.family and row.rule in GENERIC_RULES else rule

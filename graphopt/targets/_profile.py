@@ -1,0 +1,363 @@
+"""What the schedule phase made of a model, and how long each kernel takes: the TVM half
+of ``graphopt profile`` and of the compile summary's fast-path coverage.
+
+:func:`record_schedule` watches a build (a TVM pass instrument; no target's pipeline
+changes) and keeps the Relax module as it stands when scheduling is over, right before
+``CallTIRRewrite``: every kernel is a scheduled PrimFunc carrying the rule that made it
+(``graphopt.schedule_rule``) and ``main`` still names each call. :func:`kernels` reads
+that module into :class:`Kernel` records:
+
+- *conv/matmul kernel*: one whose TIR holds a multiply-accumulate reduction block,
+  ``C[..] = C[..] + a * b`` with ``a`` and ``b`` reading two different buffers (neither
+  ``C``) over a reduction of more than one element. That is every conv (dense, grouped,
+  depthwise, transposed), Gemm, MatMul and batched matmul, whatever the fused epilogue,
+  and excludes pools, softmax, means and variances (``x * x`` reads one buffer).
+- its FLOPs: 2 per multiply-accumulate, the product of that block's iteration extents
+  (the usual convention; epilogues are not counted; a symbolic extent, a dynamic batch,
+  counts as 1).
+- *fast-path coverage*: the share of conv/matmul FLOPs in kernels that a rule other than
+  the generic ``reduction``/``fallback`` scheduled (:data:`GENERIC_RULES`).
+
+:func:`time_kernels` times each kernel of the built executable on its own (random
+inputs; integer inputs zero, so that gathers stay in range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphopt.errors import TargetError
+from graphopt.targets._runner import load_library
+
+__all__ = [
+    "GENERIC_RULES",
+    "Kernel",
+    "ScheduleRecord",
+    "record_schedule",
+    "kernels",
+    "schedule_summary",
+    "coverage_line",
+    "device_for",
+    "time_kernels",
+    "time_executable",
+    "time_library",
+]
+
+# The schedule rules that take any kernel: a conv or matmul they schedule is off the fast path.
+GENERIC_RULES = ("reduction", "fallback")
+_RULE_ATTR = "graphopt.schedule_rule"
+_SNAPSHOT_BEFORE = "CallTIRRewrite"  # scheduling is over; main still calls kernels by name
+_CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One scheduled PrimFunc that ``main`` calls."""
+
+    name: str
+    rule: str | None  # None: the target's schedules do not record their rule
+    calls: int  # per inference
+    family: str | None  # "conv", "matmul", or None for any other kernel
+    flops: int  # per call: 2 x multiply-accumulates of conv/matmul kernels, else 0
+    args: tuple = field(repr=False, default=())  # ((shape, dtype), ...): inputs then outputs
+
+    @property
+    def generic(self) -> bool:
+        return self.rule in GENERIC_RULES
+
+
+@dataclass
+class ScheduleRecord:
+    """Filled by :func:`record_schedule`: the module when scheduling was over."""
+
+    module: object = None  # tvm.IRModule, or None before the build got there
+
+
+@contextlib.contextmanager
+def record_schedule() -> Iterator[ScheduleRecord]:
+    """Within this block, a build (``graphopt.targets.build``) leaves its scheduled
+    Relax module in the yielded record. The current pass context is kept; only the
+    instrument is added."""
+    import tvm
+
+    record = ScheduleRecord()
+
+    @tvm.instrument.pass_instrument
+    class _Snapshot:
+        def run_before_pass(self, mod, info) -> None:  # noqa: ANN001
+            if info.name.rsplit(".", 1)[-1] == _SNAPSHOT_BEFORE and record.module is None:
+                record.module = mod
+
+    cur = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(
+        opt_level=cur.opt_level,
+        required_pass=list(cur.required_pass),
+        disabled_pass=list(cur.disabled_pass),
+        instruments=[*cur.instruments, _Snapshot()],
+        config=dict(cur.config),
+    ):
+        yield record
+
+
+def kernels(mod) -> list[Kernel]:  # noqa: ANN001 - tvm.IRModule from record_schedule
+    """The kernels ``main`` calls, in the order of their first call (none when the build
+    never reached ``CallTIRRewrite``: ``mod`` None)."""
+    from tvm import tirx
+
+    if mod is None:
+        return []
+    calls = _calls(mod)
+    found = []
+    for name, (n, args) in calls.items():
+        func = mod[name]
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        rule = func.attrs.get(_RULE_ATTR) if func.attrs is not None else None
+        macs = _multiply_accumulates(func)
+        family = None
+        if macs:
+            family = "conv" if "conv" in name else "matmul"
+        found.append(Kernel(name, None if rule is None else str(rule), n, family, 2 * macs, args))
+    return found
+
+
+def schedule_summary(found: list[Kernel]) -> dict:
+    """What the manifest records under ``schedule``: the fast-path coverage in percent
+    (None without conv/matmul kernels, or when a target's schedules do not name their
+    rules), the conv/matmul kernels the generic rules took, and kernels per rule."""
+    heavy = [k for k in found if k.family]
+    total = sum(k.flops * k.calls for k in heavy)
+    fast = sum(k.flops * k.calls for k in heavy if not k.generic)
+    unknown = any(k.rule is None for k in heavy)
+    rules: dict[str, int] = {}
+    for k in found:
+        rules[k.rule or "-"] = rules.get(k.rule or "-", 0) + 1
+    return {
+        "coverage": None if unknown or not total else round(100.0 * fast / total, 3),
+        "conv_matmul_flops": total,
+        "fallback_kernels": [k.name for k in heavy if k.generic],
+        "rules": dict(sorted(rules.items())),
+    }
+
+
+def coverage_line(schedule: dict) -> str:
+    """``fast-path coverage: 97.3% of conv/matmul FLOPs``, from :func:`schedule_summary`'s
+    record (what ``graphopt profile`` and the compile summary print)."""
+    cov = schedule.get("coverage")
+    if not schedule.get("conv_matmul_flops"):
+        return "fast-path coverage: no conv/matmul kernels"
+    if cov is None:
+        return "fast-path coverage: unknown (this target's schedules do not name their rules)"
+    shown = "99.9" if cov < 100 and round(cov, 1) >= 100 else f"{cov:.1f}"  # never rounds up
+    return f"fast-path coverage: {shown}% of conv/matmul FLOPs"
+
+
+def _calls(mod) -> dict[str, tuple[int, tuple]]:  # noqa: ANN001
+    """kernel name -> (calls from main, ((shape, dtype) of its args, then its outputs))."""
+    from tvm import relax
+
+    found: dict[str, tuple[int, tuple]] = {}
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not isinstance(call, relax.Call) or getattr(call.op, "name", "") not in _CALL_TIR:
+                continue
+            name = call.args[0].name_hint
+            sig = []
+            for ty in [a.ty for a in call.args[1].fields] + [binding.var.ty]:
+                for t in getattr(ty, "fields", [ty]):
+                    sig.append((tuple(_dim(d) for d in t.shape.values), str(t.dtype)))
+            found[name] = (found.get(name, (0, ()))[0] + 1, tuple(sig))
+    return found
+
+
+def _multiply_accumulates(func) -> int:  # noqa: ANN001 - tirx.PrimFunc
+    """Multiply-accumulates of ``func``'s MAC reduction blocks (0: none)."""
+    from tvm import s_tir, tirx
+
+    try:
+        sch = s_tir.Schedule(func)
+        todo = list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - a kernel without blocks (extern, lowered): no MAC
+        return 0
+    total = 0
+    while todo:
+        rv = todo.pop()
+        todo.extend(sch.get_child_blocks(rv))
+        block = sch.get(rv)
+        reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        if not reduce or not _is_mac(block.body):
+            continue
+        if int(np.prod([_dim(iv.dom.extent) for iv in reduce])) > 1:
+            total += int(np.prod([_dim(iv.dom.extent) for iv in block.iter_vars]))
+    return total
+
+
+def _dim(expr) -> int:  # noqa: ANN001
+    """A constant extent or dim; a symbolic one (a dynamic batch) counts as 1."""
+    from tvm import tirx
+
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else 1
+
+
+def _is_mac(body) -> bool:  # noqa: ANN001
+    """``C[..] = C[..] + a * b`` (either order), ``a`` and ``b`` loading different buffers.
+
+    Nodes are matched by class name: TVM 0.27 builds loads as ``TensorLoad`` (reading
+    ``source``) behind a ``BufferLoad`` constructor function, and ``Call`` is ``tvm.ir``'s."""
+    if _node(body) != "BufferStore" or _node(body.value) != "Add":
+        return False
+    out = body.buffer
+    for acc, prod in ((body.value.a, body.value.b), (body.value.b, body.value.a)):
+        acc, prod = _strip_cast(acc), _strip_cast(prod)
+        if _loads_from(acc) is None or not _loads_from(acc).same_as(out) or _node(prod) != "Mul":
+            continue
+        left = {b for b in _loaded(prod.a) if not b.same_as(out)}
+        right = {b for b in _loaded(prod.b) if not b.same_as(out)}
+        if left and right and (left - right or right - left):
+            return True
+    return False
+
+
+def _node(expr) -> str:  # noqa: ANN001
+    return type(expr).__name__
+
+
+def _loads_from(expr):  # noqa: ANN001, ANN202
+    """The buffer a load reads, or None when ``expr`` is not a load."""
+    if _node(expr) == "TensorLoad":
+        return expr.source
+    if _node(expr) == "BufferLoad":
+        return expr.buffer
+    return None
+
+
+def _strip_cast(expr):  # noqa: ANN001, ANN202
+    while _node(expr) == "Cast":
+        expr = expr.value
+    return expr
+
+
+def _loaded(expr) -> set:  # noqa: ANN001
+    """The buffers an expression loads (through casts, if_then_else, selects, arithmetic)."""
+    found, todo = set(), [expr]
+    while todo:
+        e = todo.pop()
+        kind = _node(e)
+        if _loads_from(e) is not None:
+            found.add(_loads_from(e))
+        elif kind == "Cast":
+            todo.append(e.value)
+        elif kind == "Call":
+            todo.extend(e.args)
+        elif kind == "Select":
+            todo += [e.true_value, e.false_value]
+        elif hasattr(e, "a") and hasattr(e, "b"):  # binary arithmetic
+            todo += [e.a, e.b]
+    return found
+
+
+def device_for(spec) -> object:  # noqa: ANN001 - graphopt.targets.TargetSpec
+    """The TVM device ``spec``'s kernels run on in this process, or a :class:`TargetError`
+    saying in one line why they cannot (no GPU; another CPU architecture, whose kernels
+    would run only under emulation, where times mean nothing)."""
+    import tvm
+
+    blocked = spec.target.cannot_run_here(spec.tvm)
+    if blocked:
+        raise TargetError(f"cannot profile target {spec.name} here: {blocked}")
+    kind = spec.tvm.get("kind")
+    if kind == "llvm":
+        arch = str(spec.tvm.get("mtriple", platform.machine())).split("-")[0].lower()
+        here = platform.machine().lower()
+        same = {"amd64": "x86_64", "arm64": "aarch64"}
+        if same.get(arch, arch) != same.get(here, here):
+            raise TargetError(
+                f"cannot profile target {spec.name} on this {here} machine: its kernels run "
+                f"only on {arch} (emulated times mean nothing); profile on an {arch} machine"
+            )
+    return tvm.cpu() if kind == "llvm" else tvm.device(str(kind))
+
+
+def _random_args(args: tuple, device) -> list:  # noqa: ANN001
+    import tvm
+
+    rng = np.random.default_rng(0)
+    out = []
+    for shape, dtype in args:
+        if np.dtype(dtype).kind == "f":
+            arr = rng.standard_normal(shape).astype(dtype)
+        else:  # indices, masks: zero stays in range
+            arr = np.zeros(shape, dtype)
+        out.append(tvm.runtime.tensor(arr, device))
+    return out
+
+
+def time_kernels(executable, found: list[Kernel], device, repeat: int) -> dict[str, float]:  # noqa: ANN001
+    """Seconds per call of each kernel, called alone from the built executable's library
+    with random inputs (:func:`_median_per_call`).
+
+    Timed here with ``perf_counter`` around plain calls, as the VM calls a kernel: on a
+    single thread TVM's ``time_evaluator`` reported 3x the time a direct call takes (a
+    conv of 0.17 ms as 0.57 ms), which would make the kernels add up to 3x the model."""
+    lib = executable.mod.imports[0]
+    times = {}
+    for k in found:
+        func = lib.get_function(k.name)
+        args = _random_args(k.args, device)
+        times[k.name] = _median_per_call(lambda f=func, a=args: f(*a), device, repeat)
+    return times
+
+
+def _median_per_call(call, device, repeat: int) -> float:  # noqa: ANN001
+    """The median of single timed calls (at least ``repeat``, about 20 ms of them): on a
+    busy machine a median ignores the calls another process interrupted, where a mean
+    over a batch of calls does not."""
+    start = time.perf_counter()
+    call()  # warm up, and a first estimate
+    device.sync()
+    once = max(time.perf_counter() - start, 1e-7)
+    times = []
+    for _ in range(max(repeat, min(int(0.02 / once), 20 * repeat))):
+        start = time.perf_counter()
+        call()
+        device.sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_executable(executable, device, arrays: list[np.ndarray], repeat: int) -> list[float]:  # noqa: ANN001
+    """Seconds of each of ``repeat`` calls of a built executable's ``main`` through the
+    bare TVM runtime (:func:`_time_main`)."""
+    return _time_main(executable.jit(), device, arrays, repeat)
+
+
+def time_library(path, device, arrays: list[np.ndarray], repeat: int) -> list[float]:  # noqa: ANN001
+    """The same for an artifact's library at ``path`` (loaded as ``Artifact`` loads it)."""
+    return _time_main(load_library(path), device, arrays, repeat)
+
+
+def _time_main(lib, device, arrays: list[np.ndarray], repeat: int) -> list[float]:  # noqa: ANN001
+    """One Relax VM, inputs already tensors on ``device``, outputs left there: the cost of
+    a call without graphopt's conversions."""
+    import tvm
+
+    main = tvm.runtime.vm.VirtualMachine(lib, device)["main"]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+    for _ in range(min(repeat, 10)):
+        main(*args)
+    device.sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        main(*args)
+        device.sync()
+        times.append(time.perf_counter() - start)
+    return times
