@@ -111,17 +111,25 @@ def _out_size(size: int, pad: int, k: int, stride: int, dil: int) -> int:
     return (size + pad - (k - 1) * dil - 1) // stride + 1
 
 
+def _geometry(data, weight, strides, padding, dilation) -> tuple[int, ...]:  # noqa: ANN001
+    """(kh, kw, sh, sw, dh, dw, oh, ow) of a packed conv: NCHW[x]c data, OIHW... weights."""
+    ih, iw = int(data.shape[2]), int(data.shape[3])
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
+    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    return kh, kw, sh, sw, dh, dw, oh, ow
+
+
 def conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype: str):  # noqa: ANN001, ANN201
     """Dense packed conv, the padding as a separate ``data_pad`` stage:
 
     out[n, oc, y, x, oci] = sum data[n, ic, y*s+kh*d, x*s+kw*d, ici] * w[oc, ic, kh, kw, ici, oci]
     """
-    n, ic_o, ih, iw, _ = (int(d) for d in data.shape)
-    oc_o, _, kh, kw, _, oc_i = (int(d) for d in weight.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
-    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    n, ic_o, _, _, _ = (int(d) for d in data.shape)
+    oc_o, _, _, _, _, oc_i = (int(d) for d in weight.shape)
+    kh, kw, sh, sw, dh, dw, oh, ow = _geometry(data, weight, strides, padding, dilation)
     pad = _pad_nchwc(data, padding)
     ic_i = int(data.shape[4])
     rco = te.reduce_axis((0, ic_o), "rco")
@@ -142,12 +150,8 @@ def conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype: str):  
 
 def depthwise_conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype: str):  # noqa: ANN001, ANN201
     """out[n, c, y, x, ci] = sum data[n, c, y*s+kh*d, x*s+kw*d, ci] * w[c, 0, kh, kw, 0, ci]."""
-    n, c_o, ih, iw, c_i = (int(d) for d in data.shape)
-    _, _, kh, kw, _, _ = (int(d) for d in weight.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
-    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    n, c_o, _, _, c_i = (int(d) for d in data.shape)
+    kh, kw, sh, sw, dh, dw, oh, ow = _geometry(data, weight, strides, padding, dilation)
     pad = _pad_nchwc(data, padding)
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
@@ -171,13 +175,10 @@ def grouped_conv2d_nchwc_te(data, weight, strides, padding, dilation, out_dtype:
                                * w[co, rco, kh, kw, rci, ci],  g(co) = co // og
     (ig, og: input/output channel blocks per group)
     """
-    n, ic_o, ih, iw, b = (int(d) for d in data.shape)
-    oc_o, ig, kh, kw, _, _ = (int(d) for d in weight.shape)
+    n, _, _, _, b = (int(d) for d in data.shape)
+    oc_o, ig, _, _, _, _ = (int(d) for d in weight.shape)
     og = oc_o // groups
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    oh = _out_size(ih, int(padding[0]) + int(padding[2]), kh, sh, dh)
-    ow = _out_size(iw, int(padding[1]) + int(padding[3]), kw, sw, dw)
+    kh, kw, sh, sw, dh, dw, oh, ow = _geometry(data, weight, strides, padding, dilation)
     pad = _pad_nchwc(data, padding)
     rco = te.reduce_axis((0, ig), "rco")
     rh = te.reduce_axis((0, kh), "rh")
