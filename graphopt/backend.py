@@ -236,10 +236,11 @@ class GraphoptBackend(Backend):
             if owned is not None:
                 shutil.rmtree(owned, ignore_errors=True)
             # Shapes that depend on input values: specialize on them at run time.
-            if proto is None or owned is None or not _shape_inputs(proto):
+            shape_inputs = _shape_inputs(proto) if proto is not None and owned else []
+            if not shape_inputs:
                 raise
             kwargs.pop("output")
-            return SpecializingRep(proto, _shape_inputs(proto), kwargs)
+            return SpecializingRep(proto, shape_inputs, kwargs)
         except BaseException:
             if owned is not None:
                 shutil.rmtree(owned, ignore_errors=True)
