@@ -1,6 +1,11 @@
 """ONNX Resize (and Upsample) as separable 1-D interpolations, with scales that may be
 given at run time.
 
+graphopt's own rather than TVM's ONNX converter: TVM's replaces the scales by the ratio
+of output to input size, which is wrong wherever ONNX's size is floor(n * scale) (a
+scale of 0.6 on 4 elements), and ignores some coordinate modes; ONNX's node tests show
+both.
+
 Per resized axis of input size ``n`` and (static) output size ``m``, each output index
 ``y`` maps to a source coordinate ``x`` by the coordinate transformation mode, exactly
 as ONNX's reference (``onnx/reference/ops/op_resize.py``) writes it; then
