@@ -12,6 +12,10 @@ manifest from another build) is one clear error, not a crash or wrong numbers.
 A dynamic-batch artifact's manifest names its batch dim in the shapes (``["N", 3, 224,
 224]``) and lists it in ``symbolic_dims``; it runs inputs of any size there, one size
 shared by every input that names the symbol.
+
+Running: ``Artifact.run`` (any number of threads) and, for serving, ``Artifact.runner()``:
+a :class:`Runner` for one thread that keeps its VM and input buffers between calls and
+can write outputs into the caller's arrays (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ import shutil
 import statistics
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from graphopt.errors import ArtifactError, InputError
 from graphopt.targets import target_named
+from graphopt.targets._runner import BoundVM, bind
 from graphopt.verify import random_inputs
 
 __all__ = [
     "Artifact",
+    "Runner",
     "load",
     "read_manifest",
     "append_manifest",
@@ -200,6 +207,128 @@ def check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.nd
     return arrays
 
 
+class _Inputs:
+    """``check_inputs`` made cheap for the calls that pass it: the names, dtypes and the
+    last accepted shapes are kept as tuples, so a call whose inputs have those shapes and
+    dtypes costs a few comparisons. Anything else goes through :func:`check_inputs`, so
+    every error is the same one, worded the same way. Safe across threads: a verdict
+    depends only on the shapes, and the kept shapes are swapped whole."""
+
+    def __init__(self, specs: list[dict]) -> None:
+        self.specs = specs
+        self.names = tuple(s["name"] for s in specs)
+        self.dtypes = tuple(np.dtype(s["dtype"]) for s in specs)
+        fixed = not symbolic_dims(specs)
+        self.shapes = tuple(tuple(s["shape"]) for s in specs) if fixed else None
+
+    def from_dict(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) == len(self.names):
+            try:
+                given = [inputs[n] for n in self.names]
+            except KeyError:
+                pass
+            else:
+                return self.from_list(given)
+        return check_inputs(self.specs, inputs)  # raises: names missing or unknown
+
+    def from_list(self, given: Sequence) -> Sequence[np.ndarray]:
+        """``given`` (in input order) as checked arrays (``given`` itself when it passes
+        the fast check: numpy arrays of the kept shapes and the dtypes)."""
+        shapes = self.shapes
+        if shapes is not None and len(given) == len(shapes):
+            for a, shape, dtype in zip(given, shapes, self.dtypes):  # noqa: B905 - same length
+                if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
+                    break
+            else:
+                return given
+        names = self.names
+        if len(given) > len(names):
+            raise InputError(
+                f"{len(given)} inputs given, the model takes {len(names)}: " + ", ".join(names)
+            )
+        arrays = check_inputs(self.specs, dict(zip(names, given)))  # noqa: B905 - raises
+        self.shapes = tuple(a.shape for a in arrays)
+        return arrays
+
+
+class Runner:
+    """The hot path for serving: ``runner = artifact.runner()``, then ``runner(x)`` or
+    ``runner.run({"x": x})``, again and again.
+
+    It keeps what ``Artifact.run`` looks up or makes on each call: its own Relax VM, the
+    input tensors (for the shapes of the last call; a dynamic batch of a new size makes
+    new ones, once) and the checks' expectations. Inputs are checked as ``Artifact.run``
+    checks them (names, shapes, dtypes; the same :class:`InputError`), copied into the
+    held tensors (large aligned inputs are lent without a copy), and each output is
+    copied once into a new array, or into the caller's ``out`` arrays. A returned array
+    is the caller's: a later call does not change it.
+
+    One thread at a time: a second thread calling while a call is in progress gets an
+    :class:`ArtifactError` (make one runner per thread; they share the loaded code and
+    weights). Closing the artifact makes later calls raise; the code is unloaded once
+    every runner has seen the close or been dropped.
+    """
+
+    def __init__(self, artifact: Artifact, batch: int | None = None) -> None:
+        if batch is not None and (not isinstance(batch, int) or batch < 1):
+            raise InputError(f"batch must be a whole number of at least 1, got {batch!r}")
+        self.artifact = artifact
+        self.input_names = artifact._inputs.names
+        self.output_names = tuple(artifact.output_names)
+        self._inputs = artifact._inputs
+        self._busy = threading.Lock()
+        self._bound = bind(artifact._load())
+        if isinstance(self._bound, BoundVM):  # the buffers now, not on the first call
+            specs = concrete_specs(artifact.input_specs, batch or 1)
+            self._bound.hold(tuple(tuple(s["shape"]) for s in specs), self._inputs.dtypes)
+
+    def __repr__(self) -> str:
+        return f"Runner({self.artifact!r})"
+
+    def __call__(
+        self, *arrays: np.ndarray, out: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """Outputs (in ``output_names`` order) for ``arrays`` (in ``input_names`` order);
+        with ``out``, copied into those arrays (each exactly the output's shape and dtype),
+        which are returned."""
+        return self._run(self._inputs.from_list(arrays), None if out is None else list(out))
+
+    def run(
+        self, inputs: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """As ``Artifact.run``: a dict of outputs by name; ``out`` maps output names to
+        arrays to fill (all of the outputs)."""
+        arrays = self._inputs.from_dict(inputs)
+        names = self.output_names
+        if out is not None:
+            if len(out) != len(names) or any(n not in out for n in names):
+                raise InputError(
+                    f"out must name every output ({', '.join(names)}); got {', '.join(out)}"
+                )
+            out = [out[n] for n in names]
+        return dict(zip(names, self._run(arrays, out), strict=True))
+
+    def _run(self, checked: Sequence[np.ndarray], out: list | None) -> list[np.ndarray]:
+        if not self._busy.acquire(False):
+            raise ArtifactError(
+                "a Runner was called from two threads at once: make one per thread "
+                "(artifact.runner()), or call Artifact.run"
+            )
+        try:
+            bound = self._bound
+            if bound is None:
+                bound = self._bound = bind(self.artifact._load())
+            try:
+                return bound.run(checked, out, self.output_names)
+            except InputError:
+                raise
+            except BaseException:  # TVM does not say a VM whose call raised is sound
+                self._bound = None
+                raise
+        finally:
+            self._busy.release()
+
+
 class Artifact:
     """A compiled model: ``artifact(**inputs)`` or ``artifact.run(inputs)`` -> outputs dict."""
 
@@ -214,6 +343,8 @@ class Artifact:
         self._runner = None
         self._lock = threading.Lock()
         self._closed = False
+        self._inputs = _Inputs(self.manifest["inputs"])
+        self._output_names = [o["name"] for o in self.manifest["outputs"]]
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, target={self.manifest['target']['name']!r})"
@@ -224,7 +355,7 @@ class Artifact:
 
     @property
     def output_names(self) -> list[str]:
-        return [o["name"] for o in self.manifest["outputs"]]
+        return list(self._output_names)
 
     def _load(self):  # noqa: ANN202
         runner = self._runner
@@ -261,16 +392,24 @@ class Artifact:
         return bool(getattr(self._load(), "emulated", False))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = check_inputs(self.input_specs, inputs)
+        """Outputs by name for ``inputs`` by name (checked: names, shapes, dtypes). Safe
+        from any number of threads; for the least overhead per call see :meth:`runner`."""
+        arrays = self._inputs.from_dict(inputs)
         outs = self._load().run(arrays)
-        return dict(zip(self.output_names, outs, strict=True))
+        return dict(zip(self._output_names, outs, strict=True))
+
+    def runner(self, batch: int | None = None) -> Runner:
+        """A :class:`Runner`: the hot path for serving, for one thread. Its buffers are
+        made now for the manifest's shapes (a dynamic batch: for ``batch`` when given);
+        other batch sizes still run. Loads the code if no call has yet."""
+        return Runner(self, batch)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(inputs)
 
     def benchmark(self, inputs: dict[str, np.ndarray], repeat: int = 10) -> dict:
         """Latency in milliseconds over ``repeat`` runs after one warm-up run."""
-        arrays = check_inputs(self.input_specs, inputs)
+        arrays = self._inputs.from_dict(inputs)
         times = [t * 1e3 for t in self._load().time(arrays, repeat)]
         return {
             "median_ms": statistics.median(times),

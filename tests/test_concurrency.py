@@ -106,6 +106,58 @@ print(json.dumps({"growth_mib": growth / 2**20, "mapped": mapped}))
 """
 
 
+# Serving: one bound runner per thread (artifact.runner()), each with its own inputs; then
+# close() while they run: each call returns the right numbers or raises ArtifactError, and
+# once the runners have seen the close the code is no longer mapped (they are kept).
+_RUNNERS = r"""
+import json, os, sys, threading, time, numpy as np, graphopt
+from graphopt.errors import ArtifactError
+path, threads, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with graphopt.load(path) as reference:
+    inputs = [reference.random_inputs(seed=t) for t in range(threads)]
+    expected = [reference.run(x) for x in inputs]
+art = graphopt.load(path)
+seen, runners = [], []
+def serve(t, barrier, until_closed):
+    runner = art.runner()
+    runners.append(runner)  # alive to the end: the close alone must let go of the code
+    names = runner.output_names
+    barrier.wait()
+    i = 0
+    while i < calls or until_closed:
+        i += 1
+        try:
+            out = runner.run(inputs[t])
+        except ArtifactError:
+            seen.append("closed")
+            return
+        except Exception as exc:
+            seen.append(repr(exc))
+            return
+        seen.append("ok" if all(np.array_equal(out[k], expected[t][k]) for k in names) else "wrong")
+def phase(until_closed):
+    barrier = threading.Barrier(threads + 1)
+    pool = [threading.Thread(target=serve, args=(t, barrier, until_closed)) for t in range(threads)]
+    for th in pool: th.start()
+    barrier.wait()
+    if until_closed:
+        while seen.count("ok") < 100:
+            time.sleep(0.005)
+        art.close()
+    for th in pool: th.join()
+    counts = {k: seen.count(k) for k in ("ok", "wrong", "closed")}
+    counts["other"] = [s for s in seen if s not in counts][:3]
+    seen.clear()
+    return counts
+report = {"stress": phase(False)}
+runners.clear()  # these never see the close
+report["close"] = phase(True)
+del art
+report["close"]["mapped"] = any(os.path.realpath(path) in ln for ln in open("/proc/self/maps"))
+print(json.dumps(report))
+"""
+
+
 def _child(script: str, *args, timeout: int = 300) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
@@ -141,6 +193,15 @@ def test_close_while_threads_run(threads_report):
     assert report["other"] == [] and report["wrong"] == 0
     assert report["ok"] >= 100 and report["closed"] == 4  # every thread saw the close
     assert report["mapped"] is False  # the code was unloaded after the last call ended
+
+
+def test_runners_per_thread_and_close(artifact):
+    report = _child(_RUNNERS, artifact.path, 4, 100)
+    assert report["stress"] == {"ok": 4 * 100, "wrong": 0, "closed": 0, "other": []}
+    close = report["close"]
+    assert close["other"] == [] and close["wrong"] == 0 and close["ok"] >= 100
+    assert close["closed"] == 4  # every runner saw the close
+    assert close["mapped"] is False  # and let go of its VM: the code was unloaded
 
 
 @pytest.mark.slow

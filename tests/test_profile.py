@@ -3,7 +3,9 @@ overhead; and the coverage ``compile`` records in the manifest."""
 
 from __future__ import annotations
 
+import io
 import platform
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,7 +16,7 @@ from tvm import te
 
 import graphopt
 from graphopt.errors import TargetError
-from graphopt.profiling import call_overhead, coverage_line, render
+from graphopt.profiling import Profile, call_overhead, coverage_line, render
 from graphopt.targets import resolve
 from graphopt.targets._profile import (
     GENERIC_RULES,
@@ -172,8 +174,30 @@ def test_targets_that_cannot_run_here_are_refused():
         device_for(resolve("arm"))
 
 
-def test_call_overhead_three_ways():
+def _empty_profile() -> Profile:
+    return Profile("m", "x86", "NCHW", 1, [], schedule_summary([]), call_ms=0.0)
+
+
+def test_call_overhead_four_ways():
     spec = resolve("x86")
     o = call_overhead(spec, spec.target.default_layout, calls=50)
     assert o.artifact_run_us > 0 and o.tvm_runtime_us > 0 and o.onnxruntime_us > 0
+    assert o.runner_us is not None and o.runner_us > 0
     assert o.calls == 50
+    # the bare VM skips every conversion and check: nothing graphopt adds is cheaper
+    assert o.tvm_runtime_us < min(o.artifact_run_us, o.runner_us)
+    line = o.line()
+    assert line.startswith("per-call overhead (one Relu on a 1x16 float32 input")
+    for part in ("Artifact.run", "bound runner", "TVM runtime", "onnxruntime"):
+        assert part in line
+    out = io.StringIO()
+    render(replace(_empty_profile(), overhead=o), file=out)
+    assert line in out.getvalue()  # one line, not folded
+
+
+def test_call_overhead_of_a_benchmark_model():
+    # What a benchmark passes: its own small model, a target by name, default layout.
+    model = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], {"x": (2, 8)}, {"y": (2, 8)})
+    o = call_overhead("x86", calls=20, model=model, label="sigmoid 2x8")
+    assert o.model == "sigmoid 2x8" and o.calls == 20
+    assert min(o.artifact_run_us, o.runner_us, o.tvm_runtime_us, o.onnxruntime_us) > 0

@@ -48,6 +48,7 @@ __all__ = [
     "time_kernels",
     "time_executable",
     "time_library",
+    "bare_call",
 ]
 
 # The schedule rules that take any kernel: a conv or matmul they schedule is off the fast path.
@@ -361,3 +362,20 @@ def _time_main(lib, device, arrays: list[np.ndarray], repeat: int) -> list[float
         device.sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def bare_call(path, device, arrays: list[np.ndarray]):  # noqa: ANN001, ANN201 - () -> None
+    """A call of the artifact at ``path`` through the bare TVM runtime, for timing: one
+    Relax VM, ``arrays`` already tensors on ``device``, outputs left there, the device
+    synchronized. What is left is TVM's own cost of a call (and the kernels')."""
+    import tvm
+
+    main = tvm.runtime.vm.VirtualMachine(load_library(path), device)["main"]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+    sync = device.sync
+
+    def call() -> None:
+        main(*args)
+        sync()
+
+    return call
