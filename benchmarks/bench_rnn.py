@@ -1,110 +1,288 @@
-"""Latency of three recurrent models: onnxruntime, torch eager and graphopt, in one run.
+"""Issue 16's recurrent and small models: graphopt vs onnxruntime vs OpenVINO f32, one process.
 
-    python benchmarks/bench_rnn.py [--repeat 50] [--models lstm_classifier,gru_tagger,crnn]
+    python benchmarks/bench_rnn.py                          # the five models + T sweep
+    python benchmarks/bench_rnn.py --models lstm_classifier,tiny_cnn --quick
+    python benchmarks/bench_rnn.py --markdown rnn.md        # also write the tables
+    python benchmarks/bench_rnn.py --fused-steps            # one kernel per time step
 
-The same torch module (fixed seed) is exported to ONNX for onnxruntime
-(``torch.onnx.export(dynamo=False)``), run eagerly by torch, and compiled by graphopt
-straight from torch (``graphopt.from_torch``; verified against torch eager as it
-compiles). Prints the machine, then a markdown table of median latencies (ms) and
-graphopt's ratio to each engine (ratio > 1 means graphopt is slower). Batch 1, fp32,
-every engine with its default threads, the same seeded inputs for all.
+Models (``graphopt.zoo_torch``, seeded weights, batch 1, fp32): an LSTM text classifier
+(embedding, 2-layer LSTM 256, last step, linear; 32 tokens), a bidirectional GRU tagger, a
+CRNN (conv blocks, then a bidirectional LSTM over the image width), a 2-layer Elman (tanh)
+RNN and a 3-conv 32x32 CNN. Each is exported once to ONNX (``torch.onnx.export``,
+``dynamo=False``), and all three engines run that file on the same inputs; graphopt
+compiles it for x86 with default schedules and verification against onnxruntime.
+
+Timing is ``benchmarks/bench_public.py``'s: interleaved ``--block``-second blocks (1 s;
+0.2 s with ``--quick``), each engine's figure the median over ``--rounds`` (3) of its block
+medians; OpenVINO with {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}.
+
+Also printed:
+- the LSTM classifier at T = 8, 32, 128, 512 tokens (``--sweep``), with graphopt's cost
+  per time step from the slope between the two longest (it should not grow with T);
+- per recurrent layer kernel, graphopt's time per step (``graphopt.profiling.profile``:
+  each fused step kernel alone, per call);
+- the per-call overhead line (``graphopt.profiling.call_overhead``).
+
+Ratios above 1 mean graphopt is slower. On a shared machine, compare the ratios (measured
+side by side, interleaved), not the absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import io
-import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_zoo import cpu_name, timed  # noqa: E402
+from bench_public import (  # noqa: E402
+    QUICK_BLOCK_S,
+    CallEngine,
+    GraphoptEngine,
+    Row,
+    _agree,
+    _error_line,
+    _openvino_version,
+    geomean,
+    interleaved,
+    openvino_request,
+    ort_session,
+    set_threads,
+)
+from bench_zoo import cpu_name  # noqa: E402
 
-import graphopt  # noqa: E402
-from graphopt.zoo_torch import CRNN, GRUTagger, LSTMClassifier  # noqa: E402
+__all__ = ["MODELS", "main"]
 
-# name -> (module factory, example input factory), batch 1
+
+def _tokens(vocab: int, length: int):  # noqa: ANN202 - a torch tensor factory
+    def make(gen):  # noqa: ANN001, ANN202
+        import torch
+
+        return torch.randint(0, vocab, (1, length), generator=gen)
+
+    return make
+
+
+def _floats(*shape: int):  # noqa: ANN202
+    def make(gen):  # noqa: ANN001, ANN202
+        import torch
+
+        return torch.randn(*shape, generator=gen)
+
+    return make
+
+
+# name -> (graphopt.zoo_torch class, its keyword arguments, example input factory)
 MODELS = {
-    "lstm_classifier": (LSTMClassifier, lambda g: torch.randint(0, 1000, (1, 32), generator=g)),
-    "gru_tagger": (GRUTagger, lambda g: torch.randint(0, 5000, (1, 32), generator=g)),
-    "crnn": (CRNN, lambda g: torch.randn(1, 1, 32, 128, generator=g)),
+    "lstm_classifier": ("LSTMClassifier", {}, _tokens(1000, 32)),
+    "gru_tagger": ("GRUTagger", {}, _tokens(5000, 32)),
+    "crnn": ("CRNN", {}, _floats(1, 1, 32, 128)),
+    "elman_rnn": ("ElmanRNN", {}, _floats(1, 32, 64)),
+    "tiny_cnn": ("TinyCNN", {}, _floats(1, 3, 32, 32)),
 }
+SWEEP = (8, 32, 128, 512)
 
 
-def onnx_session(module: nn.Module, example: torch.Tensor, name: str) -> ort.InferenceSession:
+def export(name: str, workdir: Path, length: int | None = None) -> tuple[Path, dict]:
+    """The model as an ONNX file in ``workdir`` and its seeded inputs (numpy)."""
+    import torch
+
+    from graphopt import zoo_torch
+
+    cls, kwargs, make_input = MODELS[name]
+    if length is not None:
+        make_input = _tokens(1000, length)
+    torch.manual_seed(0)
+    module = getattr(zoo_torch, cls)(**kwargs).eval()
+    example = make_input(torch.Generator().manual_seed(0))
+    path = workdir / f"{name}{'' if length is None else f'_t{length}'}.onnx"
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[name])
-    return ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["input"])
+    path.write_bytes(buf.getvalue())
+    return path, {"input": example.numpy()}
 
 
-def bench(name: str, repeat: int, workdir: Path) -> dict:
-    torch.manual_seed(0)
-    make_module, make_input = MODELS[name]
-    module = make_module().eval()
-    example = make_input(torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    source = graphopt.from_torch(module, example)
-    import_s = time.perf_counter() - start
-    inputs = source.example_inputs
-    (input_name,) = inputs
-    sess = onnx_session(module, example, input_name)
-    expected = source.reference(inputs)["out0"]
-    np.testing.assert_allclose(sess.run(None, inputs)[0], expected, rtol=1e-3, atol=1e-4)
-    # torch and onnxruntime first: TVM's thread pool, once started, competes for the cores.
-    row = {"model": name, "ort_ms": timed(lambda: sess.run(None, inputs), repeat)}
-    with torch.inference_mode():
-        row["torch_ms"] = timed(lambda: module(example), repeat)
-    start = time.perf_counter()
-    artifact = graphopt.compile(source, "x86", workdir / f"{name}.so")
-    row["compile_s"] = import_s + time.perf_counter() - start  # from_torch + compile
-    row["graphopt_ms"] = artifact.benchmark(inputs, repeat=repeat)["median_ms"]
-    return row
+def bench(label: str, path: Path, inputs: dict, opts: argparse.Namespace) -> tuple[Row, object]:
+    """One row: the three engines on ``path``, interleaved; and graphopt's artifact."""
+    import graphopt
+
+    row = Row(label)
+    session = ort_session(path, opts.threads)
+    engines = {"ORT": CallEngine(lambda: session.run(None, inputs))}
+    artifact = None
+    try:
+        start = time.perf_counter()
+        artifact = graphopt.compile(path, target="x86", output=opts.workdir / f"{label}.so")
+        row.compile_s = time.perf_counter() - start
+        row.coverage = (artifact.manifest.get("schedule") or {}).get("coverage")
+        engines["graphopt"] = GraphoptEngine(artifact, inputs)
+    except Exception as exc:  # noqa: BLE001 - a failed compile/verify is a row with the error
+        row.error = _error_line(exc)
+    try:
+        request = openvino_request(path, opts.threads, inputs)
+        if request is not None:
+            request.infer()
+            note = _agree(request.get_output_tensor(0).data, session.run(None, inputs)[0])
+            if note:
+                row.notes.append(note)
+            engines["OpenVINO"] = CallEngine(request.infer)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO refusing a model is a note
+        row.notes.append("OpenVINO: " + _error_line(exc))
+    measured = interleaved(engines, opts.block, opts.rounds)
+    row.graphopt_ms, row.ort_ms = measured.get("graphopt"), measured.get("ORT")
+    row.openvino_ms = measured.get("OpenVINO")
+    return row, artifact
 
 
-def main() -> None:
+def step_costs(path: Path, opts: argparse.Namespace) -> list[str]:
+    """graphopt's fused step kernels of a model, each alone: microseconds per step."""
+    from graphopt.profiling import profile
+
+    result = profile(path, "x86", repeat=opts.profile_repeat)
+    lines = []
+    for r in result.rows:
+        if r.rule == "rnn_step" or r.name.startswith("rnn_step"):
+            lines.append(
+                f"{r.name}: {r.calls} steps, {1e6 * r.seconds_per_call:.1f} us/step "
+                f"(rule {r.rule}), {100 * r.total_seconds / (result.call_ms / 1e3):.0f}% of "
+                f"the {result.call_ms:.3f} ms call"
+            )
+    return lines or ["no fused step kernels"]
+
+
+COLUMNS = ("model", "graphopt ms", "ORT ms", "OpenVINO ms", "graphopt/ORT", "graphopt/OpenVINO")
+
+
+def _cells(row: Row) -> list[str]:
+    def num(v: float | None, fmt: str, suffix: str = "") -> str:
+        return "-" if v is None else format(v, fmt) + suffix
+
+    notes = ([f"FAILED: {row.error}"] if row.error else []) + row.notes
+    cells = [
+        row.model,
+        num(row.graphopt_ms, ".3f"),
+        num(row.ort_ms, ".3f"),
+        num(row.openvino_ms, ".3f"),
+        num(row.vs_ort, ".2f", "x"),
+        num(row.vs_openvino, ".2f", "x"),
+    ]
+    return cells + ["; ".join(notes)]
+
+
+def table(rows: list[Row]) -> list[str]:
+    head = [*COLUMNS, "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1) + "---|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    g = geomean([r.vs_ort for r in rows])
+    lines += ["", f"geometric mean graphopt/ORT: {'-' if g is None else f'{g:.2f}x'}"]
+    return lines
+
+
+def header(opts: argparse.Namespace) -> list[str]:
+    import datetime
+    import platform
+
+    import onnxruntime as ort
+    import torch
+
+    import graphopt
+
+    return [
+        f"# graphopt RNN and small-model benchmark (issue 16), {datetime.date.today()}",
+        f"CPU: {cpu_name()} ({platform.machine()})",
+        f"graphopt {graphopt.__version__}, onnxruntime {ort.__version__}, "
+        f"OpenVINO {_openvino_version() or 'not installed'}, torch {torch.__version__}",
+        f"batch 1, fp32, {opts.threads} thread(s) for every engine; interleaved {opts.block:g} s "
+        f"blocks, median of {opts.rounds} rounds; ratio > 1: graphopt slower",
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--workdir", default="/tmp/graphopt-bench")
-    args = parser.parse_args()
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"# graphopt RNN benchmark, {datetime.date.today()}")
-    print(
-        f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_BLOCK_S} s blocks")
+    parser.add_argument("--block", type=float, default=None, help="seconds per block (1)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    parser.add_argument("--sweep", default=",".join(map(str, SWEEP)), help="LSTM lengths, or ''")
+    parser.add_argument("--profile-repeat", type=int, default=20, help="per step kernel")
+    parser.add_argument("--no-profile", action="store_true", help="skip per-step costs")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphopt-bench-rnn"))
+    parser.add_argument(
+        "--fused-steps",
+        action="store_true",
+        help="one graphopt::RNNStep kernel per time step (expand-rnn's fuse_steps, off by "
+        "default) with targets/_gemv.py's rule first, in this process",
     )
-    print(
-        f"onnxruntime {ort.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), graphopt {graphopt.__version__}, "
-        f"repeat {args.repeat}, batch 1, fp32, median latency"
-    )
-    print()
-    print(
-        "| model | onnxruntime ms | torch eager ms | graphopt ms | graphopt/ORT | graphopt/torch "
-        "| compile+verify s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in args.models.split(","):
-        r = bench(name, args.repeat, workdir)
-        print(
-            f"| {name} | {r['ort_ms']:.2f} | {r['torch_ms']:.2f} | {r['graphopt_ms']:.2f} | "
-            f"{r['graphopt_ms'] / r['ort_ms']:.2f}x | {r['graphopt_ms'] / r['torch_ms']:.2f}x | "
-            f"{r['compile_s']:.1f} |",
-            flush=True,
-        )
+    opts = parser.parse_args(argv)
+    if opts.block is None:
+        opts.block = QUICK_BLOCK_S if opts.quick else 1.0
+    unknown = [m for m in opts.models.split(",") if m and m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    opts.threads = set_threads(opts.threads)  # before anything starts TVM's thread pool
+    import tvm  # noqa: F401 - loaded here, not inside the first model's compile time
+
+    from graphopt.passes import PASSES, ExpandRNN
+    from graphopt.profiling import call_overhead
+    from graphopt.targets import _cpu_schedules, _gemv, check_layout, resolve
+
+    if opts.fused_steps:  # what compile and profile then get from default_passes()
+        PASSES["expand-rnn"] = functools.partial(ExpandRNN, fuse_steps=True)
+        if not any(name == _gemv.KIND for name, _ in _cpu_schedules.RULES):
+            _cpu_schedules.RULES.insert(0, (_gemv.KIND, _gemv.rule_rnn_step))
+
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    out = header(opts)
+    fused = "fused (one kernel per step)" if opts.fused_steps else "unfused (the default)"
+    out.append(f"recurrent steps: {fused}")
+    print("\n".join(out), flush=True)
+    n_header = len(out)
+
+    rows, steps = [], []
+    for name in filter(None, opts.models.split(",")):
+        path, inputs = export(name, opts.workdir)
+        row, _ = bench(name, path, inputs, opts)
+        rows.append(row)
+        print(" | ".join(_cells(row)), flush=True)
+        if not opts.no_profile and name != "tiny_cnn" and row.error is None:
+            steps += [f"- {name}: {line}" for line in step_costs(path, opts)]
+    out += ["", *table(rows)]
+
+    lengths = [int(t) for t in opts.sweep.split(",") if t]
+    if lengths:
+        sweep = []
+        for t in lengths:
+            path, inputs = export("lstm_classifier", opts.workdir, length=t)
+            row, _ = bench(f"lstm_classifier T={t}", path, inputs, opts)
+            sweep.append(row)
+            print(" | ".join(_cells(row)), flush=True)
+        out += ["", "LSTM classifier, sequence length sweep:", "", *table(sweep)]
+        long = [r for r in sweep if r.graphopt_ms is not None][-2:]
+        if len(long) == 2:
+            t0, t1 = (int(r.model.split("=")[1]) for r in long)
+            per_step = (long[1].graphopt_ms - long[0].graphopt_ms) / (t1 - t0) * 1e3
+            out += [f"graphopt per time step (2 layers, T={t0}..{t1}): {per_step:.1f} us"]
+    if steps:
+        out += ["", "graphopt's fused step kernels, each alone (us per step):", *steps]
+    spec = resolve("x86")
+    out += ["", call_overhead(spec, check_layout(spec, None)).line()]
+    print("\n".join(out[n_header:]))
+    if opts.markdown is not None:
+        opts.markdown.write_text("\n".join(out) + "\n")
+        print(f"markdown written to {opts.markdown}")
 
 
 if __name__ == "__main__":

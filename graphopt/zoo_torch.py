@@ -1,4 +1,4 @@
-"""Built-in torch example models: the recurrent ones the tests and benchmarks share.
+"""Built-in torch example models: the recurrent and small ones the tests and benchmarks share.
 
 Needs torch (``pip install -e '.[torch]'``). ``graphopt.from_torch(Model().eval(),
 example_inputs)`` compiles any of them; ``benchmarks/bench_rnn.py`` measures them against
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["LSTMClassifier", "GRUTagger", "CRNN"]
+__all__ = ["LSTMClassifier", "GRUTagger", "CRNN", "ElmanRNN", "TinyCNN"]
 
 
 class LSTMClassifier(nn.Module):
@@ -64,3 +64,38 @@ class CRNN(nn.Module):
         f = f.permute(3, 0, 1, 2).reshape(w, n, c * h)
         y, _ = self.rnn(f)
         return self.head(y).log_softmax(-1)
+
+
+class ElmanRNN(nn.Module):
+    """2-layer Elman RNN (tanh, hidden 128) over [1, T, 64] features -> last step -> Linear."""
+
+    def __init__(self, features=64, hidden=128, classes=10) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(features, hidden, num_layers=2, nonlinearity="tanh", batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
+class TinyCNN(nn.Module):
+    """Three 3x3 convs (16, 32, 64 channels) with ReLU and pooling on a 32x32 RGB image."""
+
+    def __init__(self, classes=10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, image):
+        return self.head(self.features(image).flatten(1))

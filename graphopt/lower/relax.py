@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, topi
 from tvm.relax import op as R
 
 from graphopt.errors import UnsupportedOpsError
@@ -54,6 +54,7 @@ class _Ctx:
         self.bb = bb
         self.env: dict[str, relax.Expr] = {}
         self.symbols: dict[str, tvm.tirx.Var] = {}  # symbolic dims (dynamic batch), by name
+        self.funcs: dict[tuple, tuple] = {}  # PrimFuncs shared by several nodes, by key
 
     def dim(self, d: int | str) -> int | tvm.tirx.Var:
         """A graph dim as Relax takes it: an int, or the one tir var of its symbol."""
@@ -867,3 +868,128 @@ def _refuse_empty_constants(mod: tvm.IRModule) -> None:
 def _safe(name: str) -> str:
     out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
     return out if out and not out[0].isdigit() else "v_" + out
+
+
+# --- graphopt::RNNStep: one fused recurrent step (made by expand-rnn) ------------------
+# Each key (cell, shapes, activations, row stride) is one PrimFunc for every step of a
+# layer (ctx.funcs); the step's first projection row is an argument (a 1-element int64
+# tensor, so kernel timers that call it with zeros stay in range), not baked into code.
+
+
+def _rnn_act(name: str, x):  # noqa: ANN001, ANN202 - te tensors
+    """The activation as the CPU legalization computes it (TOPI's polynomial exp/tanh),
+    kept as its own block (``*_act``): the step's schedule materializes it once instead
+    of inlining the polynomial into every use (a GRU's tanh of an expression holding a
+    sigmoid would repeat that sigmoid a dozen times)."""
+    if name == "Sigmoid":
+        e = topi.fast_exp(topi.negative(x))
+        y = te.compute(x.shape, lambda *i: 1 / (1 + e(*i)), name="sigmoid")
+    elif name == "Tanh":
+        y = topi.fast_tanh(x)
+    else:
+        y = topi.nn.relu(x)
+    return te.compute(x.shape, lambda *i: y(*i), name=f"{x.op.name}_act")
+
+
+def rnn_step_te(node: Node, shapes: dict[str, tuple], row0):  # noqa: ANN001, ANN201
+    """The TE compute of one step: ``acc = H_{t-1} @ R^T`` over the packed weight, then
+    the gate math, in one kernel. Returns (inputs, outputs) te tensors; the outputs are
+    [B, H/U, U] (hidden unit ``j*U + u`` at ``[b, j, u]``), so the gate math indexes the
+    accumulators without a division (a vectorized ``n // U`` turns into lane gathers).
+
+    ``rp`` [H/U, H, G*U] holds R^T with each U-column block of every gate side by side:
+    ``rp[j, k, g*U + u] = R^T[k, g*H + j*U + u]``, so the gates of hidden units
+    ``j*U ... j*U+U-1`` come out of one pass over a contiguous weight block.
+    """
+    cell, hidden, block = node.attrs["cell"], int(node.attrs["hidden"]), int(node.attrs["block"])
+    acts = [a.decode() if isinstance(a, bytes) else a for a in node.attrs["activations"]]
+    stride = int(node.attrs["row_stride"])
+    dtype = "float32"
+    xw = te.placeholder(shapes["xw"], dtype, "xw")
+    h = te.placeholder(shapes["h"], dtype, "h")
+    rp = te.placeholder(shapes["rp"], dtype, "rp")
+    batch = shapes["h"][0]
+    n_blocks, _, n_cols = shapes["rp"]
+    out_shape = (batch, n_blocks, block)
+    k = te.reduce_axis((0, hidden), "k")
+    acc = te.compute(
+        (batch, n_blocks, n_cols),
+        lambda b, j, q: te.sum(h[b, k] * rp[j, k, q], axis=k),
+        name="rnn_step_matmul",
+        attrs={"graphopt.kernel": "rnn_step"},
+    )
+
+    def pre(g: int):  # noqa: ANN202 - gate g's pre-activation, [B, H/U, U]
+        return te.compute(
+            out_shape,
+            lambda b, j, u: (
+                xw[row0 + b * stride, g * hidden + j * block + u] + acc[b, j, g * block + u]
+            ),
+            name=f"gate{g}",
+        )
+
+    inputs = [xw, h]
+    if cell == "LSTM":
+        f, g, hact = acts
+        c = te.placeholder(shapes["c"], dtype, "c")
+        inputs.append(c)
+        i_, o_, f_, c_ = (_rnn_act(a, pre(q)) for a, q in ((f, 0), (f, 1), (f, 2), (g, 3)))
+        c_new = te.compute(
+            out_shape,
+            lambda b, j, u: f_[b, j, u] * c[b, j * block + u] + i_[b, j, u] * c_[b, j, u],
+            name="c_t",
+        )
+        tc = _rnn_act(hact, c_new)
+        h_new = te.compute(out_shape, lambda b, j, u: o_[b, j, u] * tc[b, j, u], name="hidden")
+        # No block reads an output (GPU schedule rules inline into outputs, not out of them)
+        c_out = te.compute(out_shape, lambda b, j, u: c_new[b, j, u], name="cell")
+        return [*inputs, rp], [h_new, c_out]
+    if cell == "GRU":  # linear_before_reset=1: n = g(xh + r * (H @ Rh^T + Rbh))
+        f, g = acts
+        z = _rnn_act(f, pre(0))
+        r = _rnn_act(f, pre(1))
+        rbh = te.placeholder((hidden,), dtype, "rbh") if "rbh" in shapes else None
+
+        def cand_pre(b, j, u):  # noqa: ANN001, ANN202
+            rec = acc[b, j, 2 * block + u]
+            if rbh is not None:
+                rec = rec + rbh[j * block + u]
+            return xw[row0 + b * stride, 2 * hidden + j * block + u] + r[b, j, u] * rec
+
+        cand = _rnn_act(g, te.compute(out_shape, cand_pre, name="gate2"))
+        h_new = te.compute(
+            out_shape,
+            lambda b, j, u: cand[b, j, u] + z[b, j, u] * (h[b, j * block + u] - cand[b, j, u]),
+            name="hidden",
+        )
+        extra = [rbh] if rbh is not None else []
+        return [*inputs, rp, *extra], [h_new]
+    act = _rnn_act(acts[0], pre(0))
+    h_new = te.compute(out_shape, lambda b, j, u: act[b, j, u], name="hidden")
+    return [*inputs, rp], [h_new]
+
+
+def rnn_step(ctx: _Ctx, node: Node):
+    """One recurrent step as one kernel (see :func:`rnn_step_te`); inputs ``xw`` (the
+    input projection of all steps, [rows, G*H]), ``h``, (LSTM) ``c``, the packed weight,
+    (GRU) ``rbh``; outputs H_t (and C_t)."""
+    names = ["xw", "h", "c", "rp"] if node.attrs["cell"] == "LSTM" else ["xw", "h", "rp", "rbh"]
+    given = zip(names, node.inputs, strict=False)  # a GRU without Rbh has no 4th input
+    shapes = {n: tuple(int(d) for d in ctx.shape(i)) for n, i in given}
+    acts = tuple(a.decode() if isinstance(a, bytes) else a for a in node.attrs["activations"])
+    key = ("rnn_step", node.attrs["cell"], tuple(sorted(shapes.items())), acts)
+    key += (int(node.attrs["row_stride"]),)
+    if key not in ctx.funcs:
+        row = te.placeholder((1,), "int32", "row0")
+        ins, outs = rnn_step_te(node, shapes, row[0])
+        func = te.create_prim_func([*ins, row, *outs]).without_attr("global_symbol")
+        func = func.with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
+        gvar = ctx.bb.add_func(func, f"rnn_step_{node.attrs['cell'].lower()}")
+        out_ty = [relax.TensorType([int(d) for d in o.shape], "float32") for o in outs]
+        ctx.funcs[key] = (gvar, out_ty)
+    gvar, out_ty = ctx.funcs[key]
+    args = [ctx.x(i) for i in node.inputs]
+    args.append(_const(np.array([node.attrs["row0"]], np.int32)))  # a tensor: in range at 0
+    call = ctx.emit(relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0]))
+    outs = [call] if len(out_ty) == 1 else [relax.TupleGetItem(call, i) for i in range(len(out_ty))]
+    return [ctx.emit(R.reshape(o, shapes["h"])) for o in outs]  # [B, H/U, U] -> [B, H]: a view

@@ -30,6 +30,18 @@ from tests.passes._util import run_ort
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+def unfused_passes() -> list:
+    """The default pipeline with every step as primitive ops (``expand-rnn`` with
+    ``fuse_steps=False``): the expansion onnxruntime can run, graphopt::RNNStep having no
+    ONNX definition."""
+    return [ExpandRNN(fuse_steps=False) if p.name == "expand-rnn" else p for p in default_passes()]
+
+
+def fused_passes() -> list:
+    """The default pipeline with one graphopt::RNNStep node per step (CPU targets)."""
+    return [ExpandRNN(fuse_steps=True) if p.name == "expand-rnn" else p for p in default_passes()]
+
+
 # --- hand-built ONNX models ------------------------------------------------------------
 def _rnn_model(
     op: str,
@@ -119,10 +131,10 @@ def _reference(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 
 def _expand_and_compare(model: onnx.ModelProto) -> graphopt.ir.Graph:
-    """Run the default passes; the result must match the original model's."""
+    """Run the default passes (steps unfused); the result must match the original model's."""
     feeds = _feeds(model)
     expected = _reference(model, feeds)
-    graph, _ = run_passes(onnx_to_graph(model), default_passes())
+    graph, _ = run_passes(onnx_to_graph(model), unfused_passes())
     assert not {"LSTM", "GRU", "RNN"} & set(graph.op_counts())
     assert not unsupported_nodes(graph)
     for got, exp in zip(run_ort(graph, feeds), expected, strict=True):
@@ -191,10 +203,13 @@ def test_full_length_constant_sequence_lens_and_old_opset():
 def test_zero_initial_state_costs_nothing():
     """No initial state: the first step has no recurrent MatMul (H_0 = 0)."""
     seq = 4
-    graph, _ = run_passes(onnx_to_graph(_rnn_model("LSTM", seq=seq)), default_passes())
+    graph, _ = run_passes(onnx_to_graph(_rnn_model("LSTM", seq=seq)), unfused_passes())
     assert graph.op_counts()["MatMul"] == 1 + (seq - 1)
-    graph, _ = run_passes(onnx_to_graph(_rnn_model("LSTM", seq=seq, init_h=True)), default_passes())
+    graph, _ = run_passes(onnx_to_graph(_rnn_model("LSTM", seq=seq, init_h=True)), unfused_passes())
     assert graph.op_counts()["MatMul"] == 1 + seq
+    # Fused: the first step (no recurrence) stays primitive ops, the others are one node.
+    graph, _ = run_passes(onnx_to_graph(_rnn_model("LSTM", seq=seq)), fused_passes())
+    assert graph.op_counts()["MatMul"] == 1 and graph.op_counts()["RNNStep"] == seq - 1
 
 
 @pytest.mark.parametrize(
@@ -519,7 +534,7 @@ def test_one_input_projection_per_direction_per_layer():
     model = _export(module, (torch.randn(seq, batch, 6),), ["x"], ["y", "hn", "cn"])
     graph = onnx_to_graph(model)
     assert graph.op_counts()["LSTM"] == layers
-    graph, records = run_passes(graph, default_passes())
+    graph, records = run_passes(graph, unfused_passes())
     counts = graph.op_counts()
     assert not {"LSTM", "GRU", "RNN"} & set(counts)
     stats = next(r["stats"] for r in records if r["name"] == "expand-rnn")
@@ -562,3 +577,82 @@ def test_cli_refuses_what_expansion_cannot_handle(case, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert ("hidden_size=5" in err) if hidden == 5 else ("--input-shape x=" in err)
     assert not (tmp_path / "out.so").exists()
+
+
+# --- fused steps: one graphopt::RNNStep node per step ------------------------------------
+def _steps(graph) -> list:
+    return [n for n in graph.nodes() if n.op_type == "RNNStep" and n.domain == "graphopt"]
+
+
+@pytest.mark.parametrize(
+    "op, extra, fused",
+    [
+        ("LSTM", {}, True),
+        ("GRU", {"linear_before_reset": 1}, True),
+        ("RNN", {}, True),
+        ("GRU", {}, False),  # lbr=0: r multiplies H before its MatMul, two GEMVs a step
+    ],
+    ids=["lstm", "gru-lbr", "rnn", "gru-lbr0-unfused"],
+)
+@pytest.mark.parametrize("layout", [0, 1])
+def test_steps_fuse_into_one_node(op, extra, fused, layout):
+    seq, batch, hidden = 5, 2, 32
+    model = _rnn_model(
+        op, direction="bidirectional", seq=seq, batch=batch, hidden=hidden, init_h=True,
+        init_c=True, layout=layout, **extra,
+    )  # fmt: skip
+    graph, records = run_passes(onnx_to_graph(model), fused_passes())
+    steps = _steps(graph)
+    stats = next(r["stats"] for r in records if r["name"] == "expand-rnn")
+    if not fused:
+        assert not steps and not stats.get("fused_steps")
+        return
+    assert len(steps) == 2 * seq == stats["fused_steps"]
+    for s in steps:
+        # [H/U, H, G*U]: U hidden units of every gate per block, G*U at most 64 columns
+        j, k, cols = graph.values[s.inputs[3 if op == "LSTM" else 2]].shape
+        assert k == hidden and j * cols == _GATES[op] * hidden and cols <= 64
+        assert s.attrs["row_stride"] == (seq if layout else 1)
+    rows = sorted(s.attrs["row0"] for s in steps)
+    per_step = 1 if layout else batch
+    assert rows == sorted(2 * [t * per_step for t in range(seq)])
+    # Only the input projections remain MatMuls: the recurrence is inside the steps.
+    assert graph.op_counts()["MatMul"] == 2
+
+
+def test_packed_step_weight_holds_the_recurrent_weight():
+    """rp[j, k, g*U + u] = R^T[k, g*H + j*U + u]: the packing is a permutation of R."""
+    hidden = 32
+    model = _rnn_model("LSTM", seq=2, hidden=hidden, init_h=True, init_c=True)
+    r = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "R"))[0]
+    graph, _ = run_passes(onnx_to_graph(model), fused_passes())
+    (step, *_rest) = _steps(graph)
+    rp = graph.constants[step.inputs[3]]
+    block = step.attrs["block"]
+    rt = r.T  # [H, 4H]
+    for g in range(4):
+        for j in range(hidden // block):
+            cols = rt[:, g * hidden + j * block : g * hidden + (j + 1) * block]
+            np.testing.assert_array_equal(rp[j, :, g * block : (g + 1) * block], cols)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: _rnn_model("LSTM", init_h=True, init_c=True, peepholes=True),
+        lambda: _rnn_model("LSTM", init_h=True, init_c=True, const_weights=False),
+    ],
+    ids=["peepholes", "weights-as-inputs"],
+)
+def test_steps_not_fused(model):
+    """Negative: peepholes and a non-constant R (nothing to pack) keep primitive steps."""
+    graph, _ = run_passes(onnx_to_graph(model()), fused_passes())
+    assert not _steps(graph)
+    assert graph.op_counts()["MatMul"] > 1
+
+
+def test_fused_steps_are_opt_in():
+    """Off by default (the GPU target cannot schedule the step kernel); on, they appear."""
+    model = _rnn_model("GRU", init_h=True, linear_before_reset=1)
+    assert _steps(run_passes(onnx_to_graph(model), fused_passes())[0])
+    assert not _steps(run_passes(onnx_to_graph(model), default_passes())[0])
