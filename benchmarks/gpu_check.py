@@ -1,13 +1,17 @@
 """Compile every zoo model for this machine's GPU, check it, and time it against torch.
 
     python benchmarks/gpu_check.py [--models resnet18,small_cnn] [--repeat 20]
+                                   [--precision fp32|fp16|bf16]
 
 Prints the GPU, then a markdown table per model: graphopt's max |diff| to the reference,
 the median latency of torch eager and graphopt (ms, inputs already on the device), and
 graphopt/torch (> 1 means graphopt is slower). The reference is torch eager on CUDA when
 this torch build has CUDA; otherwise onnxruntime on the CPU (said so in the output, and
 the latency column is then left empty). Each artifact is also verified against
-onnxruntime as it compiles. The whole zoo takes about a minute or two. Exits with status
+onnxruntime as it compiles. ``--precision fp16`` (sm_70+) or ``bf16`` (sm_80+) compiles
+convs and matmuls for tensor cores (``graphopt.compile(..., precision=...)``); the
+compile-time check then uses that precision's tolerances, and the table's max abs diff is
+still against the fp32 reference. The whole zoo takes about a minute or two. Exits with status
 2 and one line on stderr where there is no CUDA GPU or no nvcc.
 """
 
@@ -58,11 +62,22 @@ def time_torch(torch, fn, inputs: dict, repeat: int) -> tuple[float, list]:  # n
     return statistics.median(times) * 1e3, [o.cpu().numpy() for o in out]
 
 
-def check(name: str, arch: str, repeat: int, workdir: Path, torch) -> dict:  # noqa: ANN001
+def check(  # noqa: PLR0913
+    name: str,
+    arch: str,
+    repeat: int,
+    workdir: Path,
+    torch,
+    *,
+    precision: str = "fp32",  # noqa: ANN001
+) -> dict:
     model = zoo.build(name)
     start = time.perf_counter()
     artifact = graphopt.compile(
-        model, TargetSpec("cuda", {"kind": "cuda", "arch": arch}), workdir / f"{name}.so"
+        model,
+        TargetSpec("cuda", {"kind": "cuda", "arch": arch}),
+        workdir / f"{name}-{precision}.so",
+        precision=precision,
     )
     row = {"model": name, "compile_s": time.perf_counter() - start}
     inputs = artifact.random_inputs(seed=0)
@@ -94,6 +109,12 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(zoo.ZOO))
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="what convs/matmuls compute in (fp16: sm_70+, bf16: sm_80+); default fp32",
+    )
     args = parser.parse_args()
 
     arch = cuda.local_arch()
@@ -113,7 +134,10 @@ def main() -> None:
         print("torch has no CUDA here: comparing against onnxruntime on the CPU, no torch timing")
     else:
         print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
-    print(f"batch 1, fp32, median of {args.repeat} runs, inputs on the device\n")
+    print(
+        f"batch 1, graphopt in {args.precision} (reference fp32), median of {args.repeat} "
+        "runs, inputs on the device\n"
+    )
     print(
         "| model | reference | max abs diff | torch eager ms | graphopt ms | graphopt/torch "
         "| compile s |"
@@ -124,7 +148,7 @@ def main() -> None:
     failed = 0
     for name in args.models.split(","):
         try:
-            r = check(name, arch, args.repeat, workdir, torch)
+            r = check(name, arch, args.repeat, workdir, torch, precision=args.precision)
         except GraphoptError as exc:
             failed += 1
             print(f"| {name} | FAILED: {exc} | | | | | |", flush=True)

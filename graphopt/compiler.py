@@ -46,9 +46,16 @@ from graphopt.ir import Graph
 from graphopt.lower import to_relax
 from graphopt.passes import Pass
 from graphopt.prepare import check_sizes, load_model, prepare, reference_for
-from graphopt.targets import TargetSpec, build, check_layout, resolve, tvm_version
+from graphopt.targets import (
+    TargetSpec,
+    build,
+    check_layout,
+    check_precision,
+    resolve,
+    tvm_version,
+)
 from graphopt.targets._profile import coverage_line, kernels, record_schedule, schedule_summary
-from graphopt.verify import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from graphopt.verify import Tolerance, compare, tolerances
 
 __all__ = ["compile", "verify", "prepare", "check_sizes"]  # the last two: graphopt.prepare
 
@@ -181,8 +188,8 @@ def compile(  # noqa: A001 - the public name users expect
     passes: list[Pass] | None = None,
     verify: bool = True,
     verify_inputs: dict[str, np.ndarray] | None = None,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     keep_unverified: bool = False,
     target_options: dict | None = None,
     tuning_db: str | os.PathLike | None = None,
@@ -192,8 +199,17 @@ def compile(  # noqa: A001 - the public name users expect
     svg: str | os.PathLike | None = None,
     trust_pickle: bool = False,
     dynamic_batch: bool = False,
+    precision: str = "fp32",
 ) -> Artifact:
     """Compile a model into a verified :class:`Artifact`.
+
+    ``precision``: "fp32" (default), "bf16" or "fp16": convs and weight matmuls compute
+    in that type with fp32 accumulation, weights converted once at compile time;
+    everything else, and the inputs and outputs, stay fp32
+    (:mod:`graphopt.targets._precision`). A target without the hardware for it refuses
+    with one line naming the missing feature. The manifest records it; verification
+    then uses that precision's tolerances (``graphopt.verify.PRECISION_TOLERANCES``)
+    unless ``rtol``/``atol`` are given (None: the precision's; fp32: 1e-3 / 1e-4).
 
     ``dynamic_batch`` (or a symbol as dim 0 in ``input_shapes``, ``{"x": ("N", 3, 224,
     224)}``): an ONNX model's symbolic batch dim stays symbolic, and the one artifact
@@ -223,6 +239,8 @@ def compile(  # noqa: A001 - the public name users expect
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else resolve(target, **(target_options or {}))
     layout = check_layout(spec, layout)  # refuse one the target lacks before any work
+    precision = check_precision(spec, precision)  # and a precision its hardware lacks
+    tol = tolerances(precision, rtol, atol)
     tuning = {} if tuning_db is not None else None  # which kernels the database schedules
     tuned = _tuning_passes(tuning_db, spec, tuning)  # refuses a foreign or corrupt database
     out_path, tmp, made = _reserve_output(output, model)  # and an unwritable output
@@ -244,12 +262,15 @@ def compile(  # noqa: A001 - the public name users expect
         if dump_ir is not None:
             Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
         with _stage(f"build the model for {spec.name}"), record_schedule() as scheduled:
-            executable = build(mod, spec, layout, tuned)
+            executable = build(mod, spec, layout, tuned, precision)
         compile_seconds = time.perf_counter() - start
         with _stage("read which schedule rule made each kernel"):
             schedule = schedule_summary(kernels(scheduled.module))
         chip = spec.tvm.get("mcpu") or spec.tvm.get("arch", "")
-        say(f"built for {spec.name} ({chip}, layout {layout}) in {compile_seconds:.1f}s")
+        say(
+            f"built for {spec.name} ({chip}, layout {layout}, precision {precision}) "
+            f"in {compile_seconds:.1f}s"
+        )
         say(coverage_line(schedule))
 
         with _stage(f"export the library for {spec.name}"):
@@ -265,6 +286,7 @@ def compile(  # noqa: A001 - the public name users expect
                 "features": spec.target.features(spec.tvm),
                 "layout": layout,
             },
+            "precision": precision,  # what convs/matmuls compute in (verification tolerances)
             "inputs": [_spec(graph, n, n) for n in graph.inputs],
             "symbolic_dims": symbolic_dims([_spec(graph, n, n) for n in graph.inputs]),
             "outputs": [_spec(graph, v, n) for n, v in graph.public_outputs()],
@@ -284,7 +306,7 @@ def compile(  # noqa: A001 - the public name users expect
             say(f"verification NOT RUN: {blocked}; run `graphopt verify` where it can run")
         elif verify:
             inputs, whose = _check_inputs_for(source, verify_inputs)
-            report = _verify(artifact, reference_for(source, graph), inputs, whose, rtol, atol)
+            report = _verify(artifact, reference_for(source, graph), inputs, whose, tol)
             manifest["verification"] = report
             say(verification_line(report))
             if not report["ok"] and not keep_unverified:
@@ -306,7 +328,7 @@ def compile(  # noqa: A001 - the public name users expect
                 raise VerificationError(
                     f"artifact disagrees with {report['reference']} on output {bad['name']!r}: "
                     f"{detail} "
-                    f"(rtol={rtol}, atol={atol}); no artifact written "
+                    f"(rtol={tol.rtol}, atol={tol.atol}{tol.note()}); no artifact written "
                     "(--keep-unverified writes it anyway)"
                 )
         artifact.close()  # the copy of the code verification loaded
@@ -340,7 +362,7 @@ def _tuning_passes(path, spec: TargetSpec, report: dict | None) -> list:  # noqa
 VERIFY_BATCHES = (1, 3)  # a dynamic-batch artifact is checked at batch 1 and a larger one
 
 
-def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, atol: float) -> dict:  # noqa: ANN001
+def _verify(artifact: Artifact, reference, inputs, source: str, tol: Tolerance) -> dict:  # noqa: ANN001
     """``reference``: ``(name, make)``, ``make()`` returning ``inputs dict -> outputs dict``;
     ``inputs`` None means seeded random ones (at each of ``VERIFY_BATCHES`` for a
     dynamic-batch artifact), else ``source`` says whose they are."""
@@ -350,7 +372,7 @@ def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, ato
             specs = concrete_specs(artifact.input_specs, batch)
             given = random_inputs(specs, seed=0), f"random(seed=0, batch={batch})"
             try:
-                reports.append(_verify(artifact, reference, *given, rtol, atol))
+                reports.append(_verify(artifact, reference, *given, tol))
             except VerificationError as exc:
                 raise VerificationError(f"dynamic batch, at batch {batch}: {exc}") from None
         return _merge_reports(reports, VERIFY_BATCHES)
@@ -376,8 +398,8 @@ def _verify(artifact: Artifact, reference, inputs, source: str, rtol: float, ato
             f"the compiled model failed when run for verification: {msg[:300]}; no artifact "
             "written (a graphopt/TVM limitation: please report it)"
         ) from exc
-    report = compare(actual, expected, rtol, atol)
-    report.update(reference=name, inputs=source)
+    report = compare(actual, expected, tol.rtol, tol.atol, scaled=tol.scaled)
+    report.update(reference=name, inputs=source, precision=tol.precision)
     return report
 
 
@@ -387,8 +409,14 @@ def verification_line(report: dict) -> str:
     return (
         f"verification {status} against {report['reference']} "
         f"({report['inputs']} inputs, max |diff| {worst:.3g}{nonfinite_note(report)}, "
-        f"rtol={report['rtol']}, atol={report['atol']})"
+        f"rtol={report['rtol']}, atol={report['atol']}{_tolerance_note(report)})"
     )
+
+
+def _tolerance_note(report: dict) -> str:
+    """``", bf16 tolerances, atol relative to ..."`` for a reduced-precision artifact."""
+    precision = report.get("precision", "fp32")
+    return Tolerance(0, 0, bool(report.get("atol_scaled")), precision).note()
 
 
 def nonfinite_note(report: dict) -> str:
@@ -449,21 +477,23 @@ def verify(
     model,  # noqa: ANN001 - what compile() took: ONNX path/ModelProto or a torch model
     inputs: dict[str, np.ndarray] | None = None,
     *,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     trust_pickle: bool = False,
 ) -> dict:
     """Check an existing artifact against its source model, here and now.
 
     For an artifact compiled where it could not run (CUDA without a GPU), on the machine
-    where it can. Returns the same report ``compile`` stores in the manifest.
+    where it can. Returns the same report ``compile`` stores in the manifest. ``rtol``
+    and ``atol`` default to the tolerances of the precision the artifact computes in.
     """
     if not isinstance(artifact, Artifact):
         artifact = Artifact(artifact)
+    tol = tolerances(artifact.manifest.get("precision", "fp32"), rtol, atol)
     shapes = {s["name"]: tuple(s["shape"]) for s in artifact.input_specs}
     source, graph = load_model(model, shapes, trust_pickle=trust_pickle)
     inputs, whose = _check_inputs_for(source, inputs)
-    return _verify(artifact, reference_for(source, graph), inputs, whose, rtol, atol)
+    return _verify(artifact, reference_for(source, graph), inputs, whose, tol)
 
 
 def _check_inputs_for(source, given: dict | None) -> tuple[dict | None, str]:  # noqa: ANN001

@@ -69,3 +69,23 @@ def test_an_integer_output_verifies_exactly_against_onnxruntime():
     report = art.manifest["verification"]
     assert report["ok"] and report["outputs"][0]["exact"]
     assert report["outputs"][0]["max_abs_diff"] == 0.0
+
+
+def test_reduced_precision_tolerances_scale_atol_with_the_output_range():
+    from graphopt.verify import tolerances
+
+    assert tolerances("fp32") == tolerances("fp32", DEFAULT_RTOL, DEFAULT_ATOL)
+    assert not tolerances("fp32").scaled and tolerances("bf16").scaled
+    tol = tolerances("bf16")
+    big = np.array([140.0, 0.0, -90.0], np.float32)  # ResNet-50 logits are this large
+    off = big + np.float32(0.6)  # bf16's error there (OpenVINO bf16: the same)
+    assert not compare({"y": off}, {"y": big}, tol.rtol, tol.atol)["ok"]  # absolute atol
+    report = compare({"y": off}, {"y": big}, tol.rtol, tol.atol, scaled=True)
+    assert report["ok"] and report["atol_scaled"]
+    assert report["outputs"][0]["atol_used"] == pytest.approx(tol.atol * 140.0)
+    # a real error still fails: a third of the range
+    bad = big + np.float32(45.0)
+    assert not compare({"y": bad}, {"y": big}, tol.rtol, tol.atol, scaled=True)["ok"]
+    # an atol the user gives is absolute
+    assert not tolerances("bf16", atol=1e-3).scaled
+    assert "bf16 tolerances" in tol.note() and tolerances("fp32").note() == ""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from graphopt.errors import TargetError
-from graphopt.targets import _layout, arm, cuda, x86
+from graphopt.targets import _layout, _precision, arm, cuda, x86
 from graphopt.targets._contract import Target
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "target_named",
     "check_layout",
     "build",
+    "check_precision",
     "tvm_version",
 ]
 
@@ -86,14 +87,34 @@ def check_layout(spec: TargetSpec, layout: str | None) -> str:
     return _layout.choose(spec.name, spec.target.layouts, layout).name
 
 
-def build(mod, spec: TargetSpec, layout: str, extra_schedule_passes: Sequence = ()):  # noqa: ANN001, ANN201
+def check_precision(spec: TargetSpec, precision: str) -> str:
+    """``precision`` if ``spec``'s target computes in it, else a :class:`TargetError`
+    naming the missing feature (avx512_bf16, +fullfp16, sm_80, ...)."""
+    why = _precision.refusal(spec.tvm, precision)
+    if why is not None:
+        raise TargetError(why)
+    return precision
+
+
+def build(
+    mod,  # noqa: ANN001
+    spec: TargetSpec,
+    layout: str,
+    extra_schedule_passes: Sequence = (),
+    precision: str = "fp32",
+):  # noqa: ANN201
     """``tvm.compile`` of a Relax module with ``spec``'s phases in ``layout``; the caller's
-    ``extra_schedule_passes`` (a tuning database's) schedule first. Returns the VM
-    executable ``spec.target.export`` writes."""
+    ``extra_schedule_passes`` (a tuning database's) schedule first. With ``precision``
+    "bf16"/"fp16", a ``precision`` phase right after the layout phase converts convs and
+    weight matmuls (:mod:`graphopt.targets._precision`). Returns the VM executable
+    ``spec.target.export`` writes."""
     import tvm
 
     target = tvm.target.Target(spec.tvm)
-    phases = spec.target.phases(target, layout, extra_schedule_passes)
+    phases = _with_precision(
+        spec.target.phases(target, layout, extra_schedule_passes),
+        _precision.LowerPrecision(precision),
+    )
 
     @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")
     def pipeline(m, _ctx):  # noqa: ANN001, ANN202
@@ -101,6 +122,17 @@ def build(mod, spec: TargetSpec, layout: str, extra_schedule_passes: Sequence = 
             return tvm.transform.Sequential([p for ps in phases.values() for p in ps])(m)
 
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def _with_precision(phases: dict[str, list], lower) -> dict[str, list]:  # noqa: ANN001
+    """``phases`` with a ``precision`` phase after ``layout`` (first without one): convs
+    are then in their final layout, and LegalizeOps has not run yet."""
+    out = {} if "layout" in phases else {"precision": [lower]}
+    for name, passes in phases.items():
+        out[name] = passes
+        if name == "layout":
+            out["precision"] = [lower]
+    return out
 
 
 def tvm_version() -> str:

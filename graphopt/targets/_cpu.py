@@ -23,7 +23,8 @@ def features(tvm_dict: dict) -> list[str]:
     from tvm.target import codegen
 
     found = codegen.llvm_get_cpu_features(tvm.target.Target(tvm_dict))
-    wanted = ("avx", "fma", "sse4", "neon", "sve", "asimd", "dotprod", "fp16", "bf16", "i8mm")
+    wanted = ("avx", "fma", "sse4", "neon", "sve", "asimd", "dotprod", "fp16", "fullfp16", "bf16")
+    wanted += ("i8mm", "amx")
     return sorted(str(f) for f in found if str(f).startswith(wanted))
 
 
@@ -44,13 +45,19 @@ def cpu_phases(
 ) -> dict[str, list]:
     """The CPU pipeline (x86 and ARM) with ``layout``'s passes in its layout phase and
     ``extra_schedule_passes`` (a tuning database's) first in its schedule phase."""
+    import tvm
     from tvm import relax
 
     # TVM-built schedule rules: imported when a pipeline is built, so that importing
     # graphopt (the IR, the passes) does not import TVM.
-    from graphopt.targets import _cpu_nhwc, _cpu_schedules
+    from graphopt.targets import _bf16, _cpu_nhwc, _cpu_schedules
 
     nhwc, cpu = _cpu_nhwc, _cpu_schedules
+    legalize = {**cpu.LEGALIZE, **nhwc.LEGALIZE}
+    default_matmul = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
+    # bf16 convs/matmuls (``--precision bf16``) on AVX512-BF16 first, the rest as before
+    legalize["relax.nn.conv2d"] = _bf16.legalize_conv2d(legalize["relax.nn.conv2d"])
+    legalize["relax.matmul"] = _bf16.legalize_matmul(legalize.get("relax.matmul", default_matmul))
     return {
         # Sorting/sampling ops map to library implementations before legalization.
         "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
@@ -62,7 +69,7 @@ def cpu_phases(
         # compile time; FuseOps groups elementwise tails with their producer so each group
         # is one kernel.
         "legalize": [
-            relax.transform.LegalizeOps({**cpu.LEGALIZE, **nhwc.LEGALIZE}),
+            relax.transform.LegalizeOps(legalize),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -72,9 +79,10 @@ def cpu_phases(
         # so epilogues are scheduled with their producer. The NHWC conv rules first: they
         # take only their own annotated convs, whatever the layout.
         # A tuning database first (it marks its kernels scheduled, so the defaults skip them).
+        # The bf16 rules (vdpbf16ps) before all: they take only bf16 kernels.
         "schedule": [
             *extra_schedule_passes,
-            cpu.ApplyCPUSchedules(rules=[*nhwc.RULES, *cpu.RULES]),
+            cpu.ApplyCPUSchedules(rules=[*_bf16.RULES, *nhwc.RULES, *cpu.RULES]),
         ],
         "dataflow_lower": dataflow_lower_passes(),
         "finalize": finalize_passes(),
