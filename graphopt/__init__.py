@@ -7,12 +7,14 @@ from graphopt._version import __version__
 from graphopt.artifact import Artifact, load
 from graphopt.compiler import compile
 from graphopt.errors import GraphoptError
+from graphopt.evaluation import evaluate
 from graphopt.profiling import profile
 
 __all__ = [
     "Artifact",
     "GraphoptError",
     "compile",
+    "evaluate",
     "from_torch",
     "load",
     "profile",

@@ -1,4 +1,4 @@
-"""The ``graphopt`` command line: compile, run, inspect, example, demo.
+"""The ``graphopt`` command line: compile, run, inspect, evaluate, example, demo.
 
 Every user-facing failure ends as one ``error: ...`` line on stderr and exit status 2;
 ``--debug`` shows the traceback instead.
@@ -22,6 +22,8 @@ from graphopt import zoo
 from graphopt.artifact import check_library, is_artifact, load_npz, read_manifest
 from graphopt.compiler import nonfinite_note, verification_line, verify
 from graphopt.errors import GraphoptError, VerificationError, first_line
+from graphopt.evaluation import agreement_line, evaluate, plot_confusion, write_dataset
+from graphopt.evaluation import render as render_evaluation
 from graphopt.lower import unsupported_nodes
 from graphopt.passes import (
     DEFAULT_PIPELINE,
@@ -42,6 +44,13 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 NO_ENTRY_POINTS_VAR = "GRAPHOPT_NO_ENTRY_POINTS"
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MIN_AGREEMENT = 0.99
+# examples trained on first use (graphopt.zoo_trained, which needs torch)
+TRAINED_EXAMPLES = {
+    "digits": "CNN trained here on scikit-learn's 8x8 digits (ONNX; --eval-data: 360 held out)",
+    "sequence": "LSTM trained here on a synthetic token-count task (.pt2; --eval-data: 600)",
+}
 
 
 def _add_input_shape(p: argparse.ArgumentParser) -> None:
@@ -56,8 +65,9 @@ def _add_input_shape(p: argparse.ArgumentParser) -> None:
 
 def _add_tolerances(p: argparse.ArgumentParser) -> None:
 
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"default {DEFAULT_RTOL}")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"default {DEFAULT_ATOL}")
+    # None: the tolerances of the precision the artifact computes in
+    p.add_argument("--rtol", type=float, help=f"default {DEFAULT_RTOL} (fp32; bf16/fp16: looser)")
+    p.add_argument("--atol", type=float, help=f"default {DEFAULT_ATOL} (fp32; bf16/fp16: looser)")
 
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
@@ -77,6 +87,22 @@ def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
         "Python in shape expressions), which can run code from the file: only for files "
         "you trust (default: refuse what needs it)",
     )
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="compute type of convs and matmuls (fp32 accumulation; default fp32)",
+    )
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -125,6 +151,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--tuning-db", metavar="DIR", help="use schedules from a `graphopt tune` database"
     )
+    _add_precision(c)
+    c.add_argument(
+        "--eval-data",
+        metavar="DIR",
+        help="after compiling, evaluate on these labelled .npz batches (see: graphopt "
+        "evaluate) and refuse the artifact when top-1 agreement is below --min-agreement",
+    )
+    c.add_argument(
+        "--min-agreement",
+        type=_fraction,
+        default=DEFAULT_MIN_AGREEMENT,
+        metavar="FRACTION",
+        help=f"with --eval-data: the least top-1 agreement kept (default {DEFAULT_MIN_AGREEMENT})",
+    )
     _add_trust_pickle(c)
     _add_common(c)
     _add_tune_parser(sub)
@@ -170,10 +210,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(d)
 
     _add_profile_parser(sub)
+    _add_evaluate_parser(sub)
 
-    e = sub.add_parser("example", help="write a built-in example model as ONNX")
+    e = sub.add_parser("example", help="write a built-in example model (ONNX, or .pt2)")
     e.add_argument("name", nargs="?", help="example name (omit to list them)")
-    e.add_argument("-o", "--output", help="ONNX path (default: NAME.onnx)")
+    e.add_argument("-o", "--output", help="model path (default: NAME.onnx, or NAME.pt2)")
+    e.add_argument(
+        "--eval-data",
+        metavar="DIR",
+        help="trained examples: also write the held-out samples there as .npz batches",
+    )
     _add_common(e)
     return parser
 
@@ -258,6 +304,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     given = {"cpu": args.cpu, "triple": args.triple, "arch": args.arch}
     options = {k: v for k, v in given.items() if v is not None}
     verify_inputs = load_npz(args.verify_inputs) if args.verify_inputs else None
+    if args.eval_data and not Path(args.eval_data).exists():  # before minutes of compiling
+        raise GraphoptError(f"evaluation data not found: {args.eval_data}")
     passes = _pipeline(args)
     start = time.perf_counter()
     artifact = graphopt.compile(
@@ -279,6 +327,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         layout=args.layout,
         trust_pickle=args.trust_pickle,
         dynamic_batch=args.dynamic_batch,
+        precision=args.precision,
     )
     m = artifact.manifest
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(m["ops"].items(), key=lambda kv: -kv[1]))
@@ -300,7 +349,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             f"{nonfinite_note(v)}"
         )
     size = out.stat().st_size / 1e6
-    highlights = ("avx512f", "avx512bw", "avx512vnni", "avx2", "fma", "neon", "sve", "dotprod")
+    highlights = (
+        *("avx512f", "avx512bw", "avx512vnni", "avx512bf16", "amx-bf16", "amx-tile", "avx2"),
+        *("fma", "neon", "sve", "dotprod", "fullfp16"),
+    )
     simd = ", ".join(f for f in m["target"].get("features", []) if f in highlights)
     print(
         f"compiled {args.model} for {m['target']['name']} "
@@ -310,6 +362,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if simd:
         print(f"  cpu features: {simd}")
     print(f"  layout:       {m['target']['layout']}")
+    print(f"  precision:    {m.get('precision', 'fp32')}")
     if m.get("symbolic_dims"):
         shapes = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in m["inputs"])
         print(f"  dynamic:      {', '.join(m['symbolic_dims'])} takes any size ({shapes})")
@@ -332,7 +385,42 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"  IR dumps:     {args.dump_ir}")
     if args.svg:
         print(f"  drawing:      {args.svg}")
+    if args.eval_data:
+        _evaluation_gate(args, artifact, out)
     return 0
+
+
+def _evaluation_gate(args: argparse.Namespace, artifact, out: Path) -> None:  # noqa: ANN001
+    """``compile --eval-data``: evaluate the new artifact and remove it when its top-1
+    agreement with the reference is below ``--min-agreement``. An artifact that cannot run
+    here (CUDA without a GPU) is kept unjudged, as verification keeps it unverified."""
+    target = artifact.manifest["target"]
+    blocked = TARGETS[target["name"]].cannot_run_here(target["tvm"])
+    if blocked:
+        print(
+            f"  evaluation:   NOT RUN: {blocked} (judge it there: graphopt evaluate ARTIFACT "
+            f"--model {args.model} --data {args.eval_data})"
+        )
+        return
+    try:
+        result = evaluate(artifact, args.model, args.eval_data, trust_pickle=args.trust_pickle)
+    except BaseException:
+        artifact.close()
+        out.unlink(missing_ok=True)  # an artifact the user asked to have judged, unjudged
+        raise
+    artifact.close()
+    ours, ref = result.graphopt.accuracy, result.ref.accuracy
+    print(
+        f"  evaluation:   {agreement_line(result)}; accuracy {100 * ours:.2f}% "
+        f"(reference {100 * ref:.2f}%)"
+    )
+    if result.agreement < args.min_agreement:
+        out.unlink(missing_ok=True)
+        raise VerificationError(
+            f"top-1 agreement {100 * result.agreement:.2f}% with {result.reference} on "
+            f"{result.samples} samples of {args.eval_data} is below --min-agreement "
+            f"{100 * args.min_agreement:.2f}%; artifact {out} removed"
+        )
 
 
 def _print_schedule(schedule: dict | None) -> None:
@@ -408,6 +496,7 @@ def _add_tune_parser(sub) -> None:  # noqa: ANN001
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the tracker's devices")
     t.add_argument("--rpc-key", metavar="KEY", help="device key registered with the tracker")
     t.add_argument("--batch", type=int, default=16, help="candidates per batch (default 16)")
+    _add_precision(t)
     _add_common(t)
 
 
@@ -416,6 +505,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from graphopt.tuning import ProgressPrinter, format_report, tune
 
     given = {"cpu": args.cpu, "triple": args.triple}
+    # tune() takes no precision yet: passed only when asked for, so fp32 tuning works
+    precision = {} if args.precision == "fp32" else {"precision": args.precision}
     printer = ProgressPrinter(sys.stderr)
     try:
         report = tune(
@@ -434,6 +525,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             batch_size=args.batch,
             progress=printer,
             log=lambda msg: print(f"  {msg}", file=sys.stderr),
+            **precision,
         )
     finally:
         printer.close()
@@ -544,13 +636,77 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_example(args: argparse.Namespace) -> int:
 
     if not args.name:
-        for name, doc in zoo.DESCRIPTIONS.items():
+        for name, doc in {**zoo.DESCRIPTIONS, **TRAINED_EXAMPLES}.items():
             print(f"{name:15} {doc}")
         return 0
+    if args.name in TRAINED_EXAMPLES:
+        return _trained_example(args)
+    if args.eval_data:
+        raise GraphoptError(
+            f"--eval-data is for the trained examples ({', '.join(TRAINED_EXAMPLES)}); "
+            f"{args.name} has no labelled data"
+        )
     model = zoo.build(args.name)
     out = Path(args.output or f"{args.name}.onnx")
     onnx.save(model, out)
     print(f"wrote {out}")
+    return 0
+
+
+def _trained_example(args: argparse.Namespace) -> int:
+    # torch takes seconds to import: only for these examples
+    from graphopt.zoo_trained import EXAMPLES
+
+    start = time.perf_counter()
+    example = EXAMPLES[args.name]()
+    out = example.write(args.output or f"{args.name}{example.suffix}")
+    print(
+        f"trained {args.name} in {time.perf_counter() - start:.1f} s "
+        f"(training accuracy {100 * example.train_accuracy:.2f}%); wrote {out}"
+    )
+    if args.eval_data:
+        files = write_dataset(args.eval_data, example.inputs, example.labels)
+        print(
+            f"wrote {len(example.labels)} held-out samples to {args.eval_data} ({len(files)} .npz)"
+        )
+    return 0
+
+
+def _add_evaluate_parser(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy, per-class precision/recall/F1 of an artifact and its reference",
+        description="Run ARTIFACT and the fp32 reference of the model it came from "
+        "(onnxruntime for ONNX, torch for .pt2) on labelled data: a folder of .npz batches, "
+        "each with one array per model input (named as the input, dim 0: samples) and a "
+        "'labels' array of class ids.",
+    )
+    p.add_argument("artifact")
+    p.add_argument("--model", required=True, help="the ONNX file or .pt2 it was compiled from")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of .npz batches (or one)")
+    p.add_argument("--output", metavar="NAME", help="the output to take argmax of (default: first)")
+    p.add_argument("--plot", metavar="PNG", help="write both confusion matrices side by side")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    _add_trust_pickle(p)
+    _add_common(p)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate(
+        args.artifact,
+        args.model,
+        args.data,
+        output=args.output,
+        trust_pickle=args.trust_pickle,
+    )
+    if args.plot:
+        plot_confusion(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        render_evaluation(result)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -617,6 +773,7 @@ _COMMANDS = {
     "verify": _cmd_verify,
     "passes": _cmd_passes,
     "profile": _cmd_profile,
+    "evaluate": _cmd_evaluate,
 }
 
 

@@ -21,11 +21,11 @@ LAYERS = [
     {"graphopt.errors", "graphopt._version"},
     {"graphopt.ir", "graphopt.ir_builder", "graphopt.verify"},
     {"graphopt.frontends", "graphopt.passes"},
-    {"graphopt.lower", "graphopt.zoo", "graphopt.zoo_torch"},
+    {"graphopt.lower", "graphopt.zoo", "graphopt.zoo_torch", "graphopt.zoo_trained"},
     {"graphopt.targets"},
     {"graphopt.prepare", "graphopt.artifact"},
     {"graphopt.tuning"},
-    {"graphopt.compiler", "graphopt.profiling"},
+    {"graphopt.compiler", "graphopt.profiling", "graphopt.evaluation"},
     {"graphopt.cli", "graphopt.__main__", "graphopt.backend"},
 ]
 TVM_USERS = ("graphopt.lower", "graphopt.targets", "graphopt.tuning")

@@ -1,6 +1,7 @@
 """The CLI as a user drives it: the happy path, and every bad input ending in one
 ``error:`` line with exit status 2."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import onnx
 import pytest
 from onnx import helper
 
+import graphopt
 from graphopt.cli import main
+from graphopt.errors import GraphoptError
 from tests.conftest import make_model, zoo_model
 
 
@@ -321,3 +324,38 @@ def test_profile_refuses_a_target_that_cannot_run_here(capsys, cnn_file):
         pytest.skip("this machine has a CUDA GPU")
     assert code == 2 and err.startswith("error: cannot profile target cuda here")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "precision", "passed"),
+    [
+        ("compile", None, {"precision": "fp32"}),
+        ("compile", "bf16", {"precision": "bf16"}),
+        ("tune", "fp16", {"precision": "fp16"}),
+        ("tune", "fp32", {}),
+    ],
+)
+def test_precision_reaches_the_api(command, precision, passed, monkeypatch, capsys, cnn_file):
+    """--precision goes to graphopt.compile (default fp32) and to tuning.tune, which is
+    not given fp32 (the default) at all."""
+    seen = {}
+
+    def fake(*_args, **kwargs):
+        seen.update(kwargs)
+        raise GraphoptError("stop here")
+
+    if command == "compile":
+        monkeypatch.setattr(graphopt, "compile", fake)
+    else:
+        monkeypatch.setattr(importlib.import_module("graphopt.tuning"), "tune", fake)
+    argv = [command, cnn_file] + (["--precision", precision] if precision else [])
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "stop here" in err
+    assert {k: v for k, v in seen.items() if k == "precision"} == passed
+
+
+def test_precision_choices_are_checked(capsys, cnn_file):
+    with pytest.raises(SystemExit) as exc:
+        main(["compile", str(cnn_file), "--precision", "int4"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
