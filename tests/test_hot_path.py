@@ -333,3 +333,29 @@ def test_the_path_for_other_devices_copies_through_tvm(conv):
 def test_a_batch_below_one_is_refused(dynamic):
     with pytest.raises(InputError, match="batch must be"):
         dynamic[1].runner(batch=0)
+
+
+def test_load_run_and_runner_on_tvm_runtime_alone(conv):
+    """A deployment host may have TVM's runtime without its compiler library: graphopt.load,
+    run and runner() must not need anything TVM_USE_RUNTIME_LIB=1 leaves out."""
+    _, artifact = conv
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, graphopt\n"
+        f"a = graphopt.load({str(artifact.path)!r})\n"
+        "i = a.random_inputs(seed=0)\n"
+        "o = a.run(i)\n"
+        "r = a.runner()\n"
+        "y = r(*i.values())\n"
+        "assert all(np.array_equal(x, o[n]) for n, x in zip(r.output_names, y))\n"
+        "assert 'tvm.relax' not in sys.modules, 'the compiler side of TVM was imported'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "TVM_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -313,6 +313,7 @@ class VMRunner:
     def _new(self) -> BoundVM:
         """A new VM's ``main``, bound; the function holds its VM, the VM the library."""
         import tvm
+        import tvm.runtime.vm  # not loaded by a runtime-only TVM (TVM_USE_RUNTIME_LIB=1)
 
         main = tvm.runtime.vm.VirtualMachine(self._lib, self.device)["main"]
         return BoundVM(main, self.device, self._life)
