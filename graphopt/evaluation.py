@@ -37,7 +37,7 @@ import numpy as np
 
 from graphopt import frontends
 from graphopt.artifact import Artifact
-from graphopt.errors import InputError
+from graphopt.errors import InputError, VerificationError
 from graphopt.prepare import load_model, reference_for
 
 __all__ = [
@@ -388,7 +388,13 @@ def _reference(artifact: Artifact, model: Any, trust_pickle: bool) -> tuple[str,
     shapes = {s["name"]: tuple(s["shape"]) for s in artifact.input_specs}
     source, graph = load_model(model, shapes, trust_pickle=trust_pickle)
     name, make = reference_for(source, graph)
-    return name, make()
+    try:
+        return name, make()
+    except Exception as exc:  # e.g. an onnxruntime too old for the file's IR version
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(
+            f"{name} cannot run this model, so graphopt cannot evaluate against it: {msg}"
+        ) from None
 
 
 def evaluate(

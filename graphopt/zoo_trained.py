@@ -175,6 +175,7 @@ def digits_onnx(model: nn.Sequential, batch: int = 1) -> onnx.ModelProto:
         inits,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8  # what opset 17 needs; onnx's newest (14) is too new for older onnxruntime
     onnx.checker.check_model(proto)
     return proto
 

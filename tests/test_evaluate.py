@@ -344,3 +344,23 @@ def test_an_artifact_input_mismatch_names_the_input(digits):
             digits["model"],
             [(np.zeros((8, 8), np.float32), 0)],  # missing the channel dim
         )
+
+
+def test_a_reference_onnxruntime_cannot_load_is_one_error(digits, capsys, monkeypatch):
+    """An onnxruntime that refuses the file (seen on a GPU host: ORT 1.30 and an IR 14 file)
+    is one error line naming the reference, not an internal error."""
+    import onnx
+    import onnxruntime
+
+    # the example itself stays loadable by older onnxruntime (IR 14 needs ORT >= 1.32)
+    assert onnx.load(digits["model"]).ir_version <= 10
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported model IR version: 14, max supported IR version: 13")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    code, _, err = _run(
+        capsys, "evaluate", digits["artifact"], "--model", digits["model"], "--data", digits["data"]
+    )
+    assert code == 2 and "onnxruntime cannot run this model" in err, err
+    assert "internal error" not in err and len(err.strip().splitlines()) == 1

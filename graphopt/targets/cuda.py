@@ -101,11 +101,33 @@ def _nvcc_archs(nvcc: str) -> tuple[str, ...]:
     return tuple(a for a in out.split() if a.startswith("sm_"))
 
 
+def _cuda_runtime() -> None:
+    """Make TVM's CUDA runtime available. A full TVM registers it when it loads its backends;
+    a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, what a deployment host may have) does not,
+    so load the ``libtvm_runtime_cuda`` beside ``libtvm_runtime`` ourselves. Without a
+    driver (no ``libcuda``) the load fails and CUDA stays unavailable."""
+    import ctypes
+
+    import tvm
+
+    if tvm.runtime.enabled("cuda"):
+        return
+    for folder in tvm.libinfo.package_lib_paths():
+        lib = Path(folder) / "libtvm_runtime_cuda.so"
+        if lib.is_file():
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass
+            return
+
+
 def local_arch() -> str | None:
     """``sm_XY`` of GPU 0 when this machine has a CUDA GPU (and driver), else None."""
     import tvm
 
     try:
+        _cuda_runtime()
         dev = tvm.cuda(0)
         if not dev.exist:
             return None
