@@ -1,101 +1,224 @@
-"""Tuning on this machine: trials per minute, where the time goes, and what it buys.
+"""What tuning buys: default vs tuned vs onnxruntime vs OpenVINO, over tuning time.
 
-    python benchmarks/bench_tuning.py [--models small_cnn,resnet18] [--time-budget 10m]
-                                      [--trials N] [--db DIR] [--repeat 20]
+    python benchmarks/bench_tuning.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0]
+                                      [--budgets 5,15,30] [--space both] [--threads N]
+                                      [--db DIR] [--png tuning_curve.png] [--block 2]
 
-For each model: ``graphopt.tuning.tune`` with the stated budget (per model) into a fresh
-database (or ``--db`` to resume one), then in one run, on the same seeded inputs, the
-median latency of onnxruntime, the artifact with default schedules and the artifact with
-the database. Prints trials/minute with the split search / build / measure, then one
-markdown table. Ratios > 1 mean the second engine is slower.
+For each model (benchmarks/_public_models.py, seeded weights, exported to ONNX): one
+database, tuned in steps up to each budget (minutes of ``graphopt.tuning.tune``'s clock,
+cumulative: the 15-minute point resumes the 5-minute database for 10 more minutes).
+After each step the model is compiled with the database and timed together with graphopt's
+default schedules, onnxruntime and OpenVINO (f32): all engines with ``--threads`` threads,
+in interleaved ``--block``-second blocks (median of ``--rounds``), so a load that drifts
+during the hours of tuning moves every engine alike.
+
+Prints a markdown table (ratio < 1: tuned graphopt faster) and draws latency over tuning
+time, one panel per model, to ``--png`` (matplotlib, Agg): the measured points after each
+budget, and the search's own estimate (the best known kernel times added up) after every
+batch. ``--db DIR`` keeps the databases (``DIR/<model>``) to resume later.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
+import statistics
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_zoo import timed  # noqa: E402
+from _public_models import export_onnx, missing_extra  # noqa: E402
+from bench_public import (  # noqa: E402
+    CallEngine,
+    GraphoptEngine,
+    openvino_request,
+    ort_session,
+    set_threads,
+)
+from bench_zoo import cpu_name  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import zoo  # noqa: E402
 from graphopt.tuning import ProgressPrinter, format_report, tune  # noqa: E402
 
-
-def ort_ms(path: Path, inputs: dict, repeat: int) -> float:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return timed(lambda: sess.run(None, inputs), repeat)
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="small_cnn,resnet18")
-    ap.add_argument("--time-budget", default="10m", help="per model (default 10m)")
-    ap.add_argument("--trials", type=int, help="per model, instead of / with the time budget")
-    ap.add_argument("--db", help="database directory per model: DB/<model> (default: fresh)")
-    ap.add_argument("--repeat", type=int, default=20)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-tuning-"))
-    print(f"# bench_tuning {datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs,")
-    print(f"# budget per model: time {args.time_budget}, trials {args.trials or 'unlimited'}")
-    rows = []
-    for name in args.models.split(","):
-        path = work / f"{name}.onnx"
-        onnx.save(zoo.build(name), path)
-        db = Path(args.db) / name if args.db else work / f"{name}-db"
+@dataclass
+class Point:
+    """The engines timed together (interleaved) after ``minutes`` of tuning."""
+
+    minutes: float
+    trials: int
+    ms: dict[str, float]  # engine -> median ms: tuned, default, ort, openvino
+
+
+@dataclass
+class Curve:
+    """One model's results: a point per budget, and the search's estimate per batch."""
+
+    name: str
+    points: list[Point] = field(default_factory=list)
+    estimate: list[tuple[float, float]] = field(default_factory=list)  # (min, ms)
+
+
+def _median_blocks(engines: dict, seconds: float, rounds: int) -> dict[str, float]:
+    """Each engine's median over ``rounds`` interleaved blocks (fair under drifting load)."""
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            times[name].append(engine.block(seconds))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
+    """graphopt's default schedules, onnxruntime and OpenVINO on the same seeded inputs."""
+    default = graphopt.compile(path, "x86", work / f"{path.stem}-default.so")
+    inputs = {k: np.asarray(v) for k, v in default.random_inputs(0).items()}
+    sess = ort_session(path, opts.threads)
+    engines = {
+        "default": GraphoptEngine(default, inputs),
+        "ort": CallEngine(lambda: sess.run(None, inputs)),
+    }
+    request = openvino_request(path, opts.threads, inputs)
+    if request is not None:
+        engines["openvino"] = CallEngine(request.infer)
+    return engines, inputs
+
+
+def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
+    """Tune ``name`` up to each budget; after each, time all engines together."""
+    path = export_onnx(name)
+    curve = Curve(name)
+    engines, inputs = _engines(path, work, opts)
+    curve.points.append(Point(0.0, 0, _median_blocks(engines, opts.block, opts.rounds)))
+    db = Path(opts.db) / name if opts.db else work / f"{name}-db"
+    spent = 0.0  # minutes of tuning so far (this run)
+    start = time.monotonic()
+    printer = ProgressPrinter(sys.stderr)
+
+    def progress(p: dict) -> None:
+        printer(p)
+        if p["model_secs"] is not None:
+            curve.estimate.append((spent + p["elapsed"] / 60, p["model_secs"] * 1e3))
+
+    trials = 0
+    for budget in opts.budgets:
+        step = budget - spent
+        if step <= 0:
+            continue
         report = tune(
             path,
             "x86",
             db,
-            trials=args.trials,
-            time_budget=args.time_budget,
-            progress=ProgressPrinter(sys.stderr),
+            time_budget=step * 60,
+            space=opts.space,
+            measure_model=False,  # timed below, interleaved with the other engines
+            progress=progress,
             log=lambda m: print(f"  {m}", file=sys.stderr),
         )
-        print(f"\n## {name}\n\n```\n{format_report(report)}\n```")
-        t = report.timing
-        tuning_s = t["search"] + t["build"] + t["measure"]
-        rate = report.new_trials / (tuning_s / 60) if tuning_s else 0.0
+        printer.close()
+        spent = budget
+        trials += report.new_trials
+        print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
+        tuned = graphopt.compile(path, "x86", work / f"{name}-{budget:g}.so", tuning_db=db)
+        timed = {"tuned": GraphoptEngine(tuned, inputs), **engines}
+        curve.points.append(Point(budget, trials, _median_blocks(timed, opts.block, opts.rounds)))
+        timed["tuned"].close()
+        ms = curve.points[-1].ms
         print(
-            f"{report.new_trials} trials, {rate:.1f} trials/min of tuning time "
-            f"(search {t['search']:.0f} s, build {t['build']:.0f} s, "
-            f"measure {t['measure']:.0f} s; default-schedule baselines {t['baseline']:.0f} s)"
+            f"{name}: tuned {ms['tuned']:.3f} ms, default {ms['default']:.3f} ms after "
+            f"{budget:g} min ({trials} trials)",
+            file=sys.stderr,
         )
-        default = graphopt.compile(path, "x86", work / f"{name}.so")
-        tuned = graphopt.compile(path, "x86", work / f"{name}-tuned.so", tuning_db=db)
-        inputs = default.random_inputs(0)
-        hits = len(tuned.manifest["tuning"]["from_database"])
-        kernels = hits + len(tuned.manifest["tuning"]["default"])
-        rows.append(
-            (
-                name,
-                ort_ms(path, {k: np.asarray(v) for k, v in inputs.items()}, args.repeat),
-                default.benchmark(inputs, args.repeat)["median_ms"],
-                tuned.benchmark(inputs, args.repeat)["median_ms"],
-                f"{hits}/{kernels}",
-                report.new_trials,
+    print(f"# {name}: {(time.monotonic() - start) / 60:.1f} min in all", file=sys.stderr)
+    return curve
+
+
+def _r(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def table(curves: list[Curve]) -> str:
+    rows = [
+        "| model | budget min | trials | tuned ms | default ms | ORT ms | OpenVINO ms "
+        "| tuned/default | tuned/ORT | tuned/OpenVINO |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in curves:
+        for p in c.points[1:]:
+            ms = p.ms
+            ov = f"{ms['openvino']:.3f}" if "openvino" in ms else "-"
+            rows.append(
+                f"| {c.name} | {p.minutes:g} | {p.trials} | {ms['tuned']:.3f} "
+                f"| {ms['default']:.3f} | {ms['ort']:.3f} | {ov} "
+                f"| {_r(ms['tuned'], ms['default'])} | {_r(ms['tuned'], ms['ort'])} "
+                f"| {_r(ms['tuned'], ms.get('openvino'))} |"
             )
-        )
-    print(
-        "\n| model | onnxruntime ms | default ms | tuned ms | tuned kernels | trials "
-        "| default/tuned | tuned/ORT |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, o, d, tu, hits, trials in rows:
-        print(
-            f"| {name} | {o:.3f} | {d:.3f} | {tu:.3f} | {hits} | {trials} | {d / tu:.2f} "
-            f"| {tu / o:.2f} |"
-        )
+    return "\n".join(rows)
+
+
+def plot(curves: list[Curve], png: Path) -> None:
+    """Latency over tuning time, one panel per model: every engine as timed at each point
+    (so load drifting during the run moves them all alike), and the search's estimate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], curves, strict=True):
+        xs = [p.minutes for p in c.points]
+        tuned = [p.ms.get("tuned", p.ms["default"]) for p in c.points]
+        ax.plot(xs, tuned, "o-", linewidth=2, label="graphopt tuned")
+        for key, label, style in (
+            ("default", "graphopt default", "--"),
+            ("ort", "onnxruntime", "-."),
+            ("openvino", "OpenVINO f32", ":"),
+        ):
+            if all(key in p.ms for p in c.points):
+                ax.plot(xs, [p.ms[key] for p in c.points], style, linewidth=1, label=label)
+        if c.estimate:
+            ex, ey = zip(*c.estimate, strict=True)
+            ax.plot(ex, ey, ".", markersize=2, color="gray", label="search estimate (kernels)")
+        ax.set_title(c.name)
+        ax.set_xlabel("tuning time (min)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--budgets", default="5,15,30", help="minutes, cumulative (default 5,15,30)")
+    ap.add_argument("--space", default="both", choices=("generic", "graphopt", "both"))
+    ap.add_argument("--threads", type=int, help="threads for every engine (default: all cores)")
+    ap.add_argument("--db", help="keep the databases in DB/<model> (resumable)")
+    ap.add_argument("--png", default="tuning_curve.png")
+    ap.add_argument("--block", type=float, default=2.0, help="seconds per timing block")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved blocks per engine")
+    opts = ap.parse_args()
+    missing = missing_extra()
+    if missing:
+        print(f"needs the bench extra: {missing}", file=sys.stderr)
+        return 2
+    opts.budgets = sorted(float(b) for b in opts.budgets.split(","))
+    opts.threads = set_threads(opts.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-tuning-"))
+    print(f"# bench_tuning {datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}, ")
+    print(f"# {opts.threads} thread(s), space {opts.space}, budgets {opts.budgets} min")
+    curves = [bench_model(name, work, opts) for name in opts.models.split(",")]
+    print("\n" + table(curves))
+    plot(curves, Path(opts.png))
+    print(f"\ncurve: {opts.png}")
     return 0
 
 

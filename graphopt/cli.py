@@ -496,6 +496,25 @@ def _add_tune_parser(sub) -> None:  # noqa: ANN001
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the tracker's devices")
     t.add_argument("--rpc-key", metavar="KEY", help="device key registered with the tracker")
     t.add_argument("--batch", type=int, default=16, help="candidates per batch (default 16)")
+    t.add_argument(
+        "--space",
+        choices=("generic", "graphopt", "both"),
+        default="both",
+        help="search space: graphopt's rules around the default, MetaSchedule's generic one, "
+        "or both (graphopt's first; the default)",
+    )
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=64,
+        help="stop a kernel after this many trials without a 1%% gain (0: never; default 64)",
+    )
+    t.add_argument(
+        "--no-model-latency",
+        dest="measure_model",
+        action="store_false",
+        help="skip timing the whole model (and onnxruntime) before and after tuning",
+    )
     _add_precision(t)
     _add_common(t)
 
@@ -523,6 +542,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             rpc_tracker=args.rpc_tracker,
             rpc_key=args.rpc_key,
             batch_size=args.batch,
+            space=args.space,
+            patience=args.patience,
+            measure_model=args.measure_model,
             progress=printer,
             log=lambda msg: print(f"  {msg}", file=sys.stderr),
             **precision,

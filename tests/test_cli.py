@@ -359,3 +359,33 @@ def test_precision_choices_are_checked(capsys, cnn_file):
         main(["compile", str(cnn_file), "--precision", "int4"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "passed"),
+    [
+        ([], {"space": "both", "patience": 64, "measure_model": True}),
+        (
+            ["--space", "graphopt", "--patience", "0", "--no-model-latency"],
+            {"space": "graphopt", "patience": 0, "measure_model": False},
+        ),
+        (["--space", "generic"], {"space": "generic", "patience": 64, "measure_model": True}),
+    ],
+)
+def test_tune_search_options_reach_the_api(argv, passed, monkeypatch, capsys, cnn_file):
+    seen = {}
+
+    def fake(*_args, **kwargs):
+        seen.update(kwargs)
+        raise GraphoptError("stop here")
+
+    monkeypatch.setattr(importlib.import_module("graphopt.tuning"), "tune", fake)
+    code, _, err = _run(capsys, "tune", cnn_file, *argv)
+    assert code == 2 and "stop here" in err
+    assert {k: seen[k] for k in passed} == passed
+
+
+def test_tune_space_choices_are_checked(capsys, cnn_file):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", str(cnn_file), "--space", "random"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

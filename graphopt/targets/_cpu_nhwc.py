@@ -43,6 +43,8 @@ __all__ = [
     "conv2d_nhwc_te",
     "depthwise_conv2d_nhwc_te",
     "rule_conv2d_nhwc",
+    "schedule_conv2d_nhwc",
+    "TUNABLE",
 ]
 
 _ANNOTATION = "graphopt.kernel"  # the key _cpu_schedules' rules look for
@@ -202,7 +204,18 @@ def rule_conv2d_nhwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sc
     so is the padding of a thin input (an RGB image: a pass of its own over 3 channels
     cannot vectorize, and its reduction over 3 channels is short anyway).
     """
-    sch = s_tir.Schedule(func)
+    return schedule_conv2d_nhwc(s_tir.Schedule(func), target)
+
+
+def schedule_conv2d_nhwc(
+    sch: s_tir.Schedule,
+    target: tvm.target.Target,
+    decisions: cpu.Decisions = cpu.DEFAULTS,
+    plan: cpu.Plan = cpu.DEFAULT_PLAN,
+) -> s_tir.Schedule | None:
+    """:func:`rule_conv2d_nhwc` on ``sch``, the register tile from ``decisions`` and the
+    structure from ``plan`` (see :class:`graphopt.targets._cpu_schedules.Plan`). The
+    channel block is the weight layout's (fixed before scheduling)."""
     anchors = [b for b in cpu._root_blocks(sch) if cpu._annotation(sch, b) in _KINDS]
     if len(anchors) != 1:
         return None
@@ -225,15 +238,29 @@ def rule_conv2d_nhwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sc
     n, y, x, c = loops
     vectors = -(-block // lanes)  # accumulator registers per pixel
     most = (_vector_registers(target) - _SPARE_REGISTERS) // vectors
-    reg_n = _pick_reg_n(cpu._extent(sch, x), most)
+    height, width = cpu._extent(sch, y), cpu._extent(sch, x)
+    rows = 1
+    if plan.rows:  # the largest row tile from 2 to 4 (none: the plan declines)
+        rows = max((r for r in range(2, min(most, 4) + 1) if height % r == 0), default=1)
+        if rows == 1:
+            return None
+    reg_n = _pick_reg_n(width, most // rows)
     co, ci = sch.split(c, [None, block])
-    xo, xi = sch.split(x, [None, reg_n])
-    sch.reorder(n, co, y, xo, xi, ci)
-    sch.parallel(sch.fuse(n, co, y))
+    if plan.rows:
+        yo, yi = sch.split(y, [None, decisions.factor(sch, height, rows, 4)])
+    xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, max(most // rows, 1))])
+    if plan.rows:
+        sch.reorder(n, co, yo, xo, yi, xi, ci)
+        y = yo
+    else:
+        sch.reorder(n, co, y, xo, xi, ci)
+    sch.parallel(sch.fuse(n, co, y) if plan.parallel_loops == 3 else sch.fuse(n, co))
     sch.vectorize(ci)
     sch.compute_at(conv, xo)
+    if plan.rows:
+        sch.unroll(yi)
     sch.unroll(xi)
-    cpu._split_reduction_into_tile(sch, conv, xo)
+    cpu._split_reduction_into_tile(sch, conv, xo, plan)
     return cpu._schedule_others(sch, others, lanes)
 
 
@@ -250,9 +277,26 @@ def _family_rule(kind: str):  # noqa: ANN202
     return rule
 
 
+def _family_space(kind: str):  # noqa: ANN202
+    """:func:`schedule_conv2d_nhwc` for the kernels ``_family_rule(kind)`` takes."""
+
+    def schedule(sch, target, decisions=cpu.DEFAULTS, plan=cpu.DEFAULT_PLAN):  # noqa: ANN001, ANN202
+        if kind not in [cpu._annotation(sch, b) for b in cpu._root_blocks(sch)]:
+            return None
+        return schedule_conv2d_nhwc(sch, target, decisions, plan)
+
+    return schedule
+
+
 RULE = ("conv2d_nhwc", rule_conv2d_nhwc)  # every family (the one rule of earlier versions)
 RULES = [
     ("conv2d_nhwc", _family_rule("conv2d_nhwc")),
     ("depthwise_nhwc", _family_rule("depthwise_conv2d_nhwc")),
     ("grouped_nhwc", _family_rule("grouped_conv2d_nhwc")),
 ]
+# Their search spaces (see ``_cpu_schedules.TUNABLE``).
+TUNABLE = {
+    "conv2d_nhwc": (_family_space("conv2d_nhwc"), cpu.CONV_PLANS),
+    "depthwise_nhwc": (_family_space("depthwise_conv2d_nhwc"), cpu.CONV_PLANS),
+    "grouped_nhwc": (_family_space("grouped_conv2d_nhwc"), cpu.CONV_PLANS),
+}

@@ -38,6 +38,7 @@ channel block vectorized and the pixel loop unrolled, outer loops parallel.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax, s_tir, te, tirx, topi
@@ -53,6 +54,11 @@ __all__ = [
     "ConvertToNCHWc",
     "vector_lanes",
     "apply_rules",
+    "TUNABLE",
+    "Plan",
+    "Decisions",
+    "SampledDecisions",
+    "DEFAULTS",
 ]
 
 # Register tile width (output pixels) for conv: 28 accumulators + weight + broadcast
@@ -67,6 +73,75 @@ _MAX_UNROLLED_CONCAT = 128
 # Below this many loop iterations a kernel runs serially: a parallel launch costs more.
 _PARALLEL_MIN = 2048
 _ANNOTATION = "graphopt.kernel"
+
+
+# --- the tunable choices of a rule -------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """The structural choices of a register-tile rule (each combination is one MetaSchedule
+    design space; the default ``Plan()`` is today's schedule).
+
+    ``parallel_loops``: how many of the outer output loops (n, channel chunk, row) are
+    fused into the parallel loop (3: all; 2: each thread walks its rows serially, so its
+    weights stay in cache); ``rows``: register tile of several output rows (a tile of
+    rows x pixels, each weight vector feeding more FMAs); ``kernel_outer``: the kernel
+    window loops outside the input-channel chunk loop; ``unroll_kw``: the kernel-width
+    loop unrolled too (TOPI's ``unroll_kw``).
+    """
+
+    parallel_loops: int = 3
+    rows: bool = False
+    kernel_outer: bool = False
+    unroll_kw: bool = False
+
+
+DEFAULT_PLAN = Plan()
+# The design spaces of the conv rules: the default first, then one change at a time.
+CONV_PLANS = (
+    DEFAULT_PLAN,
+    Plan(parallel_loops=2),
+    Plan(rows=True),
+    Plan(kernel_outer=True),
+    Plan(unroll_kw=True),
+)
+# Accumulator rows of a multi-row conv tile, at most (rows x reg_n <= _MAX_REG_N).
+_MAX_TILE_ROWS = 4
+
+
+class Decisions:
+    """Where a rule's numeric choices come from. This base class gives the defaults as
+    plain integers (no schedule instruction): the untuned schedules, unchanged."""
+
+    sampling = False
+
+    def factor(self, sch: s_tir.Schedule, extent: int, default: int, most: int) -> object:
+        """The inner factor of a loop of ``extent`` split in two (``default`` unless
+        sampled; sampled among the divisors from 2 to ``most``)."""
+        return default
+
+
+class SampledDecisions(Decisions):
+    """Each choice a ``sample_categorical`` over the loop's divisors whose decision is the
+    default, so the design space's first point is the default schedule.
+
+    Why divisors >= 2 and not ``sample_perfect_tile``: a factor of 1 makes ``compute_at``
+    drop that loop, so a trace replayed with it would see fewer loops than it recorded
+    and fail; every divisor >= 2 keeps the loop structure of the default."""
+
+    sampling = True
+
+    def factor(self, sch: s_tir.Schedule, extent: int, default: int, most: int) -> object:
+        options = sorted(
+            {d for d in range(2, min(extent, most) + 1) if extent % d == 0} | {default}
+        )
+        if len(options) == 1 or default == 1:
+            return default
+        return sch.sample_categorical(
+            options, [1.0 / len(options)] * len(options), decision=options.index(default)
+        )
+
+
+DEFAULTS = Decisions()
 
 
 def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
@@ -422,6 +497,11 @@ def _schedule_concat(sch: s_tir.Schedule, block, lanes: int) -> bool:  # noqa: A
     return True
 
 
+def _smallest_divisor(extent: int) -> int:
+    """The smallest divisor of ``extent`` from 2 to _MAX_TILE_VECTORS, or 1."""
+    return next((d for d in range(2, _MAX_TILE_VECTORS + 1) if extent % d == 0), 1)
+
+
 def _pick_rows(height: int, vectors: int) -> int:
     """Output rows per reduction register tile: a divisor of ``height`` with
     ``rows * vectors`` accumulators, at most _MAX_TILE_VECTORS of them."""
@@ -431,26 +511,40 @@ def _pick_rows(height: int, vectors: int) -> int:
     return 1
 
 
-def _pick_reg_n(width: int) -> int:
-    """Largest divisor of the output width that fits the register tile."""
-    for n in range(min(width, _MAX_REG_N), 0, -1):
+def _pick_reg_n(width: int, most: int = _MAX_REG_N) -> int:
+    """Largest divisor of the output width that fits the register tile (``most`` pixels)."""
+    for n in range(min(width, most), 0, -1):
         if width % n == 0:
             return n
     return 1
 
 
-def _split_reduction_into_tile(sch: s_tir.Schedule, block, outer) -> None:  # noqa: ANN001
-    """Under ``outer``: reductions first, then the spatial tile (unrolled, vectorized)."""
+def _split_reduction_into_tile(
+    sch: s_tir.Schedule,
+    block,  # noqa: ANN001
+    outer,  # noqa: ANN001
+    plan: Plan = DEFAULT_PLAN,
+) -> None:
+    """Under ``outer``: reductions first, then the spatial tile (unrolled, vectorized).
+
+    ``plan.kernel_outer`` puts a conv's kernel window loops (rh, rw) outside its input
+    channel chunk loop; ``plan.unroll_kw`` unrolls the kernel-width loop too."""
     loops = _loops_below(sch, block, outer)
     kinds = _loop_kinds(sch, block, loops)
     spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
     reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+    # a conv's kernel-width loop: rw of (rco, rh, rw, rci), or of a depthwise (rh, rw)
+    kw = reduce[2] if len(reduce) == 4 else reduce[-1] if len(reduce) == 2 else None
+    if plan.kernel_outer and len(reduce) == 4:  # (rco, rh, rw, rci) -> (rh, rw, rco, rci)
+        reduce = [reduce[1], reduce[2], reduce[0], reduce[3]]
     sch.reorder(*reduce, *spatial)
     if spatial:
         sch.vectorize(spatial[-1])
         for lp in spatial[:-1]:
             if (_extent(sch, lp) or 0) > 1:
                 sch.unroll(lp)
+    if plan.unroll_kw and kw is not None:
+        sch.unroll(kw)
     if reduce:
         init = sch.decompose_reduction(block, reduce[0])
         init_loops = _loops_below(sch, init, outer)
@@ -546,7 +640,18 @@ def rule_conv2d_nchwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.S
     weight vector load, reg_n broadcasts and reg_n FMAs; bias/BN/ReLU/residual adds are
     applied on the way out of the registers; (n, oc chunk, row) loops run in parallel.
     """
-    sch = s_tir.Schedule(func)
+    return schedule_conv2d_nchwc(s_tir.Schedule(func), target)
+
+
+def schedule_conv2d_nchwc(
+    sch: s_tir.Schedule,
+    target: tvm.target.Target,
+    decisions: Decisions = DEFAULTS,
+    plan: Plan = DEFAULT_PLAN,
+) -> s_tir.Schedule | None:
+    """:func:`rule_conv2d_nchwc` on ``sch``, its choices from ``decisions`` and ``plan``
+    (the register tile's pixels, and rows with ``plan.rows``; the channel block is the
+    layout's, fixed before scheduling)."""
     anchors = [b for b in _root_blocks(sch) if _annotation(sch, b) in _PACKED_CONVS]
     if len(anchors) != 1:
         return None
@@ -569,15 +674,42 @@ def rule_conv2d_nchwc(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.S
     if len(loops) != 5:
         return None
     n, co, y, x, ci = loops
-    reg_n = _pick_reg_n(_extent(sch, x))
-    xo, xi = sch.split(x, [None, reg_n])
-    outer = sch.fuse(n, co, y)
+    tile = _register_tile(sch, (y, x), decisions, plan)
+    if tile is None:
+        return None
+    xo, xi, tile_loops = tile
+    if plan.rows:
+        yo, yi = tile_loops
+        sch.reorder(yo, xo, yi, xi)
+        y = yo
+    outer = sch.fuse(n, co, y) if plan.parallel_loops == 3 else sch.fuse(n, co)
     sch.parallel(outer)
     sch.vectorize(ci)
     sch.compute_at(conv, xo)
+    if plan.rows:
+        sch.unroll(tile_loops[1])
     sch.unroll(xi)
-    _split_reduction_into_tile(sch, conv, xo)
+    _split_reduction_into_tile(sch, conv, xo, plan)
     return _schedule_others(sch, others, lanes)
+
+
+def _register_tile(sch: s_tir.Schedule, rows_pixels: tuple, decisions: Decisions, plan: Plan):  # noqa: ANN001, ANN202
+    """Split the output's pixel loop (and its row loop with ``plan.rows``) into the register
+    tile: returns (pixel chunk, pixels, (row chunk, rows) or None), or None to decline (a
+    row tile where the rows have no divisor from 2 to _MAX_TILE_ROWS)."""
+    y, x = rows_pixels
+    width = _extent(sch, x)
+    rows = 1
+    tile_loops = None
+    if plan.rows:
+        height = _extent(sch, y)
+        rows = max((r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0), default=1)
+        if rows == 1:
+            return None
+        tile_loops = sch.split(y, [None, decisions.factor(sch, height, rows, _MAX_TILE_ROWS)])
+    reg_n = _pick_reg_n(width, _MAX_REG_N // rows)
+    xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, _MAX_REG_N // rows)])
+    return xo, xi, tile_loops
 
 
 def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
@@ -588,7 +720,22 @@ def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sche
     reduction loops with the accumulators in registers; outer output loops run parallel.
     When that axis is too short to vectorize (NCHW mean), only the parallel part applies.
     """
-    sch = s_tir.Schedule(func)
+    return schedule_reduction(s_tir.Schedule(func), target)
+
+
+# The design spaces of the reduction rule: the default, then a row tile where it has none.
+REDUCTION_PLANS = (DEFAULT_PLAN, Plan(rows=True))
+
+
+def schedule_reduction(
+    sch: s_tir.Schedule,
+    target: tvm.target.Target,
+    decisions: Decisions = DEFAULTS,
+    plan: Plan = DEFAULT_PLAN,
+) -> s_tir.Schedule | None:
+    """:func:`rule_reduction` on ``sch``: the vector tile of the innermost output axis and
+    the register tile's rows come from ``decisions``; ``plan.rows`` tiles rows where the
+    default does not (else it declines: that space is the default's)."""
     reductions = [b for b in _root_blocks(sch) if "R" in _iter_kinds(sch, b)]
     if len(reductions) != 1:
         return None
@@ -618,16 +765,26 @@ def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sche
     if tile is None and 2 <= last <= lanes * 4:
         tile = last
     if tile is not None:
-        lo, li = sch.split(loops[-1], [None, tile])
+        widest = lanes * 4
+        lo, li = sch.split(loops[-1], [None, decisions.factor(sch, last, tile, widest)])
         outer_loops = [*loops[:-1], lo]
         # Rows of the register tile: the innermost other output axis longer than 1 (a
         # matmul's M; for a batched GEMV such as [blocks, 1, N] the blocks).
         axis = max((i for i, e in enumerate(extents[:-1]) if e > 1), default=None)
         rows = 1 if axis is None else _pick_rows(extents[axis], -(-tile // lanes))
+        if plan.rows:
+            # the default has no row tile: try the smallest (a row tile of 1 is no tile)
+            rows = 1 if axis is None or rows > 1 else _smallest_divisor(extents[axis])
+            if rows == 1:
+                return None  # no rows to tile, or the default tiles them: its own space
         if rows > 1:  # a register tile of `rows` x `tile`: each loaded B vector feeds `rows` FMAs
-            ro, ri = sch.split(loops[axis], [None, rows])
+            most = _MAX_TILE_VECTORS
+            factor = decisions.factor(sch, extents[axis], rows, most)
+            ro, ri = sch.split(loops[axis], [None, factor])
             outer_loops = [*loops[:axis], ro, *loops[axis + 1 : -1], lo]
             sch.reorder(*outer_loops, ri, li)
+    elif plan.rows:
+        return None
     else:
         outer_loops = loops
     outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
@@ -706,6 +863,43 @@ def rule_matmul(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedul
         return None
     return rule_reduction(func, target)
 
+
+def schedule_matmul(
+    sch: s_tir.Schedule,
+    target: tvm.target.Target,
+    decisions: Decisions = DEFAULTS,
+    plan: Plan = DEFAULT_PLAN,
+) -> s_tir.Schedule | None:
+    """:func:`rule_matmul` on ``sch`` (:func:`schedule_reduction`'s choices)."""
+    reductions = [b for b in _root_blocks(sch) if "R" in _iter_kinds(sch, b)]
+    if len(reductions) != 1 or not _is_matmul(sch, reductions[0]):
+        return None
+    return schedule_reduction(sch, target, decisions, plan)
+
+
+def _packed_conv_space(family: str):  # noqa: ANN202
+    """:func:`schedule_conv2d_nchwc` for the kernels ``_packed_conv_rule(family)`` takes."""
+
+    def schedule(sch, target, decisions=DEFAULTS, plan=DEFAULT_PLAN):  # noqa: ANN001, ANN202
+        anchors = [b for b in _root_blocks(sch) if _annotation(sch, b) in _PACKED_CONVS]
+        if len(anchors) != 1 or _conv_family(sch, anchors[0]) != family:
+            return None
+        return schedule_conv2d_nchwc(sch, target, decisions, plan)
+
+    return schedule
+
+
+# The rules whose choices are a tuning search space (graphopt/tuning/_space.py):
+# name -> (schedule(sch, target, decisions, plan), its plans, the default first). A rule
+# not listed here is offered to the search as its default schedule only.
+TUNABLE = {
+    "conv2d_nchwc": (_packed_conv_space("conv2d_nchwc"), CONV_PLANS),
+    "pointwise_nchwc": (_packed_conv_space("pointwise_nchwc"), CONV_PLANS),
+    "depthwise_nchwc": (_packed_conv_space("depthwise_nchwc"), CONV_PLANS),
+    "grouped_nchwc": (_packed_conv_space("grouped_nchwc"), CONV_PLANS),
+    "matmul": (schedule_matmul, REDUCTION_PLANS),
+    "reduction": (schedule_reduction, REDUCTION_PLANS),
+}
 
 # Ordered: the first rule that returns a schedule wins.
 RULES = [

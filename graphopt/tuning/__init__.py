@@ -2,9 +2,11 @@
 
 - :func:`tune` extracts the fused kernels of a model exactly as ``compile`` produces them
   (the target's Relax phases up to its ``schedule`` phase, in the same ``layout``),
-  measures each kernel's default schedule, then spends trials on the kernels by their
-  share of the model's FLOPs, here or on devices behind TVM's RPC tracker; every
-  measured batch is appended to the database.
+  measures each kernel's default schedule first, then spends trials on the kernels by
+  their share of the model's measured time, searching graphopt's own rules, MetaSchedule's
+  generic space or both (``space``; see docs/tuning.md), here or on devices behind TVM's
+  RPC tracker; every measured batch is appended to the database. It ends by timing the
+  model before and after, next to onnxruntime.
 - :class:`TuningDatabase` is that database (a directory; see ``_database.py`` for why it
   survives ``kill -9``); :func:`open_database` opens one for ``compile``, refusing one
   from another target or a corrupt one.

@@ -2,8 +2,9 @@
 
 Put it after FuseTIR and before the default-schedule pass: each PrimFunc whose workload has
 a record at least ``MIN_SPEEDUP`` times faster than its default schedule (both measured
-when tuning) gets the record's trace replayed and is marked ``tirx.is_scheduled``, so the
-default schedules skip it. Any other kernel is left alone for the defaults.
+when tuning; by their side-by-side re-measurement when ``tune`` made one) gets the
+record's trace replayed and is marked ``tirx.is_scheduled``, so the default schedules
+skip it. Any other kernel is left alone for the defaults.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ def ApplyTuningDatabase(db: TuningDatabase, report: dict | None = None) -> tvm.t
     def schedule_one(gvar, func):  # noqa: ANN001, ANN202
         wmod = workload_mod(func)
         entry = db.find(wmod)
+        default_secs, best_secs = entry.confirmed() if entry is not None else (None, None)
         faster = (
             entry is not None
             and entry.best is not None
-            and (
-                entry.baseline_secs is None or entry.best_secs * MIN_SPEEDUP <= entry.baseline_secs
-            )
+            and best_secs is not None
+            and (default_secs is None or best_secs * MIN_SPEEDUP <= default_secs)
         )  # else the default schedule measured faster: keep it
         if not faster:
             if report is not None:
@@ -59,10 +60,8 @@ def ApplyTuningDatabase(db: TuningDatabase, report: dict | None = None) -> tvm.t
         if report is not None:
             report["from_database"][gvar.name_hint] = {
                 "workload": entry.name,
-                "tuned_us": round(entry.best_secs * 1e6, 3),
-                "default_us": (
-                    round(entry.baseline_secs * 1e6, 3) if entry.baseline_secs is not None else None
-                ),
+                "tuned_us": round(best_secs * 1e6, 3),
+                "default_us": round(default_secs * 1e6, 3) if default_secs is not None else None,
                 "trials": entry.trials,
             }
         return SCHEDULE_RULE, new

@@ -10,7 +10,11 @@ Layout of ``DB/``:
   ``wl`` (a workload: key, task name, FLOPs, the PrimFunc as MetaSchedule's Workload JSON),
   ``rec`` (one measured candidate: its TuningRecord JSON, or ``ok: false`` and the error),
   ``base`` (the default schedule's latency for a workload), ``end`` (the search space of a
-  workload is exhausted: nothing left to try).
+  workload is exhausted: nothing left to try), ``chk`` (the best record and the default
+  measured again side by side, which ``compile`` then judges the record by).
+
+``model-latency.json`` (written by ``tune``, atomically) caches the model's timing
+before/after per model, layout and records size, so a rerun that adds nothing reuses it.
 
 A process killed mid-``write()`` can only leave a torn *last* line (no trailing newline):
 it is dropped on open and cut off before the next append. Any other line that does not
@@ -45,6 +49,8 @@ RECORDS = "records.jsonl"
 _TARGET_KEYS = ("kind", "mtriple", "mcpu", "mattr", "arch")
 # A failed candidate's latency in the MetaSchedule database (as its AddToDatabase does).
 FAILED_SECS = 1e10
+# A record "improves" a workload (for early stopping) when this much faster than its best.
+_GAIN = 0.99
 
 
 class TuningDatabaseError(GraphoptError):
@@ -79,7 +85,21 @@ class _Entry:
     best: TuningRecord | None = None
     baseline_secs: float | None = None
     exhausted: bool = False
+    improved_at: int = 0  # the trial count when the best last got >= 1% faster
+    # (default, best, best_secs then): the best record re-measured beside the default
+    checked: tuple[float, float, float] | None = None
     line: dict = field(default_factory=dict)
+
+    def confirmed(self) -> tuple[float | None, float | None]:
+        """(default, best) seconds to judge the best record by: the side-by-side check
+        when it was made for the current best, else the search's measurements."""
+        if self.checked is not None and self.checked[2] == self.best_secs:
+            return self.checked[0], self.checked[1]
+        return self.baseline_secs, self.best_secs
+
+    def stalled(self, patience: int) -> bool:
+        """Whether the last ``patience`` trials found nothing 1% faster (0: never)."""
+        return patience > 0 and self.trials - self.improved_at >= patience
 
 
 class TuningDatabase:
@@ -185,12 +205,17 @@ class TuningDatabase:
             if line["ok"]:
                 record = TuningRecord.from_json(line["r"], entry.workload)
                 self._note_record(entry, record)
+                # the search's view too: a resumed search neither re-measures a candidate
+                # nor starts blind (it mutates the best measured ones)
+                self.memory.commit_tuning_record(record)
             else:
                 entry.failed += 1
         elif kind == "base":
             entry.baseline_secs = float(line["secs"])
         elif kind == "end":
             entry.exhausted = True
+        elif kind == "chk":
+            entry.checked = (float(line["default"]), float(line["best"]), float(line["at"]))
         else:
             raise ValueError(f"unknown line kind {kind!r}")
 
@@ -223,6 +248,8 @@ class TuningDatabase:
     def _note_record(entry: _Entry, record: TuningRecord) -> None:
         secs = _mean(record.run_secs)
         if secs is not None and (entry.best_secs is None or secs < entry.best_secs):
+            if entry.best_secs is None or secs < entry.best_secs * _GAIN:
+                entry.improved_at = entry.trials
             entry.best_secs, entry.best = secs, record
 
     # --- appending -----------------------------------------------------------------------
@@ -285,6 +312,12 @@ class TuningDatabase:
     def set_baseline(self, entry: _Entry, secs: float) -> None:
         entry.baseline_secs = secs
         self._append([{"t": "base", "w": entry.key, "secs": secs}])
+
+    def set_checked(self, entry: _Entry, default: float, best: float) -> None:
+        """The best record and the default, measured again side by side."""
+        entry.checked = (default, best, entry.best_secs)
+        line = {"t": "chk", "w": entry.key, "default": default, "best": best}
+        self._append([{**line, "at": entry.best_secs}])
 
     def mark_exhausted(self, entry: _Entry) -> None:
         entry.exhausted = True

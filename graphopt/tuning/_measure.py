@@ -83,6 +83,7 @@ class PersistentBuilder(PyBuilder):
         super().__init__()
         self.cross_compiler = cross_compiler
         self.timeout_sec = timeout_sec
+        self.workers = max_workers
         self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec)
         self.build_seconds = 0.0
 
@@ -145,22 +146,32 @@ def _device_type(target: tvm.target.Target) -> str:
     return "cpu" if kind == "llvm" else kind
 
 
-def _evaluator(number: int, repeat: int, min_repeat_ms: int) -> EvaluatorConfig:
+def _evaluator(number: int, repeat: int, min_repeat_ms: int, cold: bool = False) -> EvaluatorConfig:
     return EvaluatorConfig(
-        number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, enable_cpu_cache_flush=False
+        number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, enable_cpu_cache_flush=cold
     )
 
 
 def local_runner(
-    *, timeout_sec: float = 10.0, number: int = 3, repeat: int = 1, min_repeat_ms: int = 20
+    *,
+    timeout_sec: float = 10.0,
+    number: int = 3,
+    repeat: int = 1,
+    min_repeat_ms: int = 20,
+    cold: bool = False,
 ) -> LocalRunner:
     """Measure on this machine, one candidate at a time, each in a worker with a timeout.
 
     The workers inherit graphopt's thread count, so kernels are timed as artifacts run.
+    ``cold``: flush the CPU caches of every argument but the first before each repeat,
+    as a kernel meets them in a model run (its input just written by the kernel before,
+    its weights and output not touched since the last run); run hot, the same kernel
+    called over and over keeps its weights in cache, which favours schedules that lose
+    in the model.
     """
     use_all_cores()
     return LocalRunner(
-        timeout_sec=timeout_sec, evaluator_config=_evaluator(number, repeat, min_repeat_ms)
+        timeout_sec=timeout_sec, evaluator_config=_evaluator(number, repeat, min_repeat_ms, cold)
     )
 
 

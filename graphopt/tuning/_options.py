@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from graphopt.errors import GraphoptError
 from graphopt.tuning._tasks import Task
 
-__all__ = ["TuneOptions", "TuningError", "parse_duration"]
+# The search spaces ``--space`` names (see ``_space.py``); kept here, free of TVM, so
+# the CLI can offer them without importing MetaSchedule.
+SPACES = ("generic", "graphopt", "both")
+
+__all__ = ["TuneOptions", "TuningError", "parse_duration", "SPACES"]
 
 # Trials for a task when no budget is given, on average (weighted by FLOPs).
 DEFAULT_TRIALS_PER_TASK = 64
@@ -56,7 +60,8 @@ def parse_duration(text: str | float | int | None) -> float | None:
 class TuneOptions:
     """How much to tune and how: budgets, batch and search sizes, time limits.
 
-    ``trials``: in all, shared by FLOPs x calls (at least 1 per task); ``per_task``: each
+    ``trials``: in all, shared by each kernel's measured default time x calls (FLOPs x
+    calls until the defaults are measured) (at least 1 per task); ``per_task``: each
     task's (with ``trials``: a cap); ``time_budget``: seconds, or a text such as ``"30m"``
     (see :func:`parse_duration`), read as seconds once made. ``build_timeout`` and
     ``run_timeout`` bound one candidate's build and run (seconds). Bad values raise
@@ -71,11 +76,19 @@ class TuneOptions:
     build_timeout: float = 60.0
     run_timeout: float = 10.0
     seed: int = 0
+    space: str = "both"  # "generic" (MetaSchedule's), "graphopt" (the default rules'), "both"
+    # A task stops once this many trials in a row found nothing 1% faster (0: never).
+    patience: int = 64
+    measure_model: bool = True  # time the whole model before/after (and onnxruntime)
 
     def __post_init__(self) -> None:
         for flag, value in (("--trials", self.trials), ("--per-task", self.per_task)):
             if value is not None and value < 1:
                 raise TuningError(f"{flag} must be at least 1, got {value}")
+        if self.space not in SPACES:
+            raise TuningError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.patience < 0:
+            raise TuningError(f"patience must be at least 0, got {self.patience}")
         if self.batch_size < 1:
             raise TuningError(f"batch size must be at least 1, got {self.batch_size}")
         # the record is frozen: this is the one place a text becomes seconds

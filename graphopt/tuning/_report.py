@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from graphopt.tuning._apply import MIN_SPEEDUP
+from graphopt.tuning._latency import ModelLatency
+
 __all__ = ["TaskResult", "TuneReport", "format_report", "ProgressPrinter"]
 
 
@@ -42,6 +45,9 @@ class TuneReport:
     timing: dict = field(default_factory=dict)  # search / build / measure / baseline seconds
     nominal_budgets: bool = False  # only a time budget: the clock, not the trials, ends it
     layout: str = ""  # the layout the kernels were extracted in (compile with the same)
+    space: str = ""  # the search space: generic, graphopt or both
+    build_workers: int = 0
+    latency: ModelLatency | None = None  # the whole model, measured (None: not measured)
 
     @property
     def new_trials(self) -> int:
@@ -81,22 +87,51 @@ def format_report(report: TuneReport) -> str:
             complete = False
             continue
         total_default += t.default_secs * t.calls
-        best = min(x for x in (t.default_secs, t.tuned_secs) if x is not None)
-        total_best += best * t.calls
-    if complete and total_best > 0:
-        lines.append(
-            f"kernel time per model run: default {total_default * 1e3:.3f} ms, "
-            f"with the database {total_best * 1e3:.3f} ms "
-            f"({total_default / total_best:.2f}x)"
-        )
+        total_best += _applied(t.default_secs, t.tuned_secs) * t.calls
+    lines += _latency_lines(report, (total_default, total_best) if complete else None)
     t = report.timing
+    spent = t["search"] + t["build"] + t["measure"]
+    rate = f", {report.new_trials / (spent / 60):.1f} trials/min" if spent > 0 else ""
     lines.append(
-        f"{report.new_trials} new trial(s) in {report.seconds:.0f} s (search {t['search']:.0f} s, "
-        f"build {t['build']:.0f} s, measure {t['measure']:.0f} s, "
-        f"default schedules {t['baseline']:.0f} s); database {report.db}"
+        f"{report.new_trials} new trial(s) in {report.seconds:.0f} s{rate} (search "
+        f"{t['search']:.0f} s, build {t['build']:.0f} s on {report.build_workers or '?'} "
+        f"worker(s), measure {t['measure']:.0f} s, default schedules {t['baseline']:.0f} s"
+        + (f", re-measuring winners {t['confirm']:.0f} s" if "confirm" in t else "")
+        + (f", model timing {t['model']:.0f} s" if "model" in t else "")
+        + f"); database {report.db}"
         + (f", layout {report.layout}" if report.layout else "")
+        + (f", space {report.space}" if report.space else "")
     )
     return "\n".join(lines)
+
+
+def _applied(default: float, tuned: float | None) -> float:
+    """What compile uses: the record only if it beats the default by MIN_SPEEDUP."""
+    return tuned if tuned is not None and tuned * MIN_SPEEDUP <= default else default
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.3f} ms" if value is not None else "-"
+
+
+def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> list[str]:
+    """The model's latency before and after: estimated (its kernels' times added up) and
+    measured end to end, next to onnxruntime's."""
+    lat = report.latency
+    ort = f"; onnxruntime {_ms(lat.onnxruntime_ms)}" if lat and lat.onnxruntime_ms else ""
+    lines = []
+    for when, index, measured in (
+        ("before", 0, lat.default_ms if lat else None),
+        ("after ", 1, lat.tuned_ms if lat else None),
+    ):
+        est = _ms(kernels[index] * 1e3) if kernels else "-"
+        text = f"model latency {when} tuning: estimated {est} (kernels), measured {_ms(measured)}"
+        if when == "after " and lat and lat.tuned_kernels:
+            text += f" ({lat.tuned_kernels} kernel(s) from the database)"
+        lines.append(text + ort)
+    if lat and lat.note:
+        lines.append(f"model latency: {lat.note}")
+    return lines
 
 
 class ProgressPrinter:

@@ -1,6 +1,7 @@
 """MetaSchedule's search pieces, configured for graphopt's task-by-task loop.
 
-MetaSchedule's own (post-order-apply space, evolutionary search, XGBoost cost model),
+MetaSchedule's own (evolutionary search, XGBoost cost model) over one search space at a
+time (``_space.py``: graphopt's rules or MetaSchedule's post-order-apply),
 with a smaller search per batch and only the CPU tensor intrinsics loaded: see each
 function for why.
 """
@@ -20,6 +21,7 @@ from tvm.s_tir.meta_schedule.logging import get_logger
 from tvm.s_tir.meta_schedule.search_strategy import EvolutionarySearch
 
 from graphopt.tuning._options import TuneOptions
+from graphopt.tuning._space import space_generator
 from graphopt.tuning._tasks import Task
 
 __all__ = ["cost_model", "tune_context"]
@@ -71,16 +73,17 @@ def _cpu_intrinsics_only() -> None:
 
 
 def tune_context(
-    task: Task, target: tvm.target.Target, *, cores: int, options: TuneOptions
+    task: Task, target: tvm.target.Target, *, cores: int, options: TuneOptions, space: str
 ) -> TuneContext:
-    """A MetaSchedule ``TuneContext`` for one task (its search space and strategy)."""
+    """A MetaSchedule ``TuneContext`` for one task in one search space ("graphopt" or
+    "generic")."""
     _cpu_intrinsics_only()  # before the first TuneContext imports every target's intrinsics
     logger = get_logger("graphopt.tuning")
     logger.setLevel("WARNING")
     return TuneContext(
         task.mod,
         target=target,
-        space_generator="post-order-apply",
+        space_generator=space_generator(space, target),
         search_strategy=_search_strategy(options.population),
         task_name=task.name,
         rand_state=options.seed,

@@ -1,6 +1,7 @@
 """One ``tune`` run: MetaSchedule's search, driven task by task from Python.
 
-Why not ``tune_relax``: graphopt needs per-task budgets weighted by the model's FLOPs, a
+Why not ``tune_relax``: graphopt needs per-task budgets weighted by each kernel's measured
+share of the model (its default schedule's time x calls), early stops, a
 database that survives ``kill -9``, resuming without re-spending trials, a progress line,
 and Ctrl-C that keeps every finished batch; MetaSchedule's C++ task scheduler offers
 none of these hooks. :meth:`Session.loop` is its loop (generate candidates, build, run,
@@ -18,16 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import tvm
+from tvm import s_tir
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.cost_model import CostModel
+from tvm.s_tir.meta_schedule.database import TuningRecord
 from tvm.s_tir.meta_schedule.runner import Runner, RunnerResult
 
 from graphopt.targets import TargetSpec
+from graphopt.tuning._apply import MIN_SPEEDUP
 from graphopt.tuning._database import TuningDatabase, workload_mod
 from graphopt.tuning._measure import PersistentBuilder, measure
 from graphopt.tuning._options import TuneOptions
 from graphopt.tuning._report import TaskResult, TuneReport
 from graphopt.tuning._search import cost_model, tune_context
+from graphopt.tuning._space import default_trace, has_choices, phases_of
 from graphopt.tuning._tasks import Task
 
 __all__ = ["Session", "Targets", "TaskState", "Clock"]
@@ -110,19 +115,38 @@ class TaskState:
     budget: int
     ctx: object = None  # its MetaSchedule TuneContext, made when first searched
     new_trials: int = 0
-    status: str = "pending"  # or "tuned", "skipped", "exhausted"
+    phase: int = 0  # which of the session's search spaces it is in
+    phase_start: int = 0  # its trial count when that space began
+    rechecked: bool = False  # its default measured again beside its first candidates
+    status: str = "pending"  # or "tuned", "skipped", "exhausted", "converged"
 
     @classmethod
     def start(cls, task: Task, budget: int, database: TuningDatabase) -> TaskState:
-        """Commit ``task`` to ``database``; a task its records already settle starts done,
-        which is how a rerun resumes."""
+        """Commit ``task`` to ``database``; a task its records already settle starts done
+        (:meth:`settle`), which is how a rerun resumes."""
         entry = database.add_workload(task.mod, task.name, task.flops)
-        state = cls(task, entry, budget)
-        if entry.exhausted:
-            state.status = "exhausted"
-        elif entry.trials >= budget:
-            state.status = "skipped"
-        return state
+        if entry.baseline_secs is not None:
+            task.measured_secs = entry.baseline_secs
+        return cls(task, entry, budget)
+
+    def settle(self, budget: int, patience: int) -> None:
+        """Set the budget; a task whose records already settle it is done: its space is
+        exhausted, its budget spent, or its last ``patience`` trials gained nothing."""
+        self.budget = budget
+        e = self.entry
+        if e.exhausted:
+            self.status = "exhausted"
+        elif e.trials >= budget:
+            self.status = "skipped"
+        elif e.stalled(patience):
+            self.status = "converged"
+        else:
+            self.status = "pending"
+
+    def stalled(self, patience: int) -> bool:
+        """Whether the current space's last ``patience`` trials gained nothing (1%)."""
+        e = self.entry
+        return patience > 0 and e.trials - max(e.improved_at, self.phase_start) >= patience
 
     @property
     def done(self) -> bool:
@@ -138,6 +162,7 @@ class TaskState:
         status = {
             "skipped": "skipped (budget reached)",
             "exhausted": "search space exhausted",
+            "converged": "stopped early (no gain)",
             "tuned": "tuned",
         }.get(self.status, unfinished)
         return TaskResult(
@@ -148,8 +173,8 @@ class TaskState:
             trials=e.trials,
             new_trials=self.new_trials,
             failed=e.failed,
-            default_secs=e.baseline_secs,
-            tuned_secs=e.best_secs,
+            default_secs=e.confirmed()[0],
+            tuned_secs=e.confirmed()[1],
             status=status,
         )
 
@@ -178,6 +203,29 @@ class _Stop:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _replayed(entry, task: Task) -> tvm.IRModule:  # noqa: ANN001 - a database entry
+    """The task's kernel under its best record's schedule, as ``compile`` replays it."""
+    sch = s_tir.Schedule(task.mod)
+    entry.best.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch.mod
+
+
+def applied_secs(default: float | None, best: float | None) -> float | None:
+    """A kernel's time as ``compile`` builds it with the database: the record only when it
+    beats the default by ``MIN_SPEEDUP`` (the default unknown: the record)."""
+    if default is None:
+        return best
+    if best is not None and best * MIN_SPEEDUP <= default:
+        return best
+    return default
+
+
 def _no_timing() -> dict[str, float]:
     return {"search": 0.0, "build": 0.0, "measure": 0.0, "baseline": 0.0}
 
@@ -200,38 +248,61 @@ class Session:
     clock: Clock
     progress: Callable[[dict], None] | None
     say: Callable[[str], None]
+    confirm_runner: Runner | None = None  # re-measures winners (several repeats each)
     # what the run itself changes
     stop: _Stop = field(init=False, default_factory=_Stop)
     timing: dict[str, float] = field(init=False, default_factory=_no_timing)  # seconds each
     timed_out: bool = field(init=False, default=False)
     planned: int = field(init=False)  # trials left to run when the session began
+    phases: tuple = field(init=False)  # the search spaces each task goes through, in order
 
     def __post_init__(self) -> None:
-        self.planned = sum(max(s.left, 0) for s in self.states if not s.done)
+        self.planned = 0
+        self.phases = phases_of(self.options.space)
 
     def run(self) -> TuneReport:
-        """Baselines, then the search until budgets, the clock or Ctrl-C end it.
+        """Baselines, budgets by the measured defaults, then the search until budgets,
+        early stops, the clock or Ctrl-C end it.
 
         However it ends, the build workers and the search contexts are released, and
         everything committed stays in the database.
         """
-        done = sum(1 for s in self.states if s.done)
-        self.say(
-            f"{len(self.states)} task(s), {done} already at budget, "
-            f"{self.planned} trial(s) to run; database {self.database.path}"
-        )
         interrupted = False
         try:
             with self.stop:
                 self.baselines()
+                self._budgets()
                 if not self.stop.requested:
                     self.loop()
+                if not self.stop.requested:
+                    self.confirm()
                 interrupted = self.stop.requested
         except KeyboardInterrupt:
             interrupted = True
         finally:
             self._release()
         return self._report(interrupted)
+
+    def _budgets(self) -> None:
+        """Share the trials by each task's measured default time x calls (its share of a
+        model run), by FLOPs x calls when a default could not be measured; then settle
+        which tasks are already done (a rerun's records decide the same way)."""
+        tasks = [s.task for s in self.states]
+        if any(t.measured_secs is None for t in tasks):
+            for t in tasks:
+                t.measured_secs = None  # no mixing seconds with FLOPs
+        budgets = self.options.budgets(tasks)
+        for state, budget in zip(self.states, budgets, strict=True):
+            state.settle(budget, self.options.patience)
+        self.planned = sum(max(s.left, 0) for s in self.states if not s.done)
+        done = sum(1 for s in self.states if s.done)
+        by = "measured default time" if tasks and tasks[0].measured_secs else "FLOPs"
+        planned = "until the clock stops" if self.options.nominal_budgets else self.planned
+        self.say(
+            f"{len(self.states)} task(s), {done} already done, trials to run: {planned} "
+            f"(shared by {by} x calls; search space {self.options.space}); "
+            f"database {self.database.path}"
+        )
 
     def baselines(self) -> None:
         """Measure each task's default schedule once (kept in the database): speed-ups,
@@ -256,6 +327,7 @@ class Session:
             for s, (secs, _err) in zip(measured, results, strict=True):
                 if secs is not None:
                     self.database.set_baseline(s.entry, sum(secs) / len(secs))
+                    s.task.measured_secs = s.entry.baseline_secs
         self.timing["baseline"] += time.perf_counter() - t0
 
     def loop(self) -> None:
@@ -288,18 +360,25 @@ class Session:
         if self.stop.requested:
             return
         if not candidates:
-            self.database.mark_exhausted(state.entry)
-            state.status = "exhausted"
+            if not self._next_phase(state):
+                self.database.mark_exhausted(state.entry)
+                state.status = "exhausted"
             return
         candidates = candidates[:left]
         mods = [c.sch.mod for c in candidates]
         infos = [c.args_info for c in candidates]
+        default = self._default_again(state)
+        if default is not None:
+            mods.insert(0, default)
+            infos.insert(0, ArgInfo.from_prim_func(default["main"]))
         target = self.targets.tune_target
         results, build_secs, run_secs = measure(self.builder, self.runner, target, mods, infos)
         self.timing["build"] += build_secs
         self.timing["measure"] += run_secs
         if self.stop.requested:
             return  # this batch may have been hit by the Ctrl-C too: drop it
+        if default is not None:
+            self._recheck_baseline(state, results.pop(0)[0])
         self._learn(state, model, candidates, results)
         self.database.add_results(
             state.entry,
@@ -311,6 +390,8 @@ class Session:
         state.new_trials += len(candidates)
         if state.entry.trials >= state.budget:
             state.status = "tuned"
+        elif state.stalled(self.options.patience) and not self._next_phase(state):
+            state.status = "converged"  # the rest of its budget would buy nothing
         if self.progress is not None:
             self.progress(self._progress(state))
 
@@ -318,10 +399,19 @@ class Session:
         """The next batch the search proposes (its context is made on first use)."""
         t0 = time.perf_counter()
         if state.ctx is None:
+            space = self.phases[state.phase]
+            if space == "graphopt" and not self._searchable(state):
+                return []  # only the default, measured already: the space is exhausted
             left = state.left
             state.ctx = tune_context(
-                state.task, self.targets.tune_target, cores=self.targets.cores, options=self.options
+                state.task,
+                self.targets.tune_target,
+                cores=self.targets.cores,
+                options=self.options,
+                space=space,
             )
+            if space == "graphopt":
+                self._seed_default(state)
             state.ctx.pre_tuning(
                 max_trials=left,
                 num_trials_per_iter=min(self.options.batch_size, left),
@@ -331,6 +421,103 @@ class Session:
         candidates = state.ctx.generate_measure_candidates()
         self.timing["search"] += time.perf_counter() - t0
         return candidates
+
+    def confirm(self) -> None:
+        """Measure each task's best record again, beside its default, when it claims to
+        beat the default by ``MIN_SPEEDUP``; ``compile`` then judges it by these.
+
+        Why: on a busy machine a candidate measured once can look fast by luck, and the
+        best of hundreds of such measurements is the luckiest of them (seen here:
+        records "2-4x faster" that made the model slower). Measured again, several
+        repeats each, side by side with the default, a lucky record loses its claim."""
+        todo = []
+        for state in self.states:
+            e = state.entry
+            if e.best is None or e.baseline_secs is None:
+                continue
+            if e.checked is not None and e.checked[2] == e.best_secs:
+                continue  # this best was checked already
+            if e.best_secs * MIN_SPEEDUP > e.baseline_secs:
+                continue  # it does not claim to beat the default
+            try:
+                mods = [self.targets.default_scheduled(state.task), _replayed(e, state.task)]
+            except Exception:  # noqa: BLE001 - cannot rebuild it: judged as measured
+                continue
+            todo.append((state, mods))
+        if not todo:
+            return
+        self.say(f"measuring {len(todo)} winning record(s) again, beside their defaults")
+        t0 = time.perf_counter()
+        mods = [m for _, pair in todo for m in pair]
+        infos = [ArgInfo.from_prim_func(m["main"]) for m in mods]
+        runner = self.confirm_runner or self.runner
+        target = self.targets.tune_target
+        results, _, _ = measure(self.builder, runner, target, mods, infos)
+        for i, (state, _) in enumerate(todo):
+            default, best = results[2 * i][0], results[2 * i + 1][0]
+            if default and best:
+                self.database.set_checked(state.entry, _median(default), _median(best))
+        self.timing["confirm"] = time.perf_counter() - t0
+
+    def _default_again(self, state: TaskState) -> tvm.IRModule | None:
+        """The default schedule, to measure once more in the task's first batch of this run.
+
+        Why: the first measurements of a run (all the defaults, in a row) can catch the
+        machine busier than the search's batches later do; measured side by side with the
+        candidates, the default is judged under the same conditions."""
+        if state.rechecked or state.entry.baseline_secs is None:
+            return None
+        state.rechecked = True
+        try:
+            return self.targets.default_scheduled(state.task)
+        except Exception:  # noqa: BLE001 - no default schedule: nothing to re-measure
+            return None
+
+    def _recheck_baseline(self, state: TaskState, secs: list | None) -> None:
+        """Keep the faster of the two measurements of the default: a record must then
+        beat the default at its best to be used (never slower than the default)."""
+        if not secs:
+            return
+        again = sum(secs) / len(secs)
+        if again < state.entry.baseline_secs:
+            self.database.set_baseline(state.entry, again)
+
+    def _next_phase(self, state: TaskState) -> bool:
+        """Move ``state`` to the next search space of ``--space`` (graphopt's, then the
+        generic one), if there is one: a fresh search whose patience starts now."""
+        if state.phase + 1 >= len(self.phases):
+            return False
+        if state.ctx is not None:
+            with contextlib.suppress(Exception):
+                state.ctx.post_tuning()
+        state.ctx = None
+        state.phase += 1
+        state.phase_start = state.entry.trials
+        return True
+
+    def _searchable(self, state: TaskState) -> bool:
+        try:
+            return has_choices(state.task.mod, self.targets.tune_target)
+        except Exception:  # noqa: BLE001 - let the search find out
+            return True
+
+    def _seed_default(self, state: TaskState) -> None:
+        """Put the default schedule, as the graphopt space's trace with its measured time,
+        into the search's database (memory only: it is no trial), so the evolutionary
+        search starts from it and mutates around it."""
+        e = state.entry
+        if e.baseline_secs is None:
+            return
+        try:
+            default = self.targets.default_scheduled(state.task)
+            trace = default_trace(state.task.mod, self.targets.tune_target, default)
+        except Exception:  # noqa: BLE001 - no default schedule to start from
+            return
+        if trace is None:
+            return
+        info = ArgInfo.from_prim_func(state.task.mod["main"])
+        record = TuningRecord(trace, e.workload, [e.baseline_secs], self.targets.tune_target, info)
+        self.database.memory.commit_tuning_record(record)
 
     def _learn(self, state: TaskState, model: CostModel, candidates: list, results: list) -> None:
         """Tell the search strategy and the cost model how the batch measured."""
@@ -365,11 +552,10 @@ class Session:
         """Kernel time of one model run with the best known schedule per kernel."""
         total = 0.0
         for s in self.states:
-            e = s.entry
-            known = [x for x in (e.best_secs, e.baseline_secs) if x is not None]
-            if not known:
+            secs = applied_secs(*s.entry.confirmed())
+            if secs is None:
                 return None
-            total += min(known) * s.task.calls
+            total += secs * s.task.calls
         return total
 
     def _release(self) -> None:
@@ -390,4 +576,6 @@ class Session:
             timing=self.timing,
             nominal_budgets=self.options.nominal_budgets,
             layout=self.targets.layout,
+            space=self.options.space,
+            build_workers=self.builder.workers,
         )

@@ -31,9 +31,13 @@ class Task:
     func: tirx.PrimFunc  # as it sits in the model (for the default schedule)
     flops: float
     calls: int
+    measured_secs: float | None = None  # its default schedule's time, once measured
 
     @property
     def weight(self) -> float:
+        """Its share of a model run: measured time x calls once known, else FLOPs x calls."""
+        if self.measured_secs is not None:
+            return self.measured_secs * self.calls
         return max(self.flops, 1.0) * self.calls
 
 

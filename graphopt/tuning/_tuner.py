@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import tvm_ffi
 from tvm.s_tir.meta_schedule.runner import Runner
 from tvm.target import codegen
 
@@ -21,6 +23,8 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import TargetSpec, check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
+from graphopt.tuning._latency import ModelLatency
+from graphopt.tuning._latency import measure_model as time_model
 from graphopt.tuning._measure import (
     PersistentBuilder,
     check_tracker,
@@ -34,6 +38,8 @@ from graphopt.tuning._session import Clock, Session, Targets, TaskState
 from graphopt.tuning._tasks import Task, extract_tasks
 
 __all__ = ["tune"]
+
+_MAX_BUILD_WORKERS = 16  # memory, not cores, bounds this: ~0.5 GB per worker
 
 
 def tune(
@@ -56,14 +62,22 @@ def tune(
     build_timeout: float = 60.0,
     run_timeout: float = 10.0,
     seed: int = 0,
+    space: str = "both",
+    patience: int = 64,
+    measure_model: bool = True,
     progress: Callable[[dict], None] | None = None,  # called after every batch
     log: Callable[[str], None] | None = None,  # gets status lines
 ) -> TuneReport:
     """Tune ``model``'s kernels for ``target`` into the database directory ``db``.
 
-    Budgets: ``trials`` in all (shared by FLOPs x calls, at least 1 per task), or
-    ``per_task`` each (with ``trials``: a cap per task), and/or ``time_budget`` (seconds
-    or "30m"). Tasks whose database entry already holds their budget are skipped.
+    Budgets: ``trials`` in all (shared by each kernel's measured default time x calls,
+    at least 1 per task), or ``per_task`` each (with ``trials``: a cap per task), and/or
+    ``time_budget`` (seconds or "30m"). Tasks whose database entry already holds their
+    budget are skipped; a task stops early once ``patience`` trials in a row gained
+    nothing (0: never). ``space``: "graphopt" (the default schedule rules' choices,
+    searched from the default), "generic" (MetaSchedule's) or "both". ``measure_model``:
+    time the whole model with the default schedules and with the database (and
+    onnxruntime) at the end, when measuring on this machine.
     ``layout``: as for ``compile`` (the target's default when None); compile with the same
     layout to use what this tunes.
     """
@@ -77,6 +91,9 @@ def tune(
         build_timeout=build_timeout,
         run_timeout=run_timeout,
         seed=seed,
+        space=space,
+        patience=patience,
+        measure_model=measure_model,
     )
     if (rpc_tracker is None) != (rpc_key is None):
         raise TuningError("--rpc-tracker and --rpc-key go together")
@@ -96,7 +113,8 @@ def tune(
         if rpc_tracker is not None:
             tracker = _Tracker.check(rpc_tracker, rpc_key, say)
         targets = Targets.of(spec, layout)
-        found = _extract(model, input_shapes, targets, tasks)
+        source, relax_mod = _lower(model, input_shapes)
+        found = _extract(relax_mod, targets, tasks)
         budgets = options.budgets(found)
         states = [TaskState.start(t, b, database) for t, b in zip(found, budgets, strict=True)]
         builder = _builder(spec, options)
@@ -106,12 +124,48 @@ def tune(
             database=database,
             builder=builder,
             runner=runner if runner is not None else _runner(tracker, options),
+            # winners are re-measured with more repeats; a given runner is used as it is
+            confirm_runner=_confirm_runner(options) if runner is None and tracker is None else None,
             states=states,
             clock=clock,
             progress=progress,
             say=say,
         )
-        return session.run()
+        report = session.run()
+        local = rpc_tracker is None and runner is None
+        if options.measure_model and local and not report.interrupted:
+            report.latency = _model_latency(relax_mod, targets, database, source, say)
+        return report
+
+
+_LATENCY = "model-latency.json"
+
+
+def _model_latency(relax_mod, targets: Targets, database, source, say) -> ModelLatency:  # noqa: ANN001
+    """The model timed with and without the database (and onnxruntime); a rerun that
+    added nothing to the database reuses the last figures (``DB/model-latency.json``,
+    keyed by the model, the layout and the records' size) instead of building again."""
+    records = database.path / "records.jsonl"
+    size = records.stat().st_size if records.exists() else 0
+    key = f"{tvm_ffi.structural_hash(relax_mod)}-{targets.layout}-{size}"
+    path = database.path / _LATENCY
+    try:
+        cached = json.loads(path.read_text())[key]
+        return ModelLatency(**cached, note="measured when the database last changed")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    say("timing the model with the default schedules, with the database, onnxruntime")
+    latency = time_model(relax_mod, targets.spec, targets.layout, database, source)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    fields = ("default_ms", "tuned_ms", "onnxruntime_ms", "tuned_kernels")
+    known[key] = {f: getattr(latency, f) for f in fields}
+    tmp = path.with_name(f".{_LATENCY}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1) + "\n")
+    os.replace(tmp, path)
+    return latency
 
 
 def _silent(_msg: str) -> None:
@@ -162,17 +216,15 @@ class _Tracker:
         return cls(host, port, key, devices)
 
 
-def _extract(
-    model,  # noqa: ANN001 - anything graphopt.compile takes
-    input_shapes: dict | list[str] | None,
-    targets: Targets,
-    pattern: str | None,
-) -> list[Task]:
+def _lower(model, input_shapes: dict | list[str] | None):  # noqa: ANN001, ANN202
+    """``(source, Relax module)`` of a model, as ``compile`` lowers it."""
+    source, graph, _ = prepare(model, input_shapes)
+    return source, to_relax(graph)
+
+
+def _extract(relax_mod, targets: Targets, pattern: str | None) -> list[Task]:  # noqa: ANN001
     """The model's kernels as ``compile`` builds them, those matching ``pattern``."""
-    _, graph, _ = prepare(model, input_shapes)
-    found = extract_tasks(
-        to_relax(graph), targets.spec, targets.compile_target, pattern, targets.layout
-    )
+    found = extract_tasks(relax_mod, targets.spec, targets.compile_target, pattern, targets.layout)
     if not found:
         raise TuningError(
             f"no kernel matches --tasks {pattern!r}" if pattern else "the model has no kernels"
@@ -182,18 +234,28 @@ def _extract(
 
 def _builder(spec: TargetSpec, options: TuneOptions) -> PersistentBuilder:
     cross = spec.target.cross_compiler
-    # builds and measurements alternate, so builds may use every core (~0.5 GB each)
+    # a batch's candidates build in parallel on every core (~0.5 GB each), then measure
+    # one at a time, so builds never disturb a measurement
     return PersistentBuilder(
-        max_workers=max(1, min(os.cpu_count() or 1, 4)),
+        max_workers=max(1, min(os.cpu_count() or 1, _MAX_BUILD_WORKERS)),
         timeout_sec=options.build_timeout,
         cross_compiler=cross() if cross else None,
     )
 
 
+def _confirm_runner(options: TuneOptions) -> Runner:
+    """This machine, 9 cold calls per kernel (their median judges a winning record)."""
+    return local_runner(
+        timeout_sec=options.run_timeout * 3, number=1, repeat=9, min_repeat_ms=0, cold=True
+    )
+
+
 def _runner(tracker: _Tracker | None, options: TuneOptions) -> Runner:
     """Measure on this machine, or on every device under the tracker's key."""
-    if tracker is None:
-        return local_runner(timeout_sec=options.run_timeout)
+    if tracker is None:  # each repeat one cold call, as in a model run (local_runner)
+        return local_runner(
+            timeout_sec=options.run_timeout, number=1, repeat=5, min_repeat_ms=0, cold=True
+        )
     # an RPC session's limit also covers uploading and loading the kernel
     return rpc_runner(
         tracker.host,

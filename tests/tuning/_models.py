@@ -8,8 +8,9 @@ from onnx import helper
 from tests.conftest import make_model
 
 
-def conv_relu(extra_conv: bool = False):  # noqa: ANN201
-    """x(1,4,16,16) -> Conv(4->8, 3x3) -> Relu [-> Conv(8->8, 1x1)]: the first conv is shared."""
+def conv_relu(extra_conv: bool = False, batch: int = 1):  # noqa: ANN201
+    """x(batch,4,16,16) -> Conv(4->8, 3x3) -> Relu [-> Conv(8->8, 1x1)]: the first conv is
+    shared (by the models of one batch size)."""
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -21,4 +22,4 @@ def conv_relu(extra_conv: bool = False):  # noqa: ANN201
         inits["w2"] = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
     else:
         nodes[-1].output[0] = "y"
-    return make_model(nodes, {"x": (1, 4, 16, 16)}, {"y": (1, 8, 16, 16)}, inits)
+    return make_model(nodes, {"x": (batch, 4, 16, 16)}, {"y": (batch, 8, 16, 16)}, inits)

@@ -1,0 +1,122 @@
+"""Where ``tune`` spends its budget, and which kernels a database serves (default tier):
+budgets by measured time, early stops, and a database of one batch size never serving
+another."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import onnx
+from tvm import s_tir
+
+from graphopt.artifact import read_manifest
+from graphopt.cli import main
+from graphopt.lower import to_relax
+from graphopt.prepare import prepare
+from graphopt.targets import resolve
+from graphopt.tuning import TuningDatabase, tune
+from graphopt.tuning._options import TuneOptions
+from graphopt.tuning._session import Targets, TaskState, applied_secs
+from graphopt.tuning._tasks import Task, extract_tasks
+from tests.tuning._models import conv_relu
+
+
+def test_budgets_follow_measured_time_not_flops() -> None:
+    """A kernel with few FLOPs but most of the measured time gets most of the trials."""
+    heavy_flops = SimpleNamespace(weight=Task("a", None, None, 1e9, 1, 1e-5).weight)
+    slow_copy = SimpleNamespace(weight=Task("b", None, None, 0.0, 2, 1e-3).weight)
+    shares = TuneOptions(trials=100).budgets([heavy_flops, slow_copy])
+    assert shares[1] > 90 and shares[0] >= 1 and sum(shares) == 100
+    # unmeasured: FLOPs x calls
+    assert Task("c", None, None, 5.0, 3).weight == 15.0
+
+
+def _db_with_conv(tmp_path):  # noqa: ANN001, ANN202
+    db = TuningDatabase(tmp_path / "db", resolve("x86"))
+    _, graph, _ = prepare(conv_relu())
+    targets = Targets.of(resolve("x86"), "nchwc")
+    task = extract_tasks(to_relax(graph), targets.spec, targets.compile_target, "*conv*")[0]
+    return db, task
+
+
+def test_a_task_stops_once_its_search_stops_improving(tmp_path) -> None:  # noqa: ANN001
+    db, task = _db_with_conv(tmp_path)
+    entry = db.add_workload(task.mod, task.name, task.flops)
+    trace = s_tir.Schedule(task.mod).trace
+    info = []
+
+    def add(secs: float | None) -> None:
+        db.add_results(entry, [(trace, [secs] if secs else None, info, None if secs else "x")])
+
+    add(1e-3)
+    add(0.5e-3)  # 2x faster: an improvement at trial 2
+    for _ in range(3):
+        add(0.499e-3)  # faster, but by less than 1%: no improvement
+    add(None)  # a failure gains nothing either
+    assert entry.improved_at == 2 and entry.trials == 6
+    assert entry.stalled(4) and not entry.stalled(5) and not entry.stalled(0)
+    state = TaskState.start(task, 100, db)
+    state.settle(100, 4)
+    assert state.status == "converged" and state.done
+    state.settle(100, 0)  # patience 0: never stops early
+    assert state.status == "pending"
+    db.close()
+    # a reopened database knows the same (the records are replayed in order)
+    with TuningDatabase(tmp_path / "db", resolve("x86")) as again:
+        assert again.find(task.mod).improved_at == 2
+
+
+def test_compile_applies_a_record_only_when_it_beats_the_default_by_5_percent() -> None:
+    assert applied_secs(1.0, 0.96) == 1.0  # 4% faster: noise, keep the default
+    assert applied_secs(1.0, 0.95) == 0.95
+    assert applied_secs(None, 0.5) == 0.5 and applied_secs(1.0, None) == 1.0
+
+
+def test_a_database_of_one_batch_size_does_not_serve_another(tmp_path, capsys) -> None:  # noqa: ANN001
+    one, two = tmp_path / "b1.onnx", tmp_path / "b2.onnx"
+    onnx.save(conv_relu(), one)
+    onnx.save(conv_relu(batch=2), two)
+    db = tmp_path / "db"
+    tune(one, "x86", db, per_task=1, batch_size=1, space="graphopt", measure_model=False)
+    # make every record win, so only a workload mismatch can keep it out
+    lines = [json.loads(x) for x in (db / "records.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r["t"] != "chk"]  # side-by-side checks would judge otherwise
+    (db / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with open(db / "records.jsonl", "a") as f:
+        for key in sorted({r["w"] for r in lines if r["t"] == "wl"}):
+            f.write(json.dumps({"t": "base", "w": key, "secs": 1.0}) + "\n")
+    _, graph, _ = prepare(two)
+    targets = Targets.of(resolve("x86"), "nchwc")
+    tasks = extract_tasks(to_relax(graph), targets.spec, targets.compile_target)
+    with TuningDatabase(db, resolve("x86")) as opened:
+        assert tasks and all(opened.find(t.mod) is None for t in tasks)
+        assert all(e.name for e in opened.entries())  # the batch-1 workloads are there
+    out = tmp_path / "b2.so"
+    assert main(["compile", str(two), "-o", str(out), "--tuning-db", str(db)]) == 0
+    tuning = read_manifest(out)["tuning"]
+    assert tuning["from_database"] == {} and "fused_conv2d_nchwc_relu" in tuning["default"]
+    # the batch-1 model is served (the records do apply to their own workloads)
+    out1 = tmp_path / "b1.so"
+    assert main(["compile", str(one), "-o", str(out1), "--tuning-db", str(db)]) == 0
+    assert "fused_conv2d_nchwc_relu" in read_manifest(out1)["tuning"]["from_database"]
+
+
+def test_a_lucky_record_loses_its_claim_when_measured_again(tmp_path) -> None:  # noqa: ANN001
+    """The best record claims 2x; measured again beside the default it is 1% faster: the
+    check decides (compile keeps the default), until a better record replaces it."""
+    db, task = _db_with_conv(tmp_path)
+    entry = db.add_workload(task.mod, task.name, task.flops)
+    trace = s_tir.Schedule(task.mod).trace
+    db.set_baseline(entry, 1e-3)
+    db.add_results(entry, [(trace, [0.5e-3], [], None)])
+    assert applied_secs(*entry.confirmed()) == 0.5e-3  # as the search measured it
+    db.set_checked(entry, 1e-3, 0.99e-3)
+    assert entry.confirmed() == (1e-3, 0.99e-3)
+    assert applied_secs(*entry.confirmed()) == 1e-3  # not 5% faster: the default stays
+    db.close()
+    with TuningDatabase(tmp_path / "db", resolve("x86")) as again:
+        found = again.find(task.mod)
+        assert applied_secs(*found.confirmed()) == 1e-3  # the check is on disk
+        again.add_results(found, [(trace, [0.2e-3], [], None)])  # a new best: unchecked
+        assert found.confirmed() == (1e-3, 0.2e-3)

@@ -1,0 +1,185 @@
+"""graphopt's schedule rules as a search space (``tune --space``), default tier.
+
+The space's first point must be today's default schedule exactly (so the untuned kernels
+and the search's starting point are one and the same), every other point a valid kernel
+computing the same values, and ``--space`` must pick the generators it names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from tvm import s_tir
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+from tvm.s_tir.meta_schedule.space_generator import (
+    PostOrderApply,
+    ScheduleFn,
+    SpaceGeneratorUnion,
+)
+
+from graphopt import zoo
+from graphopt.artifact import read_manifest
+from graphopt.cli import main
+from graphopt.lower import to_relax
+from graphopt.prepare import prepare
+from graphopt.targets import resolve
+from graphopt.tuning import TuningError, format_report, tune
+from graphopt.tuning._options import SPACES, TuneOptions
+from graphopt.tuning._search import tune_context
+from graphopt.tuning._session import Targets
+from graphopt.tuning._space import (
+    default_trace,
+    graphopt_design_spaces,
+    has_choices,
+    phases_of,
+)
+from graphopt.tuning._tasks import extract_tasks
+from tests.tuning._models import conv_relu
+
+CONV_RULES = {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc", "grouped_nchwc"}
+
+
+def _tasks(model, layout: str):  # noqa: ANN001, ANN202
+    _, graph, _ = prepare(model)
+    targets = Targets.of(resolve("x86"), layout)
+    found = extract_tasks(to_relax(graph), targets.spec, targets.compile_target, None, layout)
+    return targets, found
+
+
+@pytest.fixture(scope="module")
+def conv_tasks():  # noqa: ANN201
+    """conv_variants' kernels (dense, dilated, 1x1, depthwise, grouped convs) in NCHWc."""
+    return _tasks(zoo.build("conv_variants"), "nchwc")
+
+
+def test_first_point_is_the_default_schedule(conv_tasks) -> None:  # noqa: ANN001
+    targets, found = conv_tasks
+    rules = set()
+    for task in found:
+        default = targets.default_scheduled(task)
+        rule = str(default["main"].attrs["graphopt.schedule_rule"])
+        # the graphopt space's default decisions give the same kernel, TIR for TIR
+        assert default_trace(task.mod, targets.tune_target, default) is not None, task.name
+        spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
+        if rule in CONV_RULES:
+            rules.add(rule)
+            assert len(spaces) >= 2, task.name  # the default plan and its alternatives
+            assert has_choices(task.mod, targets.tune_target)
+        elif rule == "injective":
+            assert len(spaces) == 1 and not has_choices(task.mod, targets.tune_target)
+    assert rules == CONV_RULES  # every packed-conv family was checked
+
+
+def test_nhwc_and_matmul_spaces_start_at_their_defaults() -> None:
+    for model, layout in ((conv_relu(), "nhwc"), (zoo.build("mlp_head"), "nchwc")):
+        targets, found = _tasks(model, layout)
+        for task in found:
+            default = targets.default_scheduled(task)
+            assert default_trace(task.mod, targets.tune_target, default) is not None, task.name
+
+
+def _run(mod: tvm.IRModule, args: list[np.ndarray]) -> np.ndarray:
+    lib = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+def test_sampled_points_compute_what_the_default_does(conv_tasks) -> None:  # noqa: ANN001
+    """Random points of every design space of a dense and a depthwise conv: each replays,
+    builds and gives the default kernel's output (the default matches onnxruntime:
+    tests/targets)."""
+    targets, found = conv_tasks
+    rng = np.random.default_rng(0)
+    checked = 0
+    seen = set()
+    for task in found:
+        rule = str(targets.default_scheduled(task)["main"].attrs["graphopt.schedule_rule"])
+        if rule not in ("conv2d_nchwc", "depthwise_nchwc") or rule in seen:
+            continue
+        seen.add(rule)
+        args = [
+            rng.standard_normal([int(d) for d in info.shape]).astype(str(info.dtype))
+            for info in ArgInfo.from_prim_func(task.mod["main"])
+        ]
+        expected = _run(targets.default_scheduled(task), args)
+        spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
+        for i, space in enumerate(spaces):
+            trace = space.trace.simplified(remove_postproc=True)
+            sch = s_tir.Schedule(task.mod, seed=i + 1)
+            s_tir.Trace(trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
+            np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert seen == {"conv2d_nchwc", "depthwise_nchwc"} and checked >= 8
+
+
+def test_space_option_picks_the_generators(conv_tasks) -> None:  # noqa: ANN001
+    targets, found = conv_tasks
+    kinds = {"generic": PostOrderApply, "graphopt": ScheduleFn, "union": SpaceGeneratorUnion}
+    for space, kind in kinds.items():
+        ctx = tune_context(
+            found[0], targets.tune_target, cores=1, options=TuneOptions(), space=space
+        )
+        assert isinstance(ctx.space_generator, kind)
+    # what each --space searches, in order (both: graphopt's space first, then generic)
+    phases = {space: phases_of(space) for space in SPACES}
+    assert phases == {
+        "generic": ("generic",),
+        "graphopt": ("graphopt",),
+        "both": ("graphopt", "generic"),
+    }
+    with pytest.raises(TuningError, match="--space must be one of"):
+        TuneOptions(space="dlight")
+    assert TuneOptions().space == "both"
+
+
+def _slow_defaults(db) -> None:  # noqa: ANN001
+    """Make every default schedule look slow, so each tuned kernel wins deterministically."""
+    lines = [json.loads(x) for x in (db / "records.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r["t"] != "chk"]  # side-by-side checks would judge otherwise
+    (db / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with open(db / "records.jsonl", "a") as f:
+        for key in sorted({r["w"] for r in lines if r["t"] == "wl"}):
+            f.write(json.dumps({"t": "base", "w": key, "secs": 1.0}) + "\n")
+
+
+def test_graphopt_space_tunes_prints_latency_and_verifies(tmp_path) -> None:  # noqa: ANN001
+    """``--space graphopt``: only the conv is searched (the layout transforms have no
+    choices), the report has the before/after model latency lines next to onnxruntime,
+    a rerun spends nothing, and the tuned model still matches onnxruntime."""
+    model = tmp_path / "a.onnx"
+    onnx.save(conv_relu(), model)
+    db = tmp_path / "db"
+    report = tune(model, "x86", db, per_task=2, batch_size=2, space="graphopt")
+    conv = next(t for t in report.tasks if t.name == "fused_conv2d_nchwc_relu")
+    assert conv.trials == 2 and conv.failed == 0 and conv.tuned_secs is not None
+    others = [t for t in report.tasks if t is not conv]
+    assert others and all(t.status == "search space exhausted" and t.trials == 0 for t in others)
+    text = format_report(report)
+    before = next(x for x in text.splitlines() if x.startswith("model latency before tuning"))
+    after = next(x for x in text.splitlines() if x.startswith("model latency after"))
+    for line in (before, after):
+        assert "estimated" in line and "measured" in line and "onnxruntime" in line
+    assert report.latency.default_ms > 0 and report.latency.onnxruntime_ms > 0
+    assert "trials/min" in text and "space graphopt" in text
+    # a rerun: no trial, nothing built (not even the model: its timing is reused)
+    records = (db / "records.jsonl").read_bytes()
+    again = tune(model, "x86", db, per_task=2, batch_size=2, space="graphopt")
+    assert again.new_trials == 0 and again.timing["build"] == 0
+    assert (db / "records.jsonl").read_bytes() == records
+    assert again.latency.default_ms == report.latency.default_ms
+    assert "model latency before tuning" in format_report(again)
+    # compiled with the records (defaults made slow so they apply): matches onnxruntime
+    slow = tmp_path / "slow"
+    shutil.copytree(db, slow)
+    _slow_defaults(slow)
+    out = tmp_path / "a.so"
+    assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(slow)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["verification"]["ok"]
+    assert "fused_conv2d_nchwc_relu" in manifest["tuning"]["from_database"]
