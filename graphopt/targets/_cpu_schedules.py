@@ -44,6 +44,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
 
+from graphopt.targets import _gemv
 from graphopt.targets._nchwc import PackNCHWc
 from graphopt.targets._phases import schedule_unscheduled
 
@@ -903,6 +904,7 @@ TUNABLE = {
 
 # Ordered: the first rule that returns a schedule wins.
 RULES = [
+    (_gemv.KIND, _gemv.rule_rnn_step),  # only graphopt::RNNStep kernels (expand-rnn fuse_steps)
     ("conv2d_nchwc", _packed_conv_rule("conv2d_nchwc")),
     ("pointwise_nchwc", _packed_conv_rule("pointwise_nchwc")),
     ("depthwise_nchwc", _packed_conv_rule("depthwise_nchwc")),
