@@ -3,7 +3,8 @@
     python benchmarks/bench_rnn.py                          # the five models + T sweep
     python benchmarks/bench_rnn.py --models lstm_classifier,tiny_cnn --quick
     python benchmarks/bench_rnn.py --markdown rnn.md        # also write the tables
-    python benchmarks/bench_rnn.py --fused-steps            # one kernel per time step
+    python benchmarks/bench_rnn.py --unfused-steps          # three kernels per time step
+    python benchmarks/bench_rnn.py --serial-steps           # step kernels on one core
 
 Models (``graphopt.zoo_torch``, seeded weights, batch 1, fp32): an LSTM text classifier
 (embedding, 2-layer LSTM 256, last step, linear; 32 tokens), a bidirectional GRU tagger, a
@@ -216,10 +217,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphopt-bench-rnn"))
     parser.add_argument(
-        "--fused-steps",
+        "--unfused-steps",
         action="store_true",
-        help="one graphopt::RNNStep kernel per time step (expand-rnn's fuse_steps, off by "
-        "default) with targets/_gemv.py's rule first, in this process",
+        help="each time step as primitive ops (expand-rnn{fuse_steps=false}); by default the "
+        "x86 target fuses each step into one graphopt::RNNStep kernel",
+    )
+    parser.add_argument(
+        "--serial-steps",
+        action="store_true",
+        help="never split a step kernel's GEMV across cores (targets/_gemv.py's "
+        "PARALLEL_MIN_BYTES set to infinity, in this process)",
     )
     opts = parser.parse_args(argv)
     if opts.block is None:
@@ -237,16 +244,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from graphopt.passes import PASSES, ExpandRNN
     from graphopt.profiling import call_overhead
-    from graphopt.targets import _cpu_schedules, _gemv, check_layout, resolve
+    from graphopt.targets import _gemv, check_layout, resolve
 
-    if opts.fused_steps:  # what compile and profile then get from default_passes()
-        PASSES["expand-rnn"] = functools.partial(ExpandRNN, fuse_steps=True)
-        if not any(name == _gemv.KIND for name, _ in _cpu_schedules.RULES):
-            _cpu_schedules.RULES.insert(0, (_gemv.KIND, _gemv.rule_rnn_step))
+    if opts.unfused_steps:  # what compile and profile then get from default_passes()
+        PASSES["expand-rnn"] = functools.partial(ExpandRNN, fuse_steps=False)
+    if opts.serial_steps:
+        _gemv.PARALLEL_MIN_BYTES = float("inf")
 
     opts.workdir.mkdir(parents=True, exist_ok=True)
     out = header(opts)
-    fused = "fused (one kernel per step)" if opts.fused_steps else "unfused (the default)"
+    fused = "unfused" if opts.unfused_steps else "fused (one kernel per step, the default)"
+    fused += ", serial step kernels" if opts.serial_steps else ""
     out.append(f"recurrent steps: {fused}")
     print("\n".join(out), flush=True)
     n_header = len(out)

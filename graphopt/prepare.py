@@ -26,7 +26,7 @@ from graphopt.frontends import is_torch_model
 from graphopt.frontends.onnx import load_onnx, onnx_to_graph, parse_input_shapes
 from graphopt.ir import Graph
 from graphopt.lower import unsupported_nodes
-from graphopt.passes import Pass, default_passes, run_passes
+from graphopt.passes import Pass, default_passes, run_passes, with_target_defaults
 from graphopt.passes._draw import require_dot, write_svg
 from graphopt.passes._dump import IRDumper
 from graphopt.verify import onnxruntime_reference
@@ -73,9 +73,14 @@ def prepare(  # noqa: ANN201
     *,
     trust_pickle: bool = False,
     dynamic_batch: bool = False,
+    pass_defaults: dict[str, dict] | None = None,
 ):
     """Load, rewrite and check a model: ``(source, graph, pass_records)``, or raise with
     every node that cannot compile. ``dynamic_batch``: see :func:`load_model`.
+
+    ``passes`` (None: the default pipeline) run with the options they leave to the target
+    (None-valued, e.g. ``expand-rnn``'s ``fuse_steps``) taken from ``pass_defaults``, the
+    target's choices (``TargetSpec.pass_defaults``); unfilled, such options are off.
 
     ``dump_ir``: a directory for the graph before and after each pass
     (:mod:`graphopt.passes._dump`); ``svg``: draw the graph after the passes there.
@@ -93,9 +98,8 @@ def prepare(  # noqa: ANN201
     observe = IRDumper(dump_ir) if dump_ir is not None else None
     if graph.output_names is None:
         graph.output_names = list(graph.outputs)
-    graph, records = run_passes(
-        graph, default_passes() if passes is None else passes, observe=observe
-    )
+    chosen = with_target_defaults(default_passes() if passes is None else passes, pass_defaults)
+    graph, records = run_passes(graph, chosen, observe=observe)
     if svg is not None:
         write_svg(graph, svg, title=f"{graph.name} after {len(records)} passes")
     bad = unsupported_nodes(graph)

@@ -12,7 +12,8 @@ the passes made of them live in :mod:`graphopt.passes._rewrite`; see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_PIPELINE",
     "get_pass",
     "default_passes",
+    "with_target_defaults",
     "registry",
     "build_pipeline",
     "parse_pipeline",
@@ -144,5 +146,22 @@ def get_pass(name: str) -> Pass:
         ) from None
 
 
-def default_passes() -> list[Pass]:
-    return [get_pass(n) for n in DEFAULT_PIPELINE]
+def default_passes(defaults: Mapping[str, Mapping] | None = None) -> list[Pass]:
+    """The default pipeline's passes; ``defaults`` (a target's ``pass_defaults``) fills
+    the options they leave to the target (see :func:`with_target_defaults`)."""
+    passes = [get_pass(n) for n in DEFAULT_PIPELINE]
+    return with_target_defaults(passes, defaults) if defaults else passes
+
+
+def with_target_defaults(
+    passes: Sequence[Pass], defaults: Mapping[str, Mapping] | None
+) -> list[Pass]:
+    """``passes`` with each option that is None (left to the target, e.g. ``expand-rnn``'s
+    ``fuse_steps``) set from ``defaults`` ({pass name: {option: value}}); options a user
+    set, in pipeline text or by constructing the pass, stay as given."""
+    out = []
+    for p in passes:
+        wanted = (defaults or {}).get(p.name, {})
+        unset = {k: v for k, v in wanted.items() if getattr(p, k, False) is None}
+        out.append(dataclasses.replace(p, **unset) if unset else p)
+    return out

@@ -68,12 +68,20 @@ RENAMED = {"fuse-conv-act": "annotate-conv-groups"}
 _TYPES = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
+def _unoptional(t):  # noqa: ANN001, ANN202
+    """``X`` of ``X | None`` (an option whose None means "the target chooses"), else ``t``."""
+    args = typing.get_args(t)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return t
+
+
 def pass_options(cls: type[Pass]) -> list[tuple[str, str, object]]:
     """``(name, type, default)`` for each option of pass class ``cls``."""
     hints = typing.get_type_hints(cls)
     found = []
     for f in dataclasses.fields(cls):
-        t = hints.get(f.name, f.type)
+        t = _unoptional(hints.get(f.name, f.type))
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]

@@ -18,8 +18,8 @@ activations ``f=Sigmoid, g=Tanh, h=Tanh``::
           H_t = n + z*(H_{t-1} - n)                      (= (1-z)*n + z*H_{t-1})
     RNN:  H_t = f(x_t + H_{t-1} @ R^T)
 
-With ``fuse_steps`` (CPU targets), each step after the first is one ``graphopt::RNNStep``
-node instead: one kernel (``graphopt.lower.relax.rnn_step_te``, scheduled by
+With ``fuse_steps`` (the CPU targets' default), each step after the first is one
+``graphopt::RNNStep`` node instead: one kernel (``graphopt.lower.relax.rnn_step_te``, scheduled by
 ``graphopt.targets._gemv``) doing the recurrent GEMV over R^T packed as [H/U, H, G*U]
 (the U columns of every gate side by side), reading step t's projection rows in place
 (the row is an argument, so all steps share one compiled kernel), and applying the gate
@@ -579,11 +579,13 @@ class ExpandRNN(Pass):
 
     name = "expand-rnn"
     after = ("fold-constants",)
-    # One graphopt::RNNStep kernel per step where the cell allows (see _fusable). Off by
-    # default: only the CPU targets schedule that kernel (targets/_gemv.py); TVM's GPU rules
-    # refuse its multi-gate epilogue. Off, every step is primitive ops (which onnxruntime
+    # One graphopt::RNNStep kernel per step where the cell allows (see _fusable). None: the
+    # target chooses (its ``PASS_DEFAULTS``, filled in by ``graphopt.prepare``): on for the
+    # CPU targets, which schedule that kernel (targets/_gemv.py), off for CUDA, whose TVM
+    # GPU rules refuse its multi-gate epilogue; None left unfilled (no target, e.g.
+    # ``graphopt inspect``) is off. Off, every step is primitive ops (which onnxruntime
     # can also run: RNNStep has no ONNX definition).
-    fuse_steps: bool = False
+    fuse_steps: bool | None = None
 
     def run(self, graph: Graph) -> PassResult:
         targets = [n for n in graph.nodes() if n.op_type in _CELLS and not n.domain]
@@ -592,6 +594,6 @@ class ExpandRNN(Pass):
             raise UnsupportedOpsError(refused)
         stats: Counter = Counter()
         for node in targets:
-            stats += _expand(graph, node, self.fuse_steps)
+            stats += _expand(graph, node, bool(self.fuse_steps))
             stats[node.op_type] += 1
         return PassResult(graph, bool(targets), stats)

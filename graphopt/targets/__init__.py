@@ -33,6 +33,10 @@ __all__ = [
 
 TARGETS: dict[str, Target] = {t.name: t for t in (x86.TARGET, arm.TARGET, cuda.TARGET)}
 
+# Graph-pass options each target chooses ({pass name: {option: value}}, its module's
+# ``PASS_DEFAULTS``): they fill the options a pipeline leaves None (graphopt.prepare).
+_PASS_DEFAULTS: dict[str, dict] = {m.NAME: m.PASS_DEFAULTS for m in (x86, arm, cuda)}
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -44,6 +48,13 @@ class TargetSpec:
     @property
     def target(self) -> Target:
         return target_named(self.name)
+
+    @property
+    def pass_defaults(self) -> dict[str, dict]:
+        """Options this target chooses for graph passes, e.g. ``{"expand-rnn":
+        {"fuse_steps": True}}``; ``compile``, ``profile`` and ``tune`` hand them to
+        :func:`graphopt.prepare.prepare`."""
+        return _PASS_DEFAULTS.get(self.name, {})
 
 
 def target_named(name: str) -> Target:

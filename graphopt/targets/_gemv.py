@@ -12,9 +12,14 @@ activation and the state update, over [B, H/U, U]. Schedule, two weight blocks p
     each gate's activation, C_t, H_t             # vectorized loops over [B, H/U, U]
 
 so the weight is read once, front to back (two streams), and every vector op is one
-register wide (LLVM splits a 48- or 64-float vector with lane shuffles). Serial: a
-parallel launch per step costs more than it saves at these sizes (an LSTM of hidden 256
-measured 1.23 ms parallel-annotated against 1.07 ms serial, one thread).
+register wide (LLVM splits a 48- or 64-float vector with lane shuffles).
+
+A weight of ``PARALLEL_MIN_BYTES`` or more (an LSTM of hidden 256: 1 MB) has its weight
+blocks (the ``j`` loop) split across the cores in a ``parallel`` loop: each core then
+streams its share of the weight, which fits its own L2 (1 MB on Zen 4) instead of coming
+from L3 every step. The gate math stays serial after it (G*H floats, in L1). A smaller
+weight stays serial: already in one core's L2, it gains less than a parallel launch per
+step costs.
 
 Registration (``graphopt/targets/_cpu_schedules.py``): ``("rnn_step", _gemv.rule_rnn_step)``
 first in ``RULES``. Without it the generic ``matmul`` rule schedules the kernel (correct,
@@ -27,10 +32,12 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.target import codegen
 
-__all__ = ["ANNOTATION", "KIND", "rule_rnn_step"]
+__all__ = ["ANNOTATION", "KIND", "PARALLEL_MIN_BYTES", "rule_rnn_step"]
 
 ANNOTATION = "graphopt.kernel"
 KIND = "rnn_step"
+# Recurrent weights of at least this size split their GEMV across cores (see above).
+PARALLEL_MIN_BYTES = 256 * 1024
 
 
 def _lanes(target: tvm.target.Target) -> int:
@@ -86,10 +93,13 @@ def rule_rnn_step(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sched
     # hide the FMA latency when the weight sits in L1/L2 (GRU/RNN of hidden 128).
     write_back = sch.cache_write(mm, 0, "local")
     b_loop, j_loop, q_loop, k_loop = sch.get_loops(mm)
+    weight_bytes = 4 * _extent(sch, j_loop) * _extent(sch, k_loop) * _extent(sch, q_loop)
     pair = 2 if _extent(sch, j_loop) % 2 == 0 else 1
     jo, ji = sch.split(j_loop, [None, pair])
     sch.reorder(jo, b_loop, k_loop, ji, q_loop)
     sch.unroll(ji)
+    if weight_bytes >= PARALLEL_MIN_BYTES and _extent(sch, jo) > 1:
+        sch.parallel(jo)  # each core its own weight blocks (and its accumulators)
     _vectorize(sch, q_loop, lanes)
     sch.reverse_compute_at(write_back, b_loop)
     _vectorize(sch, sch.get_loops(write_back)[-1], lanes)

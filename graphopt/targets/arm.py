@@ -26,6 +26,12 @@ from graphopt.targets._emulation import EmulatedRunner
 
 NAME = "arm"
 DESCRIPTION = "aarch64 Linux with NEON via LLVM, cross-compiled; runs under qemu-user on x86"
+# Graph-pass options this target chooses (TargetSpec.pass_defaults):
+# one graphopt::RNNStep kernel per recurrent step (scheduled by targets/_gemv.py)
+# The fused recurrent-step kernel (expand-rnn fuse_steps, targets/_gemv.py) stays off: on
+# 2 cores it measured 5% slower than the plain expansion (LSTM classifier T=128 2.90 vs
+# 2.74 ms, CRNN 0.84 vs 0.79 ms; AMD EPYC, quiet), and slower still at T=512.
+PASS_DEFAULTS = {"expand-rnn": {"fuse_steps": False}}
 OPTIONS = {
     "cpu": "LLVM CPU name, e.g. cortex-a72, cortex-a76, neoverse-n1 (default: generic)",
     "triple": "target triple (default: aarch64-linux-gnu)",

@@ -65,6 +65,45 @@ def test_fused_steps_match_unfused_expansion_and_onnxruntime(name, step_rule, tm
             np.testing.assert_allclose(got[out], exp, rtol=1e-4, atol=1e-5, err_msg=out)
 
 
+def test_parallel_step_kernel_matches(step_rule, tmp_path, monkeypatch):
+    """The GEMV split across cores (weights of PARALLEL_MIN_BYTES or more; here every
+    weight) computes the same numbers as the serial kernel and onnxruntime."""
+    model = _rnn_model("LSTM", inp=8, hidden=64, batch=2, direction="bidirectional")
+    fused = fused_passes()
+    serial = graphopt.compile(model, "x86", tmp_path / "s.so", verify=False, passes=fused)
+    monkeypatch.setattr(_gemv, "PARALLEL_MIN_BYTES", 0)
+    par = graphopt.compile(model, "x86", tmp_path / "p.so", verify=False, passes=fused)
+    assert par.manifest["schedule"]["rules"].get(_gemv.KIND) == 1
+    inputs = par.random_inputs(seed=3)
+    got, ref, expected = par.run(inputs), serial.run(inputs), _ort(model, inputs)
+    for out, exp in zip(par.output_names, expected, strict=True):
+        np.testing.assert_allclose(got[out], ref[out], rtol=1e-6, atol=1e-6, err_msg=out)
+        np.testing.assert_allclose(got[out], exp, rtol=1e-4, atol=1e-5, err_msg=out)
+
+
+def test_parallel_only_for_large_weights(monkeypatch):
+    """The rule marks the weight-block loop parallel from PARALLEL_MIN_BYTES on, and
+    keeps a smaller weight's GEMV serial."""
+    g, u, hidden = 4, 16, 64
+    h = te.placeholder((1, hidden), "float32", "h")
+    rp = te.placeholder((hidden // u, hidden, g * u), "float32", "rp")
+    k = te.reduce_axis((0, hidden), "k")
+    acc = te.compute(
+        (1, hidden // u, g * u),
+        lambda b, j, q: te.sum(h[b, k] * rp[j, k, q], axis=k),
+        name="acc",
+        attrs={_gemv.ANNOTATION: _gemv.KIND},
+    )
+    out = te.compute((1, hidden // u, u), lambda b, j, q: acc[b, j, q] + acc[b, j, u + q])
+    func = te.create_prim_func([h, rp, out])
+    target = tvm.target.Target("llvm")
+    weight = 4 * hidden * g * hidden
+    monkeypatch.setattr(_gemv, "PARALLEL_MIN_BYTES", weight)
+    assert "T.parallel" in _gemv.rule_rnn_step(func, target).mod.script()
+    monkeypatch.setattr(_gemv, "PARALLEL_MIN_BYTES", weight + 1)
+    assert "T.parallel" not in _gemv.rule_rnn_step(func, target).mod.script()
+
+
 def test_without_the_rule_the_generic_schedules_still_compute_it(tmp_path, monkeypatch):
     """Without the rule (a target whose rules lack it) the kernel falls to the matmul
     rule: slower, still right."""
