@@ -455,6 +455,7 @@ def _add_profile_parser(sub) -> None:  # noqa: ANN001
         action="store_true",
         help="also measure the cost of one call: Artifact.run, bare TVM runtime, onnxruntime",
     )
+    _add_precision(p)
     _add_trust_pickle(p)
     _add_common(p)
 
@@ -470,6 +471,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         overhead=args.overhead,
         target_options={"cpu": args.cpu} if args.cpu else None,
+        precision=args.precision,
         trust_pickle=args.trust_pickle,
         log=lambda msg: print(f"  {msg}", file=sys.stderr),
     )
@@ -524,8 +526,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from graphopt.tuning import ProgressPrinter, format_report, tune
 
     given = {"cpu": args.cpu, "triple": args.triple}
-    # tune() takes no precision yet: passed only when asked for, so fp32 tuning works
-    precision = {} if args.precision == "fp32" else {"precision": args.precision}
     printer = ProgressPrinter(sys.stderr)
     try:
         report = tune(
@@ -547,7 +547,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             measure_model=args.measure_model,
             progress=printer,
             log=lambda msg: print(f"  {msg}", file=sys.stderr),
-            **precision,
+            precision=args.precision,
         )
     finally:
         printer.close()

@@ -242,7 +242,7 @@ def compile(  # noqa: A001 - the public name users expect
     precision = check_precision(spec, precision)  # and a precision its hardware lacks
     tol = tolerances(precision, rtol, atol)
     tuning = {} if tuning_db is not None else None  # which kernels the database schedules
-    tuned = _tuning_passes(tuning_db, spec, tuning)  # refuses a foreign or corrupt database
+    tuned = _tuning_passes(tuning_db, spec, tuning, precision)  # refuses a foreign/corrupt one
     out_path, tmp, made = _reserve_output(output, model)  # and an unwritable output
     done = False
     try:  # the artifact is assembled in ``tmp`` and renamed into place when complete
@@ -254,6 +254,7 @@ def compile(  # noqa: A001 - the public name users expect
             svg=svg,
             trust_pickle=trust_pickle,
             dynamic_batch=dynamic_batch,
+            pass_defaults=spec.pass_defaults,
         )
         say(f"imported and rewrote {len(graph)} nodes ({', '.join(r['name'] for r in records)})")
 
@@ -343,10 +344,11 @@ def compile(  # noqa: A001 - the public name users expect
     return Artifact(out_path, manifest)
 
 
-def _tuning_passes(path, spec: TargetSpec, report: dict | None) -> list:  # noqa: ANN001
+def _tuning_passes(path, spec: TargetSpec, report: dict | None, precision: str) -> list:  # noqa: ANN001
     """The tuning database's pass for the target's schedule phase (none without a
     database): kernels with a record use it and ``report`` gets which, the target's
-    default schedules do the rest. Opens (and checks) the database before any work."""
+    default schedules do the rest. Opens (and checks: target, CPU, ``precision``) the
+    database before any work."""
     if path is None:
         return []
     if not spec.target.tunable:
@@ -354,7 +356,7 @@ def _tuning_passes(path, spec: TargetSpec, report: dict | None) -> list:  # noqa
     # MetaSchedule takes seconds to import: only when a database is used
     from graphopt.tuning import ApplyTuningDatabase, open_database
 
-    db = open_database(path, spec)
+    db = open_database(path, spec, precision)
     report.update(database=str(db.path), from_database={}, default=[])
     return [ApplyTuningDatabase(db, report)]
 

@@ -171,11 +171,13 @@ def profile(
     target_options: dict | None = None,
     trust_pickle: bool = False,
     log: Callable[[str], None] | None = None,
+    precision: str = "fp32",
 ) -> Profile:
     """Build ``model`` for ``target`` (as :func:`graphopt.compile` does, without writing or
     verifying an artifact) and time each kernel alone, ``repeat`` calls at least (best of
     3 rounds). A target whose kernels cannot run in this process (CUDA without a GPU,
-    another CPU architecture) is refused before any work.
+    another CPU architecture) is refused before any work. ``precision`` ("bf16"/"fp16")
+    builds the lower-precision kernels, as ``compile(..., precision=)`` does.
     """
     if repeat < 1:
         raise GraphoptError("repeat must be at least 1")
@@ -184,10 +186,12 @@ def profile(
     layout = check_layout(spec, layout)
     device = device_for(spec)
     threads = use_all_cores()
-    source, graph, _ = prepare(model, input_shapes, trust_pickle=trust_pickle)
+    source, graph, _ = prepare(
+        model, input_shapes, trust_pickle=trust_pickle, pass_defaults=spec.pass_defaults
+    )
     start = time.perf_counter()
     with record_schedule() as record:
-        executable = build(to_relax(graph), spec, layout)
+        executable = build(to_relax(graph), spec, layout, precision=precision)
     say(f"built for {spec.name} (layout {layout}) in {time.perf_counter() - start:.1f}s")
     found = kernels(record.module)
     times = time_kernels(executable, found, device, repeat)

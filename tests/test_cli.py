@@ -332,20 +332,21 @@ def test_profile_refuses_a_target_that_cannot_run_here(capsys, cnn_file):
         ("compile", None, {"precision": "fp32"}),
         ("compile", "bf16", {"precision": "bf16"}),
         ("tune", "fp16", {"precision": "fp16"}),
-        ("tune", "fp32", {}),
+        ("tune", None, {"precision": "fp32"}),
+        ("profile", "bf16", {"precision": "bf16"}),
     ],
 )
 def test_precision_reaches_the_api(command, precision, passed, monkeypatch, capsys, cnn_file):
-    """--precision goes to graphopt.compile (default fp32) and to tuning.tune, which is
-    not given fp32 (the default) at all."""
+    """--precision goes to graphopt.compile, graphopt.profile and tuning.tune (default
+    fp32)."""
     seen = {}
 
     def fake(*_args, **kwargs):
         seen.update(kwargs)
         raise GraphoptError("stop here")
 
-    if command == "compile":
-        monkeypatch.setattr(graphopt, "compile", fake)
+    if command in ("compile", "profile"):
+        monkeypatch.setattr(graphopt, command, fake)
     else:
         monkeypatch.setattr(importlib.import_module("graphopt.tuning"), "tune", fake)
     argv = [command, cnn_file] + (["--precision", precision] if precision else [])

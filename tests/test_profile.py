@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import platform
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -102,6 +103,28 @@ def test_render_prints_table_and_coverage_line(small_cnn_profile, tmp_path):
     data = small_cnn_profile.to_dict()
     assert data["coverage_line"] == coverage_line(small_cnn_profile.schedule)
     assert len(data["kernels"]) == len(small_cnn_profile.rows)
+
+
+HOST_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not HOST_BF16,
+    reason="needs an x86 CPU with avx512_bf16 (/proc/cpuinfo) to run bf16 kernels",
+)
+def test_bf16_profile_counts_the_tensorized_kernels():
+    """The bf16 rules tensorize their MAC block into vdpbf16ps calls: their FLOPs come
+    from the call shapes, and they are on the fast path."""
+    model = zoo_model("small_cnn")
+    p = graphopt.profile(model, repeat=1, precision="bf16")
+    bf16 = [r for r in p.rows if r.rule in ("conv2d_nchwc_bf16", "matmul_bf16")]
+    assert {r.rule for r in bf16} == {"conv2d_nchwc_bf16", "matmul_bf16"}
+    assert all(r.family and r.flops > 0 for r in bf16)
+    assert {r.family for r in bf16} == {"conv", "matmul"}
+    heavy = [r for r in p.rows if r.family]
+    assert sum(r.flops * r.calls for r in heavy) == _reference_flops(model)
+    assert p.schedule["conv_matmul_flops"] == _reference_flops(model)
+    assert p.coverage == pytest.approx(100.0)
 
 
 def _conv_only_model() -> onnx.ModelProto:

@@ -42,6 +42,8 @@ __all__ = [
     "ScheduleRecord",
     "record_schedule",
     "kernels",
+    "packed_kernel",
+    "TENSORIZED_KERNELS",
     "schedule_summary",
     "coverage_line",
     "device_for",
@@ -54,6 +56,10 @@ __all__ = [
 # The schedule rules that take any kernel: a conv or matmul they schedule is off the fast path.
 GENERIC_RULES = ("reduction", "fallback")
 _RULE_ATTR = "graphopt.schedule_rule"
+_KERNEL_ATTR = "graphopt.kernel"  # the anchor block of a rule's TE compute
+# Kernels whose rule tensorizes the MAC block away (x86 vdpbf16ps, targets/_bf16.py): their
+# FLOPs come from the call's shapes, and tuning leaves them to their rule.
+TENSORIZED_KERNELS = ("conv2d_nchwc_bf16", "matmul_bf16")
 _SNAPSHOT_BEFORE = "CallTIRRewrite"  # scheduling is over; main still calls kernels by name
 _CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
 
@@ -122,9 +128,15 @@ def kernels(mod) -> list[Kernel]:  # noqa: ANN001 - tvm.IRModule from record_sch
             continue
         rule = func.attrs.get(_RULE_ATTR) if func.attrs is not None else None
         macs = _multiply_accumulates(func)
+        packed = packed_kernel(func) if not macs else None
+        if packed in TENSORIZED_KERNELS:  # vdpbf16ps: no MAC block is left to read
+            macs = _packed_macs(packed, args)
+            name_hint = packed
+        else:
+            name_hint = name
         family = None
         if macs:
-            family = "conv" if "conv" in name else "matmul"
+            family = "conv" if "conv" in name_hint else "matmul"
         found.append(Kernel(name, None if rule is None else str(rule), n, family, 2 * macs, args))
     return found
 
@@ -199,6 +211,40 @@ def _multiply_accumulates(func) -> int:  # noqa: ANN001 - tirx.PrimFunc
         if int(np.prod([_dim(iv.dom.extent) for iv in reduce])) > 1:
             total += int(np.prod([_dim(iv.dom.extent) for iv in block.iter_vars]))
     return total
+
+
+def packed_kernel(func) -> str | None:  # noqa: ANN001 - tirx.PrimFunc
+    """The ``graphopt.kernel`` annotation a rule's compute left on a block of ``func``
+    (``"conv2d_nchwc_bf16"``, ``"matmul_bf16"``), or None."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        todo = list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - a kernel without blocks
+        return None
+    while todo:
+        rv = todo.pop()
+        todo.extend(sch.get_child_blocks(rv))
+        kind = sch.get(rv).annotations.get(_KERNEL_ATTR)
+        if kind is not None:
+            return str(kind)
+    return None
+
+
+def _packed_macs(kind: str, args: tuple) -> int:
+    """Multiply-accumulates of an annotated kernel from its call's shapes (its last arg
+    the output): a conv's NCHWc data times kh x kw of its OIHW{i}i{o}o weight, a matmul's
+    [m, k] input times k. The real input channels, not the zero one a pair pads."""
+    out = int(np.prod(args[-1][0]))
+    if "conv" in kind:
+        data = next((s for s, _ in args[:-1] if len(s) == 5), None)
+        weight = next((s for s, _ in args[:-1] if len(s) == 7), None)
+        if data is None or weight is None:
+            return 0
+        return out * data[1] * data[4] * weight[2] * weight[3]
+    x = next((s for s, _ in args[:-1] if len(s) == 2), None)
+    return 0 if x is None else out * x[1]
 
 
 def _dim(expr) -> int:  # noqa: ANN001

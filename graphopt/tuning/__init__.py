@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 
-def open_database(path: str | os.PathLike, spec) -> TuningDatabase:  # noqa: ANN001 - TargetSpec
-    """An existing database for ``spec``, read-only use (compile)."""
-    return TuningDatabase(path, spec, create=False)
+def open_database(path: str | os.PathLike, spec, precision: str | None = None) -> TuningDatabase:  # noqa: ANN001 - TargetSpec
+    """An existing database for ``spec``, read-only use (compile); one tuned at another
+    ``precision`` is refused (None: any; its workloads differ from another precision's
+    kernels, so none of its records would match them anyway)."""
+    return TuningDatabase(path, spec, create=False, precision=precision)

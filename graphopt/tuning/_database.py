@@ -108,9 +108,17 @@ class TuningDatabase:
     ``create=False`` refuses a directory that is not already a database (for compile).
     """
 
-    def __init__(self, path: str | os.PathLike, target, *, create: bool = True) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        target,  # noqa: ANN001
+        *,
+        create: bool = True,
+        precision: str | None = "fp32",
+    ) -> None:
         self.path = Path(path)
         self.target = target
+        self.precision = precision  # None: take the database's, whatever it is
         self.memory = MemoryDatabase()  # the search strategies' view (top-k per workload)
         self._entries: dict[str, list[_Entry]] = {}  # structural hash -> entries
         self._by_line_key: dict[str, _Entry] = {}  # the key records.jsonl lines use
@@ -143,6 +151,7 @@ class TuningDatabase:
             "format": FORMAT,
             "target": {"name": self.target.name, "tvm": self.target.tvm},
             "tvm_version": tvm.__version__,
+            "precision": self.precision or "fp32",
         }
         tmp = self.path / f".{META}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -167,6 +176,14 @@ class TuningDatabase:
             raise TuningDatabaseError(
                 f"tuning database {self.path} was tuned for {name} {json.dumps(theirs)}, "
                 f"not {self.target.name} {json.dumps(mine)}; use a database per target"
+            )
+        theirs_p = meta.get("precision", "fp32")  # databases from before precisions: fp32
+        if self.precision is None:
+            self.precision = theirs_p
+        elif theirs_p != self.precision:
+            raise TuningDatabaseError(
+                f"tuning database {self.path} was tuned at precision {theirs_p}, not "
+                f"{self.precision}; use a database per precision"
             )
 
     def _load(self, records: Path) -> None:

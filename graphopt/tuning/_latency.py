@@ -87,16 +87,18 @@ def measure_model(  # noqa: PLR0913
     database: TuningDatabase,
     source,  # noqa: ANN001 - onnx.ModelProto or a torch source (no onnxruntime then)
     repeat: int = 20,
+    precision: str = "fp32",
 ) -> ModelLatency:
-    """Build the model with and without ``database`` and time both (and onnxruntime)."""
+    """Build the model with and without ``database`` and time both (and onnxruntime),
+    at ``precision``."""
     inputs = _inputs(relax_mod)
     if inputs is None:
         return ModelLatency(note="symbolic input shapes: not measured")
     arrays = list(inputs.values())
     device = tvm.cpu()
     report: dict = {}
-    default = build(relax_mod, spec, layout)
-    tuned = build(relax_mod, spec, layout, [ApplyTuningDatabase(database, report)])
+    default = build(relax_mod, spec, layout, precision=precision)
+    tuned = build(relax_mod, spec, layout, [ApplyTuningDatabase(database, report)], precision)
     return ModelLatency(
         default_ms=_median_ms(time_executable(default, device, arrays, repeat)),
         tuned_ms=_median_ms(time_executable(tuned, device, arrays, repeat)),

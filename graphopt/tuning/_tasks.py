@@ -17,6 +17,8 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
+from graphopt.targets import _precision
+from graphopt.targets._profile import TENSORIZED_KERNELS, packed_kernel
 from graphopt.tuning._database import workload_mod
 
 __all__ = ["Task", "extract_tasks", "phases_before_schedule"]
@@ -41,13 +43,20 @@ class Task:
         return max(self.flops, 1.0) * self.calls
 
 
-def phases_before_schedule(spec, target, layout: str | None = None) -> list:  # noqa: ANN001 - TargetSpec, tvm Target
-    """The target's Relax passes (in ``layout``) that run before its ``schedule`` phase."""
-    passes = []
-    for name, phase in spec.target.phases(target, layout).items():
+def phases_before_schedule(
+    spec, target, layout: str | None = None, precision: str = "fp32"
+) -> list:  # noqa: ANN001, E501 - TargetSpec, tvm Target
+    """The target's Relax passes (in ``layout``) that run before its ``schedule`` phase,
+    with ``build``'s ``precision`` phase after the layout phase (first without one)."""
+    phases = spec.target.phases(target, layout)
+    lower = [_precision.LowerPrecision(precision)] if precision != "fp32" else []
+    passes = [] if "layout" in phases else list(lower)
+    for name, phase in phases.items():
         if name == "schedule":
             return passes
         passes.extend(phase)
+        if name == "layout":
+            passes.extend(lower)
     raise ValueError(f"target {spec.name} has no 'schedule' phase to tune")
 
 
@@ -78,11 +87,16 @@ def extract_tasks(
     target,  # noqa: ANN001 - tvm Target
     pattern: str | None = None,
     layout: str | None = None,
+    precision: str = "fp32",
 ) -> list[Task]:
     """Tasks of a lowered model in ``layout`` (default: the target's), largest weight
-    first; ``pattern`` filters by name (glob)."""
+    first; ``pattern`` filters by name (glob). At ``precision`` "bf16"/"fp16" the tasks are
+    the lower-precision kernels ``compile(..., precision=)`` builds. Kernels of a tensorized
+    rule (``TENSORIZED_KERNELS``: x86 vdpbf16ps) are left to their default: no search
+    space knows them, and a record would schedule them before (instead of) their rule."""
     with target:
-        mod = tvm.transform.Sequential(phases_before_schedule(spec, target, layout))(relax_mod)
+        passes = phases_before_schedule(spec, target, layout, precision)
+        mod = tvm.transform.Sequential(passes)(relax_mod)
     counts = _call_counts(mod)
     tasks: list[Task] = []
     by_hash: dict[int, list[Task]] = {}
@@ -90,6 +104,8 @@ def extract_tasks(
         if not isinstance(func, tirx.PrimFunc):
             continue
         if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+            continue
+        if packed_kernel(func) in TENSORIZED_KERNELS:
             continue
         name = gvar.name_hint
         calls = counts.get(name, 1)

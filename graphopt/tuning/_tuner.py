@@ -21,7 +21,7 @@ from tvm.target import codegen
 
 from graphopt.lower import to_relax
 from graphopt.prepare import prepare
-from graphopt.targets import TargetSpec, check_layout, resolve
+from graphopt.targets import TargetSpec, _precision, check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
 from graphopt.tuning._latency import ModelLatency
 from graphopt.tuning._latency import measure_model as time_model
@@ -65,6 +65,7 @@ def tune(
     space: str = "both",
     patience: int = 64,
     measure_model: bool = True,
+    precision: str = "fp32",
     progress: Callable[[dict], None] | None = None,  # called after every batch
     log: Callable[[str], None] | None = None,  # gets status lines
 ) -> TuneReport:
@@ -79,7 +80,9 @@ def tune(
     time the whole model with the default schedules and with the database (and
     onnxruntime) at the end, when measuring on this machine.
     ``layout``: as for ``compile`` (the target's default when None); compile with the same
-    layout to use what this tunes.
+    layout to use what this tunes. ``precision`` ("bf16"/"fp16"): tune the kernels
+    ``compile(..., precision=)`` builds, into a database that records it (and refuses
+    another precision); a target without the hardware for it is refused before any work.
     """
     say = log or _silent
     options = TuneOptions(
@@ -99,6 +102,9 @@ def tune(
         raise TuningError("--rpc-tracker and --rpc-key go together")
     spec = resolve(target, **(target_options or {}))
     layout = check_layout(spec, layout)
+    refused = _precision.refusal(spec.tvm, precision)
+    if refused is not None:
+        raise TuningError(refused)
     if rpc_tracker is None and runner is None and not _runs_here(spec.tvm):
         raise TuningError(
             f"target {spec.name} ({spec.tvm.get('mtriple')}) does not run on this host: "
@@ -106,15 +112,15 @@ def tune(
         )
     clock = Clock.started(options.time_budget)
     db_path = Path(db)
-    with _locked(db_path), TuningDatabase(db_path, spec) as database:
+    with _locked(db_path), TuningDatabase(db_path, spec, precision=precision) as database:
         # the tracker is asked first: an unreachable one fails in seconds, not after
         # the model is lowered
         tracker = None
         if rpc_tracker is not None:
             tracker = _Tracker.check(rpc_tracker, rpc_key, say)
         targets = Targets.of(spec, layout)
-        source, relax_mod = _lower(model, input_shapes)
-        found = _extract(relax_mod, targets, tasks)
+        source, relax_mod = _lower(model, input_shapes, spec.pass_defaults)
+        found = _extract(relax_mod, targets, tasks, precision)
         budgets = options.budgets(found)
         states = [TaskState.start(t, b, database) for t, b in zip(found, budgets, strict=True)]
         builder = _builder(spec, options)
@@ -155,7 +161,9 @@ def _model_latency(relax_mod, targets: Targets, database, source, say) -> ModelL
     except (OSError, ValueError, KeyError, TypeError):
         pass
     say("timing the model with the default schedules, with the database, onnxruntime")
-    latency = time_model(relax_mod, targets.spec, targets.layout, database, source)
+    latency = time_model(
+        relax_mod, targets.spec, targets.layout, database, source, precision=database.precision
+    )
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -216,15 +224,17 @@ class _Tracker:
         return cls(host, port, key, devices)
 
 
-def _lower(model, input_shapes: dict | list[str] | None):  # noqa: ANN001, ANN202
+def _lower(model, input_shapes: dict | list[str] | None, pass_defaults=None):  # noqa: ANN001, ANN202
     """``(source, Relax module)`` of a model, as ``compile`` lowers it."""
-    source, graph, _ = prepare(model, input_shapes)
+    source, graph, _ = prepare(model, input_shapes, pass_defaults=pass_defaults)
     return source, to_relax(graph)
 
 
-def _extract(relax_mod, targets: Targets, pattern: str | None) -> list[Task]:  # noqa: ANN001
+def _extract(relax_mod, targets: Targets, pattern: str | None, precision: str) -> list[Task]:  # noqa: ANN001
     """The model's kernels as ``compile`` builds them, those matching ``pattern``."""
-    found = extract_tasks(relax_mod, targets.spec, targets.compile_target, pattern, targets.layout)
+    found = extract_tasks(
+        relax_mod, targets.spec, targets.compile_target, pattern, targets.layout, precision
+    )
     if not found:
         raise TuningError(
             f"no kernel matches --tasks {pattern!r}" if pattern else "the model has no kernels"
