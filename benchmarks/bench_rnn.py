@@ -3,8 +3,8 @@
     python benchmarks/bench_rnn.py                          # the five models + T sweep
     python benchmarks/bench_rnn.py --models lstm_classifier,tiny_cnn --quick
     python benchmarks/bench_rnn.py --markdown rnn.md        # also write the tables
-    python benchmarks/bench_rnn.py --unfused-steps          # three kernels per time step
-    python benchmarks/bench_rnn.py --serial-steps           # step kernels on one core
+    python benchmarks/bench_rnn.py --fused-steps            # one kernel per time step
+    python benchmarks/bench_rnn.py --fused-steps --serial-steps  # ... on one core
 
 Models (``graphopt.zoo_torch``, seeded weights, batch 1, fp32): an LSTM text classifier
 (embedding, 2-layer LSTM 256, last step, linear; 32 tokens), a bidirectional GRU tagger, a
@@ -217,10 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphopt-bench-rnn"))
     parser.add_argument(
-        "--unfused-steps",
+        "--fused-steps",
         action="store_true",
-        help="each time step as primitive ops (expand-rnn{fuse_steps=false}); by default the "
-        "x86 target fuses each step into one graphopt::RNNStep kernel",
+        help="each time step as one graphopt::RNNStep kernel (expand-rnn{fuse_steps=true}); "
+        "by default the targets keep every step as primitive ops",
     )
     parser.add_argument(
         "--serial-steps",
@@ -246,14 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     from graphopt.profiling import call_overhead
     from graphopt.targets import _gemv, check_layout, resolve
 
-    if opts.unfused_steps:  # what compile and profile then get from default_passes()
-        PASSES["expand-rnn"] = functools.partial(ExpandRNN, fuse_steps=False)
+    if opts.fused_steps:  # what compile and profile then get from default_passes()
+        PASSES["expand-rnn"] = functools.partial(ExpandRNN, fuse_steps=True)
     if opts.serial_steps:
         _gemv.PARALLEL_MIN_BYTES = float("inf")
 
     opts.workdir.mkdir(parents=True, exist_ok=True)
     out = header(opts)
-    fused = "unfused" if opts.unfused_steps else "fused (one kernel per step, the default)"
+    fused = "fused (one kernel per step)" if opts.fused_steps else "unfused (the default)"
     fused += ", serial step kernels" if opts.serial_steps else ""
     out.append(f"recurrent steps: {fused}")
     print("\n".join(out), flush=True)
