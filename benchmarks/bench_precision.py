@@ -40,23 +40,6 @@ def bf16_features() -> list[str]:
     return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 
-def openvino_request(path: Path, threads: int, inputs: dict, precision: str):  # noqa: ANN201
-    """An OpenVINO infer request with ``INFERENCE_PRECISION_HINT`` ``precision``, or None."""
-    try:
-        import openvino as ov
-    except ImportError:
-        return None
-    config = {
-        "INFERENCE_PRECISION_HINT": precision,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": threads,
-    }
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
-    for name, arr in inputs.items():
-        request.set_tensor(name, ov.Tensor(arr))
-    return request
-
-
 def _max_diff(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float32) - ref)))
 
@@ -79,7 +62,7 @@ def bench_model(name: str, opts: argparse.Namespace, workdir: Path, bf16: bool) 
         row[f"diff graphopt {precision}"] = _max_diff(art.run(inputs)[art.output_names[0]], ref)
         engines[f"graphopt {precision}"] = bp.GraphoptEngine(art, inputs)
     for hint in ("f32", "bf16") if bf16 else ("f32",):
-        request = openvino_request(path, opts.threads, inputs, hint)
+        request = bp.openvino_request(path, opts.threads, inputs, hint)
         if request is None:
             row["notes"].append("OpenVINO not installed")
             break

@@ -280,14 +280,15 @@ def ort_session(path: Path, threads: int):  # noqa: ANN201 - an InferenceSession
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def openvino_request(path: Path, threads: int, inputs: dict[str, np.ndarray]):  # noqa: ANN201
-    """An OpenVINO infer request with ``inputs`` set, or None without openvino."""
+def openvino_request(path: Path, threads: int, inputs: dict, precision: str = "f32"):  # noqa: ANN201
+    """An OpenVINO infer request (``INFERENCE_PRECISION_HINT`` ``precision``) with
+    ``inputs`` set, or None without openvino."""
     try:
         import openvino as ov
     except ImportError:
         return None
     config = {
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": precision,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": threads,
     }
@@ -315,6 +316,21 @@ def _agree(ours: np.ndarray, ref: np.ndarray) -> str | None:
     scale = float(np.max(np.abs(ref))) or 1.0
     diff = float(np.max(np.abs(ours.astype(np.float32) - ref)))
     return None if diff <= 1e-3 * scale + 1e-4 else f"OpenVINO differs from ORT by {diff:.2g}"
+
+
+def add_openvino(engines: dict, notes: list, path: Path, threads: int, inputs: dict, session):  # noqa: ANN001
+    """``engines["OpenVINO"]`` for the ONNX file at ``path`` when openvino is installed and
+    takes the model; a refusal, or an output unlike onnxruntime's (``session``), is a note."""
+    try:
+        request = openvino_request(path, threads, inputs)
+        if request is not None:
+            request.infer()
+            note = _agree(request.get_output_tensor(0).data, session.run(None, inputs)[0])
+            if note:
+                notes.append(note)
+            engines["OpenVINO"] = CallEngine(request.infer)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO refusing a model is a note
+        notes.append("OpenVINO: " + _error_line(exc))
 
 
 # --- one model ------------------------------------------------------------------------------
@@ -346,16 +362,7 @@ def bench_model(name: str, opts: argparse.Namespace, workdir: Path) -> Row:
         row.error = _error_line(exc)
         if opts.verbose:
             traceback.print_exc()
-    try:
-        request = openvino_request(path, opts.threads, inputs)
-        if request is not None:
-            request.infer()
-            note = _agree(request.get_output_tensor(0).data, session.run(None, inputs)[0])
-            if note:
-                row.notes.append(note)
-            engines["OpenVINO"] = CallEngine(request.infer)
-    except Exception as exc:  # noqa: BLE001 - OpenVINO refusing a model is a note
-        row.notes.append("OpenVINO: " + _error_line(exc))
+    add_openvino(engines, row.notes, path, opts.threads, inputs, session)
     measured = interleaved(engines, opts.block, opts.rounds)
     row.graphopt_ms = measured.get("graphopt")
     row.ort_ms = measured.get("ORT")

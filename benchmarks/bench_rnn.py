@@ -45,12 +45,11 @@ from bench_public import (  # noqa: E402
     CallEngine,
     GraphoptEngine,
     Row,
-    _agree,
     _error_line,
     _openvino_version,
+    add_openvino,
     geomean,
     interleaved,
-    openvino_request,
     ort_session,
     set_threads,
 )
@@ -125,16 +124,7 @@ def bench(label: str, path: Path, inputs: dict, opts: argparse.Namespace) -> tup
         engines["graphopt"] = GraphoptEngine(artifact, inputs)
     except Exception as exc:  # noqa: BLE001 - a failed compile/verify is a row with the error
         row.error = _error_line(exc)
-    try:
-        request = openvino_request(path, opts.threads, inputs)
-        if request is not None:
-            request.infer()
-            note = _agree(request.get_output_tensor(0).data, session.run(None, inputs)[0])
-            if note:
-                row.notes.append(note)
-            engines["OpenVINO"] = CallEngine(request.infer)
-    except Exception as exc:  # noqa: BLE001 - OpenVINO refusing a model is a note
-        row.notes.append("OpenVINO: " + _error_line(exc))
+    add_openvino(engines, row.notes, path, opts.threads, inputs, session)
     measured = interleaved(engines, opts.block, opts.rounds)
     row.graphopt_ms, row.ort_ms = measured.get("graphopt"), measured.get("ORT")
     row.openvino_ms = measured.get("OpenVINO")

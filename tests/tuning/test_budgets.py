@@ -4,7 +4,6 @@ another."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import onnx
@@ -19,7 +18,7 @@ from graphopt.tuning import TuningDatabase, tune
 from graphopt.tuning._options import TuneOptions
 from graphopt.tuning._session import Targets, TaskState, applied_secs
 from graphopt.tuning._tasks import Task, extract_tasks
-from tests.tuning._models import conv_relu
+from tests.tuning._models import conv_relu, slow_defaults
 
 
 def test_budgets_follow_measured_time_not_flops() -> None:
@@ -80,12 +79,7 @@ def test_a_database_of_one_batch_size_does_not_serve_another(tmp_path, capsys) -
     db = tmp_path / "db"
     tune(one, "x86", db, per_task=1, batch_size=1, space="graphopt", measure_model=False)
     # make every record win, so only a workload mismatch can keep it out
-    lines = [json.loads(x) for x in (db / "records.jsonl").read_text().splitlines()]
-    lines = [r for r in lines if r["t"] != "chk"]  # side-by-side checks would judge otherwise
-    (db / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with open(db / "records.jsonl", "a") as f:
-        for key in sorted({r["w"] for r in lines if r["t"] == "wl"}):
-            f.write(json.dumps({"t": "base", "w": key, "secs": 1.0}) + "\n")
+    slow_defaults(db)
     _, graph, _ = prepare(two)
     targets = Targets.of(resolve("x86"), "nchwc")
     tasks = extract_tasks(to_relax(graph), targets.spec, targets.compile_target)

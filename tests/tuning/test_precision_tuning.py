@@ -15,8 +15,7 @@ from graphopt.targets import resolve
 from graphopt.tuning import open_database, tune
 from graphopt.tuning._database import TuningDatabaseError
 from graphopt.tuning._options import TuningError
-from tests.tuning._models import conv_relu
-from tests.tuning.test_tune import _slow_defaults
+from tests.tuning._models import conv_relu, slow_defaults
 
 HOST_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 needs_host_bf16 = pytest.mark.skipif(
@@ -70,7 +69,7 @@ def test_bf16_db_is_refused_at_fp32_and_fp32_db_at_bf16(bf16_db, tmp_path) -> No
 @needs_host_bf16
 def test_bf16_compile_applies_the_bf16_db_and_verifies(bf16_db, tmp_path) -> None:
     db, _ = bf16_db
-    _slow_defaults(db)  # each tuned kernel wins deterministically
+    slow_defaults(db)  # each tuned kernel wins deterministically
     out = tmp_path / "b.so"
     graphopt.compile(conv_relu(), output=out, tuning_db=db, precision="bf16")
     manifest = read_manifest(out)

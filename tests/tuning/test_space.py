@@ -7,7 +7,6 @@ computing the same values, and ``--space`` must pick the generators it names.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -39,7 +38,7 @@ from graphopt.tuning._space import (
     phases_of,
 )
 from graphopt.tuning._tasks import extract_tasks
-from tests.tuning._models import conv_relu
+from tests.tuning._models import conv_relu, slow_defaults
 
 CONV_RULES = {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc", "grouped_nchwc"}
 
@@ -138,16 +137,6 @@ def test_space_option_picks_the_generators(conv_tasks) -> None:  # noqa: ANN001
     assert TuneOptions().space == "both"
 
 
-def _slow_defaults(db) -> None:  # noqa: ANN001
-    """Make every default schedule look slow, so each tuned kernel wins deterministically."""
-    lines = [json.loads(x) for x in (db / "records.jsonl").read_text().splitlines()]
-    lines = [r for r in lines if r["t"] != "chk"]  # side-by-side checks would judge otherwise
-    (db / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with open(db / "records.jsonl", "a") as f:
-        for key in sorted({r["w"] for r in lines if r["t"] == "wl"}):
-            f.write(json.dumps({"t": "base", "w": key, "secs": 1.0}) + "\n")
-
-
 def test_graphopt_space_tunes_prints_latency_and_verifies(tmp_path) -> None:  # noqa: ANN001
     """``--space graphopt``: only the conv is searched (the layout transforms have no
     choices), the report has the before/after model latency lines next to onnxruntime,
@@ -177,7 +166,7 @@ def test_graphopt_space_tunes_prints_latency_and_verifies(tmp_path) -> None:  # 
     # compiled with the records (defaults made slow so they apply): matches onnxruntime
     slow = tmp_path / "slow"
     shutil.copytree(db, slow)
-    _slow_defaults(slow)
+    slow_defaults(slow)
     out = tmp_path / "a.so"
     assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(slow)]) == 0
     manifest = read_manifest(out)

@@ -19,7 +19,7 @@ from graphopt.cli import main
 from graphopt.targets import resolve
 from graphopt.tuning import TuningDatabase, tune
 from tests.tuning import _faults
-from tests.tuning._models import conv_relu
+from tests.tuning._models import conv_relu, slow_defaults
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +57,10 @@ def test_tune_prints_table_and_progress(tuned, models, capsys) -> None:
     assert (tuned / "records.jsonl").read_bytes() == before
 
 
-def _slow_defaults(db) -> None:  # noqa: ANN001
-    """Make every default schedule look slow, so each tuned kernel wins deterministically
-    (and drop the side-by-side checks, which would judge the records otherwise)."""
-    kept = [r for r in _records(db) if r["t"] != "chk"]
-    (db / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    keys = {r["w"] for r in kept if r["t"] == "wl"}
-    with open(db / "records.jsonl", "a") as f:
-        for key in sorted(keys):
-            f.write(json.dumps({"t": "base", "w": key, "secs": 1.0}) + "\n")
-
-
 def test_compile_with_db_uses_records_and_verifies(tuned, models, tmp_path, capsys) -> None:
     db = tmp_path / "db"
     shutil.copytree(tuned, db)
-    _slow_defaults(db)
+    slow_defaults(db)
     out = tmp_path / "a.so"
     assert main(["compile", str(models[0]), "-o", str(out), "--tuning-db", str(db)]) == 0
     manifest = read_manifest(out)
@@ -103,7 +92,7 @@ def test_second_model_reuses_shared_workload(tuned, models, tmp_path, capsys) ->
     new = [r for r in _records(db)[len(before) :] if r["t"] == "rec"]
     assert new  # the new conv was tuned ...
     assert not [r for r in new if r["w"] in shared]  # ... and nothing shared was re-tuned
-    _slow_defaults(db)
+    slow_defaults(db)
     out_so = tmp_path / "b.so"
     assert main(["compile", str(models[1]), "-o", str(out_so), "--tuning-db", str(db)]) == 0
     hits = read_manifest(out_so)["tuning"]["from_database"]
@@ -119,7 +108,7 @@ def test_each_layout_tunes_and_uses_its_own_kernels(tuned, models, tmp_path, cap
     assert main([*argv, "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "fused_conv2d_nhwc_relu" in out and "layout nhwc" in out
-    _slow_defaults(db)
+    slow_defaults(db)
     for layout, kernel in (
         ("nhwc", "fused_conv2d_nhwc_relu"),
         ("nchwc", "fused_conv2d_nchwc_relu"),
