@@ -477,6 +477,13 @@ UNARY = ["Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Neg", "Abs", "Erf", "
 BINARY = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "MatMul"]
 
 
+def _nudge(value: int, delta: int) -> int:
+    """``value + delta``, or ``value - delta`` where that would leave int64 (attributes such
+    as Slice's ends hold INT64_MIN/MAX; protobuf refuses the overflow)."""
+    lo, hi = -(2**63), 2**63 - 1
+    return value + delta if lo <= value + delta <= hi else value - delta
+
+
 def mutate_gently(draw, model: onnx.ModelProto) -> str:  # noqa: ANN001
     """A small change that often keeps the model valid, so it reaches the passes and the
     lowering: an int attribute or an int64 constant (axes, pads, starts, shapes) off by
@@ -491,9 +498,10 @@ def mutate_gently(draw, model: onnx.ModelProto) -> str:  # noqa: ANN001
             return "no int attributes"
         node, a = pick
         if a.type == a.INT:
-            a.i += delta
+            a.i = _nudge(a.i, delta)
         else:
-            a.ints[draw(st.integers(0, len(a.ints) - 1))] += delta
+            k = draw(st.integers(0, len(a.ints) - 1))
+            a.ints[k] = _nudge(a.ints[k], delta)
         return f"{node.op_type} {node.name!r}.{a.name} nudged by {delta}"
     if how == "int-constant":
         found = [t for t in model.graph.initializer if t.data_type == TensorProto.INT64]
