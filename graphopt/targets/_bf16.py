@@ -50,6 +50,7 @@ from graphopt.targets._cpu_schedules import (
 __all__ = [
     "DOT_16x2_BF16",
     "RULES",
+    "WRAP_LEGALIZE",
     "has_avx512_bf16",
     "legalize_conv2d",
     "legalize_matmul",
@@ -456,6 +457,9 @@ def rule_matmul_bf16(func: tirx.PrimFunc, target: tvm.target.Target):  # noqa: A
     _tensorize_tail(sch, mm, fused, lanes_iter=1)  # iters: m, n, rk, rj
     return _schedule_others(sch, others, _LANES)
 
+
+# The legalizations graphopt.targets._cpu layers over the fp32 ones.
+WRAP_LEGALIZE = {"relax.nn.conv2d": legalize_conv2d, "relax.matmul": legalize_matmul}
 
 # Ordered, first fit wins; before every fp32 rule (they would take bf16 kernels slowly).
 RULES = [

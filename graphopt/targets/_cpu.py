@@ -6,6 +6,7 @@ schedules; vector widths follow from the TVM target (AVX-512, AVX2, NEON).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,22 @@ from graphopt.targets._layout import Layout
 from graphopt.targets._phases import dataflow_lower_passes, finalize_passes
 from graphopt.targets._runner import VMRunner, use_all_cores
 
-__all__ = ["cpu_phases", "features", "check_tvm_dict", "load_native"]
+__all__ = [
+    "cpu_phases",
+    "features",
+    "check_tvm_dict",
+    "load_native",
+    "kernel_modules",
+    "legalize_map",
+    "schedule_rules",
+]
+
+# Kernel modules layered over the fp32 packed/NHWC rules, the first listed first. Each
+# defines ``WRAP_LEGALIZE`` ({Relax op: wrap(fallback) -> legalization}: it takes the
+# calls it has kernels for and passes the rest to ``fallback``) and ``RULES`` (schedule
+# rules that take only their own kernels, tried before the fp32 ones). AMX before
+# AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it.
+KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d")
 
 
 def features(tvm_dict: dict) -> list[str]:
@@ -38,6 +54,43 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
     return dict(tvm_dict)
 
 
+def kernel_modules() -> list:
+    """The :data:`KERNEL_MODULES` that exist, imported (they import TVM)."""
+    found = []
+    for name in KERNEL_MODULES:
+        try:
+            found.append(importlib.import_module(f"graphopt.targets.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"graphopt.targets.{name}":
+                raise
+    return found
+
+
+def legalize_map() -> dict:
+    """LegalizeOps' customize map: the fp32 rules' legalizations, each wrapped by the
+    kernel modules' (the first module outermost)."""
+    import tvm
+
+    from graphopt.targets import _cpu_nhwc, _cpu_schedules
+
+    legalize = {**_cpu_schedules.LEGALIZE, **_cpu_nhwc.LEGALIZE}
+    for module in reversed(kernel_modules()):
+        for op, wrap in module.WRAP_LEGALIZE.items():
+            fallback = legalize.get(op) or tvm.ir.Op.get(op).get_attr("FLegalize")
+            legalize[op] = wrap(fallback)
+    return legalize
+
+
+def schedule_rules() -> list:
+    """The default schedule rules in order (first fitting rule wins): the kernel
+    modules', then the NHWC conv rules (they take only their own annotated convs), then
+    the packed-NCHWc and generic ones."""
+    from graphopt.targets import _cpu_nhwc, _cpu_schedules
+
+    rules = [rule for module in kernel_modules() for rule in module.RULES]
+    return [*rules, *_cpu_nhwc.RULES, *_cpu_schedules.RULES]
+
+
 def cpu_phases(
     target,  # noqa: ANN001 - tvm.target.Target
     layout: Layout,
@@ -45,19 +98,12 @@ def cpu_phases(
 ) -> dict[str, list]:
     """The CPU pipeline (x86 and ARM) with ``layout``'s passes in its layout phase and
     ``extra_schedule_passes`` (a tuning database's) first in its schedule phase."""
-    import tvm
     from tvm import relax
 
     # TVM-built schedule rules: imported when a pipeline is built, so that importing
     # graphopt (the IR, the passes) does not import TVM.
-    from graphopt.targets import _bf16, _cpu_nhwc, _cpu_schedules
+    from graphopt.targets import _cpu_schedules
 
-    nhwc, cpu = _cpu_nhwc, _cpu_schedules
-    legalize = {**cpu.LEGALIZE, **nhwc.LEGALIZE}
-    default_matmul = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
-    # bf16 convs/matmuls (``--precision bf16``) on AVX512-BF16 first, the rest as before
-    legalize["relax.nn.conv2d"] = _bf16.legalize_conv2d(legalize["relax.nn.conv2d"])
-    legalize["relax.matmul"] = _bf16.legalize_matmul(legalize.get("relax.matmul", default_matmul))
     return {
         # Sorting/sampling ops map to library implementations before legalization.
         "library_dispatch": [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
@@ -69,20 +115,18 @@ def cpu_phases(
         # compile time; FuseOps groups elementwise tails with their producer so each group
         # is one kernel.
         "legalize": [
-            relax.transform.LegalizeOps(legalize),
+            relax.transform.LegalizeOps(legalize_map()),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ],
-        # Default schedules (first fitting rule wins) on the fused kernels; after FuseTIR
-        # so epilogues are scheduled with their producer. The NHWC conv rules first: they
-        # take only their own annotated convs, whatever the layout.
-        # A tuning database first (it marks its kernels scheduled, so the defaults skip them).
-        # The bf16 rules (vdpbf16ps) before all: they take only bf16 kernels.
+        # Default schedules (first fitting rule wins, :func:`schedule_rules`) on the fused
+        # kernels; after FuseTIR so epilogues are scheduled with their producer. A tuning
+        # database first (it marks its kernels scheduled, so the defaults skip them).
         "schedule": [
             *extra_schedule_passes,
-            cpu.ApplyCPUSchedules(rules=[*_bf16.RULES, *nhwc.RULES, *cpu.RULES]),
+            _cpu_schedules.ApplyCPUSchedules(rules=schedule_rules()),
         ],
         "dataflow_lower": dataflow_lower_passes(),
         "finalize": finalize_passes(),
