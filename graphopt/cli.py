@@ -477,7 +477,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     )
     render(result, top=args.top or None)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+        Path(args.json).write_text(_json(result.to_dict()))
         print(f"wrote {args.json}")
     return 0
 
@@ -713,6 +713,23 @@ def _add_evaluate_parser(sub) -> None:  # noqa: ANN001
     _add_common(p)
 
 
+def _finite(obj):  # noqa: ANN001, ANN202
+    """``obj`` with every non-finite float as the string "inf", "-inf" or "nan": JSON
+    has no such numbers (Python's ``Infinity`` is not JSON that other parsers read)."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return "nan" if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json(obj) -> str:  # noqa: ANN001
+    """Strict JSON text of a result (non-finite numbers as strings, :func:`_finite`)."""
+    return json.dumps(_finite(obj), indent=1, allow_nan=False)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.artifact,
@@ -724,7 +741,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plot:
         plot_confusion(result, args.plot)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(_json(result.to_dict()))
     else:
         render_evaluation(result)
     if args.plot:

@@ -364,3 +364,18 @@ def test_a_reference_onnxruntime_cannot_load_is_one_error(digits, capsys, monkey
     )
     assert code == 2 and "onnxruntime cannot run this model" in err, err
     assert "internal error" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_output_is_strict_json_with_non_finite_differences():
+    """An inf or NaN difference (an artifact that overflows) is written as a string:
+    ``Infinity`` is not JSON that other parsers read."""
+    from graphopt.cli import _json
+
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    text = _json({"value": float("inf"), "peaks": [float("-inf"), float("nan"), 1.5]})
+    assert json.loads(text, parse_constant=refuse) == {
+        "value": "inf",
+        "peaks": ["-inf", "nan", 1.5],
+    }
