@@ -88,6 +88,7 @@ def measure_model(  # noqa: PLR0913
     source,  # noqa: ANN001 - onnx.ModelProto or a torch source (no onnxruntime then)
     repeat: int = 20,
     precision: str = "fp32",
+    default=None,  # noqa: ANN001 - the default build, when the caller made it already
 ) -> ModelLatency:
     """Build the model with and without ``database`` and time both (and onnxruntime),
     at ``precision``."""
@@ -97,7 +98,8 @@ def measure_model(  # noqa: PLR0913
     arrays = list(inputs.values())
     device = tvm.cpu()
     report: dict = {}
-    default = build(relax_mod, spec, layout, precision=precision)
+    if default is None:
+        default = build(relax_mod, spec, layout, precision=precision)
     tuned = build(relax_mod, spec, layout, [ApplyTuningDatabase(database, report)], precision)
     return ModelLatency(
         default_ms=_median_ms(time_executable(default, device, arrays, repeat)),

@@ -96,8 +96,9 @@ class Clock:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def up(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+    def up(self, reserve: float = 0.0) -> bool:
+        """Whether the deadline is within ``reserve`` seconds (always False without one)."""
+        return self.deadline is not None and time.monotonic() + reserve >= self.deadline
 
     def left(self) -> float | None:
         """Seconds to the deadline; None without one."""
@@ -226,6 +227,10 @@ def applied_secs(default: float | None, best: float | None) -> float | None:
     return default
 
 
+# A re-measured winner costs about this many search candidates: more repeats per kernel.
+_CONFIRM_COST = 2.0
+
+
 def _no_timing() -> dict[str, float]:
     return {"search": 0.0, "build": 0.0, "measure": 0.0, "baseline": 0.0}
 
@@ -249,6 +254,9 @@ class Session:
     progress: Callable[[dict], None] | None
     say: Callable[[str], None]
     confirm_runner: Runner | None = None  # re-measures winners (several repeats each)
+    # seconds the work after the session (the model timing) is expected to take: the
+    # search stops that much, plus the re-measure of winners, before a time budget ends
+    closing_secs: float = 0.0
     # what the run itself changes
     stop: _Stop = field(init=False, default_factory=_Stop)
     timing: dict[str, float] = field(init=False, default_factory=_no_timing)  # seconds each
@@ -335,13 +343,33 @@ class Session:
         done, the clock runs out or Ctrl-C."""
         model = cost_model(self.targets.cores)
         while not self.stop.requested:
-            if self.clock.up():
+            if self.clock.up(self.reserve()):
                 self.timed_out = True
                 break
             state = self._furthest_behind()
             if state is None:
                 break
             self._batch(state, model)
+
+    def reserve(self) -> float:
+        """Seconds a time budget keeps back for what follows the search: re-measuring
+        today's winning records beside their defaults (two kernels each, with the confirm
+        runner's extra repeats, at the cost per candidate this run has seen) and the
+        model timing (``closing_secs``). At most half the budget, so a short one still
+        searches."""
+        if self.clock.deadline is None:
+            return 0.0
+        trials = sum(s.new_trials for s in self.states)
+        per_candidate = (self.timing["build"] + self.timing["measure"]) / max(trials, 1)
+        claims = sum(
+            1
+            for s in self.states
+            if s.entry.best is not None
+            and s.entry.baseline_secs is not None
+            and s.entry.best_secs * MIN_SPEEDUP <= s.entry.baseline_secs
+        )
+        confirm = claims * 2 * _CONFIRM_COST * per_candidate
+        return min(confirm + self.closing_secs, 0.5 * (self.clock.deadline - self.clock.start))
 
     def _furthest_behind(self) -> TaskState | None:
         """The pending task with the smallest share of its budget spent (ties: heavier)."""

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from tvm.target import codegen
 
 from graphopt.lower import to_relax
 from graphopt.prepare import prepare
-from graphopt.targets import TargetSpec, _precision, check_layout, resolve
+from graphopt.targets import TargetSpec, _precision, build, check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
 from graphopt.tuning._latency import ModelLatency
 from graphopt.tuning._latency import measure_model as time_model
@@ -137,17 +138,32 @@ def tune(
             progress=progress,
             say=say,
         )
-        report = session.run()
         local = rpc_tracker is None and runner is None
-        if options.measure_model and local and not report.interrupted:
-            report.latency = _model_latency(relax_mod, targets, database, source, say)
+        timed = options.measure_model and local
+        default = None
+        if timed and clock.deadline is not None:
+            # built now, so that the time budget can keep back what the model timing
+            # after the search will take: one more build (the tuned one) and the runs
+            t0 = time.perf_counter()
+            default = build(relax_mod, spec, targets.layout, precision=precision)
+            session.closing_secs = 1.2 * (time.perf_counter() - t0) + _TIMING_SECS
+        report = session.run()
+        if timed and not report.interrupted:
+            report.latency = _model_latency(
+                relax_mod, targets, database, source, say, default=default
+            )
         return report
+
+
+_TIMING_SECS = 5.0  # the model timing's runs (default, tuned, onnxruntime), a typical CNN
 
 
 _LATENCY = "model-latency.json"
 
 
-def _model_latency(relax_mod, targets: Targets, database, source, say) -> ModelLatency:  # noqa: ANN001
+def _model_latency(
+    relax_mod, targets: Targets, database, source, say, default=None
+) -> ModelLatency:  # noqa: ANN001, E501
     """The model timed with and without the database (and onnxruntime); a rerun that
     added nothing to the database reuses the last figures (``DB/model-latency.json``,
     keyed by the model, the layout and the records' size) instead of building again."""
@@ -162,7 +178,13 @@ def _model_latency(relax_mod, targets: Targets, database, source, say) -> ModelL
         pass
     say("timing the model with the default schedules, with the database, onnxruntime")
     latency = time_model(
-        relax_mod, targets.spec, targets.layout, database, source, precision=database.precision
+        relax_mod,
+        targets.spec,
+        targets.layout,
+        database,
+        source,
+        precision=database.precision,
+        default=default,
     )
     try:
         known = json.loads(path.read_text())

@@ -16,7 +16,7 @@ from graphopt.prepare import prepare
 from graphopt.targets import resolve
 from graphopt.tuning import TuningDatabase, tune
 from graphopt.tuning._options import TuneOptions
-from graphopt.tuning._session import Targets, TaskState, applied_secs
+from graphopt.tuning._session import Clock, Session, Targets, TaskState, applied_secs
 from graphopt.tuning._tasks import Task, extract_tasks
 from tests.tuning._models import conv_relu, slow_defaults
 
@@ -114,3 +114,23 @@ def test_a_lucky_record_loses_its_claim_when_measured_again(tmp_path) -> None:  
         assert applied_secs(*found.confirmed()) == 1e-3  # the check is on disk
         again.add_results(found, [(trace, [0.2e-3], [], None)])  # a new best: unchecked
         assert found.confirmed() == (1e-3, 0.2e-3)
+
+
+def test_a_time_budget_keeps_back_the_work_after_the_search() -> None:
+    """The search stops early enough for the re-measure of winning records and the model
+    timing to end within the budget, but never keeps back more than half of it."""
+    now = Clock.started(100.0)
+    assert not now.up() and now.up(reserve=100.5) and not now.up(reserve=90.0)
+    assert not Clock.started(None).up(reserve=1e9)  # no budget, no deadline
+
+    def session(claims: int, closing: float) -> Session:
+        entry = SimpleNamespace(best=object(), best_secs=1.0, baseline_secs=2.0)
+        states = [SimpleNamespace(entry=entry, new_trials=10) for _ in range(claims)]
+        s = SimpleNamespace(clock=now, states=states, closing_secs=closing)
+        s.timing = {"build": 20.0 * claims, "measure": 10.0 * claims}  # 3 s per candidate
+        return s
+
+    # 2 winners x (default + record) x 2 (more repeats) x 3 s, plus the model timing
+    assert Session.reserve(session(2, closing=8.0)) == 2 * 2 * 2 * 3.0 + 8.0
+    assert Session.reserve(session(0, closing=8.0)) == 8.0
+    assert Session.reserve(session(20, closing=8.0)) == 50.0  # half the budget at most
