@@ -29,17 +29,27 @@ Hooked into the CPU pipeline by :mod:`graphopt.targets._cpu`: ``legalize_conv2d`
 ``legalize_matmul`` wrap the existing legalizations (bf16 operands on a CPU with
 avx512bf16 take the paths here, everything else the old ones); ``RULES`` go first in the
 schedule phase. Rule names: ``conv2d_nchwc_bf16``, ``matmul_bf16``.
+
+``TUNABLE`` offers both rules to ``graphopt tune`` (graphopt/tuning/_space.py) the way
+the fp32 rules are offered: ``schedule_conv2d_nchwc_bf16`` and ``schedule_matmul_bf16``
+take their numeric choices from a ``Decisions`` (the conv's register tile: pixels up to
+24 accumulators, rows with a row plan; the matmul's output blocks in registers, up to 8,
+and rows) and their structure from a plan (the conv: the fp32 ``CONV_PLANS``; the matmul:
+:class:`MatmulPlan`); with the defaults they are the rules. Every point keeps the
+vdpbf16ps tensorization.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from graphopt.targets import _cpu_schedules as cpu
 from graphopt.targets._cpu_schedules import (
     _inline_epilogue,
     _inline_spatial_intermediates,
@@ -49,11 +59,16 @@ from graphopt.targets._cpu_schedules import (
 
 __all__ = [
     "DOT_16x2_BF16",
+    "MATMUL_PLANS",
+    "MatmulPlan",
     "RULES",
+    "TUNABLE",
     "WRAP_LEGALIZE",
     "has_avx512_bf16",
     "legalize_conv2d",
     "legalize_matmul",
+    "schedule_conv2d_nchwc_bf16",
+    "schedule_matmul_bf16",
     "amx_tile_ll",
 ]
 
@@ -329,6 +344,28 @@ def legalize_matmul(fallback):  # noqa: ANN001, ANN201
 
 
 # --- schedule rules -----------------------------------------------------------------------
+# The rules' choices, as the fp32 rules expose theirs (``_cpu_schedules.TUNABLE``): numeric
+# ones from ``decisions`` (plain defaults, or sampling instructions whose decision is the
+# default), structural ones from a plan (one design space each, the default first).
+@dataclass(frozen=True)
+class MatmulPlan:
+    """The structural choices of :func:`schedule_matmul_bf16` (the default ``MatmulPlan()``
+    is today's schedule). ``rows``: a register tile of several output rows, each loaded
+    weight vector feeding one vdpbf16ps per row; ``n_outer``: the output-block chunk loop
+    outside the row loop in the parallel loop (a thread's rows share its weight block)."""
+
+    rows: bool = False
+    n_outer: bool = False
+
+
+MATMUL_PLANS = (MatmulPlan(), MatmulPlan(rows=True), MatmulPlan(n_outer=True))
+# The conv's design spaces: the fp32 packed conv's plans (one change at a time).
+CONV_PLANS = cpu.CONV_PLANS
+_MAX_TILE_ROWS = 4  # output rows of a multi-row register tile, at most
+# iter vars of the conv2d_nchwc_bf16 block: n, co, y, x, c, rco, rh, rw, rk, rj
+_CONV_RCO, _CONV_RH, _CONV_RW = 5, 6, 7
+
+
 def _root_blocks(sch: s_tir.Schedule) -> list:
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
@@ -371,16 +408,26 @@ def _loop_iters(sch: s_tir.Schedule, block, outer) -> list[tuple]:  # noqa: ANN0
     return out
 
 
-def _tensorize_tail(sch: s_tir.Schedule, block, outer, lanes_iter: int) -> None:  # noqa: ANN001
+def _tensorize_tail(  # noqa: PLR0913
+    sch: s_tir.Schedule,
+    block,  # noqa: ANN001
+    outer,  # noqa: ANN001
+    lanes_iter: int,
+    first: tuple = (),
+    unroll: tuple = (),
+) -> None:
     """Under ``outer``: the reductions (the pair axis, the block's last iter var, last)
     around the register tile (the 16-lane axis ``lanes_iter`` last); the init split off;
-    each pair step one vdpbf16ps. Raises (the rule declines) when the nest has no
-    reduction loop besides the pair axis."""
+    each pair step one vdpbf16ps. The reduction loops of the iter vars in ``first`` go
+    outermost (a conv's kernel window outside its channel chunk), those of ``unroll`` are
+    unrolled. Raises (the rule declines) when the nest has no reduction loop besides the
+    pair axis, or when a loop ``first`` or ``unroll`` names is not there (that plan would
+    be the default's)."""
     iters = _loop_iters(sch, block, outer)
     kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
     pair_iter = len(kinds) - 1
     last_lanes = max(k for k, (_, i) in enumerate(iters) if i == lanes_iter)
-    reduce = [lp for lp, i in iters if kinds[i] == tirx.IterVar.CommReduce and i != pair_iter]
+    reduce = [(lp, i) for lp, i in iters if kinds[i] == tirx.IterVar.CommReduce and i != pair_iter]
     spatial = [
         lp
         for k, (lp, i) in enumerate(iters)
@@ -390,63 +437,146 @@ def _tensorize_tail(sch: s_tir.Schedule, block, outer, lanes_iter: int) -> None:
     pair = next(lp for lp, i in iters if i == pair_iter)
     if not reduce:
         raise ValueError("no reduction loop to split the init at")
-    sch.reorder(*reduce, *spatial, lanes, pair)
-    init = sch.decompose_reduction(block, reduce[0])
+    if first:
+        moved = [r for r in reduce if r[1] in first] + [r for r in reduce if r[1] not in first]
+        if moved == reduce:
+            raise ValueError("the loops to move are outermost already")
+        reduce = moved
+    unrolled = [lp for lp, i in reduce if i in unroll]
+    if len(unrolled) != len(unroll):
+        raise ValueError("no loop to unroll")
+    sch.reorder(*(lp for lp, _ in reduce), *spatial, lanes, pair)
+    init = sch.decompose_reduction(block, reduce[0][0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(lanes, DOT_16x2_BF16)
     for lp in spatial:
         if _extent(sch, lp) > 1:
             sch.unroll(lp)
+    for lp in unrolled:
+        sch.unroll(lp)
+
+
+def _open_register_tile(sch: s_tir.Schedule, anchor, keep: list) -> tuple[list, list]:  # noqa: ANN001
+    """The opening of the packed-conv rules (fp32 and bf16 alike): every spatial block but
+    ``keep`` inlined, the anchor's sums cached in a ``local`` register tile whose
+    write-back takes the elementwise epilogue. Returns the blocks left to schedule (pads)
+    and the write-back's loops."""
+    _inline_spatial_intermediates(sch, keep=keep)
+    out = sch.cache_write(anchor, 0, "local")
+    _inline_epilogue(sch, out)
+    return _other_root_blocks(sch, [anchor, out]), sch.get_loops(out)
+
+
+def _choose(sch: s_tir.Schedule, decisions: cpu.Decisions, options: list[int], default: int):
+    """``default``, or with sampling ``decisions`` a ``sample_categorical`` over
+    ``options`` (which hold ``default``) whose decision is the default."""
+    if not decisions.sampling or len(options) < 2:
+        return default
+    probs = [1.0 / len(options)] * len(options)
+    return sch.sample_categorical(options, probs, decision=options.index(default))
 
 
 def rule_conv2d_nchwc_bf16(func: tirx.PrimFunc, target: tvm.target.Target):  # noqa: ANN201
     """A bf16 packed conv plus its fused epilogue: the fp32 rule's register tile (reg_n
     output pixels x 16 output channels, accumulated over the whole reduction), each
     reduction step one vdpbf16ps per pixel (two input channels at once)."""
+    return schedule_conv2d_nchwc_bf16(s_tir.Schedule(func), target)
+
+
+def schedule_conv2d_nchwc_bf16(
+    sch: s_tir.Schedule,
+    target: tvm.target.Target,
+    decisions: cpu.Decisions = cpu.DEFAULTS,
+    plan: cpu.Plan = cpu.DEFAULT_PLAN,
+) -> s_tir.Schedule | None:
+    """:func:`rule_conv2d_nchwc_bf16` on ``sch``, its choices from ``decisions`` (the
+    register tile's pixels, up to _MAX_REG_N accumulators; its rows with ``plan.rows``)
+    and ``plan`` (:class:`graphopt.targets._cpu_schedules.Plan`: the parallel loops, a
+    rows x pixels tile, the kernel window outside the channel chunk, kw unrolled)."""
     if not has_avx512_bf16(target):
         return None
-    sch = s_tir.Schedule(func)
     conv = _anchor(sch, "conv2d_nchwc_bf16")
     if conv is None:
         return None
     pads = [b for b in sch.get_producers(conv) if "pad" in sch.get(b).name_hint]
-    _inline_spatial_intermediates(sch, keep=[conv, *pads])
-    out = sch.cache_write(conv, 0, "local")
-    _inline_epilogue(sch, out)
-    others = _other_root_blocks(sch, [conv, out])
-    loops = sch.get_loops(out)
+    others, loops = _open_register_tile(sch, conv, keep=[conv, *pads])
     if len(loops) != 5:
         return None
     n, co, y, x, ci = loops
-    xo, _xi = sch.split(x, [None, _largest_divisor(_extent(sch, x), _MAX_REG_N)])
-    sch.parallel(sch.fuse(n, co, y))
+    rows = 1
+    if plan.rows:  # the largest row tile from 2 to 4 (none: the plan declines)
+        height = _extent(sch, y)
+        rows = max((r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0), default=1)
+        if rows == 1:
+            return None
+        yo, yi = sch.split(y, [None, decisions.factor(sch, height, rows, _MAX_TILE_ROWS)])
+    width, most = _extent(sch, x), _MAX_REG_N // rows
+    reg_n = _largest_divisor(width, most)
+    xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, most)])
+    if plan.rows:
+        sch.reorder(yo, xo, yi, xi)
+        y = yo
+    sch.parallel(sch.fuse(n, co, y) if plan.parallel_loops == 3 else sch.fuse(n, co))
     sch.vectorize(ci)
     sch.compute_at(conv, xo)
     sch.annotate(xo, "pragma_import_llvm", _DPBF16PS_LL)
-    _tensorize_tail(sch, conv, xo, lanes_iter=4)  # iters: n, co, y, x, c, rco, rh, rw, rk, rj
+    _tensorize_tail(
+        sch,
+        conv,
+        xo,
+        lanes_iter=4,
+        first=(_CONV_RH, _CONV_RW) if plan.kernel_outer else (),
+        unroll=(_CONV_RW,) if plan.unroll_kw else (),
+    )
     return _schedule_others(sch, others, _LANES)
 
 
 def rule_matmul_bf16(func: tirx.PrimFunc, target: tvm.target.Target):  # noqa: ANN201
     """A bf16 matmul plus its epilogue: up to 8 output blocks of 16 in registers, each
     reduction step one vdpbf16ps per block; rows and block groups in parallel."""
+    return schedule_matmul_bf16(s_tir.Schedule(func), target)
+
+
+def schedule_matmul_bf16(
+    sch: s_tir.Schedule,
+    target: tvm.target.Target,
+    decisions: cpu.Decisions = cpu.DEFAULTS,
+    plan: MatmulPlan = MATMUL_PLANS[0],
+) -> s_tir.Schedule | None:
+    """:func:`rule_matmul_bf16` on ``sch``: the output blocks in registers (a divisor of
+    the blocks, up to _MAX_N_TILE; the row tile's rows with ``plan.rows``) from
+    ``decisions``, the structure from ``plan`` (:class:`MatmulPlan`)."""
     if not has_avx512_bf16(target):
         return None
-    sch = s_tir.Schedule(func)
     mm = _anchor(sch, "matmul_bf16")
     if mm is None:
         return None
-    _inline_spatial_intermediates(sch, keep=[mm])
-    out = sch.cache_write(mm, 0, "local")
-    _inline_epilogue(sch, out)
-    others = _other_root_blocks(sch, [mm, out])
-    loops = sch.get_loops(out)
+    others, loops = _open_register_tile(sch, mm, keep=[mm])
     if len(loops) != 2:
         return None
     m, n = loops
-    blocks = _extent(sch, n) // _LANES
-    no, nn = sch.split(n, [None, _largest_divisor(blocks, _MAX_N_TILE) * _LANES])
-    fused = sch.fuse(m, no)
+    height, blocks = _extent(sch, m), _extent(sch, n) // _LANES
+    if (plan.rows or plan.n_outer) and height == 1:
+        return None  # one row: no rows to tile or to put inside the blocks
+    rows = 1
+    if plan.rows:  # the smallest row tile from 2 to 4 (none: the plan declines)
+        rows = next((r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0), 1)
+        if rows == 1:
+            return None
+    most = max(min(_MAX_N_TILE, _MAX_REG_N // rows), 1)
+    tile = _largest_divisor(blocks, most)
+    # Output blocks in registers: any divisor, one block too (unlike the fp32 rules' factors:
+    # the tile is 16 lanes or more, so compute_at keeps the loop whatever is sampled).
+    options = [d * _LANES for d in range(1, most + 1) if blocks % d == 0]
+    tile = _choose(sch, decisions, options, tile * _LANES)
+    no, nn = sch.split(n, [None, tile])
+    if plan.rows:
+        mo, mi = sch.split(m, [None, decisions.factor(sch, height, rows, _MAX_TILE_ROWS)])
+        sch.reorder(mo, no, mi, nn)
+        m = mo
+    if plan.n_outer:
+        sch.reorder(no, m)
+    fused = sch.fuse(no, m) if plan.n_outer else sch.fuse(m, no)
     sch.parallel(fused)
     sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LL)
     _nj, ni = sch.split(nn, [None, _LANES])
@@ -466,3 +596,10 @@ RULES = [
     ("conv2d_nchwc_bf16", rule_conv2d_nchwc_bf16),
     ("matmul_bf16", rule_matmul_bf16),
 ]
+
+# Their search spaces for ``graphopt tune`` (as ``_cpu_schedules.TUNABLE``): name ->
+# (schedule(sch, target, decisions, plan), its plans, the default first).
+TUNABLE = {
+    "conv2d_nchwc_bf16": (schedule_conv2d_nchwc_bf16, CONV_PLANS),
+    "matmul_bf16": (schedule_matmul_bf16, MATMUL_PLANS),
+}

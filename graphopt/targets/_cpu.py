@@ -29,7 +29,9 @@ __all__ = [
 # defines ``WRAP_LEGALIZE`` ({Relax op: wrap(fallback) -> legalization}: it takes the
 # calls it has kernels for and passes the rest to ``fallback``) and ``RULES`` (schedule
 # rules that take only their own kernels, tried before the fp32 ones). AMX before
-# AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it.
+# AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it. Optionally
+# ``TUNABLE`` ({rule name: (schedule(sch, target, decisions, plan), plans, default
+# first)}): the rules' choices as graphopt's tuning search space (tuning/_space.py).
 KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d")
 
 

@@ -1,14 +1,17 @@
 """The search spaces ``tune`` offers: MetaSchedule's generic one, graphopt's rules, or both.
 
 ``graphopt``: a MetaSchedule :class:`ScheduleFn` that schedules a kernel with the same
-ordered rules the default schedules use (``_cpu_nhwc.RULES`` then ``_cpu_schedules.RULES``,
+ordered rules the default schedules use (``_cpu.schedule_rules()``: the kernel modules'
+rules, such as the x86 bf16 ones, then ``_cpu_nhwc.RULES``, then ``_cpu_schedules.RULES``;
 first fitting rule wins), but with the tunable rules' numeric choices (the register
-tile's pixels and rows, a matmul's vector tile) emitted as ``sample_perfect_tile``
-instructions whose decision is the default. Each structural alternative of a rule
-(``Plan``: parallel loop split, row tile, kernel loops outside the channel chunk, kw
-unrolled) is one more design space, the default plan first; so the first point of the
-first space is exactly the default schedule (``default_trace`` checks it), and the
-evolutionary search mutates tile sizes around it. A rule without choices (injective,
+tile's pixels and rows, a matmul's vector tile, the bf16 matmul's output blocks) emitted
+as ``sample_categorical`` instructions whose decision is the default. The tunable rules
+are those in ``_cpu_schedules.TUNABLE``, ``_cpu_nhwc.TUNABLE`` and each kernel module's
+``TUNABLE``. Each structural alternative of a rule (``Plan``: parallel loop split, row
+tile, kernel loops outside the channel chunk, kw unrolled) is one more design space, the
+default plan first; so the first point of the first space is exactly the default
+schedule (``default_trace`` checks it), and the evolutionary search mutates tile sizes
+around it. A rule without choices (injective,
 fallback) gives its default schedule as the only point: the search has nothing to try
 there and the task ends as "search space exhausted" without a trial.
 
@@ -33,7 +36,7 @@ from tvm.s_tir.meta_schedule.space_generator import (
     SpaceGeneratorUnion,
 )
 
-from graphopt.targets import _cpu_nhwc, _cpu_schedules
+from graphopt.targets import _cpu, _cpu_nhwc, _cpu_schedules
 from graphopt.tuning._options import SPACES
 
 __all__ = [
@@ -47,9 +50,13 @@ __all__ = [
 
 
 def _rules() -> tuple[list, dict]:
-    """The default schedule rules in their order, and the tunable ones' search functions."""
-    rules = [*_cpu_nhwc.RULES, *_cpu_schedules.RULES]
-    return rules, {**_cpu_schedules.TUNABLE, **_cpu_nhwc.TUNABLE}
+    """The default schedule rules in their order (the CPU pipeline's own list, so the
+    space and the default schedules cannot disagree), and the tunable ones' search
+    functions: the fp32 rules' and each kernel module's (``TUNABLE``, optional)."""
+    tunable = {**_cpu_schedules.TUNABLE, **_cpu_nhwc.TUNABLE}
+    for module in _cpu.kernel_modules():
+        tunable.update(getattr(module, "TUNABLE", {}))
+    return _cpu.schedule_rules(), tunable
 
 
 def graphopt_design_spaces(sch: s_tir.Schedule, target: tvm.target.Target) -> list:

@@ -18,7 +18,6 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from graphopt.targets import _precision
-from graphopt.targets._profile import TENSORIZED_KERNELS, packed_kernel
 from graphopt.tuning._database import workload_mod
 
 __all__ = ["Task", "extract_tasks", "phases_before_schedule"]
@@ -91,9 +90,10 @@ def extract_tasks(
 ) -> list[Task]:
     """Tasks of a lowered model in ``layout`` (default: the target's), largest weight
     first; ``pattern`` filters by name (glob). At ``precision`` "bf16"/"fp16" the tasks are
-    the lower-precision kernels ``compile(..., precision=)`` builds. Kernels of a tensorized
-    rule (``TENSORIZED_KERNELS``: x86 vdpbf16ps) are left to their default: no search
-    space knows them, and a record would schedule them before (instead of) their rule."""
+    the lower-precision kernels ``compile(..., precision=)`` builds. Kernels of the
+    tensorized rules (x86 bf16, ARM fp16) are tasks too: graphopt's space varies them and
+    keeps the tensorization (the kernel modules' ``TUNABLE``); a generic record applies
+    only when it measured faster."""
     with target:
         passes = phases_before_schedule(spec, target, layout, precision)
         mod = tvm.transform.Sequential(passes)(relax_mod)
@@ -104,8 +104,6 @@ def extract_tasks(
         if not isinstance(func, tirx.PrimFunc):
             continue
         if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-            continue
-        if packed_kernel(func) in TENSORIZED_KERNELS:
             continue
         name = gvar.name_hint
         calls = counts.get(name, 1)

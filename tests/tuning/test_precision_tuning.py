@@ -1,4 +1,5 @@
-"""``tune(..., precision="bf16")`` (issue #17): the tasks are the bf16 build's kernels, the
+"""``tune(..., precision="bf16")`` (issue #17): the tasks are the bf16 build's kernels (the
+vdpbf16ps conv among them, searched in graphopt's space: ``test_bf16_space.py``), the
 database records its precision, refuses another one, and a bf16 compile applies it."""
 
 from __future__ import annotations
@@ -6,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import helper
 
 import graphopt
 from graphopt.artifact import read_manifest
@@ -15,6 +18,7 @@ from graphopt.targets import resolve
 from graphopt.tuning import open_database, tune
 from graphopt.tuning._database import TuningDatabaseError
 from graphopt.tuning._options import TuningError
+from tests.conftest import make_model
 from tests.tuning._models import conv_relu, slow_defaults
 
 HOST_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
@@ -23,17 +27,28 @@ needs_host_bf16 = pytest.mark.skipif(
 )
 
 
+def conv16_relu():  # noqa: ANN201
+    """x(1,16,8,8) -> Conv(16->16, 3x3) -> Relu: a conv the vdpbf16ps rule takes (a
+    16-channel output block)."""
+    w = np.random.default_rng(1).standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    return make_model(nodes, {"x": (1, 16, 8, 8)}, {"y": (1, 16, 8, 8)}, {"w": w})
+
+
 @pytest.fixture(scope="module")
 def bf16_db(tmp_path_factory):
     db = tmp_path_factory.mktemp("bf16") / "db"
-    # one small task (the casts into bf16) keeps this fast; the conv is not a task anyway
+    # two small tasks keep this fast: the casts into bf16 and the vdpbf16ps conv
     report = tune(
-        conv_relu(),
+        conv16_relu(),
         "x86",
         db,
         per_task=1,
         batch_size=1,
-        tasks="fused_cast*",
+        tasks="cast*,fused_cast*,*conv2d_nchwc_bf16*",
         precision="bf16",
         measure_model=False,
     )
@@ -41,12 +56,13 @@ def bf16_db(tmp_path_factory):
 
 
 @needs_host_bf16
-def test_bf16_tune_records_its_precision_and_leaves_the_bf16_rule_alone(bf16_db) -> None:
-    db, _ = bf16_db
+def test_bf16_tune_records_its_precision_and_tunes_the_bf16_conv(bf16_db) -> None:
+    db, report = bf16_db
     assert json.loads((db / "meta.json").read_text())["precision"] == "bf16"
     names = [e.name for e in open_database(db, resolve("x86"), "bf16").entries()]
-    assert names  # the casts around the conv are tuned
-    assert not any("bf16" in n for n in names)  # the vdpbf16ps conv keeps its rule
+    assert any("cast" in n for n in names)  # the cast into bf16 before the conv
+    conv = next(t for t in report.tasks if "conv2d_nchwc_bf16" in t.name)
+    assert conv.name in names and conv.trials == 1 and conv.failed == 0  # in graphopt's space
 
 
 @needs_host_bf16
@@ -58,7 +74,7 @@ def test_bf16_db_is_refused_at_fp32_and_fp32_db_at_bf16(bf16_db, tmp_path) -> No
         tune(conv_relu(), "x86", db, per_task=1, measure_model=False)
     # a compile that does not say its precision: no bf16 record matches an fp32 kernel
     try:
-        graphopt.compile(conv_relu(), output=tmp_path / "a.so", tuning_db=db, verify=False)
+        graphopt.compile(conv16_relu(), output=tmp_path / "a.so", tuning_db=db, verify=False)
     except GraphoptError as exc:
         assert "precision" in str(exc)
     else:
@@ -71,7 +87,7 @@ def test_bf16_compile_applies_the_bf16_db_and_verifies(bf16_db, tmp_path) -> Non
     db, _ = bf16_db
     slow_defaults(db)  # each tuned kernel wins deterministically
     out = tmp_path / "b.so"
-    graphopt.compile(conv_relu(), output=out, tuning_db=db, precision="bf16")
+    graphopt.compile(conv16_relu(), output=out, tuning_db=db, precision="bf16")
     manifest = read_manifest(out)
     assert manifest["verification"]["ok"]
     names = {e.name for e in open_database(db, resolve("x86")).entries()}
