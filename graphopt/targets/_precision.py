@@ -2,7 +2,9 @@
 
 ``LowerPrecision(dtype)`` is a Relax pass. For every conv (1-D, 2-D, 3-D, transposed)
 and matmul whose second operand is a weight (a constant, possibly behind layout
-transforms, transposes, reshapes or casts of constants) and whose operands are float32:
+transforms, transposes, reshapes, casts, slices, splits, gathers with constant indices or
+concats of constants: what FoldConstant folds), or a matmul whose *first* operand is one,
+and whose operands are float32:
 
     y = conv(x, w)  ->  y = conv(astype(x, dtype), astype(w, dtype), out_dtype=float32)
 
@@ -18,6 +20,13 @@ Why not ``relax.transform.ToMixedPrecision``: it is written for fp16 only, and i
 the elementwise ops that follow a conv in fp16 too (its "follow" class), so activations
 would be stored and added in fp16; it also makes graphopt's packed-NCHWc conv pass
 (float32 convs only) give up. This pass converts exactly the operators the issue names.
+
+Recurrent layers: ``expand-rnn`` turns LSTM/GRU/RNN into one input-projection MatMul per
+direction and one recurrent MatMul per step (weights packed in column blocks, constants),
+so both run in the lower type with float32 sums while the gates and the cell/hidden state
+updates stay float32. The fused step kernel (``expand-rnn{fuse_steps=true}``,
+``graphopt::RNNStep``, :mod:`graphopt.targets._gemv`) is one TIR function with its
+recurrent product inside; it stays float32 (only its input projection is lowered).
 
 Put it after the layout phase (so convs are already packed) and before LegalizeOps.
 
@@ -45,7 +54,13 @@ _WEIGHT_PATH = {
     "relax.astype",
     "relax.expand_dims",
     "relax.squeeze",
+    "relax.flatten",
+    "relax.broadcast_to",
+    "relax.strided_slice",  # a recurrent node's gate or direction block of its weights
+    "relax.split",  # (through a TupleGetItem)
 }
+# ops whose every operand must be a weight: a gather with constant indices, a concat
+_WEIGHT_ALL = {"relax.take", "relax.concat"}
 _MAX_DEPTH = 8
 
 
@@ -90,16 +105,24 @@ def _mutator(mod, dtype: str):  # noqa: ANN001, ANN202
             self.count = 0
 
         def is_weight(self, expr, depth: int = 0) -> bool:  # noqa: ANN001
-            if isinstance(expr, tvm.ir.expr.Constant):
+            """A constant, or ops FoldConstant folds (``_WEIGHT_PATH``, ``_WEIGHT_ALL``)
+            on constants (a shape counts as one)."""
+            if isinstance(expr, tvm.ir.expr.Constant | relax.ShapeExpr):
                 return True
             if depth > _MAX_DEPTH:
                 return False
             if isinstance(expr, relax.Var):
                 bound = self.lookup_binding(expr)
                 return bound is not None and self.is_weight(bound, depth + 1)
+            if isinstance(expr, relax.TupleGetItem):
+                return self.is_weight(expr.tuple_value, depth + 1)
+            if isinstance(expr, relax.Tuple):
+                return all(self.is_weight(f, depth + 1) for f in expr.fields)
             if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
                 if expr.op.name in _WEIGHT_PATH and expr.args:
                     return self.is_weight(expr.args[0], depth + 1)
+                if expr.op.name in _WEIGHT_ALL and expr.args:
+                    return all(self.is_weight(a, depth + 1) for a in expr.args)
             return False
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -109,7 +132,11 @@ def _mutator(mod, dtype: str):  # noqa: ANN001, ANN202
             if call.op.name not in (*_CONVS, *_CONV_T, "relax.matmul"):
                 return call
             x, w = call.args[0], call.args[1]
-            if _dtype(x) != "float32" or _dtype(w) != "float32" or not self.is_weight(w):
+            if _dtype(x) != "float32" or _dtype(w) != "float32":
+                return call
+            if not self.is_weight(w) and not (
+                call.op.name == "relax.matmul" and self.is_weight(x)  # weight @ activation
+            ):
                 return call
             self.count += 1
             return _lowered_call(call, relax.op.astype(x, dtype), relax.op.astype(w, dtype))
@@ -202,7 +229,11 @@ def _arm_refusal(tvm_dict: dict, precision: str) -> str | None:
     feats = _llvm_features(tvm_dict)
     attrs = {str(a) for a in tvm_dict.get("mattr", [])}
     if precision == "fp16" and "fullfp16" not in feats and "+fullfp16" not in attrs:
-        return "precision fp16 on ARM needs +fullfp16 (ARMv8.2-A FP16 arithmetic); add it to mattr"
+        return (
+            f"precision fp16 on ARM needs +fullfp16 (ARMv8.2-A FP16 arithmetic), which CPU "
+            f"{tvm_dict.get('mcpu', 'generic')!r} lacks; add +fullfp16,+fp16fml to mattr "
+            "(fp16fml: the FMLAL kernels) or choose a CPU with both, e.g. neoverse-v1"
+        )
     if precision == "bf16" and "bf16" not in feats and "+bf16" not in attrs:
         return "precision bf16 on ARM needs +bf16 (ARMv8.6-A BFloat16); add it to mattr"
     return None

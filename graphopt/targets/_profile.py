@@ -57,9 +57,10 @@ __all__ = [
 GENERIC_RULES = ("reduction", "fallback")
 _RULE_ATTR = "graphopt.schedule_rule"
 _KERNEL_ATTR = "graphopt.kernel"  # the anchor block of a rule's TE compute
-# Kernels whose rule tensorizes the MAC block away (x86 vdpbf16ps, targets/_bf16.py): their
-# FLOPs come from the call's shapes, and tuning leaves them to their rule.
-TENSORIZED_KERNELS = ("conv2d_nchwc_bf16", "matmul_bf16")
+# Kernels whose rule tensorizes the MAC block away (x86 vdpbf16ps, targets/_bf16.py; ARM
+# fmlal, targets/_fp16_arm.py, whose conv keeps the NHWC conv's name): their FLOPs come
+# from the call's shapes.
+TENSORIZED_KERNELS = ("conv2d_nchwc_bf16", "matmul_bf16", "conv2d_nhwc", "matmul_fp16")
 _SNAPSHOT_BEFORE = "CallTIRRewrite"  # scheduling is over; main still calls kernels by name
 _CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
 
@@ -237,6 +238,12 @@ def _packed_macs(kind: str, args: tuple) -> int:
     the output): a conv's NCHWc data times kh x kw of its OIHW{i}i{o}o weight, a matmul's
     [m, k] input times k. The real input channels, not the zero one a pair pads."""
     out = int(np.prod(args[-1][0]))
+    if kind == "conv2d_nhwc":  # NHWC data, OHWI[b]o weight
+        w = next((s for s, _ in args[:-1] if len(s) == 5), None)
+        return 0 if w is None else out * w[1] * w[2] * w[3]
+    if kind == "matmul_fp16":  # x [..., K], also with a packed [J, K, B] weight
+        x = next((s for s, _ in args[:-1] if len(s) >= 2), None)
+        return 0 if x is None else out * x[-1]
     if "conv" in kind:
         data = next((s for s, _ in args[:-1] if len(s) == 5), None)
         weight = next((s for s, _ in args[:-1] if len(s) == 7), None)

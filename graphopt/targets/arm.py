@@ -10,6 +10,13 @@ is NHWC (``LAYOUTS``), the one ARM's own libraries (Compute Library, XNNPACK) us
 channels innermost, so a conv's register tile reads contiguous input channels and
 NEON-wide weight blocks (:mod:`graphopt.targets._cpu_nhwc`). Not yet timed on a device
 (emulated latencies mean nothing); ``--layout nchwc`` compiles the x86 default instead.
+
+``precision="fp16"`` needs ``fullfp16`` (ARMv8.2-A FP16; the default ``generic`` CPU
+lacks it and is refused, naming the attributes to add). With ``fp16fml`` too (FEAT_FHM:
+``+fp16fml`` in mattr, or a CPU with it such as neoverse-v1) dense NHWC convs and
+matmuls compute with ``fmlal`` (:mod:`graphopt.targets._fp16_arm`); with ``fullfp16``
+alone they convert their fp16 operands to float32 in the inner loop (the same numbers,
+more instructions). QEMU 7.2's default CPU has FHM, so both verify under emulation.
 """
 
 from __future__ import annotations
