@@ -1,4 +1,4 @@
-"""x86 bf16 kernels on the hardware: AVX512-BF16 ``vdpbf16ps`` (and AMX ``tdpbf16ps``).
+"""x86 bf16 kernels on the hardware: AVX512-BF16 ``vdpbf16ps`` (AMX tiles: :mod:`._amx`).
 
 ``vdpbf16ps acc, a, b`` adds, for each of 16 float32 lanes ``i``,
 ``a[2i] * b[2i] + a[2i+1] * b[2i+1]`` (bf16 products, float32 sums) to ``acc[i]``. A
@@ -20,10 +20,6 @@ that bitcasts ``<16 x i32>`` to ``<32 x bfloat>``. It is linked into the kernel 
 broadcast pair is its last operand, the one x86 lets be a memory broadcast (``{1to16}``),
 so LLVM folds the load into the instruction instead of a separate ``vbroadcastss``
 (the products are symmetric, so the order changes no result).
-
-AMX (``tdpbf16ps``, 16x16 tiles): ``amx_tile_ll()`` is the same kind of LLVM IR for a
-tile step; this Zen 4 development machine has no AMX, so it is only assembled
-(``tests/targets/test_precision.py``) and no rule uses it yet.
 
 Hooked into the CPU pipeline by :mod:`graphopt.targets._cpu`: ``legalize_conv2d`` and
 ``legalize_matmul`` wrap the existing legalizations (bf16 operands on a CPU with
@@ -69,7 +65,6 @@ __all__ = [
     "legalize_matmul",
     "schedule_conv2d_nchwc_bf16",
     "schedule_matmul_bf16",
-    "amx_tile_ll",
 ]
 
 _ANNOTATION = "graphopt.kernel"
@@ -133,26 +128,6 @@ def _dot_16x2_vdpbf16ps(
 
 DOT_16x2_BF16 = "graphopt_dot_16x2_bf16_vdpbf16ps"
 TensorIntrin.register(DOT_16x2_BF16, _dot_16x2_desc, _dot_16x2_vdpbf16ps, override=True)
-
-
-def amx_tile_ll() -> str:
-    """LLVM IR for one AMX bf16 tile step, ``C(16x16 f32) += A(16x32 bf16) B(16x32 bf16)``
-    (``tdpbf16ps`` with 64-byte rows): what an AMX rule would link the way the
-    vdpbf16ps rule links ``_DPBF16PS_LL``. Assembled in the tests only: no AMX here."""
-    return """
-define void @graphopt_amx_bf16_tile(ptr %c, ptr %a, ptr %b) {
-  %ta = call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 64, ptr %a, i64 64)
-  %tb = call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 64, ptr %b, i64 64)
-  %tc = call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 64, ptr %c, i64 64)
-  %td = call x86_amx @llvm.x86.tdpbf16ps.internal(i16 16, i16 64, i16 64,
-                                                   x86_amx %tc, x86_amx %ta, x86_amx %tb)
-  call void @llvm.x86.tilestored64.internal(i16 16, i16 64, ptr %c, i64 64, x86_amx %td)
-  ret void
-}
-declare x86_amx @llvm.x86.tileloadd64.internal(i16, i16, ptr, i64)
-declare x86_amx @llvm.x86.tdpbf16ps.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)
-declare void @llvm.x86.tilestored64.internal(i16, i16, ptr, i64, x86_amx)
-"""
 
 
 def has_avx512_bf16(target: tvm.target.Target | None) -> bool:

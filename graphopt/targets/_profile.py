@@ -57,10 +57,16 @@ __all__ = [
 GENERIC_RULES = ("reduction", "fallback")
 _RULE_ATTR = "graphopt.schedule_rule"
 _KERNEL_ATTR = "graphopt.kernel"  # the anchor block of a rule's TE compute
-# Kernels whose rule tensorizes the MAC block away (x86 vdpbf16ps, targets/_bf16.py; ARM
-# fmlal, targets/_fp16_arm.py, whose conv keeps the NHWC conv's name): their FLOPs come
-# from the call's shapes.
-TENSORIZED_KERNELS = ("conv2d_nchwc_bf16", "matmul_bf16", "conv2d_nhwc", "matmul_fp16")
+# Kernels whose rule tensorizes the MAC block away (x86 vdpbf16ps, targets/_bf16.py; AMX
+# tiles, targets/_amx.py; ARM fmlal, targets/_fp16_arm.py, whose conv keeps the NHWC
+# conv's name): their FLOPs come from the call's shapes.
+TENSORIZED_KERNELS = (
+    "conv2d_nchwc_bf16",
+    "matmul_bf16",
+    "matmul_amx",
+    "conv2d_nhwc",
+    "matmul_fp16",
+)
 _SNAPSHOT_BEFORE = "CallTIRRewrite"  # scheduling is over; main still calls kernels by name
 _CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
 

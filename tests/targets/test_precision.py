@@ -20,7 +20,6 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import (
     TargetSpec,
-    _bf16,
     _precision,
     build,
     check_precision,
@@ -182,24 +181,6 @@ def test_bf16_assembly_uses_vdpbf16ps():
     assert "vdpbf16ps" in asm
     fp32 = _asm(build(to_relax(graph), spec, "nchwc", (), "fp32"))
     assert "vdpbf16ps" not in fp32
-
-
-def test_amx_tile_step_assembles_to_tdpbf16ps():
-    import tvm
-    from tvm.script import tirx as T
-
-    @T.prim_func
-    def tile(C: T.Buffer((256,), "float32"), A: T.Buffer((512,), "bfloat16"),
-             B: T.Buffer((512,), "bfloat16")):  # fmt: skip
-        T.evaluate(T.call_extern("void", "graphopt_amx_bf16_tile", C.data, A.data, B.data))
-
-    body = tvm.tirx.AttrStmt(
-        tvm.tirx.const(0, "int32"), "pragma_import_llvm", tvm.ir.StringImm(_bf16.amx_tile_ll()),
-        tile.body,
-    )  # fmt: skip
-    target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
-    asm = tvm.tirx.build(tile.with_body(body), target=target).inspect_source("asm")
-    assert "tdpbf16ps" in asm and "tileloadd" in asm
 
 
 # --- CUDA fp16 and ARM fp16 (slow tier) ---------------------------------------------------

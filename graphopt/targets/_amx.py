@@ -1,0 +1,727 @@
+"""x86 AMX bf16 kernels: ``tdpbf16ps`` tiles on CPUs with ``amx_bf16`` (Sapphire Rapids on).
+
+``tdpbf16ps tmm0, tmm1, tmm2`` adds to a 16x16 float32 tile ``C``, for each ``m, n``,
+``sum_k A[m, 2k] * B[k, 2n] + A[m, 2k+1] * B[k, 2n+1]`` (k < 16; bf16 products, float32
+sums): ``A`` is 16 rows of 32 bf16 (64 bytes), ``B`` 16 rows of 16 bf16 *pairs* -- the
+weight re-laid out ``K x N -> N/16 x K/2 x 16 x 2``, the layout ``_bf16`` also uses for
+``vdpbf16ps`` (one 16-column block is then 1 KiB per 32 reduction steps, row stride 64
+bytes); FoldConstant does the re-layout once, at compile time.
+
+What runs where:
+
+- *legalization*: a bf16 matmul ``x (..., K) @ w (K, N)`` with ``M % 16 == 0`` (M: the
+  rows of ``x``, an N-D ``x`` reshaped to 2-D), ``K % 32 == 0``, ``N % 16 == 0``
+  (:func:`legalize_matmul`), and a dense unpadded 1x1 packed conv of any
+  stride as a GEMM (:func:`legalize_conv2d`: output pixels to rows, zero rows up to a
+  whole tile, the same matmul, rows back to NCHW16c in the kernel that also runs the
+  conv's epilogue), on a target where AMX is on (:func:`amx_enabled`), become
+  :func:`matmul_amx_te` (anchor ``graphopt.kernel = matmul_amx``); everything else goes
+  to the wrapped legalization (``_bf16``'s ``vdpbf16ps``, which keeps the 3x3 convs, or
+  fp32).
+- *schedule* (:func:`rule_matmul_amx`, rule ``matmul_amx``): one block of 2x2 output
+  tiles (32x32; 1 where M or N has an odd number of tiles) per parallel iteration, its
+  float32 accumulator a ``local`` buffer, zeroed, then the whole reduction as one
+  tensorized step (:func:`tile_intrin`, one intrinsic per K and block), then the fused
+  epilogue reading it back, vectorized.
+- *the tile step's body*: a call to ``graphopt_amx_bf16_gemm_{mt}x{nt}``
+  (:func:`tile_ll`, LLVM IR linked with ``pragma_import_llvm`` and inlined): the first
+  call in a process asks Linux for the tile state
+  (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, without which the first tile
+  instruction raises SIGILL; done in the kernel itself so that an artifact loaded by
+  plain TVM runtime works), then ``ldtilecfg`` (every tile 16 rows x 64 bytes),
+  ``tileloadd`` of the C tiles, ``K/32`` steps of ``tileloadd`` A and B tiles and
+  ``tdpbf16ps`` per C tile (2x2: 4 loads for 4 products, all 8 tile registers), then
+  ``tilestored`` and ``tilerelease``. Where Linux refuses the tile state (a CPU without
+  AMX, an old kernel, a thread's too small ``sigaltstack``) the call returns 1 without
+  touching a tile and the intrinsic's body computes the block with plain loops, so an
+  AMX artifact never raises SIGILL: it is slow, not wrong, where AMX is missing. TVM's
+  AMX helpers (``runtime.amx_init``, ``runtime.amx_tileconfig``, the AMX int8
+  intrinsics) are not in this TVM build, hence the IR.
+
+What was never run here: the six tile instructions. The development machine (AMD Zen 4)
+has no AMX and nothing available emulates it (qemu 7.2 raises SIGILL; Intel SDE cannot
+be downloaded). So:
+
+- the tests assemble the kernels for ``sapphirerapids`` and check the instructions;
+- the real kernels run here, tile instructions in the binary: Linux refuses the tile
+  state, so the permission request, the refusal and the plain-loop path run for real;
+- everything around the instruction (weight re-layout, tiling, the tensorize match, the
+  epilogue) also runs with :func:`emulated_tiles`: the same intrinsic description with
+  a body of plain TIR loops computing exactly what ``tdpbf16ps`` computes;
+- :func:`tile_ll`'s IR itself (config bytes, addresses, strides, steps, the C loads and
+  stores) runs in the tests with each tile intrinsic replaced by a software stand-in
+  written from the SDM's pseudo-code, and the tile state taken as granted;
+- on the user's machine, when the host has ``amx_bf16``, :func:`amx_probe` asks for the
+  tile state and runs the kernels of every tile block (:func:`check_kernels`) once per
+  process *in a subprocess* (a SIGILL cannot kill the caller) against numpy; on any
+  failure it prints one warning line and the AVX512-BF16 kernels of ``_bf16`` are used
+  instead. ``GRAPHOPT_AMX=0`` turns AMX off. The probe costs a few seconds, once per
+  process, at the first bf16 matmul or conv legalized for an AMX target. A target
+  compiled on a host without AMX (cross-compiling for ``sapphirerapids``) gets AMX
+  without a probe.
+
+Not done: 3x3 convs on tiles (they stay on ``vdpbf16ps``: im2col would copy the input
+9 times, a direct kernel needs part tiles for widths like 56); matmul M/N tails (such
+shapes take ``vdpbf16ps``); keeping the tile config across calls and B tiles across row
+blocks, the next steps for speed once an AMX machine can measure them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, topi
+from tvm.s_tir import TensorIntrin
+from tvm.s_tir.schedule import ScheduleError
+from tvm.script import tirx as T
+
+from graphopt.targets._cpu_schedules import (
+    _inline_epilogue,
+    _inline_spatial_intermediates,
+    _other_root_blocks,
+    _schedule_others,
+)
+
+__all__ = [
+    "RULES",
+    "WRAP_LEGALIZE",
+    "amx_enabled",
+    "amx_probe",
+    "build_matmul",
+    "check_kernels",
+    "emulated_tiles",
+    "host_has_amx",
+    "legalize_conv2d",
+    "legalize_matmul",
+    "matmul_amx_te",
+    "probe_main",
+    "request_tile_state",
+    "rule_matmul_amx",
+    "run_matmul",
+    "run_probe",
+    "target_has_amx",
+    "tile_ll",
+    "tile_intrin",
+]
+
+_ANNOTATION = "graphopt.kernel"
+_NCHWC = re.compile(r"^NCHW(\d+)c$")
+_OIHWIO = re.compile(r"^OIHW(\d+)i(\d+)o$")
+_TILE = 16  # rows of a tile; float32 columns of the C tile
+_K_STEP = 32  # bf16 reduction elements per tdpbf16ps (64-byte rows)
+
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+_MAX_BLOCK = 2  # output tiles per call along M and along N: 2x2 uses all 8 tile registers
+
+
+def _config(tiles: int) -> str:
+    """ldtilecfg's 64 bytes as an LLVM string: palette 1; tiles 0..tiles-1 each 16 rows
+    x 64 bytes (colsb: little-endian u16 at bytes 16+2i; rows: u8 at byte 48+i)."""
+    cfg = bytes([1] + [0] * 15 + [64, 0] * tiles + [0] * (32 - 2 * tiles))
+    cfg += bytes([_TILE] * tiles + [0] * (16 - tiles))
+    assert len(cfg) == 64
+    return "".join(f"\\{b:02X}" for b in cfg)
+
+
+def tile_ll(mt: int, nt: int) -> str:
+    """LLVM IR of ``graphopt_amx_bf16_gemm_{mt}x{nt}(c, ldc, a, lda, b, ldb, steps)``:
+    ``C (16mt x 16nt f32, row stride ldc bytes) += A (16mt x 32 steps bf16, stride lda)
+    B`` (nt blocks ``ldb`` bytes apart, each ``steps`` x 1 KiB: 16 pair rows of 64 bytes
+    per step). Tiles: C ``i*nt+j``, then A ``i``, then B ``j``; each step loads mt A and
+    nt B tiles for mt*nt ``tdpbf16ps``. The first call in a process asks Linux for the
+    tile state; each call loads the config and releases the tiles at the end."""
+    name = f"{mt}x{nt}"
+    tc = {(i, j): i * nt + j for i in range(mt) for j in range(nt)}
+    ta = {i: mt * nt + i for i in range(mt)}
+    tb = {j: mt * nt + mt + j for j in range(nt)}
+    lines = []
+    for (i, j), t in tc.items():
+        lines += [
+            f"  %crow{t} = mul i64 %ldc, {16 * i}",
+            f"  %coff{t} = add i64 %crow{t}, {64 * j}",
+            f"  %pc{t} = getelementptr i8, ptr %c, i64 %coff{t}",
+            f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %pc{t}, i64 %ldc)",
+        ]
+    load_c = "\n".join(lines)
+    lines = ["  %ao = shl i64 %s, 6", "  %bo = shl i64 %s, 10"]
+    for i, t in ta.items():
+        lines += [
+            f"  %arow{i} = mul i64 %lda, {16 * i}",
+            f"  %aoff{i} = add i64 %arow{i}, %ao",
+            f"  %pa{i} = getelementptr i8, ptr %a, i64 %aoff{i}",
+            f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %pa{i}, i64 %lda)",
+        ]
+    for j, t in tb.items():
+        lines += [
+            f"  %bblk{j} = mul i64 %ldb, {j}",
+            f"  %boff{j} = add i64 %bblk{j}, %bo",
+            f"  %pb{j} = getelementptr i8, ptr %b, i64 %boff{j}",
+            f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %pb{j}, i64 64)",
+        ]
+    for (i, j), t in tc.items():
+        lines.append(f"  call void @llvm.x86.tdpbf16ps(i8 {t}, i8 {ta[i]}, i8 {tb[j]})")
+    step = "\n".join(lines)
+    store_c = "\n".join(
+        f"  call void @llvm.x86.tilestored64(i8 {t}, ptr %pc{t}, i64 %ldc)" for t in tc.values()
+    )
+    return f"""
+@graphopt_amx_tiles = internal global i32 0 ; 0: not asked yet, 1: granted, 2: refused
+@graphopt_amx_cfg_{name} = internal constant [64 x i8] c"{_config(len(tc) + mt + nt)}", align 64
+
+define internal i32 @graphopt_amx_bf16_gemm_{name}(ptr %c, i64 %ldc, ptr %a, i64 %lda, ptr %b,
+                                                 i64 %ldb, i64 %steps) alwaysinline {{
+entry:
+  %state = load atomic i32, ptr @graphopt_amx_tiles monotonic, align 4
+  switch i32 %state, label %refused [ i32 0, label %ask
+                                       i32 1, label %tiles ]
+ask:
+  ; arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18): once per process
+  ; (a repeat by a racing thread is harmless); refused without AMX or kernel support
+  %r = call i64 asm sideeffect "syscall",
+         "={{rax}},{{rax}},{{rdi}},{{rsi}},~{{rcx}},~{{r11}},~{{memory}}"(i64 158, i64 4131, i64 18)
+  %granted = icmp eq i64 %r, 0
+  %now = select i1 %granted, i32 1, i32 2
+  store atomic i32 %now, ptr @graphopt_amx_tiles monotonic, align 4
+  br i1 %granted, label %tiles, label %refused
+refused:
+  ret i32 1 ; the caller computes the block without tiles
+tiles:
+  call void @llvm.x86.ldtilecfg(ptr @graphopt_amx_cfg_{name})
+{load_c}
+  br label %step
+step:
+  %s = phi i64 [ 0, %tiles ], [ %next, %step ]
+{step}
+  %next = add i64 %s, 1
+  %more = icmp ult i64 %next, %steps
+  br i1 %more, label %step, label %done
+done:
+{store_c}
+  call void @llvm.x86.tilerelease()
+  ret i32 0
+}}
+declare void @llvm.x86.ldtilecfg(ptr)
+declare void @llvm.x86.tileloadd64(i8 immarg, ptr, i64)
+declare void @llvm.x86.tdpbf16ps(i8 immarg, i8 immarg, i8 immarg)
+declare void @llvm.x86.tilestored64(i8 immarg, ptr, i64)
+declare void @llvm.x86.tilerelease()
+"""
+
+
+# --- where AMX is on ----------------------------------------------------------------------
+_EMULATE = False  # emulated_tiles(): tile steps as plain TIR loops (tests on non-AMX hosts)
+
+
+@contextlib.contextmanager
+def emulated_tiles() -> Iterator[None]:
+    """Within: AMX kernels tensorize to plain TIR loops computing what ``tdpbf16ps``
+    computes (no tile instruction), so their numerics run on any x86 CPU; and AMX is
+    taken on targets with amx-bf16 without the host probe."""
+    global _EMULATE
+    before, _EMULATE = _EMULATE, True
+    try:
+        yield
+    finally:
+        _EMULATE = before
+
+
+def target_has_amx(target: tvm.target.Target | None) -> bool:
+    """Whether LLVM may emit AMX bf16 tile instructions for ``target``."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    from tvm.target import codegen
+
+    found = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    return {"amx-bf16", "amx-tile"} <= found
+
+
+@functools.cache
+def host_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has AMX bf16 (the ``amx_bf16`` flag; read once)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any("amx_bf16" in line.split() for line in text.splitlines() if line.startswith("flags"))
+
+
+def amx_enabled(target: tvm.target.Target | None) -> bool:
+    """AMX kernels for ``target``: it has amx-bf16, ``GRAPHOPT_AMX`` is not ``0``, and,
+    when this host has AMX (so the artifact may run here), the probe passed. A target
+    compiled on a host without AMX is a cross-compile: no probe."""
+    if os.environ.get("GRAPHOPT_AMX", "1").strip() == "0" or not target_has_amx(target):
+        return False
+    if _EMULATE or not host_has_amx():
+        return True
+    return amx_probe()
+
+
+@functools.cache
+def amx_probe() -> bool:
+    """Whether AMX kernels run correctly on this host: False when /proc/cpuinfo has no
+    ``amx_bf16``; else, once per process, the tile state granted to this process
+    (:func:`request_tile_state`) and :func:`run_probe`; on failure one warning line on
+    stderr (the callers then use the AVX512-BF16 kernels)."""
+    if not host_has_amx():
+        return False
+    refused = request_tile_state()  # in this process too: its threads' signal stacks count
+    ok, why = (False, refused) if refused else run_probe()
+    if not ok:
+        print(
+            f"graphopt: warning: AMX probe failed ({why}); using AVX512-BF16 kernels",
+            file=sys.stderr,
+        )
+    return ok
+
+
+def run_probe(timeout_s: float = 300.0, env: dict | None = None) -> tuple[bool, str]:
+    """``(ok, why)`` of :func:`probe_main` in a fresh Python process."""
+    cmd = [sys.executable, "-c", "from graphopt.targets._amx import probe_main; probe_main()"]
+    env = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parents[2])  # this graphopt, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter and module
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, type(exc).__name__
+    if done.returncode == 0 and done.stdout.strip().endswith("AMX OK"):
+        return True, "ok"
+    if done.returncode < 0:
+        return False, f"killed by signal {-done.returncode}"
+    tail = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["?"])[-1]
+    return False, f"exit {done.returncode}: {tail[:200]}"
+
+
+# The probe's shapes (M, K, N): every tile block the rule makes (2x2, 1x1, 2x1, 1x2), the
+# first in several parallel tasks (each worker thread's first call asks for the tiles).
+_PROBE_SHAPES = ((64, 96, 64), (48, 64, 48), (32, 32, 48), (48, 64, 32))
+
+
+def probe_main() -> None:
+    """The probe itself (run in a subprocess): Linux grants the tile state, and
+    :func:`check_kernels` on this host; prints ``AMX OK``."""
+    fail = os.environ.get("GRAPHOPT_AMX_PROBE_FAIL")  # tests: a probe that fails
+    if fail == "sigill":
+        os.kill(os.getpid(), signal.SIGILL)
+    if fail:
+        raise SystemExit("forced failure (GRAPHOPT_AMX_PROBE_FAIL)")
+    refused = request_tile_state()
+    if refused:
+        raise SystemExit(refused)
+    from tvm.target import codegen
+
+    check_kernels(tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}))
+    print("AMX OK")
+
+
+def request_tile_state() -> str | None:
+    """Ask Linux for the AMX tile state in this process (what the kernels do on their
+    first call); None when granted, else why not. Refused on a CPU without AMX, a
+    kernel before 5.16, or when a thread's ``sigaltstack`` is too small for tile state."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = (_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+    if libc.syscall(*(ctypes.c_long(a) for a in args)) == 0:
+        return None
+    return f"Linux refused the AMX tile state: {os.strerror(ctypes.get_errno())}"
+
+
+def check_kernels(target: tvm.target.Target) -> None:
+    """Build and run small bf16 matmuls through the AMX rule for ``target`` on this
+    host, one per tile block, against numpy; SystemExit naming the first mismatch."""
+    rng = np.random.default_rng(0)
+    for m, k, n in _PROBE_SHAPES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        got = run_matmul(build_matmul(target, (m, k, n)), x, w)
+        ref = _bf16_round(x) @ _bf16_round(w)
+        if not np.allclose(got, ref, rtol=1e-3, atol=1e-3):
+            err = np.abs(got - ref).max()
+            raise SystemExit(f"AMX {m}x{k}x{n} differs from numpy by {err:.3g}")
+
+
+def _bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 (round to nearest even) -> float32, as TVM's cast does."""
+    bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def build_matmul(target: tvm.target.Target, shape: tuple[int, int, int]):  # noqa: ANN201
+    """A PrimFunc ``out = x(bf16) @ w_pairs(bf16)`` (float32 out) scheduled by
+    :func:`rule_matmul_amx`, built for ``target`` (the probe's and the tests' kernel)."""
+    m, k, n = shape
+    x = te.placeholder((m, k), "bfloat16", name="x")
+    w = te.placeholder((n // _TILE, k // 2, _TILE, 2), "bfloat16", name="w")
+    func = te.create_prim_func([x, w, matmul_amx_te(x, w)])
+    sch = rule_matmul_amx(func, target)
+    if sch is None:
+        raise RuntimeError("rule_matmul_amx declined its own kernel")
+    return tvm.compile(sch.mod, target=target)
+
+
+def run_matmul(lib, x: np.ndarray, w: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """Run :func:`build_matmul`'s kernel on float32 ``x`` (M,K), ``w`` (K,N)."""
+    dev = tvm.cpu()
+    pairs = w.reshape(w.shape[0] // 2, 2, w.shape[1] // _TILE, _TILE).transpose(2, 0, 3, 1)
+    xs = _bf16_tensor(x, dev)
+    ws = _bf16_tensor(np.ascontiguousarray(pairs), dev)
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], w.shape[1]), np.float32), dev)
+    lib["main"](xs, ws, out)
+    return out.numpy()
+
+
+def _bf16_tensor(a: np.ndarray, dev):  # noqa: ANN001, ANN202
+    import ml_dtypes
+
+    return tvm.runtime.tensor(a.astype(ml_dtypes.bfloat16), dev)
+
+
+# --- the tile step ------------------------------------------------------------------------
+def _tile_desc(k: int, mt: int, nt: int):  # noqa: ANN202
+    rows, cols = _TILE * mt, _TILE * nt
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (rows, k), "bfloat16", offset_factor=1)
+        B = T.match_buffer(b, (nt, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(c, (rows, cols), "float32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:rows, 0:k], B[0:nt, 0 : k // 2, 0:_TILE, 0:2])
+            T.writes(C[0:rows, 0:cols])
+            for i, j, kk, p in T.grid(rows, cols, k // 2, 2):
+                with T.sblock("update"):
+                    vi, vj, vk, vp = T.axis.remap("SSRR", [i, j, kk, p])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk * 2 + vp], "float32") * T.cast(
+                        B[vj // _TILE, vk, vj % _TILE, vp], "float32"
+                    )
+
+    return desc
+
+
+def _tile_amx(k: int, mt: int, nt: int):  # noqa: ANN202
+    rows, cols = _TILE * mt, _TILE * nt
+    func = f"graphopt_amx_bf16_gemm_{mt}x{nt}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        lda = T.int32()
+        ldc = T.int32()
+        A = T.match_buffer(a, (rows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
+        B = T.match_buffer(b, (nt, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(
+            c, (rows, cols), "float32", offset_factor=1, scope="local", strides=[ldc, 1]
+        )
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:rows, 0:k], B[0:nt, 0 : k // 2, 0:_TILE, 0:2])
+            T.writes(C[0:rows, 0:cols])
+            refused = T.call_extern(
+                "int32",
+                func,
+                T.address_of(C[0, 0]),
+                T.int64(4) * T.Cast("int64", ldc),
+                T.address_of(A[0, 0]),
+                T.int64(2) * T.Cast("int64", lda),
+                T.address_of(B[0, 0, 0, 0]),
+                T.int64(k * _TILE * 2),  # bytes from one 16-column block to the next
+                T.int64(k // _K_STEP),
+            )
+            if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
+                for s, i, j, kk in T.grid(k // _K_STEP, rows, cols, _K_STEP // 2):
+                    C[i, j] = (
+                        C[i, j]
+                        + T.cast(A[i, s * _K_STEP + kk * 2], "float32")
+                        * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 0], "float32")
+                        + T.cast(A[i, s * _K_STEP + kk * 2 + 1], "float32")
+                        * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 1], "float32")
+                    )
+
+    return impl
+
+
+def _tile_emulated(k: int, mt: int, nt: int):  # noqa: ANN202
+    """What the tile step computes, as TIR loops: per 32-deep step, per output tile,
+    ``tdpbf16ps``'s sums (bf16 products, float32 sums, the even product first)."""
+    rows, cols = _TILE * mt, _TILE * nt
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        lda = T.int32()
+        ldc = T.int32()
+        A = T.match_buffer(a, (rows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
+        B = T.match_buffer(b, (nt, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(
+            c, (rows, cols), "float32", offset_factor=1, scope="local", strides=[ldc, 1]
+        )
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:rows, 0:k], B[0:nt, 0 : k // 2, 0:_TILE, 0:2])
+            T.writes(C[0:rows, 0:cols])
+            for s, i, j, kk in T.grid(k // _K_STEP, rows, cols, _K_STEP // 2):
+                C[i, j] = (
+                    C[i, j]
+                    + T.cast(A[i, s * _K_STEP + kk * 2], "float32")
+                    * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 0], "float32")
+                    + T.cast(A[i, s * _K_STEP + kk * 2 + 1], "float32")
+                    * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 1], "float32")
+                )
+
+    return impl
+
+
+def tile_intrin(k: int, mt: int = 1, nt: int = 1, emulated: bool = False) -> str:
+    """The tensor intrinsic for ``mt`` x ``nt`` output tiles (16x16 each) over a
+    reduction of ``k`` (a multiple of 32): registered on first use; ``emulated``: the
+    plain-loop body."""
+    name = f"graphopt_amx_bf16_{mt}x{nt}_k{k}" + ("_emulated" if emulated else "")
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        body = (_tile_emulated if emulated else _tile_amx)(k, mt, nt)
+        TensorIntrin.register(name, _tile_desc(k, mt, nt), body)
+    return name
+
+
+# --- legalization -------------------------------------------------------------------------
+def _static_shape(expr) -> list[int] | None:  # noqa: ANN001
+    try:
+        return [int(d) for d in expr.ty.shape.values]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _pair_matrix(w: te.Tensor) -> te.Tensor:
+    """[K, N] -> [N/16, K/2, 16, 2]: per 16-column block, K/2 rows of 16 bf16 pairs
+    (64 bytes), the B tile rows ``tdpbf16ps`` reads."""
+    k, n = (int(d) for d in w.shape)
+    return te.compute(
+        (n // _TILE, k // 2, _TILE, 2),
+        lambda no, kp, ni, j: w[kp * 2 + j, no * _TILE + ni],
+        name="weight_pairs",
+    )
+
+
+def matmul_amx_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """out[m, n] = sum x[m, 2k+j] * w[n/16, k, n%16, j], float32 sums."""
+    m, k = (int(d) for d in x.shape)
+    n = int(w.shape[0]) * _TILE
+    rk = te.reduce_axis((0, k // 2), "rk")
+    rj = te.reduce_axis((0, 2), "rj")
+    return te.compute(
+        (m, n),
+        lambda i, j: te.sum(
+            x[i, rk * 2 + rj].astype("float32")
+            * w[j // _TILE, rk, j % _TILE, rj].astype("float32"),
+            axis=[rk, rj],
+        ),
+        name="matmul_amx",
+        attrs={_ANNOTATION: "matmul_amx"},
+    )
+
+
+def _amx_matmul_ok(call: relax.Call) -> bool:
+    x, w = call.args[0], call.args[1]
+    xs, ws = _static_shape(x), _static_shape(w)
+    return bool(
+        xs is not None
+        and ws is not None
+        and len(xs) >= 2
+        and len(ws) == 2
+        and str(x.ty.dtype) == "bfloat16"
+        and str(w.ty.dtype) == "bfloat16"
+        and str(call.attrs.out_dtype) == "float32"
+        and int(np.prod(xs[:-1])) % _TILE == 0
+        and xs[-1] % _K_STEP == 0
+        and ws[1] % _TILE == 0
+        and amx_enabled(tvm.target.Target.current(allow_none=True))
+    )
+
+
+def legalize_matmul(fallback):  # noqa: ANN001, ANN201
+    """A matmul legalization: bf16 ``x (..., K) @ w (K, N)`` with the rows of ``x`` (all
+    but its last axis) a multiple of 16, K of 32 and N of 16, on a target where
+    :func:`amx_enabled`, through :func:`matmul_amx_te` (an N-D ``x`` reshaped to 2-D and
+    the result back: reshapes of whole tensors, which Relax makes views); any other
+    through ``fallback`` (the AVX512-BF16 or fp32 legalization)."""
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if not _amx_matmul_ok(call):
+            return fallback(bb, call)
+        x, w = call.args[0], call.args[1]
+        xs, (k, n) = _static_shape(x), _static_shape(w)
+        pairs = bb.emit_te(_pair_matrix, w, primfunc_name_hint="weight_pairs")
+        if len(xs) == 2:
+            return bb.call_te(matmul_amx_te, x, pairs, primfunc_name_hint="matmul_amx")
+        rows = bb.emit_te(topi.reshape, x, (int(np.prod(xs[:-1])), k), primfunc_name_hint="reshape")
+        out = bb.emit_te(matmul_amx_te, rows, pairs, primfunc_name_hint="matmul_amx")
+        return bb.call_te(topi.reshape, out, (*xs[:-1], n), primfunc_name_hint="reshape")
+
+    return legalize
+
+
+def _conv_rows(data: te.Tensor, stride: tuple[int, int]) -> te.Tensor:
+    """NCHW[bi]c -> (P, C): one row per output pixel of a 1x1 conv with ``stride``, the
+    GEMM's A; P is N*OH*OW rounded up to 16 (zero rows: a whole last tile)."""
+    n, co, h, w, bi = (int(d) for d in data.shape)
+    sh, sw = stride
+    oh, ow = (h - 1) // sh + 1, (w - 1) // sw + 1
+    pixels = n * oh * ow
+    zero = tvm.tirx.const(0, data.dtype)
+
+    def row(p, k):  # noqa: ANN001, ANN202
+        q = tvm.tirx.min(p, pixels - 1)
+        value = data[q // (oh * ow), k // bi, q // ow % oh * sh, q % ow * sw, k % bi]
+        return tvm.tirx.if_then_else(p < pixels, value, zero) if pixels % _TILE else value
+
+    return te.compute((-(-pixels // _TILE) * _TILE, co * bi), row, name="conv_rows")
+
+
+def _conv_weight_pairs(weight: te.Tensor) -> te.Tensor:
+    """OIHW[bi]i[16]o (1x1) -> [O/16, I/2, 16, 2]: the matmul's pair layout (a constant:
+    folded at compile time)."""
+    oo, io, _, _, bi, bo = (int(d) for d in weight.shape)
+    return te.compute(
+        (oo, io * bi // 2, bo, 2),
+        lambda co, k, c, j: weight[co, (2 * k + j) // bi, 0, 0, (2 * k + j) % bi, c],
+        name="weight_pairs",
+    )
+
+
+def _conv_unrows(out: te.Tensor, shape: tuple) -> te.Tensor:
+    """(P, O) -> NCHW[16]c, the first N*OH*OW rows (fuses with the conv's epilogue)."""
+    n, oo, h, w, bo = shape
+    return te.compute(
+        shape,
+        lambda b, co, y, x, c: out[(b * h + y) * w + x, co * bo + c],
+        name="conv_unrows",
+    )
+
+
+def _output_pixels(data_shape: list[int], strides) -> int:  # noqa: ANN001
+    n, _, h, w, _ = data_shape
+    sh, sw = (int(v) for v in strides)
+    return n * ((h - 1) // sh + 1) * ((w - 1) // sw + 1)
+
+
+def _amx_conv_ok(call: relax.Call) -> bool:
+    a = call.attrs
+    data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
+    kern_m = _OIHWIO.match(str(a.kernel_layout))
+    ds, ws = _static_shape(call.args[0]), _static_shape(call.args[1])
+    return bool(
+        data_m
+        and out_m
+        and kern_m
+        and ds is not None
+        and ws is not None
+        and ws[2:4] == [1, 1]
+        and all(int(v) == 0 for v in a.padding)
+        and int(a.groups) == 1
+        and str(call.args[0].ty.dtype) == "bfloat16"
+        and str(call.args[1].ty.dtype) == "bfloat16"
+        and str(a.out_dtype) == "float32"
+        and int(kern_m.group(2)) == _TILE
+        and int(out_m.group(1)) == _TILE
+        and _output_pixels(ds, a.strides) >= _TILE
+        and (ds[1] * ds[4]) % _K_STEP == 0
+        and amx_enabled(tvm.target.Target.current(allow_none=True))
+    )
+
+
+def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
+    """A conv2d legalization: dense unpadded 1x1 packed bf16 convs (any stride; at least
+    16 output pixels, input channels a multiple of 32, 16-channel output blocks), on a
+    target where :func:`amx_enabled`, as a GEMM: output pixels to rows
+    (:func:`_conv_rows`, zero rows up to a whole tile), the AMX matmul, rows back to
+    NCHW16c (:func:`_conv_unrows`, fused with the epilogue); any other conv through
+    ``fallback`` (3x3 convs: ``_bf16``'s vdpbf16ps kernel)."""
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if not _amx_conv_ok(call):
+            return fallback(bb, call)
+        n, _, h, w, _ = _static_shape(call.args[0])
+        oo = _static_shape(call.args[1])[0]
+        sh, sw = (int(v) for v in call.attrs.strides)
+        stride = (sh, sw)
+        rows = bb.emit_te(_conv_rows, call.args[0], stride, primfunc_name_hint="conv_rows")
+        pairs = bb.emit_te(_conv_weight_pairs, call.args[1], primfunc_name_hint="weight_pairs")
+        out = bb.emit_te(matmul_amx_te, rows, pairs, primfunc_name_hint="matmul_amx")
+        shape = (n, oo, (h - 1) // sh + 1, (w - 1) // sw + 1, _TILE)
+        return bb.call_te(_conv_unrows, out, shape, primfunc_name_hint="conv_unrows")
+
+    return legalize
+
+
+# --- schedule rule ------------------------------------------------------------------------
+def _anchor(sch: s_tir.Schedule, kind: str):  # noqa: ANN202
+    root = sch.get_sblock("root")
+    found = [
+        b
+        for b in sch.get_child_blocks(root)
+        if str(sch.get(b).annotations.get(_ANNOTATION, "")) == kind
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:  # noqa: ANN001
+    return int(sch.get(loop).extent)
+
+
+def _block(tiles: int) -> int:
+    """Output tiles per call along one axis: 2 where they divide, else 1."""
+    return _MAX_BLOCK if tiles % _MAX_BLOCK == 0 else 1
+
+
+def rule_matmul_amx(func, target: tvm.target.Target):  # noqa: ANN001, ANN201
+    """An AMX bf16 matmul plus its epilogue: a block of up to 2x2 output tiles per
+    parallel iteration; its float32 accumulator (a ``local`` buffer) zeroed, the whole
+    reduction one tile step (:func:`tile_intrin`), the epilogue vectorized on write-back."""
+    if not (_EMULATE or target_has_amx(target)):
+        return None
+    sch = s_tir.Schedule(func)
+    mm = _anchor(sch, "matmul_amx")
+    if mm is None:
+        return None
+    k = int(sch.get(mm).iter_vars[2].dom.extent) * 2
+    _inline_spatial_intermediates(sch, keep=[mm])
+    out = sch.cache_write(mm, 0, "local")
+    _inline_epilogue(sch, out)
+    others = _other_root_blocks(sch, [mm, out])
+    loops = sch.get_loops(out)
+    if len(loops) != 2 or _extent(sch, loops[0]) % _TILE or _extent(sch, loops[1]) % _TILE:
+        return None
+    mt, nt = (_block(_extent(sch, lp) // _TILE) for lp in loops)
+    mo, mi = sch.split(loops[0], [None, _TILE * mt])
+    no, ni = sch.split(loops[1], [None, _TILE * nt])
+    sch.reorder(mo, no, mi, ni)
+    tile = sch.fuse(mo, no)
+    sch.parallel(tile)
+    sch.vectorize(sch.split(ni, [None, _TILE])[1])
+    sch.compute_at(mm, tile)
+    first = sch.get_loops(mm)[1]
+    init = sch.decompose_reduction(mm, first)
+    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, _TILE])[1])
+    emulated = _EMULATE
+    if not emulated:
+        sch.annotate(tile, "pragma_import_llvm", tile_ll(mt, nt))
+    try:
+        sch.tensorize(sch.get_loops(mm)[1], tile_intrin(k, mt, nt, emulated))
+    except (ScheduleError, ValueError, RuntimeError):
+        return None
+    return _schedule_others(sch, others, _TILE)
+
+
+# The legalization graphopt.targets._cpu layers over _bf16's (outermost: tried first).
+WRAP_LEGALIZE = {"relax.nn.conv2d": legalize_conv2d, "relax.matmul": legalize_matmul}
+
+# Ordered, first fit wins; before _bf16's and the fp32 rules.
+RULES = [("matmul_amx", rule_matmul_amx)]
