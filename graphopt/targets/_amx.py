@@ -86,6 +86,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
+from graphopt.targets._bf16 import pair_matrix, paired_matmul_te, static_shape
 from graphopt.targets._cpu_schedules import (
     _inline_epilogue,
     _inline_spatial_intermediates,
@@ -492,45 +493,15 @@ def tile_intrin(k: int, mt: int = 1, nt: int = 1, emulated: bool = False) -> str
 
 
 # --- legalization -------------------------------------------------------------------------
-def _static_shape(expr) -> list[int] | None:  # noqa: ANN001
-    try:
-        return [int(d) for d in expr.ty.shape.values]
-    except (AttributeError, TypeError):
-        return None
-
-
-def _pair_matrix(w: te.Tensor) -> te.Tensor:
-    """[K, N] -> [N/16, K/2, 16, 2]: per 16-column block, K/2 rows of 16 bf16 pairs
-    (64 bytes), the B tile rows ``tdpbf16ps`` reads."""
-    k, n = (int(d) for d in w.shape)
-    return te.compute(
-        (n // _TILE, k // 2, _TILE, 2),
-        lambda no, kp, ni, j: w[kp * 2 + j, no * _TILE + ni],
-        name="weight_pairs",
-    )
-
-
 def matmul_amx_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
-    """out[m, n] = sum x[m, 2k+j] * w[n/16, k, n%16, j], float32 sums."""
-    m, k = (int(d) for d in x.shape)
-    n = int(w.shape[0]) * _TILE
-    rk = te.reduce_axis((0, k // 2), "rk")
-    rj = te.reduce_axis((0, 2), "rj")
-    return te.compute(
-        (m, n),
-        lambda i, j: te.sum(
-            x[i, rk * 2 + rj].astype("float32")
-            * w[j // _TILE, rk, j % _TILE, rj].astype("float32"),
-            axis=[rk, rj],
-        ),
-        name="matmul_amx",
-        attrs={_ANNOTATION: "matmul_amx"},
-    )
+    """out[m, n] = sum x[m, 2k+j] * w[n/16, k, n%16, j], float32 sums (``_bf16``'s compute,
+    annotated for :func:`rule_matmul_amx`)."""
+    return paired_matmul_te(x, w, "matmul_amx")
 
 
 def _amx_matmul_ok(call: relax.Call) -> bool:
     x, w = call.args[0], call.args[1]
-    xs, ws = _static_shape(x), _static_shape(w)
+    xs, ws = static_shape(x), static_shape(w)
     return bool(
         xs is not None
         and ws is not None
@@ -557,8 +528,8 @@ def legalize_matmul(fallback):  # noqa: ANN001, ANN201
         if not _amx_matmul_ok(call):
             return fallback(bb, call)
         x, w = call.args[0], call.args[1]
-        xs, (k, n) = _static_shape(x), _static_shape(w)
-        pairs = bb.emit_te(_pair_matrix, w, primfunc_name_hint="weight_pairs")
+        xs, (k, n) = static_shape(x), static_shape(w)
+        pairs = bb.emit_te(pair_matrix, w, primfunc_name_hint="weight_pairs")
         if len(xs) == 2:
             return bb.call_te(matmul_amx_te, x, pairs, primfunc_name_hint="matmul_amx")
         rows = bb.emit_te(topi.reshape, x, (int(np.prod(xs[:-1])), k), primfunc_name_hint="reshape")
@@ -616,7 +587,7 @@ def _amx_conv_ok(call: relax.Call) -> bool:
     a = call.attrs
     data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
     kern_m = _OIHWIO.match(str(a.kernel_layout))
-    ds, ws = _static_shape(call.args[0]), _static_shape(call.args[1])
+    ds, ws = static_shape(call.args[0]), static_shape(call.args[1])
     return bool(
         data_m
         and out_m
@@ -648,8 +619,8 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         if not _amx_conv_ok(call):
             return fallback(bb, call)
-        n, _, h, w, _ = _static_shape(call.args[0])
-        oo = _static_shape(call.args[1])[0]
+        n, _, h, w, _ = static_shape(call.args[0])
+        oo = static_shape(call.args[1])[0]
         sh, sw = (int(v) for v in call.attrs.strides)
         stride = (sh, sw)
         rows = bb.emit_te(_conv_rows, call.args[0], stride, primfunc_name_hint="conv_rows")

@@ -61,6 +61,9 @@ __all__ = [
     "TUNABLE",
     "WRAP_LEGALIZE",
     "has_avx512_bf16",
+    "pair_matrix",
+    "paired_matmul_te",
+    "static_shape",
     "legalize_conv2d",
     "legalize_matmul",
     "schedule_conv2d_nchwc_bf16",
@@ -202,7 +205,7 @@ def _bf16_conv_ok(call: relax.Call) -> bool:
         data_m
         and out_m
         and kern_m
-        and _static_shape(call.args[0]) is not None  # a symbolic batch: the fp32 path
+        and static_shape(call.args[0]) is not None  # a symbolic batch: the fp32 path
         and int(a.groups) == 1
         and str(call.args[0].ty.dtype) == "bfloat16"
         and str(call.args[1].ty.dtype) == "bfloat16"
@@ -251,8 +254,9 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
     return legalize
 
 
-def _pair_matrix(w: te.Tensor) -> te.Tensor:
-    """[K, N] -> [N/16, K/2, 16, 2]."""
+def pair_matrix(w: te.Tensor) -> te.Tensor:
+    """[K, N] -> [N/16, K/2, 16, 2]: per 16-column block, K/2 rows of 16 bf16 pairs (the
+    layout vdpbf16ps broadcasts against, and the B tile rows AMX's tdpbf16ps reads)."""
     k, n = (int(d) for d in w.shape)
     return te.compute(
         (n // _LANES, k // 2, _LANES, 2),
@@ -261,8 +265,10 @@ def _pair_matrix(w: te.Tensor) -> te.Tensor:
     )
 
 
-def matmul_bf16_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
-    """out[m, n] = sum x[m, 2k+j] * w[n/16, k, n%16, j], float32 sums."""
+def paired_matmul_te(x: te.Tensor, w: te.Tensor, kind: str = "matmul_bf16") -> te.Tensor:
+    """out[m, n] = sum x[m, 2k+j] * w[n/16, k, n%16, j], float32 sums; the compute block
+    is named and annotated ``kind`` (the rule that takes it: ``matmul_bf16``, AMX's
+    ``matmul_amx``)."""
     m, k = (int(d) for d in x.shape)
     n = int(w.shape[0]) * _LANES
     rk = te.reduce_axis((0, k // 2), "rk")
@@ -274,12 +280,16 @@ def matmul_bf16_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
             * w[j // _LANES, rk, j % _LANES, rj].astype("float32"),
             axis=[rk, rj],
         ),
-        name="matmul_bf16",
-        attrs={_ANNOTATION: "matmul_bf16"},
+        name=kind,
+        attrs={_ANNOTATION: kind},
     )
 
 
-def _static_shape(expr) -> list[int] | None:  # noqa: ANN001
+def matmul_bf16_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+    return paired_matmul_te(x, w, "matmul_bf16")
+
+
+def static_shape(expr) -> list[int] | None:  # noqa: ANN001
     try:
         return [int(d) for d in expr.ty.shape.values]
     except (AttributeError, TypeError):
@@ -293,7 +303,7 @@ def legalize_matmul(fallback):  # noqa: ANN001, ANN201
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         x, w = call.args[0], call.args[1]
-        xs, ws = _static_shape(x), _static_shape(w)
+        xs, ws = static_shape(x), static_shape(w)
         ok = (
             xs is not None
             and ws is not None
@@ -312,7 +322,7 @@ def legalize_matmul(fallback):  # noqa: ANN001, ANN201
             ):
                 return fallback(bb, _in_fp32(bb, call))
             return fallback(bb, call)
-        pairs = bb.emit_te(_pair_matrix, w, primfunc_name_hint="weight_pairs")
+        pairs = bb.emit_te(pair_matrix, w, primfunc_name_hint="weight_pairs")
         return bb.call_te(matmul_bf16_te, x, pairs, primfunc_name_hint="matmul_bf16")
 
     return legalize

@@ -48,6 +48,7 @@ from tvm.script import tirx as T
 
 from graphopt.targets import _cpu_nhwc
 from graphopt.targets import _cpu_schedules as cpu
+from graphopt.targets._bf16 import static_shape
 
 __all__ = [
     "FMLAL_4_FP16",
@@ -232,13 +233,6 @@ def matmul_fp16_blocked_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
     )
 
 
-def _static_shape(expr) -> list[int] | None:  # noqa: ANN001
-    try:
-        return [int(d) for d in expr.ty.shape.values]
-    except (AttributeError, TypeError):
-        return None
-
-
 def legalize_matmul(fallback):  # noqa: ANN001, ANN201
     """A matmul legalization, fp16 x fp16 -> float32 on an aarch64 target with fp16fml:
     [..., M, K] x [K, N] with N a multiple of 4 through :func:`matmul_fp16_te` (the
@@ -249,7 +243,7 @@ def legalize_matmul(fallback):  # noqa: ANN001, ANN201
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         x, w = call.args[0], call.args[1]
-        xs, ws = _static_shape(x), _static_shape(w)
+        xs, ws = static_shape(x), static_shape(w)
         ok = (
             xs is not None
             and ws is not None
