@@ -141,9 +141,14 @@ def tune(
         local = rpc_tracker is None and runner is None
         timed = options.measure_model and local
         default = None
-        if timed and clock.deadline is not None:
+        if (
+            timed
+            and clock.deadline is not None
+            and _cached_latency(relax_mod, targets, database) is None
+        ):
             # built now, so that the time budget can keep back what the model timing
-            # after the search will take: one more build (the tuned one) and the runs
+            # after the search will take: one more build (the tuned one) and the runs.
+            # Not for a rerun whose figures are cached: it must rebuild nothing.
             t0 = time.perf_counter()
             default = build(relax_mod, spec, targets.layout, precision=precision)
             session.closing_secs = 1.2 * (time.perf_counter() - t0) + _TIMING_SECS
@@ -161,21 +166,39 @@ _TIMING_SECS = 5.0  # the model timing's runs (default, tuned, onnxruntime), a t
 _LATENCY = "model-latency.json"
 
 
-def _model_latency(
-    relax_mod, targets: Targets, database, source, say, default=None
-) -> ModelLatency:  # noqa: ANN001, E501
-    """The model timed with and without the database (and onnxruntime); a rerun that
-    added nothing to the database reuses the last figures (``DB/model-latency.json``,
-    keyed by the model, the layout and the records' size) instead of building again."""
+def _latency_key(relax_mod, targets: Targets, database) -> str:  # noqa: ANN001
+    """The model, the layout and the records' size: what the cached figures depend on."""
     records = database.path / "records.jsonl"
     size = records.stat().st_size if records.exists() else 0
-    key = f"{tvm_ffi.structural_hash(relax_mod)}-{targets.layout}-{size}"
-    path = database.path / _LATENCY
+    return f"{tvm_ffi.structural_hash(relax_mod)}-{targets.layout}-{size}"
+
+
+def _cached_latency(relax_mod, targets: Targets, database) -> ModelLatency | None:  # noqa: ANN001
+    """The figures ``DB/model-latency.json`` holds for this model, layout and database
+    size (measured when the database last changed), or None."""
     try:
-        cached = json.loads(path.read_text())[key]
+        known = json.loads((database.path / _LATENCY).read_text())
+        cached = known[_latency_key(relax_mod, targets, database)]
         return ModelLatency(**cached, note="measured when the database last changed")
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        return None
+
+
+def _model_latency(
+    relax_mod,
+    targets: Targets,
+    database,
+    source,
+    say,
+    default=None,  # noqa: ANN001
+) -> ModelLatency:
+    """The model timed with and without the database (and onnxruntime); a rerun that
+    added nothing to the database reuses the last figures (:func:`_cached_latency`)
+    instead of building again."""
+    cached = _cached_latency(relax_mod, targets, database)
+    if cached is not None:
+        return cached
+    key, path = _latency_key(relax_mod, targets, database), database.path / _LATENCY
     say("timing the model with the default schedules, with the database, onnxruntime")
     latency = time_model(
         relax_mod,

@@ -134,3 +134,22 @@ def test_a_time_budget_keeps_back_the_work_after_the_search() -> None:
     assert Session.reserve(session(2, closing=8.0)) == 2 * 2 * 2 * 3.0 + 8.0
     assert Session.reserve(session(0, closing=8.0)) == 8.0
     assert Session.reserve(session(20, closing=8.0)) == 50.0  # half the budget at most
+
+
+def test_a_finished_run_with_a_time_budget_rebuilds_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A time budget builds the default model before the search (to keep back its
+    timing); a rerun of a finished command has its figures cached and builds nothing."""
+    from graphopt.tuning import _latency, _tuner
+
+    db = tmp_path / "db"
+    first = tune(conv_relu(), "x86", db, per_task=1, batch_size=1, time_budget="5m")
+    assert first.latency.default_ms is not None
+
+    def no_build(*_args, **_kwargs):
+        raise AssertionError("a finished run rebuilt the model")
+
+    monkeypatch.setattr(_tuner, "build", no_build)
+    monkeypatch.setattr(_latency, "build", no_build)
+    again = tune(conv_relu(), "x86", db, per_task=1, batch_size=1, time_budget="5m")
+    assert again.latency.default_ms == first.latency.default_ms  # the cached figures
+    assert sum(t.new_trials for t in again.tasks) == 0
