@@ -578,6 +578,7 @@ CONVERTERS: dict[str, OpRule] = {
     "Upsample": OpRule(_check_resize, "resize"),
     # graphopt's own domain: ops a pass makes (definitions in graphopt.passes._functions)
     "graphopt::SiLU": OpRule(_ok, "silu"),
+    "graphopt::Gelu": OpRule(_ok, "gelu"),
     # one fused LSTM/GRU/RNN step (expand-rnn; float32 only, made with packed weights)
     "graphopt::RNNStep": OpRule(_ok, "rnn_step"),
 } | {op: OpRule(rule, "tvm_onnx") for op, rule in TVM_OPS.items()}

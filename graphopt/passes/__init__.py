@@ -42,6 +42,7 @@ from graphopt.passes.expand_rnn import ExpandRNN
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_mul_add import FoldConvMulAdd
+from graphopt.passes.fuse_gelu import FuseGELU
 from graphopt.passes.fuse_silu import FuseSiLU
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "AnnotateConvGroups",
     "FuseConvAct",
     "FuseSiLU",
+    "FuseGELU",
 ]
 
 PASSES: dict[str, type[Pass]] = {
@@ -94,6 +96,7 @@ PASSES: dict[str, type[Pass]] = {
         FoldBatchNorm,
         FoldConvMulAdd,
         FuseSiLU,
+        FuseGELU,
         AnnotateConvGroups,
         EliminateDeadCode,
     )
@@ -113,6 +116,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fold-batchnorm",
     "fold-conv-mul-add",
     "fuse-silu",
+    "fuse-gelu",
     "annotate-conv-groups",
     "dead-code",
 )

@@ -31,8 +31,38 @@ def _silu() -> onnx.FunctionProto:
     )
 
 
+def _gelu() -> onnx.FunctionProto:
+    """``Gelu(X) = X * (1 + Erf(X / sqrt 2)) * 0.5`` (ONNX's own Gelu from opset 20)."""
+
+    def scalar(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant",
+            [],
+            [name],
+            value=helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [value]),
+        )
+
+    return helper.make_function(
+        GRAPHOPT_DOMAIN,
+        "Gelu",
+        ["X"],
+        ["Y"],
+        [
+            scalar("S", 1.4142135623730951),
+            scalar("One", 1.0),
+            scalar("Half", 0.5),
+            helper.make_node("Div", ["X", "S"], ["D"]),
+            helper.make_node("Erf", ["D"], ["E"]),
+            helper.make_node("Add", ["E", "One"], ["E1"]),
+            helper.make_node("Mul", ["X", "E1"], ["P"]),
+            helper.make_node("Mul", ["P", "Half"], ["Y"]),
+        ],
+        [helper.make_opsetid("", 13)],
+    )
+
+
 # op_type (in domain "graphopt") -> its definition in standard ONNX ops.
-FUNCTIONS: dict[str, onnx.FunctionProto] = {"SiLU": _silu()}
+FUNCTIONS: dict[str, onnx.FunctionProto] = {"SiLU": _silu(), "Gelu": _gelu()}
 
 
 def attach_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
