@@ -10,7 +10,8 @@ walks the dataflow once, in order, and decides per binding:
 - an op that can carry the packed layout (elementwise unary and binary ops, including
   broadcasts of a ``[N, C, 1, 1]`` SE gate or bias; pools; the spatial mean; pad; a
   concat or channel slice on block boundaries) runs packed when an operand arrives packed;
-- every other op reads the plain NCHW value.
+- every other op reads the plain NCHW value (a conv no block divides is then taken, in
+  NCHW, by :mod:`graphopt.targets._conv3d`'s zero-padded ``conv2d_padded`` kernel).
 
 Each packed value also gets its plain NCHW twin (one ``layout_transform``), bound to the
 original variable; DeadCodeElimination drops the twins nobody reads, so a transform is

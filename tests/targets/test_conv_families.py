@@ -125,32 +125,35 @@ def test_blocks_match_onnxruntime_on_arm_default_layout(name: str, tmp_path) -> 
     assert a.manifest["verification"]["ok"]
 
 
-def test_a_conv_that_cannot_pack_is_flagged_as_generic() -> None:
-    """57 channels allow no block: both convs stay NCHW, their kernels are marked
-    ``graphopt.fast_path`` False; with 64 channels both pack and are marked True."""
+def test_a_grouped_conv_no_block_fits_is_flagged_as_generic() -> None:
+    """A grouped conv with 3 channels per group allows no block (not even the padded
+    kernels of ``_conv3d``): its kernel is marked ``graphopt.fast_path`` False; two 64-
+    channel convs pack and are marked True. (57 channels, which no block divides, now
+    take the zero-padded ``conv2d_padded`` kernel: also True.)"""
     rng = np.random.default_rng(0)
-    model = make_model(
-        [
-            helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
-            helper.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1]),
-        ],
-        {"x": (1, 16, 8, 8)},
-        {"y": (1, 16, 8, 8)},
-        {
-            "w1": rng.standard_normal((57, 16, 3, 3)).astype(np.float32),
-            "w2": rng.standard_normal((16, 57, 3, 3)).astype(np.float32),
-        },
+    grouped = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=2)],
+        {"x": (1, 6, 5, 5)},
+        {"y": (1, 6, 5, 5)},
+        {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32)},
     )
-    flags = sorted(f for _, f in _kernels(_scheduled_module(model)).values() if f is not None)
-    assert flags == [False, False]  # neither conv packs: 57 channels in and out
-    model.graph.initializer[0].CopyFrom(
-        helper.make_tensor("w1", 1, (64, 16, 3, 3), rng.standard_normal(64 * 144).tolist())
-    )
-    model.graph.initializer[1].CopyFrom(
-        helper.make_tensor("w2", 1, (16, 64, 3, 3), rng.standard_normal(16 * 576).tolist())
-    )
-    flags = sorted(f for _, f in _kernels(_scheduled_module(model)).values() if f is not None)
-    assert flags == [True, True]
+    flags = [f for _, f in _kernels(_scheduled_module(grouped)).values() if f is not None]
+    assert flags == [False]
+    for channels in (64, 57):
+        model = make_model(
+            [
+                helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+                helper.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1]),
+            ],
+            {"x": (1, 16, 8, 8)},
+            {"y": (1, 16, 8, 8)},
+            {
+                "w1": rng.standard_normal((channels, 16, 3, 3)).astype(np.float32),
+                "w2": rng.standard_normal((16, channels, 3, 3)).astype(np.float32),
+            },
+        )
+        flags = sorted(f for _, f in _kernels(_scheduled_module(model)).values() if f is not None)
+        assert flags == [True, True], channels
 
 
 def test_repeated_tanh_sigmoid_products_compile_in_linear_size() -> None:
