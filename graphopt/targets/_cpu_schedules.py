@@ -68,6 +68,11 @@ _MAX_REG_N = 28
 # Accumulator vectors in a reduction's register tile (rows x vectors per row), leaving
 # registers for the B vectors and the broadcast.
 _MAX_TILE_VECTORS = 16
+# A matmul whose weight (K x N) is larger than this runs its column panels outermost, so
+# each panel stays in the core's L2 while every row block passes over it; a smaller
+# weight stays in L2 anyway and the rows go outermost (the activation is read once).
+# 1 MiB: the L2 of a Zen 4 core (2 MiB on Sapphire/Emerald Rapids).
+_MATMUL_WEIGHT_IN_CACHE = 1 << 20
 # A concat of at least this many inputs is unrolled over its axis (if at most the max).
 _MIN_CONCAT_INPUTS = 8
 _MAX_UNROLLED_CONCAT = 128
@@ -593,6 +598,32 @@ def _pick_reg_n(width: int, most: int = _MAX_REG_N) -> int:
     return 1
 
 
+def _widest_full_tile(extents: list, widths: list, lanes: int, tile: int) -> int:
+    """The row-tile width whose register tile (rows x vectors) holds the most accumulators.
+
+    Why: the widest width that divides N can leave no rows to tile (ConvNeXt's 7x7 stage:
+    64 lanes x 1 row is 4 FMAs per broadcast; 32 lanes x 7 rows is 14), and a tile of a
+    single row reloads every weight vector for one FMA."""
+    axis = max((i for i, e in enumerate(extents[:-1]) if e > 1), default=None)
+    if axis is None:
+        return tile
+    best = (_pick_rows(extents[axis], tile // lanes) * (tile // lanes), tile)
+    for vec in widths:
+        if extents[-1] % vec == 0 and vec % lanes == 0:
+            held = _pick_rows(extents[axis], vec // lanes) * (vec // lanes)
+            best = max(best, (held, vec))
+    return best[1]
+
+
+def _weight_bytes(sch: s_tir.Schedule, block, width: int) -> int:  # noqa: ANN001
+    """K x N of a matmul block (its reduction extents times the output width), in bytes of
+    its output type."""
+    stmt = sch.get(block)
+    reduce = tirx.IterVar.CommReduce
+    k = _product(int(iv.dom.extent) for iv in stmt.iter_vars if iv.iter_type == reduce)
+    return k * width * tvm.DataType(str(stmt.writes[0].source.dtype)).bits // 8
+
+
 def _split_reduction_into_tile(
     sch: s_tir.Schedule,
     block,  # noqa: ANN001
@@ -836,6 +867,9 @@ def schedule_reduction(
         if last % vec == 0:
             tile = vec
             break
+    is_matmul = _is_matmul(sch, red)
+    if is_matmul and tile is not None:
+        tile = _widest_full_tile(extents, widths, lanes, tile)
     if tile is None and 2 <= last <= lanes * 4:
         tile = last
     if tile is not None:
@@ -856,6 +890,8 @@ def schedule_reduction(
             factor = decisions.factor(sch, extents[axis], rows, most)
             ro, ri = sch.split(loops[axis], [None, factor])
             outer_loops = [*loops[:axis], ro, *loops[axis + 1 : -1], lo]
+            if is_matmul and _weight_bytes(sch, red, last) > _MATMUL_WEIGHT_IN_CACHE:
+                outer_loops = [lo, *outer_loops[:-1]]
             sch.reorder(*outer_loops, ri, li)
     elif plan.rows:
         return None

@@ -294,6 +294,45 @@ def test_matmul_register_tile_covers_several_rows() -> None:
         assert widest == (4 * lanes if m > 1 else 8 * lanes)
 
 
+def _matmul_nhwc(rows: int, k: int, n: int):  # noqa: ANN202
+    a = tvm.te.placeholder((1, rows, rows, k), name="a")
+    b = tvm.te.placeholder((k, n), name="b")
+    r = tvm.te.reduce_axis((0, k), name="r")
+    c = tvm.te.compute(
+        (1, rows, rows, n),
+        lambda i, h, w, j: tvm.te.sum(a[i, h, w, r] * b[r, j], axis=r),
+        name="matmul",
+    )
+    return tvm.te.create_prim_func([a, b, c])
+
+
+@pytest.mark.parametrize("k,n,panels_outer", [(768, 3072, True), (96, 384, False)])
+def test_convnext_matmul_tiles_rows_and_keeps_big_weights_in_cache(k, n, panels_outer) -> None:  # noqa: ANN001
+    """ConvNeXt's Linear on a 7x7 map: 7 rows (a divisor of the row axis) x 2 vectors,
+    not 1 row x 4 vectors (one FMA per loaded weight vector); a weight bigger than L2
+    runs its column panels outermost (the output column comes from ``fused // rows``),
+    a small one its rows. Numbers match numpy."""
+    target = tvm.target.Target(resolve("x86").tvm)
+    lanes = cpu.vector_lanes(target)
+    with target:
+        name, new = cpu.apply_rules(_matmul_nhwc(7, k, n), target)
+    assert name == "matmul"
+    loops = _loops(new)
+    assert (tvm.tirx.ForKind.UNROLLED, 7) in loops
+    assert max(e for kind, e in loops if kind == tvm.tirx.ForKind.VECTORIZED) == 2 * lanes
+    sch = tvm.s_tir.Schedule(new)
+    update = sch.get_sblock("matmul_update")
+    column = cpu._block_iter_values(sch, update)[3]
+    assert ("floordiv" in str(column) or " // " in str(column)) == panels_outer
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 7, 7, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    lib = tvm.compile(tvm.IRModule({"main": new}), target=target)
+    out = tvm.runtime.tensor(np.zeros((1, 7, 7, n), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-3)
+
+
 def test_many_input_concat_is_unrolled_over_its_axis() -> None:
     """A 16-input Concat (an RNN's outputs): the concat axis is unrolled so each copy's
     input choice is a constant; a 2-input concat keeps the flat parallel+vector loop."""
