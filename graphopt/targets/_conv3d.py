@@ -36,11 +36,12 @@ Depthwise and grouped convs: one block for input and output, the first of (lanes
 previous legalization (TOPI's NCDHW conv, a generic rule).
 
 2-D convs: :mod:`graphopt.targets._nchwc` packs a conv2d only where a block of (lanes, 8,
-4, 2) divides its channels (and ``layout=nchw`` packs none); ``layout=nhwc`` blocks the
+4, 2) divides its channels, and not where only a block of 2 or 4 would vectorize its
+output on more than one pixel (and ``layout=nchw`` packs none); ``layout=nhwc`` blocks the
 weights only where a block divides the output channels. The rest (RexNet's 27, 61, 151
-channels, a 21-class segmentation head) used to reach TOPI's NCHW/NHWC conv and a
-generic rule. An NCHW/OIHW or NHWC/OHWI conv2d with float32 sums and static shapes is
-the kernel above with a depth of 1, reading and writing its own layout (rules
+channels, ShuffleNetV2's 58 and 116, a 21-class segmentation head) used to reach TOPI's
+NCHW/NHWC conv and a generic rule. An NCHW/OIHW or NHWC/OHWI conv2d with float32 sums
+and static shapes is the kernel above with a depth of 1, reading and writing its own layout (rules
 ``conv2d_padded`` dense, 1x1 included, ``depthwise_conv2d_padded``,
 ``grouped_conv2d_padded``). Its blocks (:func:`blocks2d`): the output block is ``lanes``
 (zero output channels up to a multiple: one full-width FMA beats narrower ones), or the
@@ -410,14 +411,16 @@ def _anchor(sch: s_tir.Schedule, family: str | None = None):  # noqa: ANN202
 def _inline_tail(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
     """Fold the unpack and every elementwise consumer chain into ``block`` (the register
     tile's write-back), whatever their shape: reverse_compute_inline refuses what it
-    cannot express (a broadcast that reads one value for many outputs stays a loop nest)."""
+    cannot express (a broadcast that reads one value for many outputs stays a loop nest;
+    TVM 0.27 reports a squeeze-excitation gate broadcast over a map with an internal
+    error, not a schedule error)."""
     progress = True
     while progress:
         progress = False
         for consumer in sch.get_consumers(block):
             try:
                 sch.reverse_compute_inline(consumer)
-            except s_tir.schedule.ScheduleError:
+            except (s_tir.schedule.ScheduleError, tvm.error.InternalError):
                 continue
             progress = True
             break

@@ -6,7 +6,8 @@ for a blocked layout (a reshape after a Gemm in a squeeze-excitation block, a co
 walks the dataflow once, in order, and decides per binding:
 
 - every 2-D float32 conv whose channel counts allow a block (dense, depthwise, grouped,
-  dilated, the thin-input stem) becomes a packed conv ``NCHW[b]c`` / ``OIHW[b]i[b']o``;
+  dilated, the thin-input stem) becomes a packed conv ``NCHW[b]c`` / ``OIHW[b]i[b']o``,
+  unless its output block would be narrow (2 or 4 lanes) on a map of more than one pixel;
 - an op that can carry the packed layout (elementwise unary and binary ops, including
   broadcasts of a ``[N, C, 1, 1]`` SE gate or bias; pools; the spatial mean; pad; a
   concat or channel slice on block boundaries) runs packed when an operand arrives packed;
@@ -74,9 +75,7 @@ def _dtype(expr) -> str:  # noqa: ANN001
 
 def channel_block(channels: int, lanes: int, *divides: int) -> int | None:
     """The block for ``channels``: the first of ``lanes``, 8, 4, 2 that divides it (and
-    every one of ``divides``); None if none does. Narrow blocks waste vector lanes but
-    still beat the plain-layout generic schedule (ShuffleNetV2's 58-channel branches:
-    1.5x faster with blocks of 2)."""
+    every one of ``divides``); None if none does."""
     for b in dict.fromkeys((lanes, 8, 4, 2)):
         if channels % b == 0 and all(d % b == 0 for d in divides):
             return b
@@ -109,7 +108,7 @@ def _conv_blocks(call, lanes: int) -> tuple[int, int] | None:  # noqa: ANN001
     cin, cout = _shape(call.args[0])[1], _shape(call.args[1])[0]
     if family == "depthwise":
         b = channel_block(cout, lanes)
-        return None if b is None else (b, b)
+        return None if b is None or (_narrow(b, lanes) and _spatial(call)) else (b, b)
     if family == "grouped":
         groups = int(call.attrs.groups)
         b = channel_block(cout, lanes, cin // groups, cout // groups)
@@ -118,7 +117,25 @@ def _conv_blocks(call, lanes: int) -> tuple[int, int] | None:  # noqa: ANN001
     bi = channel_block(cin, lanes)
     if bi is None and cin < 8:  # a thin input (an RGB image): the whole axis innermost
         bi = cin
-    return None if bi is None or bo is None else (bi, bo)
+    if bi is None or bo is None or (_narrow(bo, lanes) and _spatial(call)):
+        return None
+    return (bi, bo)
+
+
+def _narrow(block: int, lanes: int) -> bool:
+    """A vectorized (output) block of 2 or 4 lanes: ShuffleNetV2's 58 and 116 channels.
+
+    Why: such a conv ran at a quarter of the vector width (ShuffleNetV2 5.2 ms); left in
+    NCHW, :mod:`graphopt.targets._conv3d`'s kernel zero-pads its output channels to full
+    vectors (3.2 ms, both on a Zen 4)."""
+    return block < min(8, lanes)
+
+
+def _spatial(call) -> bool:  # noqa: ANN001
+    """Whether the conv's input has more than one pixel: a squeeze-excitation conv on the
+    pooled 1x1 map is tiny and stays packed, where its gate multiply fuses."""
+    data = _shape(call.args[0])
+    return data[2] * data[3] > 1
 
 
 def _to_packed(x: relax.Expr, block: int, from_block: int | None = None) -> relax.Expr:

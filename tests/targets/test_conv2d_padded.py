@@ -125,7 +125,45 @@ def squeeze_excitation():  # noqa: ANN201
     return make_model(nodes, {"x": (1, 36, 6, 6)}, {"y": (1, 36, 6, 6)}, inits), rules
 
 
+def narrow_blocks():  # noqa: ANN201
+    """ShuffleNetV2's branch on 58 channels (a block of 2 divides it): 1x1 + ReLU, 3x3
+    depthwise, 1x1 + ReLU. Packed, they ran at a quarter of the vector width; they stay
+    NCHW and take the padded kernels (output channels zero-padded to full vectors)."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        _conv("x", "w1", "b1", "a"),
+        helper.make_node("Relu", ["a"], ["r"]),
+        _conv("r", "w2", "b2", "d", pads=[1, 1, 1, 1], group=58),
+        _conv("d", "w3", "b3", "c"),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    inits = {"w1": _w(rng, 58, 58, 1, 1), "b1": _b(rng, 58)}
+    inits |= {"w2": _w(rng, 58, 1, 3, 3), "b2": _b(rng, 58)}
+    inits |= {"w3": _w(rng, 58, 58, 1, 1), "b3": _b(rng, 58)}
+    rules = {DENSE: 1, DEPTHWISE: 1}  # the two 1x1 convs + ReLU: one kernel, called twice
+    return make_model(nodes, {"x": (1, 58, 10, 10)}, {"y": (1, 58, 10, 10)}, inits), rules
+
+
+def gate_over_padded_map():  # noqa: ANN201
+    """RexNet's SE expansion 19 -> 228 on the pooled pixel, sigmoid, times a 228-channel
+    map that stays NCHW, ReLU6: the gate's broadcast multiply fuses into the padded
+    conv's kernel as a loop nest of its own (TVM cannot inline it into the tile)."""
+    rng = np.random.default_rng(6)
+    nodes = [
+        _conv("g", "w", "b", "c"),
+        helper.make_node("Sigmoid", ["c"], ["s"]),
+        helper.make_node("Mul", ["x", "s"], ["m"]),
+        helper.make_node("Clip", ["m", "lo", "hi"], ["y"]),
+    ]
+    inits = {"w": _w(rng, 228, 19, 1, 1), "b": _b(rng, 228)}
+    inits |= {"lo": np.float32(0), "hi": np.float32(6)}
+    inputs = {"x": (1, 228, 7, 7), "g": (1, 19, 1, 1)}
+    return make_model(nodes, inputs, {"y": (1, 228, 7, 7)}, inits), {DENSE: 1}
+
+
 PADDED = {
+    "narrow_blocks": narrow_blocks,
+    "gate_over_padded_map": gate_over_padded_map,
     "odd_pointwise": odd_pointwise,
     "silu_tail": silu_tail,
     "odd_3x3": odd_3x3,
