@@ -28,16 +28,22 @@ def artifact(tmp_path_factory):
     return graphopt.compile(model, "x86", tmp_path_factory.mktemp("t") / "t.so")
 
 
-def _threads(path, **env) -> int:
-    clean = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+def _probe(script: str, path, drop=THREAD_VARS, **env) -> int:  # noqa: ANN001
+    """The last number ``script`` prints, run on ``path`` in a fresh Python without the
+    variables in ``drop`` and with ``env``."""
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(path)],
+        [sys.executable, "-c", script, str(path)],
         env={**clean, **env},
         capture_output=True,
         text=True,
         check=True,
     )
     return int(out.stdout.split()[-1])
+
+
+def _threads(path, **env) -> int:  # noqa: ANN001
+    return _probe(_PROBE, path, **env)
 
 
 def test_one_thread_per_physical_core(artifact):
@@ -71,20 +77,9 @@ def test_pool_threads_are_not_pinned_unless_asked(tmp_path):
         [helper.make_node("Relu", ["x"], ["y"])], {"x": (64, 1024)}, {"y": (64, 1024)}
     )
     path = graphopt.compile(model, "x86", tmp_path / "big.so").path
-    clean = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARS, "TVM_BIND_THREADS")}
-
-    def pinned(**env) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _PINNED, str(path)],
-            env={**clean, **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return int(out.stdout.split()[-1])
-
-    assert pinned() == 0
-    assert pinned(TVM_BIND_THREADS="1") > 0  # what TVM does by itself
+    drop = (*THREAD_VARS, "TVM_BIND_THREADS")
+    assert _probe(_PINNED, path, drop) == 0
+    assert _probe(_PINNED, path, drop, TVM_BIND_THREADS="1") > 0  # what TVM does by itself
 
 
 def test_emulation_hands_its_runner_a_so_name(tmp_path, monkeypatch):
