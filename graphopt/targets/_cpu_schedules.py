@@ -598,21 +598,19 @@ def _pick_reg_n(width: int, most: int = _MAX_REG_N) -> int:
     return 1
 
 
-def _widest_full_tile(extents: list, widths: list, lanes: int, tile: int) -> int:
-    """The row-tile width whose register tile (rows x vectors) holds the most accumulators.
+def _fullest_row_tile(extents: list, widths: list, lanes: int) -> int | None:
+    """A matmul's row-tile width: among the whole-vector ``widths`` dividing N, the one
+    whose register tile (rows x vectors) holds the most accumulators, the wider on a tie;
+    None where none divides N or there are no rows (the reduction rule's own choice).
 
     Why: the widest width that divides N can leave no rows to tile (ConvNeXt's 7x7 stage:
     64 lanes x 1 row is 4 FMAs per broadcast; 32 lanes x 7 rows is 14), and a tile of a
     single row reloads every weight vector for one FMA."""
     axis = max((i for i, e in enumerate(extents[:-1]) if e > 1), default=None)
-    if axis is None:
-        return tile
-    best = (_pick_rows(extents[axis], tile // lanes) * (tile // lanes), tile)
-    for vec in widths:
-        if extents[-1] % vec == 0 and vec % lanes == 0:
-            held = _pick_rows(extents[axis], vec // lanes) * (vec // lanes)
-            best = max(best, (held, vec))
-    return best[1]
+    fits = [v for v in widths if extents[-1] % v == 0 and v % lanes == 0]
+    if axis is None or not fits:
+        return None
+    return max(fits, key=lambda v: (_pick_rows(extents[axis], v // lanes) * (v // lanes), v))
 
 
 def _weight_bytes(sch: s_tir.Schedule, block, width: int) -> int:  # noqa: ANN001
@@ -868,8 +866,8 @@ def schedule_reduction(
             tile = vec
             break
     is_matmul = _is_matmul(sch, red)
-    if is_matmul and tile is not None:
-        tile = _widest_full_tile(extents, widths, lanes, tile)
+    if is_matmul:
+        tile = _fullest_row_tile(extents, widths, lanes) or tile
     if tile is None and 2 <= last <= lanes * 4:
         tile = last
     if tile is not None:

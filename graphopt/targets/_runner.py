@@ -46,8 +46,8 @@ def use_all_cores() -> int:
     Also ``TVM_BIND_THREADS=0`` unless set: TVM pins its pool's worker threads to cores
     but not the calling thread (worker 0), and on a 2-core Zen 4 VM about one process in
     three ran with both on one core: DenseNet-121 at 58 ms instead of 37, for the life of
-    the process. Unpinned (as onnxruntime's threads are by default), 10 of 10 processes
-    ran at 36-38 ms.
+    the process. Unpinned (as onnxruntime's threads are by default), 9 of 10 processes
+    ran at 36-37 ms (the tenth at 59 ms median, 36 ms at best: the VM's own drift).
     """
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     for var in THREAD_VARS:
