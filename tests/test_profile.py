@@ -31,6 +31,7 @@ from tests.conftest import make_model, zoo_model
 # The CPU rules today and the names helper rules add; tuned kernels are "tuning-db".
 KNOWN_RULES = {
     "conv2d_nchwc",
+    "conv2d_winograd",
     "conv2d_nhwc",
     "reduction",
     "injective",

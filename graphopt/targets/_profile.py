@@ -44,6 +44,7 @@ __all__ = [
     "kernels",
     "packed_kernel",
     "TENSORIZED_KERNELS",
+    "FAST_ALGORITHM_KERNELS",
     "schedule_summary",
     "coverage_line",
     "device_for",
@@ -67,6 +68,10 @@ TENSORIZED_KERNELS = (
     "conv2d_nhwc",
     "matmul_fp16",
 )
+# Kernels that compute a conv with fewer multiplies than its definition (Winograd,
+# targets/_winograd.py): their FLOPs are the direct conv's, from the call's shapes, so
+# GFLOP/s compare with other engines' (which count the model's FLOPs).
+FAST_ALGORITHM_KERNELS = ("conv2d_winograd",)
 _SNAPSHOT_BEFORE = "CallTIRRewrite"  # scheduling is over; main still calls kernels by name
 _CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
 
@@ -135,8 +140,8 @@ def kernels(mod) -> list[Kernel]:  # noqa: ANN001 - tvm.IRModule from record_sch
             continue
         rule = func.attrs.get(_RULE_ATTR) if func.attrs is not None else None
         macs = _multiply_accumulates(func)
-        packed = packed_kernel(func) if not macs else None
-        if packed in TENSORIZED_KERNELS:  # vdpbf16ps: no MAC block is left to read
+        packed = packed_kernel(func)
+        if packed in FAST_ALGORITHM_KERNELS or (not macs and packed in TENSORIZED_KERNELS):
             macs = _packed_macs(packed, args)
             name_hint = packed
         else:
@@ -247,6 +252,9 @@ def _packed_macs(kind: str, args: tuple) -> int:
     if kind == "conv2d_nhwc":  # NHWC data, OHWI[b]o weight
         w = next((s for s, _ in args[:-1] if len(s) == 5), None)
         return 0 if w is None else out * w[1] * w[2] * w[3]
+    if kind == "conv2d_winograd":  # U [e, n, oc chunk, ic chunk, ic lane, oc lane], 3x3
+        u = next((s for s, _ in args[:-1] if len(s) == 6), None)
+        return 0 if u is None else out * u[3] * u[4] * 9
     if kind == "matmul_fp16":  # x [..., K], also with a packed [J, K, B] weight
         x = next((s for s, _ in args[:-1] if len(s) >= 2), None)
         return 0 if x is None else out * x[-1]

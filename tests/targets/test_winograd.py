@@ -1,0 +1,200 @@
+"""Winograd 3x3 convs (graphopt/targets/_winograd.py): which convs take it, that their
+numbers match onnxruntime (the compile's verification) and the direct conv, that its
+tuning space starts at the default, and the same on ARM under qemu (slow tier)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+from graphopt.prepare import prepare  # noqa: E402
+from graphopt.targets import _winograd  # noqa: E402
+from tests._system import CROSS_GXX, QEMU  # noqa: E402
+from tests.conftest import make_model  # noqa: E402
+
+WINOGRAD, DIRECT = _winograd.RULE, "conv2d_nchwc"
+
+
+def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+
+def _conv(x: str, w: str, b: str | None, y: str, **attrs) -> object:  # noqa: ANN003
+    return helper.make_node("Conv", [x, w] + ([b] if b else []), [y], **attrs)
+
+
+def basic_block():  # noqa: ANN201
+    """ResNet's basic block: conv+bias, ReLU, conv, residual add, ReLU; 16x16 map (F(4x4):
+    16 tiles)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        _conv("x", "w1", "b1", "a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        _conv("r", "w2", None, "c", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "x"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    inits = {"w1": _w(rng, 32, 32, 3, 3), "b1": rng.standard_normal(32).astype(np.float32)}
+    inits["w2"] = _w(rng, 32, 32, 3, 3)
+    return make_model(nodes, {"x": (1, 32, 16, 16)}, {"y": (1, 32, 16, 16)}, inits), {WINOGRAD: 2}
+
+
+def odd_map():  # noqa: ANN201
+    """A 15x15 map (F(2x2), the last tile row and column cropped), 16 -> 48 channels."""
+    rng = np.random.default_rng(1)
+    nodes = [_conv("x", "w", "b", "y", pads=[1, 1, 1, 1])]
+    inits = {"w": _w(rng, 48, 16, 3, 3), "b": rng.standard_normal(48).astype(np.float32)}
+    return make_model(nodes, {"x": (1, 16, 15, 15)}, {"y": (1, 48, 15, 15)}, inits), {WINOGRAD: 1}
+
+
+def unpadded_rectangle():  # noqa: ANN201
+    """No padding, a 18x26 input (16x24 out: F(4x4), 24 tiles), 32 -> 16 channels, Clip."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        _conv("x", "w", None, "c"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"]),
+    ]
+    inits = {"w": _w(rng, 16, 32, 3, 3), "lo": np.float32(0), "hi": np.float32(6)}
+    return make_model(nodes, {"x": (1, 32, 18, 26)}, {"y": (1, 16, 16, 24)}, inits), {WINOGRAD: 1}
+
+
+def where_it_does_not_pay():  # noqa: ANN201
+    """Convs Winograd does not take: stride 2, dilation 2, a 5x5 kernel, a 6x6 map (9
+    tiles), the thin RGB stem (3 input channels)."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        _conv("x", "w0", None, "a", pads=[1, 1, 1, 1]),  # stem, 3 channels in
+        _conv("a", "w1", None, "b", pads=[1, 1, 1, 1], strides=[2, 2]),  # 12 -> 6
+        _conv("b", "w2", None, "c", pads=[2, 2, 2, 2], dilations=[2, 2]),
+        _conv("c", "w3", None, "d", pads=[2, 2, 2, 2]),  # 5x5
+        _conv("d", "w4", None, "y", pads=[1, 1, 1, 1]),  # 6x6 map: 9 tiles of 2x2
+    ]
+    inits = {"w0": _w(rng, 16, 3, 3, 3), "w1": _w(rng, 16, 16, 3, 3), "w2": _w(rng, 16, 16, 3, 3)}
+    inits |= {"w3": _w(rng, 16, 16, 5, 5), "w4": _w(rng, 16, 16, 3, 3)}
+    return make_model(nodes, {"x": (1, 3, 12, 12)}, {"y": (1, 16, 6, 6)}, inits), {DIRECT: 5}
+
+
+MODELS = {
+    "basic_block": basic_block,
+    "odd_map": odd_map,
+    "unpadded_rectangle": unpadded_rectangle,
+    "where_it_does_not_pay": where_it_does_not_pay,
+}
+
+
+def _conv_rules(schedule: dict) -> dict[str, int]:
+    others = ("injective", "reduction", "fallback", "matmul")
+    return {r: n for r, n in schedule["rules"].items() if r not in others}
+
+
+def _direct_conv_flops(model) -> int:  # noqa: ANN001
+    """2 x output elements x input channels x kernel taps of every conv (groups 1)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
+    }
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            w = weights[node.input[1]]
+            total += 2 * int(np.prod(dims[node.output[0]])) * w[1] * w[2] * w[3]
+    return total
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_3x3_convs_take_winograd_where_it_pays_and_match_onnxruntime(name: str, tmp_path) -> None:
+    model, rules = MODELS[name]()
+    a = graphopt.compile(model, "x86", tmp_path / "m.so")
+    assert a.manifest["verification"]["ok"]
+    schedule = a.manifest["schedule"]
+    assert _conv_rules(schedule) == rules
+    assert schedule["coverage"] == 100.0
+    # the profile counts a Winograd conv's FLOPs as the direct conv's (GFLOP/s comparable)
+    assert schedule["conv_matmul_flops"] == _direct_conv_flops(model)
+
+
+def test_winograd_matches_the_direct_conv(tmp_path, monkeypatch) -> None:
+    """The same block with ``GRAPHOPT_WINOGRAD=0`` (every conv direct): the outputs agree
+    to float32 rounding of the transforms, far inside the verification's tolerance."""
+    model, _ = basic_block()
+    x = np.random.default_rng(7).standard_normal((1, 32, 16, 16)).astype(np.float32)
+    fast = graphopt.compile(model, "x86", tmp_path / "w.so")
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD", "0")
+    direct = graphopt.compile(model, "x86", tmp_path / "d.so")
+    assert _conv_rules(direct.manifest["schedule"]) == {DIRECT: 2}
+    y_fast, y_direct = fast.run({"x": x})["y"], direct.run({"x": x})["y"]
+    scale = float(np.abs(y_direct).max())
+    assert np.abs(y_fast - y_direct).max() <= 1e-5 * scale
+    assert not np.array_equal(y_fast, y_direct)  # two different algorithms ran
+
+
+@pytest.mark.parametrize(
+    ("out_h", "out_w", "expected"),
+    [(56, 56, 4), (28, 28, 4), (16, 16, 4), (14, 14, 2), (7, 7, 2), (15, 15, 2), (6, 6, None)],
+)
+def test_tile_size(out_h: int, out_w: int, expected: int | None) -> None:
+    assert _winograd.tile_size(out_h, out_w) == expected
+
+
+def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same() -> None:
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from graphopt.lower import to_relax
+    from graphopt.targets import resolve
+    from graphopt.tuning._session import Targets
+    from graphopt.tuning._space import default_trace, graphopt_design_spaces
+    from graphopt.tuning._tasks import extract_tasks
+
+    model, _ = basic_block()
+    _, graph, _ = prepare(model)
+    targets = Targets.of(resolve("x86"), "nchwc")
+    found = extract_tasks(to_relax(graph), targets.spec, targets.compile_target, None, "nchwc")
+    tasks = [
+        t
+        for t in found
+        if str(targets.default_scheduled(t)["main"].attrs["graphopt.schedule_rule"]) == WINOGRAD
+    ]
+    assert tasks
+    rng = np.random.default_rng(0)
+    for task in tasks:
+        default = targets.default_scheduled(task)
+        assert default_trace(task.mod, targets.tune_target, default) is not None
+        args = [
+            rng.standard_normal([int(d) for d in info.shape]).astype(str(info.dtype))
+            for info in ArgInfo.from_prim_func(task.mod["main"])
+        ]
+        expected = _run(default, args)
+        spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
+        assert spaces
+        for seed in range(3):
+            trace = spaces[0].trace.simplified(remove_postproc=True)
+            sch = s_tir.Schedule(task.mod, seed=seed + 1)
+            s_tir.Trace(trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
+            np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
+
+
+def _run(mod, args: list[np.ndarray]) -> np.ndarray:  # noqa: ANN001
+    lib = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+@pytest.mark.slow
+@CROSS_GXX
+@QEMU
+@pytest.mark.parametrize("name", ["basic_block", "odd_map"])
+def test_winograd_on_arm_matches_onnxruntime(name: str, tmp_path) -> None:
+    model, rules = MODELS[name]()
+    # ARM's default layout is NHWC; the packed one gives Winograd its NCHW[4]c convs
+    a = graphopt.compile(model, "arm", tmp_path / "m.so", layout="nchwc")
+    assert a.manifest["verification"]["ok"]
+    assert _conv_rules(a.manifest["schedule"]) == rules
