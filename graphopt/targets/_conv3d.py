@@ -408,24 +408,6 @@ def _anchor(sch: s_tir.Schedule, family: str | None = None):  # noqa: ANN202
     return found[0]
 
 
-def _inline_tail(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
-    """Fold the unpack and every elementwise consumer chain into ``block`` (the register
-    tile's write-back), whatever their shape: reverse_compute_inline refuses what it
-    cannot express (a broadcast that reads one value for many outputs stays a loop nest;
-    TVM 0.27 reports a squeeze-excitation gate broadcast over a map with an internal
-    error, not a schedule error)."""
-    progress = True
-    while progress:
-        progress = False
-        for consumer in sch.get_consumers(block):
-            try:
-                sch.reverse_compute_inline(consumer)
-            except (s_tir.schedule.ScheduleError, tvm.error.InternalError):
-                continue
-            progress = True
-            break
-
-
 def _rule(family: str):  # noqa: ANN202
     """The rule that takes the packed 3-D convs of ``family`` and their fused tails."""
 
@@ -467,7 +449,7 @@ def schedule_conv3d_ncdhwc(
     pixels_out = any(sch.get(b).name_hint == "conv2d_unpack" for b in sch.get_consumers(conv))
     _inline_spatial_intermediates(sch, keep=[conv, *packs])
     out = sch.cache_write(conv, 0, "local")
-    _inline_tail(sch, out)
+    cpu._inline_tail(sch, out)
     others = _other_root_blocks(sch, [conv, out])
     loops = sch.get_loops(out)
     if len(loops) != 6:

@@ -463,6 +463,24 @@ def _inline_epilogue(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
             break
 
 
+def _inline_tail(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
+    """Fold the unpack and every elementwise consumer chain into ``block`` (the register
+    tile's write-back), whatever their shape: reverse_compute_inline refuses what it
+    cannot express (a broadcast that reads one value for many outputs stays a loop nest;
+    TVM 0.27 reports a squeeze-excitation gate broadcast over a map with an internal
+    error, not a schedule error)."""
+    progress = True
+    while progress:
+        progress = False
+        for consumer in sch.get_consumers(block):
+            try:
+                sch.reverse_compute_inline(consumer)
+            except (ScheduleError, tvm.error.InternalError):
+                continue
+            progress = True
+            break
+
+
 def _inline_spatial_intermediates(sch: s_tir.Schedule, keep: list) -> None:  # noqa: ANN001
     """compute_inline every spatial block except ``keep``, blocks that write outputs, and
     blocks whose inlining would copy a large expression (:func:`_duplicates_work`)."""

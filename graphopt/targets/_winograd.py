@@ -94,17 +94,10 @@ def tile_size(out_h: int, out_w: int) -> int | None:
     return m if tiles >= _MIN_TILES else None
 
 
-def _static(expr) -> list[int] | None:  # noqa: ANN001
-    try:
-        return [int(d) for d in expr.ty.shape.values]
-    except (TypeError, AttributeError):
-        return None
-
-
 def _plan(call: relax.Call, lanes: int) -> int | None:
     """The tile size for a conv this module takes (see the module docstring), or None."""
     a = call.attrs
-    data, weight = _static(call.args[0]), _static(call.args[1])
+    data, weight = cpu._shape(call.args[0]), cpu._shape(call.args[1])
     if (
         os.environ.get(_ENV, "1") == "0"
         or data is None
@@ -286,7 +279,7 @@ def schedule_winograd(
     # the tail's intermediates (HardSwish's x + 3, its clip) into their consumers first,
     # so the tail is one block that reverse-inlines into the output transform
     cpu._inline_spatial_intermediates(sch, keep=blocks)
-    _inline_tail(sch, out)
+    cpu._inline_tail(sch, out)
     others = cpu._other_root_blocks(sch, blocks)
     _schedule_input(sch, (pad, rows, inp))
     _schedule_gemm(sch, gemm, decisions)
@@ -323,20 +316,6 @@ def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions) -> None:
     sch.compute_at(gemm, po)
     sch.unroll(pi)
     cpu._split_reduction_into_tile(sch, gemm, po)
-
-
-def _inline_tail(sch: s_tir.Schedule, block) -> None:  # noqa: ANN001
-    """Fold the elementwise tail FuseOps put after the conv into ``block``."""
-    progress = True
-    while progress:
-        progress = False
-        for consumer in sch.get_consumers(block):
-            try:
-                sch.reverse_compute_inline(consumer)
-            except (s_tir.schedule.ScheduleError, tvm.error.InternalError):
-                continue
-            progress = True
-            break
 
 
 def _schedule_output(sch: s_tir.Schedule, cols, out) -> None:  # noqa: ANN001

@@ -147,3 +147,9 @@ BLOCKS = {
 
 def build_block(name: str) -> onnx.ModelProto:
     return BLOCKS[name]()
+
+
+def conv_rules(schedule: dict) -> dict[str, int]:
+    """A manifest's rule counts without the rules for other kernels (the conv rules)."""
+    others = ("injective", "reduction", "fallback", "matmul")
+    return {r: n for r, n in schedule["rules"].items() if r not in others}

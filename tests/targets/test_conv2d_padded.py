@@ -25,6 +25,7 @@ import graphopt  # noqa: E402
 from graphopt.targets import _conv3d  # noqa: E402
 from tests._system import CROSS_GXX, QEMU  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
+from tests.targets._cnn_blocks import conv_rules  # noqa: E402
 
 DENSE, DEPTHWISE, GROUPED = _conv3d.CONV2D, _conv3d.DEPTHWISE2D, _conv3d.GROUPED2D
 
@@ -173,19 +174,13 @@ PADDED = {
 }
 
 
-def _conv_rules(schedule: dict) -> dict[str, int]:
-    """The manifest's rule counts without the rules for other kernels."""
-    others = ("injective", "reduction", "fallback", "matmul")
-    return {r: n for r, n in schedule["rules"].items() if r not in others}
-
-
 @pytest.mark.parametrize("name", list(PADDED))
 def test_unpacked_convs_take_the_padded_rule_and_match_onnxruntime(name: str, tmp_path) -> None:
     model, rules = PADDED[name]()
     a = graphopt.compile(model, "x86", tmp_path / "m.so")
     assert a.manifest["verification"]["ok"]
     schedule = a.manifest["schedule"]
-    assert _conv_rules(schedule) == rules
+    assert conv_rules(schedule) == rules
     assert schedule["coverage"] == 100.0
     assert schedule["fallback_kernels"] == []
 
@@ -199,7 +194,7 @@ def test_nhwc_layout_unblocked_convs_take_the_padded_rule(name: str, tmp_path) -
     a = graphopt.compile(model, "x86", tmp_path / "m.so", layout="nhwc")
     assert a.manifest["verification"]["ok"]
     expected = {r.replace("_nchwc", "_nhwc"): n for r, n in rules.items()}
-    assert _conv_rules(a.manifest["schedule"]) == expected
+    assert conv_rules(a.manifest["schedule"]) == expected
     assert a.manifest["schedule"]["coverage"] == 100.0
 
 
@@ -209,7 +204,7 @@ def test_bf16_precision_keeps_the_padded_rule(tmp_path) -> None:
     model, rules = odd_pointwise()
     a = graphopt.compile(model, "x86", tmp_path / "m.so", precision="bf16")
     assert a.manifest["verification"]["ok"]
-    assert _conv_rules(a.manifest["schedule"]) == rules
+    assert conv_rules(a.manifest["schedule"]) == rules
     assert a.manifest["schedule"]["coverage"] == 100.0
 
 
@@ -225,7 +220,7 @@ def test_plain_nchw_layout_takes_the_padded_rules(tmp_path) -> None:
     model = make_model(nodes, {"x": (1, 16, 7, 7)}, {"y": (1, 16, 7, 7)}, inits)
     a = graphopt.compile(model, "x86", tmp_path / "m.so", layout="nchw")
     assert a.manifest["verification"]["ok"]
-    assert _conv_rules(a.manifest["schedule"]) == {DENSE: 1, GROUPED: 1}
+    assert conv_rules(a.manifest["schedule"]) == {DENSE: 1, GROUPED: 1}
     assert a.manifest["schedule"]["coverage"] == 100.0
 
 
@@ -265,7 +260,7 @@ def test_padded_convs_on_arm_match_onnxruntime(name: str, tmp_path) -> None:
     # ARM's default layout is NHWC (no conv left in NCHW): the packed one leaves these
     a = graphopt.compile(model, "arm", tmp_path / "m.so", layout="nchwc")
     assert a.manifest["verification"]["ok"]
-    assert _conv_rules(a.manifest["schedule"]) == rules
+    assert conv_rules(a.manifest["schedule"]) == rules
     assert a.manifest["schedule"]["fallback_kernels"] == []
 
 
@@ -278,5 +273,5 @@ def test_padded_convs_in_arms_default_nhwc_match_onnxruntime(name: str, tmp_path
     a = graphopt.compile(model, "arm", tmp_path / "m.so")
     assert a.manifest["verification"]["ok"]
     expected = {r.replace("_nchwc", "_nhwc"): n for r, n in rules.items()}
-    assert _conv_rules(a.manifest["schedule"]) == expected
+    assert conv_rules(a.manifest["schedule"]) == expected
     assert a.manifest["schedule"]["coverage"] == 100.0

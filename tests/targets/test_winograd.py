@@ -16,6 +16,7 @@ from graphopt.prepare import prepare  # noqa: E402
 from graphopt.targets import _winograd  # noqa: E402
 from tests._system import CROSS_GXX, QEMU  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
+from tests.targets._cnn_blocks import conv_rules  # noqa: E402
 
 WINOGRAD, DIRECT = _winograd.RULE, "conv2d_nchwc"
 
@@ -87,11 +88,6 @@ MODELS = {
 }
 
 
-def _conv_rules(schedule: dict) -> dict[str, int]:
-    others = ("injective", "reduction", "fallback", "matmul")
-    return {r: n for r, n in schedule["rules"].items() if r not in others}
-
-
 def _direct_conv_flops(model) -> int:  # noqa: ANN001
     """2 x output elements x input channels x kernel taps of every conv (groups 1)."""
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -114,7 +110,7 @@ def test_3x3_convs_take_winograd_where_it_pays_and_match_onnxruntime(name: str, 
     a = graphopt.compile(model, "x86", tmp_path / "m.so")
     assert a.manifest["verification"]["ok"]
     schedule = a.manifest["schedule"]
-    assert _conv_rules(schedule) == rules
+    assert conv_rules(schedule) == rules
     assert schedule["coverage"] == 100.0
     # the profile counts a Winograd conv's FLOPs as the direct conv's (GFLOP/s comparable)
     assert schedule["conv_matmul_flops"] == _direct_conv_flops(model)
@@ -128,7 +124,7 @@ def test_winograd_matches_the_direct_conv(tmp_path, monkeypatch) -> None:
     fast = graphopt.compile(model, "x86", tmp_path / "w.so")
     monkeypatch.setenv("GRAPHOPT_WINOGRAD", "0")
     direct = graphopt.compile(model, "x86", tmp_path / "d.so")
-    assert _conv_rules(direct.manifest["schedule"]) == {DIRECT: 2}
+    assert conv_rules(direct.manifest["schedule"]) == {DIRECT: 2}
     y_fast, y_direct = fast.run({"x": x})["y"], direct.run({"x": x})["y"]
     scale = float(np.abs(y_direct).max())
     assert np.abs(y_fast - y_direct).max() <= 1e-5 * scale
@@ -197,4 +193,4 @@ def test_winograd_on_arm_matches_onnxruntime(name: str, tmp_path) -> None:
     # ARM's default layout is NHWC; the packed one gives Winograd its NCHW[4]c convs
     a = graphopt.compile(model, "arm", tmp_path / "m.so", layout="nchwc")
     assert a.manifest["verification"]["ok"]
-    assert _conv_rules(a.manifest["schedule"]) == rules
+    assert conv_rules(a.manifest["schedule"]) == rules
