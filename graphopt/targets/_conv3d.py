@@ -356,8 +356,7 @@ def _legalize(fallback, family_of):  # noqa: ANN001, ANN202
     time), any other through ``fallback``."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        target = tvm.target.Target.current(allow_none=True)
-        lanes = cpu.vector_lanes(target) if target is not None else 8
+        lanes = cpu.legalize_lanes()
         family = family_of(call, lanes)
         if family is None:
             return fallback(bb, call)

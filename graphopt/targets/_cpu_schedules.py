@@ -54,6 +54,7 @@ __all__ = [
     "ApplyCPUSchedules",
     "ConvertToNCHWc",
     "vector_lanes",
+    "legalize_lanes",
     "apply_rules",
     "TUNABLE",
     "Plan",
@@ -159,6 +160,13 @@ def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
 
 
 # --- 1. layout: NCHW -> NCHW[x]c ---------------------------------------------------------
+def legalize_lanes() -> int:
+    """The float32 SIMD lanes of the target a legalization runs under (LegalizeOps inside
+    the pipeline's target scope); 8 outside one."""
+    target = tvm.target.Target.current(allow_none=True)
+    return vector_lanes(target) if target is not None else 8
+
+
 def _shape(expr) -> list[int] | None:  # noqa: ANN001
     shape = getattr(expr.ty, "shape", None)
     if shape is None:

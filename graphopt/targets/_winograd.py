@@ -225,8 +225,7 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
     time), any other through ``fallback``."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        target = tvm.target.Target.current(allow_none=True)
-        lanes = cpu.vector_lanes(target) if target is not None else 8
+        lanes = cpu.legalize_lanes()
         m = _plan(call, lanes)
         if m is None:
             return fallback(bb, call)
