@@ -3,8 +3,9 @@
     python benchmarks/bench_rnn.py                          # the five models + T sweep
     python benchmarks/bench_rnn.py --models lstm_classifier,tiny_cnn --quick
     python benchmarks/bench_rnn.py --markdown rnn.md        # also write the tables
-    python benchmarks/bench_rnn.py --fused-steps            # one kernel per time step
-    python benchmarks/bench_rnn.py --fused-steps --serial-steps  # ... on one core
+    python benchmarks/bench_rnn.py --recurrence steps       # one kernel per time step
+    python benchmarks/bench_rnn.py --recurrence unrolled    # every step as primitive ops
+    python benchmarks/bench_rnn.py --serial-steps           # recurrent GEMVs on one core
 
 Models (``graphopt.zoo_torch``, seeded weights, batch 1, fp32): an LSTM text classifier
 (embedding, 2-layer LSTM 256, last step, linear; 32 tokens), a bidirectional GRU tagger, a
@@ -21,7 +22,12 @@ Also printed:
 - the LSTM classifier at T = 8, 32, 128, 512 tokens (``--sweep``), with graphopt's cost
   per time step from the slope between the two longest (it should not grow with T);
 - per recurrent layer kernel, graphopt's time per step (``graphopt.profiling.profile``:
-  each fused step kernel alone, per call);
+  each kernel alone; a sequence kernel's time divided by its steps, a step kernel's per
+  call);
+
+``--recurrence`` picks how the x86 target compiles a recurrent layer: ``sequence`` (the
+default: one ``graphopt::RNNSequence`` kernel, the time loop inside it), ``steps`` (one
+``graphopt::RNNStep`` kernel per step) or ``unrolled`` (every step as primitive ops).
 - the per-call overhead line (``graphopt.profiling.call_overhead``).
 
 Ratios above 1 mean graphopt is slower. On a shared machine, compare the ratios (measured
@@ -85,6 +91,12 @@ MODELS = {
     "tiny_cnn": ("TinyCNN", {}, _floats(1, 3, 32, 32)),
 }
 SWEEP = (8, 32, 128, 512)
+STEPS = {"lstm_classifier": 32, "gru_tagger": 32, "crnn": 32, "elman_rnn": 32}  # time steps
+RECURRENCE = {  # --recurrence: (description, expand-rnn options)
+    "sequence": ("one kernel per layer (the default)", {"sequence": True, "fuse_steps": False}),
+    "steps": ("one kernel per time step", {"sequence": False, "fuse_steps": True}),
+    "unrolled": ("every step as primitive ops", {"sequence": False, "fuse_steps": False}),
+}
 
 
 def export(name: str, workdir: Path, length: int | None = None) -> tuple[Path, dict]:
@@ -131,20 +143,23 @@ def bench(label: str, path: Path, inputs: dict, opts: argparse.Namespace) -> tup
     return row, artifact
 
 
-def step_costs(path: Path, opts: argparse.Namespace) -> list[str]:
-    """graphopt's fused step kernels of a model, each alone: microseconds per step."""
+def step_costs(path: Path, steps: int, opts: argparse.Namespace) -> list[str]:
+    """graphopt's recurrent kernels of a model, each alone: microseconds per time step
+    (a sequence kernel runs ``steps`` steps per call, a step kernel one)."""
     from graphopt.profiling import profile
 
     result = profile(path, "x86", repeat=opts.profile_repeat)
     lines = []
     for r in result.rows:
-        if r.rule == "rnn_step" or r.name.startswith("rnn_step"):
+        per_call = steps if r.rule == "rnn_sequence" else 1
+        if r.rule in ("rnn_step", "rnn_sequence"):
             lines.append(
-                f"{r.name}: {r.calls} steps, {1e6 * r.seconds_per_call:.1f} us/step "
-                f"(rule {r.rule}), {100 * r.total_seconds / (result.call_ms / 1e3):.0f}% of "
-                f"the {result.call_ms:.3f} ms call"
+                f"{r.name}: {r.calls * per_call} steps in {r.calls} call(s), "
+                f"{1e6 * r.seconds_per_call / per_call:.2f} us/step (rule {r.rule}), "
+                f"{100 * r.total_seconds / (result.call_ms / 1e3):.0f}% of the "
+                f"{result.call_ms:.3f} ms call"
             )
-    return lines or ["no fused step kernels"]
+    return lines or ["no sequence or step kernels"]
 
 
 COLUMNS = ("model", "graphopt ms", "ORT ms", "OpenVINO ms", "graphopt/ORT", "graphopt/OpenVINO")
@@ -207,16 +222,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphopt-bench-rnn"))
     parser.add_argument(
-        "--fused-steps",
-        action="store_true",
-        help="each time step as one graphopt::RNNStep kernel (expand-rnn{fuse_steps=true}); "
-        "by default the targets keep every step as primitive ops",
+        "--recurrence",
+        choices=RECURRENCE,
+        default="sequence",
+        help="sequence: one kernel per layer (the x86 default); steps: one "
+        "graphopt::RNNStep kernel per step; unrolled: every step as primitive ops",
     )
     parser.add_argument(
         "--serial-steps",
         action="store_true",
-        help="never split a step kernel's GEMV across cores (targets/_gemv.py's "
-        "PARALLEL_MIN_BYTES set to infinity, in this process)",
+        help="never split a recurrent GEMV across cores (PARALLEL_MIN_BYTES of "
+        "targets/_gemv.py and lower/_rnn_sequence.py set to infinity, in this process)",
     )
     opts = parser.parse_args(argv)
     if opts.block is None:
@@ -232,20 +248,21 @@ def main(argv: list[str] | None = None) -> None:
     opts.threads = set_threads(opts.threads)  # before anything starts TVM's thread pool
     import tvm  # noqa: F401 - loaded here, not inside the first model's compile time
 
+    from graphopt.lower import _rnn_sequence
     from graphopt.passes import PASSES, ExpandRNN
     from graphopt.profiling import call_overhead
     from graphopt.targets import _gemv, check_layout, resolve
 
-    if opts.fused_steps:  # what compile and profile then get from default_passes()
-        PASSES["expand-rnn"] = functools.partial(ExpandRNN, fuse_steps=True)
+    # what compile and profile then get from default_passes()
+    PASSES["expand-rnn"] = functools.partial(ExpandRNN, **RECURRENCE[opts.recurrence][1])
     if opts.serial_steps:
-        _gemv.PARALLEL_MIN_BYTES = float("inf")
+        _gemv.PARALLEL_MIN_BYTES = _rnn_sequence.PARALLEL_MIN_BYTES = float("inf")
 
     opts.workdir.mkdir(parents=True, exist_ok=True)
     out = header(opts)
-    fused = "fused (one kernel per step)" if opts.fused_steps else "unfused (the default)"
-    fused += ", serial step kernels" if opts.serial_steps else ""
-    out.append(f"recurrent steps: {fused}")
+    how = RECURRENCE[opts.recurrence][0]
+    how += ", serial recurrent GEMVs" if opts.serial_steps else ""
+    out.append(f"recurrent layers: {how}")
     print("\n".join(out), flush=True)
     n_header = len(out)
 
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(" | ".join(_cells(row)), flush=True)
         if not opts.no_profile and name != "tiny_cnn" and row.error is None:
-            steps += [f"- {name}: {line}" for line in step_costs(path, opts)]
+            steps += [f"- {name}: {line}" for line in step_costs(path, STEPS[name], opts)]
     out += ["", *table(rows)]
 
     lengths = [int(t) for t in opts.sweep.split(",") if t]
@@ -274,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             per_step = (long[1].graphopt_ms - long[0].graphopt_ms) / (t1 - t0) * 1e3
             out += [f"graphopt per time step (2 layers, T={t0}..{t1}): {per_step:.1f} us"]
     if steps:
-        out += ["", "graphopt's fused step kernels, each alone (us per step):", *steps]
+        out += ["", "graphopt's recurrent kernels, each alone (us per time step):", *steps]
     spec = resolve("x86")
     out += ["", call_overhead(spec, check_layout(spec, None)).line()]
     print("\n".join(out[n_header:]))

@@ -581,6 +581,8 @@ CONVERTERS: dict[str, OpRule] = {
     "graphopt::Gelu": OpRule(_ok, "gelu"),
     # one fused LSTM/GRU/RNN step (expand-rnn; float32 only, made with packed weights)
     "graphopt::RNNStep": OpRule(_ok, "rnn_step"),
+    # a whole LSTM/GRU/RNN layer, the time loop in one kernel (expand-rnn sequence)
+    "graphopt::RNNSequence": OpRule(_ok, "rnn_sequence"),
 } | {op: OpRule(rule, "tvm_onnx") for op, rule in TVM_OPS.items()}
 
 

@@ -20,7 +20,7 @@ from tvm.relax import op as R
 
 from graphopt.errors import UnsupportedOpsError
 from graphopt.ir import Graph, Node, Value
-from graphopt.lower import _resize
+from graphopt.lower import _resize, _rnn_sequence
 from graphopt.lower._ops import (
     CONVERTERS,
     const_ints,
@@ -993,3 +993,44 @@ def rnn_step(ctx: _Ctx, node: Node):
     call = ctx.emit(relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0]))
     outs = [call] if len(out_ty) == 1 else [relax.TupleGetItem(call, i) for i in range(len(out_ty))]
     return [ctx.emit(R.reshape(o, shapes["h"])) for o in outs]  # [B, H/U, U] -> [B, H]: a view
+
+
+# --- graphopt::RNNSequence: a whole recurrent layer (made by expand-rnn) ----------------
+def rnn_sequence(ctx: _Ctx, node: Node):
+    """Every step of every direction as one kernel (:mod:`graphopt.lower._rnn_sequence`);
+    inputs ``xw`` [rows, D*G*H], ``h0`` [D, B, H], (LSTM) ``c0``, the packed weight
+    [D, H/U, H, G*U], (GRU) ``rbh`` [D, H]; outputs the states of every step
+    [T, D, B, H] and (LSTM) the last cell state [D, B, H]. Lowered as the plain loop
+    nest; the CPU targets' rule ``rnn_sequence`` swaps in the vectorized, parallel one."""
+    a = node.attrs
+    _text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+    cell = _text(a["cell"])
+    shape_h0 = tuple(int(d) for d in ctx.shape(node.inputs[1]))
+    dirs, batch, hidden = shape_h0
+    acts = [_text(x) for x in a["activations"]]
+    per_dir = len(acts) // dirs
+    spec = _rnn_sequence.Spec(
+        cell=cell,
+        seq=int(a["seq"]),
+        batch=batch,
+        hidden=hidden,
+        block=int(a["block"]),
+        reverse=tuple(bool(r) for r in a["reverse"]),
+        acts=tuple(tuple(acts[d * per_dir : (d + 1) * per_dir]) for d in range(dirs)),
+        row_t=int(a["row_t"]),
+        row_b=int(a["row_b"]),
+        rbh=cell == "GRU" and len(node.inputs) > 3,
+    )
+    if spec not in ctx.funcs:
+        func = _rnn_sequence.sequence_func(spec).with_attr("op_pattern", 8)  # opaque
+        gvar = ctx.bb.add_func(func, f"rnn_sequence_{cell.lower()}")
+        out_ty = [relax.TensorType([spec.seq, dirs, batch, hidden], "float32")]
+        if cell == "LSTM":
+            out_ty.append(relax.TensorType([dirs, batch, hidden], "float32"))
+        ctx.funcs[spec] = (gvar, out_ty)
+    gvar, out_ty = ctx.funcs[spec]
+    args = [ctx.x(i) for i in node.inputs]
+    call = ctx.emit(relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0]))
+    if len(out_ty) == 1:
+        return [call]
+    return [ctx.emit(relax.TupleGetItem(call, i)) for i in range(len(out_ty))]

@@ -18,9 +18,15 @@ activations ``f=Sigmoid, g=Tanh, h=Tanh``::
           H_t = n + z*(H_{t-1} - n)                      (= (1-z)*n + z*H_{t-1})
     RNN:  H_t = f(x_t + H_{t-1} @ R^T)
 
-With ``fuse_steps`` (the CPU targets' default), each step after the first is one
-``graphopt::RNNStep`` node instead: one kernel (``graphopt.lower.relax.rnn_step_te``, scheduled by
-``graphopt.targets._gemv``) doing the recurrent GEMV over R^T packed as [H/U, H, G*U]
+With ``sequence`` (the CPU targets' default), the whole layer, every step of every
+direction, is one ``graphopt::RNNSequence`` node after one projection GEMM for all
+directions: a kernel with the time loop inside it (``graphopt.lower._rnn_sequence``), for
+the same cells as ``fuse_steps`` below. Y, Y_h and Y_c are views and slices of its
+outputs.
+
+With ``fuse_steps``, each step after the first is one ``graphopt::RNNStep`` node instead:
+one kernel (``graphopt.lower.relax.rnn_step_te``, scheduled by ``graphopt.targets._gemv``)
+doing the recurrent GEMV over R^T packed as [H/U, H, G*U]
 (the U columns of every gate side by side), reading step t's projection rows in place
 (the row is an argument, so all steps share one compiled kernel), and applying the gate
 math; LSTM (no peepholes), GRU with linear_before_reset=1 and RNN, float32, constant R.
@@ -466,16 +472,21 @@ def _fusable(e: _Emitter, node: Node, p: _Direction) -> bool:
     return node.op_type == "RNN" or p.rht is None
 
 
-def _pack_steps(e: _Emitter, rt: str, hidden: int) -> tuple[str, int]:
+def _packed(wt: np.ndarray, hidden: int) -> tuple[np.ndarray, int]:
     """R^T [H, G*H] packed as [H/U, H, G*U]: block j holds the U columns of hidden units
     ``j*U ...`` of every gate side by side, so one pass over it gives their gates."""
-    wt = e.graph.constants[rt]
     gates = wt.shape[1] // hidden
     fits = (b for b in (64, 32, 16, 8, 4, 2, 1) if gates * b <= _STEP_COLUMNS and hidden % b == 0)
     block = next(fits, 1)
     packed = wt.reshape(hidden, gates, hidden // block, block).transpose(2, 0, 1, 3)
     shape = (hidden // block, hidden, gates * block)
-    return e.const(np.ascontiguousarray(packed.reshape(shape)), "rsteps"), block
+    return np.ascontiguousarray(packed.reshape(shape)), block
+
+
+def _pack_steps(e: _Emitter, rt: str, hidden: int) -> tuple[str, int]:
+    """The packed R^T (:func:`_packed`) as a constant of the graph, and its block U."""
+    packed, block = _packed(e.graph.constants[rt], hidden)
+    return e.const(packed, "rsteps"), block
 
 
 def _fused_step(e: _Emitter, node: Node, p: _Direction, state: dict) -> tuple[str, str | None]:
@@ -504,7 +515,7 @@ def _fused_step(e: _Emitter, node: Node, p: _Direction, state: dict) -> tuple[st
     return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
-def _expand(graph: Graph, node: Node, fuse: bool = True) -> Counter:
+def _expand(graph: Graph, node: Node, fuse: bool = True, sequence: bool = False) -> Counter:
     x = node.inputs[0]
     layout = int(node.attrs.get("layout", 0))
     x_shape = graph.values[x].shape
@@ -514,10 +525,14 @@ def _expand(graph: Graph, node: Node, fuse: bool = True) -> Counter:
     graph.remove_node(node.name)
 
     x2d = e.reshape(x, (seq * batch, x_shape[2]))
-    hs, cs = [], []  # per direction: H_t (and C_t) in time order
     revs = _DIRECTIONS[_text(node.attrs.get("direction", "forward"))]
+    ps = [_direction(e, node, d, hidden) for d in range(len(revs))]
+    if sequence and all(_fusable(e, node, p) for p in ps):
+        _sequence(e, node, ps, x2d, (seq, batch, hidden), revs)
+        return e.stats
+    hs, cs = [], []  # per direction: H_t (and C_t) in time order
     for d, reverse in enumerate(revs):
-        p = _direction(e, node, d, hidden)
+        p = ps[d]
         xw2d = e.add(e.matmul(x2d, p.wt), p.bias)  # the one input-projection GEMM
         gh = e.shape(xw2d)[1]  # as [seq, batch, G*H] (layout 0) or [batch, seq, G*H]
         xw = e.reshape(xw2d, (batch, seq, gh) if layout else (seq, batch, gh))
@@ -573,6 +588,89 @@ def _expand(graph: Graph, node: Node, fuse: bool = True) -> Counter:
     return e.stats
 
 
+def _stacked(e: _Emitter, parts: list[str | None], shape: tuple[int, ...]) -> str:
+    """``parts`` (one per direction, None = zero) stacked on a new first axis."""
+    if all(p is None for p in parts):
+        return e.const(np.zeros((len(parts), *shape), dtype=e.value_dtype), "zeros")
+    zero = None
+    rows = []
+    for p in parts:
+        if p is None:
+            zero = zero or e.const(np.zeros(shape, dtype=e.value_dtype), "zeros")
+            p = zero
+        rows.append(e.reshape(p, (1, *shape)))
+    return e.concat(rows, 0)
+
+
+def _sequence(e: _Emitter, node: Node, ps: list[_Direction], x2d: str, dims, revs) -> None:  # noqa: ANN001
+    """The whole layer as one ``graphopt::RNNSequence`` node (the time loop inside the
+    kernel, :mod:`graphopt.lower._rnn_sequence`), after one input-projection GEMM for
+    all directions ([rows, D*G*H]); Y, Y_h and Y_c are views and slices of its outputs."""
+    seq, batch, hidden = dims
+    layout = int(node.attrs.get("layout", 0))
+    lstm = node.op_type == "LSTM"
+    n_dirs = len(ps)
+    wt = e.concat([p.wt for p in ps], 1)  # [input, D*G*H]
+    gh = e.shape(ps[0].wt)[1]
+    bias = None
+    if any(p.bias is not None for p in ps):
+        bias = e.reshape(_stacked(e, [p.bias for p in ps], (gh,)), (n_dirs * gh,))
+    xw = e.add(e.matmul(x2d, wt), bias)
+    e.stats["input_projections"] += 1
+    packs = [_packed(e.graph.constants[p.rt], hidden) for p in ps]
+    block = packs[0][1]
+    inputs = [xw, _stacked(e, [p.h0 for p in ps], (batch, hidden))]
+    if lstm:
+        inputs.append(_stacked(e, [p.c0 for p in ps], (batch, hidden)))
+    inputs.append(e.const(np.ascontiguousarray(np.stack([a for a, _ in packs])), "rseq"))
+    if node.op_type == "GRU" and any(p.rbh is not None for p in ps):
+        inputs.append(_stacked(e, [p.rbh for p in ps], (hidden,)))
+    ys = e.fresh("ys")
+    e.graph.values[ys] = Value(ys, (seq, n_dirs, batch, hidden), "float32")
+    outs = [ys]
+    if lstm:
+        outs.append(e.fresh("c_last"))
+        e.graph.values[outs[1]] = Value(outs[1], (n_dirs, batch, hidden), "float32")
+    attrs = {
+        "cell": node.op_type,
+        "seq": seq,
+        "block": block,
+        "activations": [a for p in ps for a in p.acts],
+        "reverse": [int(r) for r in revs],
+        # row of (t, b) in the projection: X is [seq, batch, in] (layout 0) or [batch, seq, in]
+        "row_t": 1 if layout else batch,
+        "row_b": seq if layout else 1,
+    }
+    e.graph.add_node(Node(e.fresh("seq"), "RNNSequence", inputs, outs, attrs, GRAPHOPT_DOMAIN))
+    e.stats["sequence_kernels"] += 1
+
+    outputs = list(node.outputs) + [""] * (3 - len(node.outputs))
+    y, y_h, y_c = outputs[:3]
+    graph = e.graph
+
+    def used(name: str) -> bool:
+        return bool(name) and (name in graph.outputs or bool(graph.consumers(name)))
+
+    def to_layout(x: str, out: str, perm: list[int]) -> None:
+        if layout:  # batch first
+            shape = tuple(e.shape(x)[i] for i in perm)
+            e.emit("Transpose", [x], shape, attrs={"perm": perm}, out=out)
+        else:
+            e.reshape(x, e.shape(x), out=out)
+
+    if used(y):  # [seq, D, B, H], or [B, seq, D, H] for layout 1
+        to_layout(ys, y, [2, 0, 1, 3])
+    if used(y_h):  # the last state of each direction: time seq-1 forward, 0 reversed
+        last = []
+        for d, rev in enumerate(revs):
+            t = 0 if rev else seq - 1
+            one = e.slice(e.slice(ys, 0, t, t + 1), 1, d, d + 1)
+            last.append(e.reshape(one, (1, batch, hidden)))
+        to_layout(e.concat(last, 0), y_h, [1, 0, 2])
+    if lstm and used(y_c):
+        to_layout(outs[1], y_c, [1, 0, 2])
+
+
 @dataclass(frozen=True)
 class ExpandRNN(Pass):
     """Unroll LSTM/GRU/RNN into MatMul + elementwise ops, one input GEMM per direction."""
@@ -586,6 +684,10 @@ class ExpandRNN(Pass):
     # ``graphopt inspect``) is off. Off, every step is primitive ops (which onnxruntime
     # can also run: RNNStep has no ONNX definition).
     fuse_steps: bool | None = None
+    # The whole layer as one graphopt::RNNSequence kernel (the time loop inside it) where
+    # every direction allows (see _fusable): first choice when on, before fuse_steps.
+    # None: the target chooses, as for fuse_steps (on for x86 and ARM, off for CUDA).
+    sequence: bool | None = None
 
     def run(self, graph: Graph) -> PassResult:
         targets = [n for n in graph.nodes() if n.op_type in _CELLS and not n.domain]
@@ -594,6 +696,6 @@ class ExpandRNN(Pass):
             raise UnsupportedOpsError(refused)
         stats: Counter = Counter()
         for node in targets:
-            stats += _expand(graph, node, bool(self.fuse_steps))
+            stats += _expand(graph, node, bool(self.fuse_steps), bool(self.sequence))
             stats[node.op_type] += 1
         return PassResult(graph, bool(targets), stats)

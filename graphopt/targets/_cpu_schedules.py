@@ -1037,6 +1037,7 @@ TUNABLE = {
 
 # Ordered: the first rule that returns a schedule wins.
 RULES = [
+    (_gemv.SEQUENCE_KIND, _gemv.rule_rnn_sequence),  # only graphopt::RNNSequence kernels
     (_gemv.KIND, _gemv.rule_rnn_step),  # only graphopt::RNNStep kernels (expand-rnn fuse_steps)
     ("conv2d_nchwc", _packed_conv_rule("conv2d_nchwc")),
     ("pointwise_nchwc", _packed_conv_rule("pointwise_nchwc")),

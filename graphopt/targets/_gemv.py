@@ -27,6 +27,12 @@ parallel launch per step costs.
 Registration (``graphopt/targets/_cpu_schedules.py``): ``("rnn_step", _gemv.rule_rnn_step)``
 first in ``RULES``. Without it the generic ``matmul`` rule schedules the kernel (correct,
 slower).
+
+A whole recurrent layer (``graphopt::RNNSequence``, :mod:`graphopt.lower._rnn_sequence`)
+is a hand-written loop nest, not a TE compute: lowering emits its plain form, and
+:func:`rule_rnn_sequence` swaps in the form built for the target's vector width (same
+spec, vectorized and parallel). It goes first in ``RULES``: no other rule can read a
+kernel without blocks.
 """
 
 from __future__ import annotations
@@ -35,10 +41,20 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.target import codegen
 
-__all__ = ["ANNOTATION", "KIND", "PARALLEL_MIN_BYTES", "rule_rnn_step"]
+from graphopt.lower import _rnn_sequence
+
+__all__ = [
+    "ANNOTATION",
+    "KIND",
+    "PARALLEL_MIN_BYTES",
+    "SEQUENCE_KIND",
+    "rule_rnn_sequence",
+    "rule_rnn_step",
+]
 
 ANNOTATION = "graphopt.kernel"
 KIND = "rnn_step"
+SEQUENCE_KIND = "rnn_sequence"
 # Recurrent weights of at least this size split their GEMV across cores (see above).
 PARALLEL_MIN_BYTES = 256 * 1024
 
@@ -118,3 +134,20 @@ def rule_rnn_step(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sched
             pass  # a block TVM cannot place per weight block stays after the loop
         _vectorize(sch, sch.get_loops(block)[-1], lanes)
     return sch
+
+
+class _Built:
+    """What a rule returns when it builds the kernel rather than scheduling it: the
+    ``mod`` of a schedule (``apply_rules`` reads ``sch.mod["main"]``)."""
+
+    def __init__(self, func: tirx.PrimFunc) -> None:
+        self.mod = tvm.IRModule({"main": func})
+
+
+def rule_rnn_sequence(func: tirx.PrimFunc, target: tvm.target.Target) -> _Built | None:
+    """The target's form of a lowered ``rnn_sequence`` kernel; None for any other."""
+    spec = _rnn_sequence.spec_of(func)
+    if spec is None:
+        return None
+    built = _rnn_sequence.sequence_func(spec, _lanes(target))
+    return _Built(built.with_attrs({k: v for k, v in func.attrs.items() if k != "global_symbol"}))

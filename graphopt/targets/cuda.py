@@ -54,8 +54,9 @@ __all__ = [
 NAME = "cuda"
 DESCRIPTION = "NVIDIA GPU via CUDA; kernels compiled by nvcc for one SM architecture"
 # Graph-pass options this target chooses (TargetSpec.pass_defaults):
-# TVM's GPU rules cannot schedule the fused RNNStep kernel's multi-gate epilogue
-PASS_DEFAULTS = {"expand-rnn": {"fuse_steps": False}}
+# TVM's GPU rules cannot schedule the fused RNNStep kernel's multi-gate epilogue, and the
+# whole-layer RNNSequence kernel is a CPU loop nest (no thread bindings)
+PASS_DEFAULTS = {"expand-rnn": {"fuse_steps": False, "sequence": False}}
 DEFAULT_ARCH = "sm_80"  # A100: its SASS also runs on sm_86/89, its PTX JITs on newer GPUs
 OPTIONS = {
     "arch": f"CUDA SM architecture, e.g. sm_80, sm_90 (default: this machine's GPU, "

@@ -23,7 +23,9 @@ DESCRIPTION = "x86-64 Linux CPU via LLVM; the host CPU and its features are dete
 # The fused recurrent-step kernel (expand-rnn fuse_steps, targets/_gemv.py) stays off: on
 # 2 cores it measured 5% slower than the plain expansion (LSTM classifier T=128 2.90 vs
 # 2.74 ms, CRNN 0.84 vs 0.79 ms; AMD EPYC, quiet), and slower still at T=512.
-PASS_DEFAULTS = {"expand-rnn": {"fuse_steps": False}}
+# A whole recurrent layer is one graphopt::RNNSequence kernel instead (expand-rnn
+# sequence, lower/_rnn_sequence.py): the time loop inside one call.
+PASS_DEFAULTS = {"expand-rnn": {"fuse_steps": False, "sequence": True}}
 OPTIONS = {"cpu": "LLVM CPU name, e.g. skylake-avx512, znver4 (default: this host's CPU)"}
 _X86_MACHINES = ("x86_64", "amd64")
 LAYOUTS = _layout.table(_layout.NCHWC, _layout.NHWC_CPU, _layout.NCHW)  # default first

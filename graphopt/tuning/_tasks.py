@@ -17,6 +17,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
+from graphopt.lower import _rnn_sequence
 from graphopt.targets import _precision
 from graphopt.tuning._database import workload_mod
 
@@ -105,6 +106,8 @@ def extract_tasks(
             continue
         if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
             continue
+        if _rnn_sequence.spec_of(func) is not None:
+            continue  # a hand-written loop nest (no blocks): nothing for a search to vary
         name = gvar.name_hint
         calls = counts.get(name, 1)
         wmod = workload_mod(func)

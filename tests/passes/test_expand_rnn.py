@@ -34,12 +34,21 @@ def unfused_passes() -> list:
     """The default pipeline with every step as primitive ops (``expand-rnn`` with
     ``fuse_steps=False``): the expansion onnxruntime can run, graphopt::RNNStep having no
     ONNX definition."""
-    return [ExpandRNN(fuse_steps=False) if p.name == "expand-rnn" else p for p in default_passes()]
+    return _with_expand(ExpandRNN(fuse_steps=False, sequence=False))
 
 
 def fused_passes() -> list:
-    """The default pipeline with one graphopt::RNNStep node per step (CPU targets)."""
-    return [ExpandRNN(fuse_steps=True) if p.name == "expand-rnn" else p for p in default_passes()]
+    """The default pipeline with one graphopt::RNNStep node per step."""
+    return _with_expand(ExpandRNN(fuse_steps=True, sequence=False))
+
+
+def sequence_passes() -> list:
+    """The default pipeline with one graphopt::RNNSequence node per layer (CPU targets)."""
+    return _with_expand(ExpandRNN(fuse_steps=False, sequence=True))
+
+
+def _with_expand(expand: ExpandRNN) -> list:
+    return [expand if p.name == "expand-rnn" else p for p in default_passes()]
 
 
 # --- hand-built ONNX models ------------------------------------------------------------
