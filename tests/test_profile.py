@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import platform
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +25,7 @@ from graphopt.targets._profile import (
     device_for,
     schedule_summary,
 )
+from tests._system import needs_host_bf16
 from tests.conftest import make_model, zoo_model
 
 # The CPU rules today and the names helper rules add; tuned kernels are "tuning-db".
@@ -106,13 +106,7 @@ def test_render_prints_table_and_coverage_line(small_cnn_profile, tmp_path):
     assert len(data["kernels"]) == len(small_cnn_profile.rows)
 
 
-HOST_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-
-
-@pytest.mark.skipif(
-    platform.machine() != "x86_64" or not HOST_BF16,
-    reason="needs an x86 CPU with avx512_bf16 (/proc/cpuinfo) to run bf16 kernels",
-)
+@needs_host_bf16
 def test_bf16_profile_counts_the_tensorized_kernels():
     """The bf16 rules tensorize their MAC block into vdpbf16ps calls: their FLOPs come
     from the call shapes, and they are on the fast path."""

@@ -27,6 +27,7 @@ from graphopt.prepare import prepare
 from graphopt.targets import _amx, build, resolve
 from graphopt.targets._bf16 import has_avx512_bf16
 from graphopt.verify import PRECISION_TOLERANCES
+from tests._system import needs_host_bf16
 from tests.conftest import make_model
 
 SPR = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
@@ -127,6 +128,7 @@ def _compile(model, path, emulated: bool):  # noqa: ANN001, ANN202
         return graphopt.compile(model, HOST_AMX, path, precision="bf16")
 
 
+@needs_host_bf16
 @pytest.mark.parametrize(("m", "rule"), [(32, "matmul_amx"), (8, "matmul_bf16")])
 def test_model_matches_onnxruntime(tmp_path, m, rule):
     """Gemm+bias+Relu through graphopt.compile on an AMX target: M=32 takes the AMX
@@ -148,6 +150,7 @@ def test_model_matches_onnxruntime(tmp_path, m, rule):
     assert np.abs(got - ref).max() > 1e-6  # computed in bf16, not fp32
 
 
+@needs_host_bf16
 def test_3d_matmul_model_matches_onnxruntime(tmp_path):
     """MatMul (2,16,64) @ (64,48) + bias, as in a transformer: rows flattened to 32."""
     rng = np.random.default_rng(7)
@@ -194,6 +197,7 @@ def _conv_model():
     )
 
 
+@needs_host_bf16
 @pytest.mark.parametrize("emulated", [False, True])
 def test_conv_model_matches_onnxruntime(tmp_path, emulated):
     """Both 1x1 convs become AMX GEMMs (196 and 49 output pixels, zero rows to whole

@@ -23,7 +23,7 @@ tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
 from graphopt.targets import _conv3d  # noqa: E402
-from tests._system import CROSS_GXX, QEMU  # noqa: E402
+from tests._system import CROSS_GXX, QEMU, needs_host_bf16  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
 from tests.targets._cnn_blocks import conv_rules  # noqa: E402
 
@@ -198,6 +198,7 @@ def test_nhwc_layout_unblocked_convs_take_the_padded_rule(name: str, tmp_path) -
     assert a.manifest["schedule"]["coverage"] == 100.0
 
 
+@needs_host_bf16
 def test_bf16_precision_keeps_the_padded_rule(tmp_path) -> None:
     """``precision=bf16``: the bf16 operands are converted to float32 as they are packed
     (every product exact, float32 sums), so the padded rule still takes the convs."""

@@ -21,7 +21,7 @@ tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
 from graphopt.targets import _conv3d  # noqa: E402
-from tests._system import CROSS_GXX, QEMU  # noqa: E402
+from tests._system import CROSS_GXX, QEMU, needs_host_bf16  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
 
 
@@ -156,6 +156,7 @@ def test_avx2_blocks_of_eight_match_onnxruntime(tmp_path) -> None:
     assert a.manifest["schedule"]["rules"] == {_conv3d.RULE: convs}
 
 
+@needs_host_bf16
 def test_bf16_precision_keeps_the_packed_rule(tmp_path) -> None:
     """``precision=bf16``: the conv's bf16 operands are converted to float32 as they are
     packed (every product exact, float32 sums), so the packed rule still takes it."""

@@ -11,8 +11,6 @@ tier's bf16 tune, with the vdpbf16ps conv a task, is in ``test_precision_tuning.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ml_dtypes
 import numpy as np
 import onnx
@@ -34,13 +32,11 @@ from graphopt.tuning._database import workload_mod
 from graphopt.tuning._session import Targets
 from graphopt.tuning._space import default_trace, graphopt_design_spaces, has_choices
 from graphopt.tuning._tasks import Task, phases_before_schedule
+from tests._system import needs_host_bf16
 from tests.conftest import make_model
 from tests.tuning._models import slow_defaults
 
-HOST_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-pytestmark = pytest.mark.skipif(
-    not HOST_BF16, reason="needs a CPU with avx512_bf16 (/proc/cpuinfo) to run bf16 kernels"
-)
+pytestmark = needs_host_bf16
 BF16_RULES = ("conv2d_nchwc_bf16", "matmul_bf16")
 
 

@@ -5,7 +5,6 @@ database records its precision, refuses another one, and a bf16 compile applies 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +17,9 @@ from graphopt.targets import resolve
 from graphopt.tuning import open_database, tune
 from graphopt.tuning._database import TuningDatabaseError
 from graphopt.tuning._options import TuningError
+from tests._system import needs_host_bf16
 from tests.conftest import make_model
 from tests.tuning._models import conv_relu, slow_defaults
-
-HOST_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-needs_host_bf16 = pytest.mark.skipif(
-    not HOST_BF16, reason="needs a CPU with avx512_bf16 (/proc/cpuinfo) to run bf16 kernels"
-)
 
 
 def conv16_relu():  # noqa: ANN201
