@@ -16,8 +16,8 @@ gate math, nothing else::
 ``rp`` [D, H/U, H, G*U] is R^T packed as for the fused step (U columns of every gate side
 by side, ``expand_rnn._pack_steps``), ``xw`` [rows, D*G*H] the input projection of every
 step and direction (one GEMM). The activations are TOPI's ``fast_exp``/``fast_tanh``
-polynomials, the ones the CPU legalization gives the unrolled expansion, so both compute
-the same numbers up to FMA contraction and summation order.
+polynomials (``lower/_fastmath.py``), the ones the CPU legalization gives the unrolled
+expansion, so both compute the same numbers up to FMA contraction and summation order.
 
 How the loops run in parallel:
 
@@ -44,6 +44,9 @@ from dataclasses import asdict, dataclass
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
+
+from graphopt.lower._fastmath import f32 as _f
+from graphopt.lower._fastmath import fast_exp_expr, fast_tanh_expr
 
 __all__ = ["ATTR", "PARALLEL_MIN_BYTES", "Spec", "gates", "plan", "sequence_func", "spec_of"]
 
@@ -91,61 +94,11 @@ def spec_of(func: tirx.PrimFunc) -> Spec | None:
     return Spec(**raw)
 
 
-# --- TOPI's fast_exp / fast_tanh as expressions (topi/elemwise.h), so the kernel computes
-# what the legalized unrolled expansion computes -----------------------------------------
-_EXP_P = (
-    1.9875691500e-4,
-    1.3981999507e-3,
-    8.3334519073e-3,
-    4.1665795894e-2,
-    1.6666665459e-1,
-    5.0000001201e-1,
-)
-_TANH_A = (
-    -2.76076847742355e-16,
-    2.00018790482477e-13,
-    -8.60467152213735e-11,
-    5.12229709037114e-08,
-    1.48572235717979e-05,
-    6.37261928875436e-04,
-    4.89352455891786e-03,
-)
-_TANH_B = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
-
-
-def _f(v: float) -> tirx.PrimExpr:
-    return tirx.const(v, "float32")
-
-
-def _horner(x, coeffs) -> tirx.PrimExpr:  # noqa: ANN001
-    acc = _f(coeffs[0])
-    for c in coeffs[1:]:
-        acc = acc * x + _f(c)
-    return acc
-
-
-def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    xc = tirx.max(tirx.min(x, _f(88.3762626647950)), _f(-88.3762626647949))
-    n = tirx.floor(xc * _f(1.44269504088896341) + _f(0.5))
-    y = xc - n * _f(0.6931471805599453)
-    z = _horner(y, _EXP_P) * y * y + y + _f(1.0)
-    two_n = tirx.reinterpret(
-        "float32", tirx.shift_left(tirx.Cast("int32", n + _f(127.0)), tirx.const(23, "int32"))
-    )
-    return tirx.max(two_n * z, x)
-
-
-def fast_tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    xc = tirx.max(_f(-9.0), tirx.min(_f(9.0), x))
-    x2 = xc * xc
-    return xc * _horner(x2, _TANH_A) / _horner(x2, _TANH_B)
-
-
 def _act(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
     if name == "Sigmoid":
-        return _f(1.0) / (_f(1.0) + fast_exp(-x))
+        return _f(1.0) / (_f(1.0) + fast_exp_expr(-x))
     if name == "Tanh":
-        return fast_tanh(x)
+        return fast_tanh_expr(x)
     return tirx.max(x, _f(0.0))
 
 

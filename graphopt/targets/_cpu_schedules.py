@@ -44,6 +44,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
 
+from graphopt.lower._fastmath import f32 as _f32
+from graphopt.lower._fastmath import fast_erf_expr, fast_exp_expr
 from graphopt.targets import _gemv
 from graphopt.targets._nchwc import PackNCHWc
 from graphopt.targets._phases import schedule_unscheduled
@@ -328,50 +330,6 @@ def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
     """sigmoid(x) = 1 / (1 + exp(-x)), with TOPI's polynomial exp."""
     e = topi.fast_exp(topi.negative(x))
     return te.compute(x.shape, lambda *i: 1 / (1 + e(*i)), name="sigmoid")
-
-
-# Polynomial exp and erf on one element, for activations that read their input twice (SiLU,
-# GELU): one expression keeps the fused kernel a chain the conv rules inline (TOPI's
-# tensor-level fast_exp/fast_erf would make a second block reading the conv's output).
-_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-          5.0000001201e-1)  # fmt: skip
-_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-              -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-              -1.60960333262415e-02)  # fmt: skip
-_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-             -7.37332916720468e-03, -1.42647390514189e-02)  # fmt: skip
-
-
-def _f32(v: float) -> tirx.PrimExpr:
-    return tirx.const(v, "float32")
-
-
-def _horner(x: tirx.PrimExpr, coefficients: tuple) -> tirx.PrimExpr:
-    acc = _f32(coefficients[0])
-    for c in coefficients[1:]:
-        acc = acc * x + _f32(c)
-    return acc
-
-
-def fast_exp_expr(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """exp(x) in float32 as TOPI's ``fast_exp`` computes it (Cephes: 2^n * a degree-7
-    polynomial of the remainder), on one element."""
-    v = tirx.max(tirx.min(x, _f32(88.3762626647950)), _f32(-88.3762626647949))
-    n = tirx.floor(v * _f32(1.44269504088896341) + _f32(0.5))
-    f = v - n * _f32(0.6931471805599453)
-    y = _horner(f, _EXP_P) * f * f + f + _f32(1.0)
-    two_n = tirx.reinterpret(
-        "float32", tirx.shift_left(tirx.Cast("int32", n + _f32(127.0)), tirx.const(23, "int32"))
-    )
-    return tirx.max(two_n * y, x)
-
-
-def fast_erf_expr(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """erf(x) in float32 as TOPI's ``fast_erf`` (Eigen's rational approximation on
-    [-4, 4]), on one element."""
-    v = tirx.max(tirx.min(x, _f32(4.0)), _f32(-4.0))
-    v2 = v * v
-    return v * _horner(v2, _ERF_ALPHA) / _horner(v2, _ERF_BETA)
 
 
 def _fast_silu(x: te.Tensor) -> te.Tensor:

@@ -235,20 +235,28 @@ def test_silu_and_gelu_epilogues_stay_in_the_kernel_without_libm(act, opset) -> 
     assert artifact.manifest["schedule"]["coverage"] == pytest.approx(100.0)
 
 
-def test_fast_exp_and_erf_expressions_match_libm() -> None:
-    """The one-element polynomial exp and rational erf the SiLU/GELU computes use."""
+def test_fast_exp_erf_tanh_expressions_match_libm_and_topi() -> None:
+    """The one-element polynomial exp, rational erf and tanh that SiLU/GELU and the
+    recurrent sequence kernel compute with (lower/_fastmath.py); tanh also equals TOPI's
+    tensor-level fast_tanh, which the unrolled expansion's Tanh legalizes to."""
     import math
+
+    from graphopt.lower._fastmath import fast_tanh_expr
 
     x = tvm.te.placeholder((2048,), "float32", "x")
     y = tvm.te.compute(x.shape, lambda i: cpu.fast_exp_expr(x[i]))
     z = tvm.te.compute(x.shape, lambda i: cpu.fast_erf_expr(x[i]))
-    mod = tvm.compile(tvm.te.create_prim_func([x, y, z]), target="llvm")
+    t = tvm.te.compute(x.shape, lambda i: fast_tanh_expr(x[i]))
+    ref = tvm.topi.fast_tanh(x)
+    mod = tvm.compile(tvm.te.create_prim_func([x, y, z, t, ref]), target="llvm")
     v = np.linspace(-20, 20, 2048).astype(np.float32)
-    out = [tvm.runtime.tensor(np.zeros(2048, np.float32)) for _ in range(2)]
+    out = [tvm.runtime.tensor(np.zeros(2048, np.float32)) for _ in range(4)]
     mod(tvm.runtime.tensor(v), *out)
     np.testing.assert_allclose(out[0].numpy(), np.exp(v.astype(np.float64)), rtol=2e-6)
     erf = np.array([math.erf(t) for t in v.astype(np.float64)])
     np.testing.assert_allclose(out[1].numpy(), erf, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(out[2].numpy(), np.tanh(v.astype(np.float64)), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(out[2].numpy(), out[3].numpy())
 
 
 def test_sigmoid_keeps_libm_for_float64() -> None:
