@@ -7,7 +7,6 @@ ARM fp16 under qemu (slow tier); the manifest records the precision.
 """
 
 import re
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -27,15 +26,9 @@ from graphopt.targets import (
     resolve,
 )
 from graphopt.verify import PRECISION_TOLERANCES
-from tests._system import CROSS_GXX, QEMU
+from tests._system import CROSS_GXX, QEMU, needs_host_bf16
 from tests.conftest import make_model, zoo_model
 
-HOST_BF16 = (
-    "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-)
-needs_host_bf16 = pytest.mark.skipif(
-    not HOST_BF16, reason="needs a CPU with avx512_bf16 (/proc/cpuinfo) to run bf16 kernels"
-)
 BF16_CPU = "cooperlake"  # an LLVM CPU with avx512bf16, for compile-only checks anywhere
 ARM_FP16 = {
     "kind": "llvm",

@@ -22,10 +22,10 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import _fp16_arm, _precision, build, check_precision, resolve
 from graphopt.verify import PRECISION_TOLERANCES
-from tests._system import CROSS_GXX, QEMU
+from tests._system import CROSS_GXX, HOST_BF16, QEMU
 from tests.conftest import make_model
 from tests.passes.test_expand_rnn import _rnn_model, fused_passes, unfused_passes
-from tests.targets.test_precision import HOST_BF16, _asm, _conv_matmul_model
+from tests.targets.test_precision import _asm, _conv_matmul_model
 
 ARM_FHM = {
     "kind": "llvm",
