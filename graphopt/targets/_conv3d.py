@@ -454,7 +454,7 @@ def schedule_conv3d_ncdhwc(
     if len(loops) != 6:
         return None
     n, co, z, y, x, o = loops
-    tile = cpu._register_tile(sch, (y, x), decisions, plan)
+    tile = cpu._register_tile(sch, (y, x), decisions, plan, cpu.max_reg_n(target))
     if tile is None:
         return None
     xo, xi, tile_loops = tile

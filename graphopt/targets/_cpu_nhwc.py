@@ -50,8 +50,6 @@ __all__ = [
 _ANNOTATION = "graphopt.kernel"  # the key _cpu_schedules' rules look for
 _KINDS = ("conv2d_nhwc", "depthwise_conv2d_nhwc", "grouped_conv2d_nhwc")
 _OHWIO = re.compile(r"^OHWI(\d+)o$")
-# Vector registers kept free of accumulators: the weight vector, the broadcast, spares.
-_SPARE_REGISTERS = 4
 
 
 # --- 1. TE computes and their legalization ---------------------------------------------
@@ -168,22 +166,6 @@ LEGALIZE = {"relax.nn.conv2d": _legalize_conv2d}
 
 
 # --- 2. the schedule rule ----------------------------------------------------------------
-def _vector_registers(target: tvm.target.Target) -> int:
-    """SIMD registers: 32 with AVX-512 and on aarch64 (NEON), 16 with AVX2/SSE."""
-    triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith(("aarch64", "arm64")) or cpu.vector_lanes(target) >= 16:
-        return 32
-    return 16
-
-
-def _pick_reg_n(width: int, most: int) -> int:
-    """Largest divisor of the output width with at most ``most`` pixels."""
-    for n in range(min(width, max(most, 1)), 0, -1):
-        if width % n == 0:
-            return n
-    return 1
-
-
 def _channel_block(sch: s_tir.Schedule, conv) -> int | None:  # noqa: ANN001
     """The weight's channel block b: the last extent of the 5-D buffer the conv reads."""
     for region in sch.get(conv).reads:
@@ -237,14 +219,14 @@ def schedule_conv2d_nhwc(
         return None
     n, y, x, c = loops
     vectors = -(-block // lanes)  # accumulator registers per pixel
-    most = (_vector_registers(target) - _SPARE_REGISTERS) // vectors
+    most = cpu.max_reg_n(target) // vectors
     height, width = cpu._extent(sch, y), cpu._extent(sch, x)
     rows = 1
     if plan.rows:  # the largest row tile from 2 to 4 (none: the plan declines)
         rows = max((r for r in range(2, min(most, 4) + 1) if height % r == 0), default=1)
         if rows == 1:
             return None
-    reg_n = _pick_reg_n(width, most // rows)
+    reg_n = cpu._pick_reg_n(width, most // rows)
     co, ci = sch.split(c, [None, block])
     if plan.rows:
         yo, yi = sch.split(y, [None, decisions.factor(sch, height, rows, 4)])

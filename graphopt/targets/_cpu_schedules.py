@@ -65,12 +65,10 @@ __all__ = [
     "DEFAULTS",
 ]
 
-# Register tile width (output pixels) for conv: 28 accumulators + weight + broadcast
-# still fit AVX-512's 32 vector registers.
-_MAX_REG_N = 28
-# Accumulator vectors in a reduction's register tile (rows x vectors per row), leaving
-# registers for the B vectors and the broadcast.
-_MAX_TILE_VECTORS = 16
+# Vector registers a register tile leaves free for the weight vector(s) and the
+# broadcast: a conv tile holds at most registers - _SPARE_REGISTERS accumulators (28 of
+# AVX-512's or NEON's 32; 12 of AVX2's 16), a reduction's tile half the registers.
+_SPARE_REGISTERS = 4
 # A matmul whose weight (K x N) is larger than this runs its column panels outermost, so
 # each panel stays in the core's L2 while every row block passes over it; a smaller
 # weight stays in L2 anyway and the rows go outermost (the activation is read once).
@@ -113,7 +111,7 @@ CONV_PLANS = (
     Plan(kernel_outer=True),
     Plan(unroll_kw=True),
 )
-# Accumulator rows of a multi-row conv tile, at most (rows x reg_n <= _MAX_REG_N).
+# Accumulator rows of a multi-row conv tile, at most (rows x reg_n <= max_reg_n).
 _MAX_TILE_ROWS = 4
 
 
@@ -159,6 +157,29 @@ def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
 
     width = int(codegen.llvm_get_vector_width(target))
     return max(width // dtype_bits, 4) if width > 0 else 8
+
+
+def vector_registers(target: tvm.target.Target) -> int:
+    """SIMD registers of ``target``: 32 with AVX-512 and on aarch64 (NEON), 16 with AVX2.
+
+    Why it matters: a register tile sized for AVX-512's 32 registers spills on an AVX2
+    CPU (16 ymm), so every accumulator update becomes a load and a store (public ResNet-18
+    1.22x -> 1.09x onnxruntime and MobileNetV2 1.62x -> 1.32x on a Zen 3 when the tiles
+    were cut to fit)."""
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm64")) or vector_lanes(target) >= 16:
+        return 32
+    return 16
+
+
+def max_reg_n(target: tvm.target.Target) -> int:
+    """Accumulators of a one-vector-wide conv register tile (pixels x one channel block)."""
+    return vector_registers(target) - _SPARE_REGISTERS
+
+
+def max_tile_vectors(target: tvm.target.Target) -> int:
+    """Accumulator vectors of a reduction's register tile (rows x vectors per row)."""
+    return vector_registers(target) // 2
 
 
 # --- 1. layout: NCHW -> NCHW[x]c ---------------------------------------------------------
@@ -560,29 +581,29 @@ def _schedule_concat(sch: s_tir.Schedule, block, lanes: int) -> bool:  # noqa: A
     return True
 
 
-def _smallest_divisor(extent: int) -> int:
-    """The smallest divisor of ``extent`` from 2 to _MAX_TILE_VECTORS, or 1."""
-    return next((d for d in range(2, _MAX_TILE_VECTORS + 1) if extent % d == 0), 1)
+def _smallest_divisor(extent: int, most: int) -> int:
+    """The smallest divisor of ``extent`` from 2 to ``most``, or 1."""
+    return next((d for d in range(2, most + 1) if extent % d == 0), 1)
 
 
-def _pick_rows(height: int, vectors: int) -> int:
+def _pick_rows(height: int, vectors: int, most: int) -> int:
     """Output rows per reduction register tile: a divisor of ``height`` with
-    ``rows * vectors`` accumulators, at most _MAX_TILE_VECTORS of them."""
-    for n in range(min(height, _MAX_TILE_VECTORS // max(vectors, 1)), 0, -1):
+    ``rows * vectors`` accumulators, at most ``most`` of them."""
+    for n in range(min(height, most // max(vectors, 1)), 0, -1):
         if height % n == 0:
             return n
     return 1
 
 
-def _pick_reg_n(width: int, most: int = _MAX_REG_N) -> int:
+def _pick_reg_n(width: int, most: int) -> int:
     """Largest divisor of the output width that fits the register tile (``most`` pixels)."""
-    for n in range(min(width, most), 0, -1):
+    for n in range(min(width, max(most, 1)), 0, -1):
         if width % n == 0:
             return n
     return 1
 
 
-def _fullest_row_tile(extents: list, widths: list, lanes: int) -> int | None:
+def _fullest_row_tile(extents: list, widths: list, lanes: int, most: int) -> int | None:
     """A matmul's row-tile width: among the whole-vector ``widths`` dividing N, the one
     whose register tile (rows x vectors) holds the most accumulators, the wider on a tie;
     None where none divides N or there are no rows (the reduction rule's own choice).
@@ -594,7 +615,7 @@ def _fullest_row_tile(extents: list, widths: list, lanes: int) -> int | None:
     fits = [v for v in widths if extents[-1] % v == 0 and v % lanes == 0]
     if axis is None or not fits:
         return None
-    return max(fits, key=lambda v: (_pick_rows(extents[axis], v // lanes) * (v // lanes), v))
+    return max(fits, key=lambda v: (_pick_rows(extents[axis], v // lanes, most) * (v // lanes), v))
 
 
 def _weight_bytes(sch: s_tir.Schedule, block, width: int) -> int:  # noqa: ANN001
@@ -761,7 +782,7 @@ def schedule_conv2d_nchwc(
     if len(loops) != 5:
         return None
     n, co, y, x, ci = loops
-    tile = _register_tile(sch, (y, x), decisions, plan)
+    tile = _register_tile(sch, (y, x), decisions, plan, max_reg_n(target))
     if tile is None:
         return None
     xo, xi, tile_loops = tile
@@ -780,10 +801,13 @@ def schedule_conv2d_nchwc(
     return _schedule_others(sch, others, lanes)
 
 
-def _register_tile(sch: s_tir.Schedule, rows_pixels: tuple, decisions: Decisions, plan: Plan):  # noqa: ANN001, ANN202
+def _register_tile(  # noqa: ANN202
+    sch: s_tir.Schedule, rows_pixels: tuple, decisions: Decisions, plan: Plan, most: int
+):
     """Split the output's pixel loop (and its row loop with ``plan.rows``) into the register
-    tile: returns (pixel chunk, pixels, (row chunk, rows) or None), or None to decline (a
-    row tile where the rows have no divisor from 2 to _MAX_TILE_ROWS)."""
+    tile of at most ``most`` accumulators: returns (pixel chunk, pixels, (row chunk, rows)
+    or None), or None to decline (a row tile where the rows have no divisor from 2 to
+    _MAX_TILE_ROWS)."""
     y, x = rows_pixels
     width = _extent(sch, x)
     rows = 1
@@ -794,8 +818,8 @@ def _register_tile(sch: s_tir.Schedule, rows_pixels: tuple, decisions: Decisions
         if rows == 1:
             return None
         tile_loops = sch.split(y, [None, decisions.factor(sch, height, rows, _MAX_TILE_ROWS)])
-    reg_n = _pick_reg_n(width, _MAX_REG_N // rows)
-    xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, _MAX_REG_N // rows)])
+    reg_n = _pick_reg_n(width, most // rows)
+    xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, most // rows)])
     return xo, xi, tile_loops
 
 
@@ -828,6 +852,7 @@ def schedule_reduction(
         return None
     red = reductions[0]
     lanes = vector_lanes(target)
+    most = max_tile_vectors(target)
     _inline_spatial_intermediates(sch, keep=[red])
     out = sch.cache_write(red, 0, "local")
     _inline_epilogue(sch, out)
@@ -841,17 +866,17 @@ def schedule_reduction(
     last = extents[-1]
     tile = None
     # A GEMV (one output row) has no rows to tile over: widen the row instead, so one pass
-    # over the weight (contiguous rows) feeds up to _MAX_TILE_VECTORS accumulator chains.
+    # over the weight (contiguous rows) feeds up to ``most`` accumulator chains.
     widths = [lanes * 4, lanes * 2, lanes, 8, 4]
     if _product(extents[:-1]) == 1:
-        widths = [lanes * v for v in range(_MAX_TILE_VECTORS // 2, 4, -1)] + widths
+        widths = [lanes * v for v in range(most // 2, 4, -1)] + widths
     for vec in widths:
         if last % vec == 0:
             tile = vec
             break
     is_matmul = _is_matmul(sch, red)
     if is_matmul:
-        tile = _fullest_row_tile(extents, widths, lanes) or tile
+        tile = _fullest_row_tile(extents, widths, lanes, most) or tile
     if tile is None and 2 <= last <= lanes * 4:
         tile = last
     if tile is not None:
@@ -861,14 +886,13 @@ def schedule_reduction(
         # Rows of the register tile: the innermost other output axis longer than 1 (a
         # matmul's M; for a batched GEMV such as [blocks, 1, N] the blocks).
         axis = max((i for i, e in enumerate(extents[:-1]) if e > 1), default=None)
-        rows = 1 if axis is None else _pick_rows(extents[axis], -(-tile // lanes))
+        rows = 1 if axis is None else _pick_rows(extents[axis], -(-tile // lanes), most)
         if plan.rows:
             # the default has no row tile: try the smallest (a row tile of 1 is no tile)
-            rows = 1 if axis is None or rows > 1 else _smallest_divisor(extents[axis])
+            rows = 1 if axis is None or rows > 1 else _smallest_divisor(extents[axis], most)
             if rows == 1:
                 return None  # no rows to tile, or the default tiles them: its own space
         if rows > 1:  # a register tile of `rows` x `tile`: each loaded B vector feeds `rows` FMAs
-            most = _MAX_TILE_VECTORS
             factor = decisions.factor(sch, extents[axis], rows, most)
             ro, ri = sch.split(loops[axis], [None, factor])
             outer_loops = [*loops[:axis], ro, *loops[axis + 1 : -1], lo]

@@ -281,7 +281,7 @@ def schedule_winograd(
     cpu._inline_tail(sch, out)
     others = cpu._other_root_blocks(sch, blocks)
     _schedule_input(sch, (pad, rows, inp))
-    _schedule_gemm(sch, gemm, decisions)
+    _schedule_gemm(sch, gemm, decisions, cpu.max_reg_n(target))
     _schedule_output(sch, cols, out)
     return cpu._schedule_others(sch, others, cpu.vector_lanes(target))
 
@@ -303,12 +303,13 @@ def _schedule_input(sch: s_tir.Schedule, blocks: tuple) -> None:
     sch.compute_inline(pad)
 
 
-def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions) -> None:  # noqa: ANN001
-    """The packed pointwise conv's register tile: ``reg_n`` tiles x one channel vector."""
+def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions, most: int) -> None:  # noqa: ANN001
+    """The packed pointwise conv's register tile: ``reg_n`` tiles x one channel vector
+    (at most ``most`` accumulators)."""
     out = sch.cache_write(gemm, 0, "local")
     e, nu, b, co, p, o = sch.get_loops(out)
     tiles = cpu._extent(sch, p)
-    reg_n = decisions.factor(sch, tiles, cpu._pick_reg_n(tiles), cpu._MAX_REG_N)
+    reg_n = decisions.factor(sch, tiles, cpu._pick_reg_n(tiles, most), most)
     po, pi = sch.split(p, [None, reg_n])
     sch.parallel(sch.fuse(e, nu, b, co))
     sch.vectorize(o)

@@ -91,7 +91,7 @@ def test_register_tile_shape() -> None:
     assert (tvm.tirx.ForKind.VECTORIZED, lanes) in loops
     unrolled = [e for k, e in loops if k == tvm.tirx.ForKind.UNROLLED]
     reg_n = max(unrolled)
-    assert 56 % reg_n == 0 and 4 <= reg_n <= nhwc._vector_registers(target) - 4
+    assert 56 % reg_n == 0 and 4 <= reg_n <= cpu.max_reg_n(target)
 
 
 def _run(func: tvm.tirx.PrimFunc, target) -> np.ndarray:  # noqa: ANN001
