@@ -49,6 +49,7 @@ from graphopt.lower._fastmath import fast_erf_expr, fast_exp_expr
 from graphopt.targets import _gemv
 from graphopt.targets._nchwc import PackNCHWc
 from graphopt.targets._phases import schedule_unscheduled
+from graphopt.targets._simd import vector_lanes, vector_registers
 
 __all__ = [
     "RULES",
@@ -69,6 +70,9 @@ __all__ = [
 # broadcast: a conv tile holds at most registers - _SPARE_REGISTERS accumulators (28 of
 # AVX-512's or NEON's 32; 12 of AVX2's 16), a reduction's tile half the registers.
 _SPARE_REGISTERS = 4
+# Accumulator vectors of a GEMV's widened row: the weight vectors are FMA memory operands
+# and the broadcast is one register, so 8 fit AVX2's 16 registers as well as AVX-512's 32.
+_GEMV_VECTORS = 8
 # A matmul whose weight (K x N) is larger than this runs its column panels outermost, so
 # each panel stays in the core's L2 while every row block passes over it; a smaller
 # weight stays in L2 anyway and the rows go outermost (the activation is read once).
@@ -149,27 +153,6 @@ class SampledDecisions(Decisions):
 
 
 DEFAULTS = Decisions()
-
-
-def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
-    """float32 lanes in one SIMD register of ``target`` (16 with AVX-512, 8 with AVX2)."""
-    from tvm.target import codegen
-
-    width = int(codegen.llvm_get_vector_width(target))
-    return max(width // dtype_bits, 4) if width > 0 else 8
-
-
-def vector_registers(target: tvm.target.Target) -> int:
-    """SIMD registers of ``target``: 32 with AVX-512 and on aarch64 (NEON), 16 with AVX2.
-
-    Why it matters: a register tile sized for AVX-512's 32 registers spills on an AVX2
-    CPU (16 ymm), so every accumulator update becomes a load and a store (public ResNet-18
-    1.22x -> 1.09x onnxruntime and MobileNetV2 1.62x -> 1.32x on a Zen 3 when the tiles
-    were cut to fit)."""
-    triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith(("aarch64", "arm64")) or vector_lanes(target) >= 16:
-        return 32
-    return 16
 
 
 def max_reg_n(target: tvm.target.Target) -> int:
@@ -866,10 +849,10 @@ def schedule_reduction(
     last = extents[-1]
     tile = None
     # A GEMV (one output row) has no rows to tile over: widen the row instead, so one pass
-    # over the weight (contiguous rows) feeds up to ``most`` accumulator chains.
+    # over the weight (contiguous rows) feeds up to _GEMV_VECTORS accumulator chains.
     widths = [lanes * 4, lanes * 2, lanes, 8, 4]
     if _product(extents[:-1]) == 1:
-        widths = [lanes * v for v in range(most // 2, 4, -1)] + widths
+        widths = [lanes * v for v in range(_GEMV_VECTORS, 4, -1)] + widths
     for vec in widths:
         if last % vec == 0:
             tile = vec

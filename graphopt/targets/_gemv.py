@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.target import codegen
 
 from graphopt.lower import _rnn_sequence
+from graphopt.targets._simd import vector_lanes
 
 __all__ = [
     "ANNOTATION",
@@ -57,12 +57,6 @@ KIND = "rnn_step"
 SEQUENCE_KIND = "rnn_sequence"
 # Recurrent weights of at least this size split their GEMV across cores (see above).
 PARALLEL_MIN_BYTES = 256 * 1024
-
-
-def _lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of one SIMD register (16 with AVX-512, 8 with AVX2, 4 with NEON)."""
-    width = int(codegen.llvm_get_vector_width(target))
-    return max(width // 32, 4) if width > 0 else 8
 
 
 def _vectorize(sch: s_tir.Schedule, loop, lanes: int) -> None:  # noqa: ANN001
@@ -104,7 +98,7 @@ def rule_rnn_step(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Sched
             sch.compute_inline(block)
     blocks = list(sch.get_child_blocks(root))
     outs = [b for b in blocks if sch.get(b).name_hint != sch.get(mm).name_hint]
-    lanes = _lanes(target)
+    lanes = vector_lanes(target)
     # The GEMV: per weight block j, per row b, the reduction outside and the block's G*U
     # columns inside, vectorized: G*U/lanes accumulators, in a local (register) buffer
     # written back once per (j, b).
@@ -149,5 +143,5 @@ def rule_rnn_sequence(func: tirx.PrimFunc, target: tvm.target.Target) -> _Built 
     spec = _rnn_sequence.spec_of(func)
     if spec is None:
         return None
-    built = _rnn_sequence.sequence_func(spec, _lanes(target))
+    built = _rnn_sequence.sequence_func(spec, vector_lanes(target))
     return _Built(built.with_attrs({k: v for k, v in func.attrs.items() if k != "global_symbol"}))
