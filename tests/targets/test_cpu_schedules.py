@@ -286,9 +286,10 @@ def _loops(func: tvm.tirx.PrimFunc) -> list:
 
 def test_matmul_register_tile_covers_several_rows() -> None:
     """A [32, K] x [K, 1024] matmul: each loaded weight vector feeds several unrolled
-    rows; a single-row GEMV instead widens its row (more accumulators)."""
+    rows; a single-row GEMV instead widens its row (more accumulators). Widths are in
+    the rule's vector unit (16 floats on x86: one AVX-512 register, two AVX2 ones)."""
     target = tvm.target.Target(resolve("x86").tvm)
-    lanes = cpu.vector_lanes(target)
+    lanes = cpu.reduction_lanes(target)
     for m, unrolled in ((32, True), (1, False)):
         a = tvm.te.placeholder((m, 256), name="a")
         b = tvm.te.placeholder((256, 1024), name="b")
@@ -317,20 +318,18 @@ def _matmul_nhwc(rows: int, k: int, n: int):  # noqa: ANN202
 
 @pytest.mark.parametrize("k,n,panels_outer", [(768, 3072, True), (96, 384, False)])
 def test_convnext_matmul_tiles_rows_and_keeps_big_weights_in_cache(k, n, panels_outer) -> None:  # noqa: ANN001
-    """ConvNeXt's Linear on a 7x7 map: 7 rows (a divisor of the row axis) x as many
-    vectors as the register budget leaves (2 of AVX-512's 32 registers, 1 of AVX2's 16),
+    """ConvNeXt's Linear on a 7x7 map: 7 rows (a divisor of the row axis) x 2 vectors,
     not 1 row x 4 vectors (one FMA per loaded weight vector); a weight bigger than L2
     runs its column panels outermost (the output column comes from ``fused // rows``),
     a small one its rows. Numbers match numpy."""
     target = tvm.target.Target(resolve("x86").tvm)
-    lanes = cpu.vector_lanes(target)
+    lanes = cpu.reduction_lanes(target)
     with target:
         name, new = cpu.apply_rules(_matmul_nhwc(7, k, n), target)
     assert name == "matmul"
     loops = _loops(new)
     assert (tvm.tirx.ForKind.UNROLLED, 7) in loops
-    vectors = cpu.max_tile_vectors(target) // 7
-    assert max(e for kind, e in loops if kind == tvm.tirx.ForKind.VECTORIZED) == vectors * lanes
+    assert max(e for kind, e in loops if kind == tvm.tirx.ForKind.VECTORIZED) == 2 * lanes
     sch = tvm.s_tir.Schedule(new)
     update = sch.get_sblock("matmul_update")
     column = cpu._block_iter_values(sch, update)[3]
