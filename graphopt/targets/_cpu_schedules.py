@@ -66,16 +66,13 @@ __all__ = [
     "DEFAULTS",
 ]
 
-# Vector registers a register tile leaves free for the weight vector(s) and the
-# broadcast: a conv tile holds at most registers - _SPARE_REGISTERS accumulators (28 of
-# AVX-512's or NEON's 32; 12 of AVX2's 16), a reduction's tile half the registers.
+# Vector registers a conv register tile leaves free for the weight vector and the
+# broadcast: it holds at most registers - _SPARE_REGISTERS accumulators (28 of AVX-512's
+# or NEON's 32; 12 of AVX2's 16).
 _SPARE_REGISTERS = 4
-# Accumulator vectors (of reduction_lanes() each) in a reduction's register tile (rows x
-# vectors per row).
+# Accumulator units (of reduction_lanes() each) in a reduction's register tile (rows x
+# units per row); a GEMV's widened row takes up to half as many.
 _MAX_TILE_VECTORS = 16
-# Accumulator vectors of a GEMV's widened row: the weight vectors are FMA memory operands
-# and the broadcast is one register, so 8 fit AVX2's 16 registers as well as AVX-512's 32.
-_GEMV_VECTORS = 8
 # A matmul whose weight (K x N) is larger than this runs its column panels outermost, so
 # each panel stays in the core's L2 while every row block passes over it; a smaller
 # weight stays in L2 anyway and the rows go outermost (the activation is read once).
@@ -859,10 +856,10 @@ def schedule_reduction(
     last = extents[-1]
     tile = None
     # A GEMV (one output row) has no rows to tile over: widen the row instead, so one pass
-    # over the weight (contiguous rows) feeds up to _GEMV_VECTORS accumulator chains.
+    # over the weight (contiguous rows) feeds up to most // 2 accumulator chains.
     widths = [lanes * 4, lanes * 2, lanes, 8, 4]
     if _product(extents[:-1]) == 1:
-        widths = [lanes * v for v in range(_GEMV_VECTORS, 4, -1)] + widths
+        widths = [lanes * v for v in range(most // 2, 4, -1)] + widths
     for vec in widths:
         if last % vec == 0:
             tile = vec
