@@ -809,6 +809,10 @@ def _register_tile(  # noqa: ANN202
             return None
         tile_loops = sch.split(y, [None, decisions.factor(sch, height, rows, _MAX_TILE_ROWS)])
     reg_n = _pick_reg_n(width, most // rows)
+    if rows == 1 and 2 * reg_n <= most < width <= most + _SPARE_REGISTERS // 2:
+        # A prime width just past the limit (SqueezeNet's 13 on AVX2's 12): the whole row,
+        # its weight vector and broadcast still fit the registers; a divisor would be 1.
+        reg_n = width
     xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, most // rows)])
     return xo, xi, tile_loops
 
