@@ -571,15 +571,15 @@ def _schedule_concat(sch: s_tir.Schedule, block, lanes: int) -> bool:  # noqa: A
     return True
 
 
-def _smallest_divisor(extent: int, most: int) -> int:
-    """The smallest divisor of ``extent`` from 2 to ``most``, or 1."""
-    return next((d for d in range(2, most + 1) if extent % d == 0), 1)
+def _smallest_divisor(extent: int) -> int:
+    """The smallest divisor of ``extent`` from 2 to _MAX_TILE_VECTORS, or 1."""
+    return next((d for d in range(2, _MAX_TILE_VECTORS + 1) if extent % d == 0), 1)
 
 
-def _pick_rows(height: int, vectors: int, most: int) -> int:
+def _pick_rows(height: int, vectors: int) -> int:
     """Output rows per reduction register tile: a divisor of ``height`` with
-    ``rows * vectors`` accumulators, at most ``most`` of them."""
-    for n in range(min(height, most // max(vectors, 1)), 0, -1):
+    ``rows * vectors`` accumulators, at most _MAX_TILE_VECTORS of them."""
+    for n in range(min(height, _MAX_TILE_VECTORS // max(vectors, 1)), 0, -1):
         if height % n == 0:
             return n
     return 1
@@ -593,7 +593,7 @@ def _pick_reg_n(width: int, most: int) -> int:
     return 1
 
 
-def _fullest_row_tile(extents: list, widths: list, lanes: int, most: int) -> int | None:
+def _fullest_row_tile(extents: list, widths: list, lanes: int) -> int | None:
     """A matmul's row-tile width: among the whole-vector ``widths`` dividing N, the one
     whose register tile (rows x vectors) holds the most accumulators, the wider on a tie;
     None where none divides N or there are no rows (the reduction rule's own choice).
@@ -605,7 +605,7 @@ def _fullest_row_tile(extents: list, widths: list, lanes: int, most: int) -> int
     fits = [v for v in widths if extents[-1] % v == 0 and v % lanes == 0]
     if axis is None or not fits:
         return None
-    return max(fits, key=lambda v: (_pick_rows(extents[axis], v // lanes, most) * (v // lanes), v))
+    return max(fits, key=lambda v: (_pick_rows(extents[axis], v // lanes) * (v // lanes), v))
 
 
 def _weight_bytes(sch: s_tir.Schedule, block, width: int) -> int:  # noqa: ANN001
@@ -846,7 +846,6 @@ def schedule_reduction(
         return None
     red = reductions[0]
     lanes = reduction_lanes(target)
-    most = _MAX_TILE_VECTORS
     _inline_spatial_intermediates(sch, keep=[red])
     out = sch.cache_write(red, 0, "local")
     _inline_epilogue(sch, out)
@@ -860,17 +859,17 @@ def schedule_reduction(
     last = extents[-1]
     tile = None
     # A GEMV (one output row) has no rows to tile over: widen the row instead, so one pass
-    # over the weight (contiguous rows) feeds up to most // 2 accumulator chains.
+    # over the weight (contiguous rows) feeds up to _MAX_TILE_VECTORS // 2 accumulator chains.
     widths = [lanes * 4, lanes * 2, lanes, 8, 4]
     if _product(extents[:-1]) == 1:
-        widths = [lanes * v for v in range(most // 2, 4, -1)] + widths
+        widths = [lanes * v for v in range(_MAX_TILE_VECTORS // 2, 4, -1)] + widths
     for vec in widths:
         if last % vec == 0:
             tile = vec
             break
     is_matmul = _is_matmul(sch, red)
     if is_matmul:
-        tile = _fullest_row_tile(extents, widths, lanes, most) or tile
+        tile = _fullest_row_tile(extents, widths, lanes) or tile
     if tile is None and 2 <= last <= lanes * 4:
         tile = last
     if tile is not None:
@@ -880,14 +879,14 @@ def schedule_reduction(
         # Rows of the register tile: the innermost other output axis longer than 1 (a
         # matmul's M; for a batched GEMV such as [blocks, 1, N] the blocks).
         axis = max((i for i, e in enumerate(extents[:-1]) if e > 1), default=None)
-        rows = 1 if axis is None else _pick_rows(extents[axis], -(-tile // lanes), most)
+        rows = 1 if axis is None else _pick_rows(extents[axis], -(-tile // lanes))
         if plan.rows:
             # the default has no row tile: try the smallest (a row tile of 1 is no tile)
-            rows = 1 if axis is None or rows > 1 else _smallest_divisor(extents[axis], most)
+            rows = 1 if axis is None or rows > 1 else _smallest_divisor(extents[axis])
             if rows == 1:
                 return None  # no rows to tile, or the default tiles them: its own space
         if rows > 1:  # a register tile of `rows` x `tile`: each loaded B vector feeds `rows` FMAs
-            factor = decisions.factor(sch, extents[axis], rows, most)
+            factor = decisions.factor(sch, extents[axis], rows, _MAX_TILE_VECTORS)
             ro, ri = sch.split(loops[axis], [None, factor])
             outer_loops = [*loops[:axis], ro, *loops[axis + 1 : -1], lo]
             if is_matmul and _weight_bytes(sch, red, last) > _MATMUL_WEIGHT_IN_CACHE:
