@@ -32,7 +32,7 @@ __all__ = [
 # AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it. Optionally
 # ``TUNABLE`` ({rule name: (schedule(sch, target, decisions, plan), plans, default
 # first)}): the rules' choices as graphopt's tuning search space (tuning/_space.py).
-KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd")
+KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd", "_gemm")
 
 
 def features(tvm_dict: dict) -> list[str]:
