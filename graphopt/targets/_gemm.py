@@ -12,11 +12,12 @@ projections ([512, 256] x [256, 1024]) ran at 35-55 GFLOP/s on two Zen 3 cores t
 What this module does (as BLIS and oneDNN do, at compile time):
 
 1. ``WRAP_LEGALIZE``: a float32 matmul [..., M, K] x [K, N] whose weight is a constant
-   (possibly behind folded ops), with at least ``_MIN_ROWS`` rows and N a multiple of the
-   column block ``nb``, becomes a kernel of its own that lays the weight out as
-   ``wp[N/nb, K, nb]`` (FoldConstant runs it once, at compile time) and the product
-   ``out[..., m, n] = sum_k x[..., m, k] * wp[n / nb, k, n % nb]`` (``matmul_packed``).
-   Each column block's K x nb panel is then contiguous.
+   (possibly behind folded ops), with at least ``_MIN_ROWS`` rows, becomes a kernel of
+   its own that lays the weight out as ``wp[N/nb, K, nb]`` (FoldConstant runs it once, at
+   compile time) and the product ``out[..., m, n] = sum_k x[..., m, k] * wp[n / nb, k,
+   n % nb]`` (``matmul_packed``). Each column block's K x nb panel is then contiguous. An
+   N that is not whole blocks (a 37-class head) is padded with zero columns, and the
+   product's first N columns are the result.
 2. ``RULES``: the product's schedule::
 
        parallel for (panel, row block, column block in the panel):    # one launch
@@ -80,11 +81,20 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 def _pack_weight(w: te.Tensor, nb: int) -> te.Tensor:
-    """w [K, N] -> [N/nb, K, nb]: each column block's panel contiguous."""
+    """w [K, N] -> [ceil(N/nb), K, nb]: each column block's panel contiguous, the columns
+    past N zero."""
     k, n = (int(d) for d in w.shape)
-    return te.compute(
-        (n // nb, k, nb), lambda j, kk, c: w[kk, j * nb + c], name="matmul_weight_pack"
-    )
+
+    def pack(j, kk, c):  # noqa: ANN001, ANN202
+        col = j * nb + c
+        return w[kk, col] if n % nb == 0 else te.if_then_else(col < n, w[kk, col], 0.0)
+
+    return te.compute((-(-n // nb), k, nb), pack, name="matmul_weight_pack")
+
+
+def _first_columns(y: te.Tensor, n: int) -> te.Tensor:
+    """y [..., N'] -> [..., n]: the product's real columns (N' padded to whole blocks)."""
+    return te.compute((*y.shape[:-1], n), lambda *idx: y[idx], name="matmul_packed_columns")
 
 
 def matmul_packed_te(x: te.Tensor, wp: te.Tensor) -> te.Tensor:
@@ -146,12 +156,19 @@ def legalize_matmul(fallback):  # noqa: ANN001, ANN201
         rows = 1
         for d in xs[:-1]:
             rows *= d
-        plan = plan_tile(xs[-2], ws[1], target)
+        lanes = cpu.vector_lanes(target)
+        n = ws[1]
+        plan = plan_tile(rows, -(-n // lanes) * lanes, target)
         if rows < _MIN_ROWS or plan is None or not _is_constant(bb, w):
             return fallback(bb, call)
         nb, _ = plan
         packed = bb.emit_te(_pack_weight, w, nb, primfunc_name_hint="matmul_weight_pack")
-        return bb.call_te(matmul_packed_te, x, packed, primfunc_name_hint=RULE)
+        if n % nb == 0:
+            return bb.call_te(matmul_packed_te, x, packed, primfunc_name_hint=RULE)
+        # N not whole blocks (a 37-class head): the product over the padded columns, then
+        # its first N (fused into the same kernel; the epilogue runs as a pass of its own).
+        padded = bb.emit_te(matmul_packed_te, x, packed, primfunc_name_hint=RULE)
+        return bb.call_te(_first_columns, padded, n, primfunc_name_hint="matmul_packed_columns")
 
     return legalize
 
@@ -176,15 +193,17 @@ def schedule_matmul_packed(
     if len(reductions) != 1 or cpu._annotation(sch, reductions[0]) != RULE:
         return None
     (mm,) = reductions
-    wp = [r.source for r in sch.get(mm).reads if len(r.source.shape) == 3]
-    if len(wp) != 1:
+    wp = sch.get(mm).reads[-1].source  # x[..., m, k] * wp[n / nb, k, n % nb]
+    if len(wp.shape) != 3:
         return None
-    blocks, k, nb = (int(d) for d in wp[0].shape)
+    blocks, k, nb = (int(d) for d in wp.shape)
     cpu._inline_spatial_intermediates(sch, keep=[mm])
     out = sch.cache_write(mm, 0, "local")
     cpu._inline_epilogue(sch, out)
     others = cpu._other_root_blocks(sch, [mm, out])
     *lead, m, n = sch.get_loops(out)
+    if lead:  # x's leading dims are rows too (a time-major [T, 1, K] projection)
+        m = sch.fuse(*lead, m)
     m_extent = cpu._extent(sch, m)
     tile = plan_tile(m_extent, blocks * nb, target)
     most = cpu.max_reg_n(target) // max(nb // cpu.vector_lanes(target), 1)
@@ -195,8 +214,8 @@ def schedule_matmul_packed(
     no, ni = sch.split(n, [None, nb])
     mo, mi = sch.split(m, [None, rows])
     panel, col = sch.split(no, [None, per_panel])
-    sch.reorder(panel, *lead, mo, col, mi, ni)
-    outer = sch.fuse(panel, *lead, mo, col)
+    sch.reorder(panel, mo, col, mi, ni)
+    outer = sch.fuse(panel, mo, col)
     if m_extent * blocks * nb * k >= cpu._PARALLEL_MIN * 64:
         sch.parallel(outer)
     sch.vectorize(ni)

@@ -38,12 +38,15 @@ def test_tile_fits_the_register_file(mcpu, triple, rows, n, expected):
     assert _gemm.plan_tile(rows, n, _target(mcpu, triple)) == expected
 
 
-def _matmul_model(m: int, k: int, n: int, *, const_weight: bool = True, gemm: bool = False):
-    """x [m, k] times a weight [k, n] (MatMul + Add + Relu, or Gemm with transB + Relu)."""
+def _matmul_model(
+    m: int, k: int, n: int, *, const_weight: bool = True, gemm: bool = False, lead: tuple = ()
+):
+    """x [*lead, m, k] times a weight [k, n] (MatMul + Add + Relu, or Gemm with transB +
+    Relu)."""
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((n, k) if gemm else (k, n)) / np.sqrt(k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, m, k])]
     inits = [numpy_helper.from_array(b, "b")]
     if const_weight:
         inits.append(numpy_helper.from_array(w, "w"))
@@ -58,7 +61,11 @@ def _matmul_model(m: int, k: int, n: int, *, const_weight: bool = True, gemm: bo
         ]
     nodes.append(helper.make_node("Relu", ["y"], ["z"]))
     graph = helper.make_graph(
-        nodes, "mm", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, [m, n])], inits
+        nodes,
+        "mm",
+        inputs,
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [*lead, m, n])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -72,15 +79,24 @@ def _check_against_onnxruntime(art, model: onnx.ModelProto) -> None:
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm_transB"])
-@pytest.mark.parametrize("m,k,n", [(64, 48, 96), (49, 40, 200), (96, 300, 16)])
+@pytest.mark.parametrize("m,k,n", [(64, 48, 96), (49, 40, 200), (96, 300, 16), (32, 64, 37)])
 def test_constant_weight_matmul_takes_the_packed_rule(tmp_path, gemm, m, k, n):
     """A constant weight (also behind Gemm's transpose) with enough rows: the packed
-    product, the bias and ReLU fused into it, the same numbers as onnxruntime."""
+    product, the bias and ReLU fused into it, the same numbers as onnxruntime. N = 37 (a
+    37-class head) is padded to whole blocks, and the first 37 columns come out."""
     model = _matmul_model(m, k, n, gemm=gemm)
     art = graphopt.compile(model, "x86", tmp_path / "m.so")
     rules = art.manifest["schedule"]["rules"]
     assert rules.get(_gemm.RULE) == 1 and "matmul" not in rules, rules
     assert art.manifest["verification"]["ok"]
+    _check_against_onnxruntime(art, model)
+
+
+def test_leading_dims_are_rows(tmp_path):
+    """A time-major projection, x [T, 1, K]: the T x 1 rows are tiled together."""
+    model = _matmul_model(1, 24, 40, lead=(32,))
+    art = graphopt.compile(model, "x86", tmp_path / "m.so")
+    assert art.manifest["schedule"]["rules"].get(_gemm.RULE) == 1
     _check_against_onnxruntime(art, model)
 
 
