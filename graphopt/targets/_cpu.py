@@ -98,6 +98,7 @@ def cpu_phases(
     # TVM-built schedule rules: imported when a pipeline is built, so that importing
     # graphopt (the IR, the passes) does not import TVM.
     from graphopt.targets import _cpu_schedules
+    from graphopt.targets._fold import FoldConstantCalls
 
     return {
         # Sorting/sampling ops map to library implementations before legalization.
@@ -112,6 +113,7 @@ def cpu_phases(
         "legalize": [
             relax.transform.LegalizeOps(legalize_map()),
             relax.transform.AnnotateTIROpPattern(),
+            FoldConstantCalls(),  # the weight transforms, one build (targets/_fold.py)
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
