@@ -97,8 +97,7 @@ def cpu_phases(
 
     # TVM-built schedule rules: imported when a pipeline is built, so that importing
     # graphopt (the IR, the passes) does not import TVM.
-    from graphopt.targets import _cpu_schedules
-    from graphopt.targets._fold import FoldConstantCalls
+    from graphopt.targets import _cpu_schedules, _fold
 
     return {
         # Sorting/sampling ops map to library implementations before legalization.
@@ -113,7 +112,7 @@ def cpu_phases(
         "legalize": [
             relax.transform.LegalizeOps(legalize_map()),
             relax.transform.AnnotateTIROpPattern(),
-            FoldConstantCalls(),  # the weight transforms, one build (targets/_fold.py)
+            _fold.FoldConstantCalls(),  # the weight transforms, one build per round
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
