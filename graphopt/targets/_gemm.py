@@ -69,15 +69,11 @@ def plan_tile(rows: int, n: int, target: tvm.target.Target) -> tuple[int, int] |
         nb = lanes * vectors
         if n % nb:
             continue
-        r = _largest_divisor(rows, most // vectors)
+        r = cpu._pick_reg_n(rows, most // vectors)
         key = (r * vectors, nb)
         if best is None or key > best[0]:
             best = (key, (nb, r))
     return None if best is None else best[1]
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(min(n, limit), 1) + 1) if n % d == 0)
 
 
 def _pack_weight(w: te.Tensor, nb: int) -> te.Tensor:
@@ -207,9 +203,9 @@ def schedule_matmul_packed(
     m_extent = cpu._extent(sch, m)
     tile = plan_tile(m_extent, blocks * nb, target)
     most = cpu.max_reg_n(target) // max(nb // cpu.vector_lanes(target), 1)
-    rows = tile[1] if tile is not None and tile[0] == nb else _largest_divisor(m_extent, most)
+    rows = tile[1] if tile is not None and tile[0] == nb else cpu._pick_reg_n(m_extent, most)
     rows = decisions.factor(sch, m_extent, rows, most) if rows > 1 else 1
-    per_panel = _largest_divisor(blocks, max(_PANEL_BYTES // (k * nb * 4), 1))
+    per_panel = cpu._pick_reg_n(blocks, max(_PANEL_BYTES // (k * nb * 4), 1))
     per_panel = decisions.factor(sch, blocks, per_panel, blocks) if per_panel > 1 else 1
     no, ni = sch.split(n, [None, nb])
     mo, mi = sch.split(m, [None, rows])
