@@ -6,7 +6,8 @@ record: its name, options, layouts (the default first), ``tvm_target(**options)`
 shape of TVM's ``relax/backend/<target>/pipeline.py``), ``export``, ``load`` and the
 optional parts with defaults (features, cross compiler, ``cannot_run_here``, tunable).
 ``TARGETS`` maps names to those records; nothing else in graphopt branches on target
-names. :func:`build` runs a target's phases and ``tvm.compile``.
+names. :func:`build` runs a target's phases and ``tvm.compile`` (for CPU targets its
+steps, with the kernels built on every core: :mod:`graphopt.targets._link`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from graphopt.errors import TargetError
-from graphopt.targets import _layout, _precision, arm, cuda, x86
+from graphopt.targets import _layout, _link, _precision, arm, cuda, x86
 from graphopt.targets._contract import Target
 
 __all__ = [
@@ -132,6 +133,8 @@ def build(
         with target:
             return tvm.transform.Sequential([p for ps in phases.values() for p in ps])(m)
 
+    if target.kind.name == "llvm":  # CPU kernels build on every core (_link)
+        return _link.build(mod, target, pipeline)
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from graphopt.errors import TargetError
-from graphopt.targets import _cpu, _layout
+from graphopt.targets import _cpu, _layout, _link
 from graphopt.targets._contract import Target
 from graphopt.targets._emulation import EmulatedRunner
 
@@ -92,7 +92,7 @@ def cross_compiler() -> str:
 def export(executable, path: Path) -> None:  # noqa: ANN001 - tvm VMExecutable
     from tvm.support import cc
 
-    executable.export_library(str(path), fcompile=cc.cross_compiler(cross_compiler()))
+    _link.export(executable, path, fcompile=cc.cross_compiler(cross_compiler()))
 
 
 def load(path: Path, _manifest: dict | None = None):  # noqa: ANN201 - returns a runner

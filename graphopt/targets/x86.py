@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from graphopt.errors import ArtifactError, TargetError
-from graphopt.targets import _cpu, _layout
+from graphopt.targets import _cpu, _layout, _link
 from graphopt.targets._contract import Target
 
 NAME = "x86"
@@ -71,7 +71,7 @@ def phases(
 
 
 def export(executable, path: Path) -> None:  # noqa: ANN001 - tvm VMExecutable
-    executable.export_library(str(path))
+    _link.export(executable, path)
 
 
 def load(path: Path, _manifest: dict | None = None):  # noqa: ANN201 - returns a runner
