@@ -420,3 +420,45 @@ def test_concat_of_differently_blocked_tensors_still_packs_and_verifies() -> Non
     lanes = _lanes()
     assert layouts == [f"NCHW{lanes}c", f"NCHW{lanes}c", "NCHW8c"]
     assert graphopt.compile(model, "x86").manifest["verification"]["ok"]
+
+
+@pytest.mark.parametrize(
+    "blocks,height,width,most,expected",
+    [
+        ((8, 56, 56, 12, (2, 1))),  # AVX2, 56 wide: 2 blocks x 4 pixels (6 loads, 8 FMAs)
+        ((8, 28, 28, 12, (2, 1))),
+        ((8, 14, 14, 12, (2, 2))),  # 2 pixels alone are too few chains: 2 rows x 2 pixels
+        ((8, 7, 7, 12, (1, 1))),  # 7 is prime: one block x 7 pixels
+        ((8, 13, 13, 12, (1, 1))),  # SqueezeNet's 13: the whole row, one block
+        ((7, 56, 56, 12, (1, 1))),  # an odd block count cannot pair
+        ((8, 56, 56, 28, (2, 1))),  # AVX-512's 28 accumulators: 2 blocks x 14 pixels
+        ((8, 7, 7, 28, (2, 1))),  # 2 blocks x 7 pixels
+    ],
+)
+def test_dense_conv_tile_pairs_channel_blocks_where_it_loads_less(
+    blocks, height, width, most, expected
+) -> None:  # noqa: ANN001
+    assert cpu._channel_blocks_tile(blocks, height, width, most) == expected
+
+
+@pytest.mark.parametrize("k,stride,size", [(1, 1, 14), (1, 2, 28), (3, 2, 28), (1, 1, 56)])
+def test_paired_channel_block_tiles_match_onnxruntime(k: int, stride: int, size: int) -> None:
+    """Pointwise and strided dense convs (the tiles of two channel blocks, with rows at 14
+    wide on AVX2) take their packed rules and compute what onnxruntime does."""
+    rng = np.random.default_rng(k + stride)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16, k, k)).astype("float32"), "w")
+    b = numpy_helper.from_array(rng.standard_normal(32).astype("float32"), "b")
+    out = size // stride
+    conv = helper.make_node(
+        "Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2
+    )
+    model = _model(
+        [conv, helper.make_node("Relu", ["c"], ["y"])],
+        {"x": [1, 16, size, size]},
+        ("y", [1, 32, out, out]),
+        [w, b],
+    )
+    rules = _rules_used(_scheduled_module(model))
+    assert set(rules.values()) & {"pointwise_nchwc", "conv2d_nchwc"}, rules
+    art = graphopt.compile(model, "x86")  # verifies against onnxruntime
+    assert art.manifest["verification"]["ok"]
