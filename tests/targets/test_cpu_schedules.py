@@ -8,6 +8,8 @@ LegalizeOps' naive loops look like).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -26,9 +28,9 @@ BIG_KERNEL = 4096
 _UP_TO_SCHEDULE = ("library_dispatch", "layout", "legalize", "schedule")
 
 
-def _scheduled_module(model: onnx.ModelProto) -> tvm.IRModule:
+def _scheduled_module(model: onnx.ModelProto, **options) -> tvm.IRModule:
     """The x86 pipeline up to and including its schedule phase (no LLVM codegen)."""
-    spec = resolve("x86")
+    spec = resolve("x86", **options)
     _, graph, _ = prepare(model)
     mod = to_relax(graph)
     target = tvm.target.Target(spec.tvm)
@@ -462,3 +464,25 @@ def test_paired_channel_block_tiles_match_onnxruntime(k: int, stride: int, size:
     assert set(rules.values()) & {"pointwise_nchwc", "conv2d_nchwc"}, rules
     art = graphopt.compile(model, "x86")  # verifies against onnxruntime
     assert art.manifest["verification"]["ok"]
+
+
+def _pointwise_conv_script(width: int, cpu_name: str) -> str:
+    rng = np.random.default_rng(width)
+    w = numpy_helper.from_array(rng.standard_normal((16, 16, 1, 1)).astype("float32"), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
+    model = _model([conv], {"x": [1, 16, width, width]}, ("y", [1, 16, width, width]), [w])
+    mod = _scheduled_module(model, cpu=cpu_name)
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    return func.script()
+
+
+def test_a_tile_past_the_register_budget_unrolls_its_lane_loop() -> None:
+    """SqueezeNet's 13-wide row on AVX2 (12 accumulators) takes the whole row, and its
+    8-lane reduction loop is unrolled in TIR (LLVM's unroll by 2 spilled); a 14-wide row's
+    tile fits the budget and keeps its lane loop."""
+
+    def unrolled(script: str) -> set[int]:
+        return {int(n) for n in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)}
+
+    assert {13, 8} <= unrolled(_pointwise_conv_script(13, "znver3"))
+    assert 8 not in unrolled(_pointwise_conv_script(14, "znver3"))
