@@ -59,8 +59,14 @@ def build(mod, target, relax_pipeline):  # noqa: ANN001, ANN201 - tvm objects
         return vm_build._vmlink(builder, target, None, ext_libs=ext_libs, params=params)
     tir_mod = vm_build._auto_attach_system_lib_prefix(tir_mod, target, None)
     parts = split(tir_mod, workers())
+    context = tvm.transform.PassContext.current()  # thread-local: the workers enter it
+
+    def build_part(part):  # noqa: ANN001, ANN202
+        with context:
+            return tvm.tirx.build(part, target=target)
+
     with ThreadPoolExecutor(len(parts)) as pool:
-        libs = list(pool.map(lambda m: tvm.tirx.build(m, target=target), parts))
+        libs = list(pool.map(build_part, parts))
     # _vmlink's own steps with a built library: the first part imports the others, as a
     # host module imports device modules; every kernel is found by name through it.
     for lib in libs[1:]:
@@ -86,7 +92,7 @@ def export(executable, path: Path, fcompile=None) -> None:  # noqa: ANN001
     temp = utils.tempdir()
     files = [temp.relpath(f"lib{i}.o") for i in range(len(modules))]
     with ThreadPoolExecutor(min(workers(), len(modules))) as pool:
-        list(pool.map(lambda mf: mf[0].write_to_file(mf[1]), zip(modules, files)))
+        list(pool.map(lambda mf: mf[0].write_to_file(mf[1]), zip(modules, files, strict=True)))
     first = modules[0]
     system_lib = first.get_function("__tvm_is_system_module")()
     prefix = first.get_function("__tvm_get_system_lib_prefix")() or ""
