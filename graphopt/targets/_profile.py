@@ -375,10 +375,10 @@ def time_kernels(executable, found: list[Kernel], device, repeat: int) -> dict[s
     Timed here with ``perf_counter`` around plain calls, as the VM calls a kernel: on a
     single thread TVM's ``time_evaluator`` reported 3x the time a direct call takes (a
     conv of 0.17 ms as 0.57 ms), which would make the kernels add up to 3x the model."""
-    lib = executable.mod.imports[0]
+    lib = executable.mod.imports[0]  # the kernels' library (its imports: _link's parts)
     times = {}
     for k in found:
-        func = lib.get_function(k.name)
+        func = lib.get_function(k.name, query_imports=True)
         args = _random_args(k.args, device)
         times[k.name] = _median_per_call(lambda f=func, a=args: f(*a), device, repeat)
     return times

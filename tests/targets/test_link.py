@@ -78,3 +78,13 @@ def test_arm_model_built_in_parts_runs_under_emulation(monkeypatch, tmp_path):
     art, model = _compile_in_parts(monkeypatch, "arm", tmp_path / "arm.so", parts=2)
     assert art.emulated and art.manifest["verification"]["ok"]
     _check_against_onnxruntime(art, model)
+
+
+def test_profile_times_every_kernel_of_a_model_built_in_parts(monkeypatch):
+    """``graphopt profile`` calls each kernel from the built library: kernels of the second
+    part are found through the first's imports."""
+    monkeypatch.setattr(_link, "workers", lambda: 2)
+    monkeypatch.setattr(_link, "_MIN_KERNELS_PER_PART", 1)
+    report = graphopt.profile(zoo_model("conv_variants"), "x86", repeat=2)
+    assert len(report.rows) >= 4
+    assert all(r.seconds_per_call > 0 for r in report.rows)
