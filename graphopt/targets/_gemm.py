@@ -198,8 +198,12 @@ def schedule_matmul_packed(
     cpu._inline_epilogue(sch, out)
     others = cpu._other_root_blocks(sch, [mm, out])
     *lead, m, n = sch.get_loops(out)
-    if lead:  # x's leading dims are rows too (a time-major [T, 1, K] projection)
+    if lead and cpu._extent(sch, m) == 1:
+        # x's leading dims are the rows (a time-major [T, 1, K] projection). Only where m
+        # is 1: a row tile split from fused rows of several (ConvNeXt's [1, 56, 56, C])
+        # has bindings TVM cannot prove affine, and the rule then failed to vectorize.
         m = sch.fuse(*lead, m)
+        lead = []
     m_extent = cpu._extent(sch, m)
     tile = plan_tile(m_extent, blocks * nb, target)
     most = cpu.max_reg_n(target) // max(nb // cpu.vector_lanes(target), 1)
@@ -210,8 +214,8 @@ def schedule_matmul_packed(
     no, ni = sch.split(n, [None, nb])
     mo, mi = sch.split(m, [None, rows])
     panel, col = sch.split(no, [None, per_panel])
-    sch.reorder(panel, mo, col, mi, ni)
-    outer = sch.fuse(panel, mo, col)
+    sch.reorder(panel, *lead, mo, col, mi, ni)
+    outer = sch.fuse(panel, *lead, mo, col)
     if m_extent * blocks * nb * k >= cpu._PARALLEL_MIN * 64:
         sch.parallel(outer)
     sch.vectorize(ni)

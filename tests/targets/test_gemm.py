@@ -100,6 +100,17 @@ def test_leading_dims_are_rows(tmp_path):
     _check_against_onnxruntime(art, model)
 
 
+@pytest.mark.parametrize("lead,m", [((1, 16), 16), ((2, 12), 12)])
+def test_image_rows_keep_their_leading_dims(tmp_path, lead, m):
+    """Per-pixel MLPs ([1, H, W, C] x [C, N], ConvNeXt): the rows tile within W and the
+    leading dims stay loops of their own (fused with W, TVM could not prove the tile's
+    bindings affine and the rule fell back to the reduction tile)."""
+    model = _matmul_model(m, 32, 64, lead=lead)
+    art = graphopt.compile(model, "x86", tmp_path / "m.so")
+    assert art.manifest["schedule"]["rules"].get(_gemm.RULE) == 1, art.manifest["schedule"]
+    _check_against_onnxruntime(art, model)
+
+
 @pytest.mark.parametrize(
     "m,const_weight", [(4, True), (64, False)], ids=["few_rows", "activation_weight"]
 )
