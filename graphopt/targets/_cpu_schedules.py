@@ -769,8 +769,10 @@ def schedule_conv2d_nchwc(
     # is per pixel, not per lane, so the loads still vectorize). So is the padding of a
     # thin input (an RGB image, 3 channels innermost): as a pass of its own it cannot
     # vectorize and cost more than the conv (MobileNetV2's first conv: 0.57 -> 0.20 ms).
+    # (A thin input also keeps one channel block in the register tile below: 2 blocks x 4
+    # pixels ran MobileNetV2's and ResNet's stems 40% slower.)
     pads = [b for b in sch.get_producers(conv) if "pad" in sch.get(b).name_hint]
-    thin = any(int(sch.get(p).writes[0].source.shape[-1]) < lanes for p in pads)
+    thin = int(sch.get(conv).reads[0].source.shape[-1]) < lanes
     _inline_spatial_intermediates(sch, keep=[conv] if depthwise or thin else [conv, *pads])
     out = sch.cache_write(conv, 0, "local")
     _inline_epilogue(sch, out)
@@ -779,16 +781,14 @@ def schedule_conv2d_nchwc(
     if len(loops) != 5:
         return None
     n, co, y, x, ci = loops
+    most = max_reg_n(target)
     blocks, rows = 1, 1
-    # a thin input (an RGB stem's 3 channels innermost) keeps one block: its padding is
-    # inlined, and 2 blocks x 4 pixels ran MobileNetV2's and ResNet's stems 40% slower
-    thin_input = int(sch.get(conv).reads[0].source.shape[-1]) < lanes
-    if not plan.rows and not thin_input and _annotation(sch, conv) == "conv2d_nchwc":
+    if not plan.rows and not thin and _annotation(sch, conv) == "conv2d_nchwc":
         extents = (_extent(sch, co), _extent(sch, y), _extent(sch, x))
-        blocks, rows = _channel_blocks_tile(*extents, max_reg_n(target))
+        blocks, rows = _channel_blocks_tile(*extents, most)
     if blocks > 1:
         co, cob = sch.split(co, [None, blocks])
-    tile = _register_tile(sch, (y, x), decisions, plan, max_reg_n(target) // blocks, rows)
+    tile = _register_tile(sch, (y, x), decisions, plan, most // blocks, rows)
     if tile is None:
         return None
     xo, xi, tile_loops = tile
@@ -812,7 +812,7 @@ def schedule_conv2d_nchwc(
     # to the stack (SqueezeNet's 13-wide 512->1000 classifier: 63-75 GFLOP/s; unrolled
     # here, 93-97). Tiles within the budget run as fast or faster without it (a 7-wide
     # row: 102 against 71).
-    full = (_extent(sch, xi) or 1) * blocks > max_reg_n(target)
+    full = (_extent(sch, xi) or 1) * blocks > most
     _split_reduction_into_tile(sch, conv, xo, plan, unroll_lanes=full)
     return _schedule_others(sch, others, lanes)
 

@@ -13,9 +13,10 @@ link as built libraries instead of one module to build.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from graphopt.targets import _runner
 
 # Below this many kernels a split saves less than the extra modules cost.
 _MIN_KERNELS_PER_PART = 16
@@ -23,9 +24,7 @@ _MIN_KERNELS_PER_PART = 16
 
 def workers() -> int:
     """How many threads build and write: the CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    return _runner.usable_cpus()
 
 
 def split(tir_mod, parts: int) -> list:  # noqa: ANN001 - tvm.IRModule

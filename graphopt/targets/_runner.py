@@ -55,11 +55,18 @@ def use_all_cores() -> int:
             return int(os.environ[var])
     import psutil
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    physical = psutil.cpu_count(logical=False) or usable or 1
-    threads = max(1, min(physical, usable or physical))
+    usable = usable_cpus()
+    physical = psutil.cpu_count(logical=False) or usable
+    threads = max(1, min(physical, usable))
     os.environ["TVM_NUM_THREADS"] = str(threads)
     return threads
+
+
+def usable_cpus() -> int:
+    """The logical CPUs this process may run on (its affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def load_library(path: str | os.PathLike):  # noqa: ANN201 - a tvm_ffi.Module
