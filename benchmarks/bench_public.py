@@ -9,9 +9,12 @@ ONNX opset 17, exported once and cached): compile with graphopt for x86 with def
 schedules and verification (the "compile s" column is ``graphopt.compile`` wall time,
 verification included), read the fast-path coverage and the conv/matmul FLOPs from the
 artifact's manifest (``schedule``), then time the three engines on the same seeded input,
-interleaved: each round runs every engine for one block of ``--block`` seconds (1 s; 0.2 s
+interleaved: each round runs every engine for one block of ``--block`` seconds (0.5 s; 0.2 s
 with ``--quick``), the order rotating from round to round; a block's figure is the median
-call latency inside it, an engine's figure the median over ``--rounds`` rounds (3).
+call latency inside it, an engine's figure the median over ``--rounds`` rounds (7). A ratio
+is the median over the rounds of that round's ratio (graphopt's block over the other
+engine's block of the same round): on a VM whose speed changes from minute to minute, two
+blocks a second apart see the same speed, and a slow stretch moves both sides of a ratio.
 
 - graphopt: ``Artifact.benchmark`` (the VM's ``main`` on inputs already on the device).
 - onnxruntime: ``InferenceSession.run``, CPUExecutionProvider, default graph
@@ -67,14 +70,15 @@ class Row:
     compile_s: float | None = None
     error: str | None = None  # why graphopt has no figure (export, compile or verify)
     notes: list[str] = field(default_factory=list)
+    paired: dict[str, float] = field(default_factory=dict)  # engine -> median round ratio
 
     @property
     def vs_ort(self) -> float | None:
-        return _ratio(self.graphopt_ms, self.ort_ms)
+        return self.paired.get("ORT") or _ratio(self.graphopt_ms, self.ort_ms)
 
     @property
     def vs_openvino(self) -> float | None:
-        return _ratio(self.graphopt_ms, self.openvino_ms)
+        return self.paired.get("OpenVINO") or _ratio(self.graphopt_ms, self.openvino_ms)
 
     @property
     def gflops(self) -> float | None:
@@ -210,7 +214,8 @@ def header_lines(threads: int, block_s: float, rounds: int) -> list[str]:
         f"{platform.system()} {platform.machine()}",
         _versions(),
         f"x86, default schedules, fp32, {threads} thread(s) for every engine; interleaved "
-        f"{block_s:g} s blocks, median of {rounds} rounds; ratio > 1: graphopt slower",
+        f"{block_s:g} s blocks, median of {rounds} rounds; ratio: median of the rounds' "
+        "ratios, > 1: graphopt slower",
     ]
 
 
@@ -363,10 +368,12 @@ def bench_model(name: str, opts: argparse.Namespace, workdir: Path) -> Row:
         if opts.verbose:
             traceback.print_exc()
     add_openvino(engines, row.notes, path, opts.threads, inputs, session)
-    measured = interleaved(engines, opts.block, opts.rounds)
+    rounds = interleaved_rounds(engines, opts.block, opts.rounds)
+    measured = {n: statistics.median(v) for n, v in rounds.items()}
     row.graphopt_ms = measured.get("graphopt")
     row.ort_ms = measured.get("ORT")
     row.openvino_ms = measured.get("OpenVINO")
+    row.paired = paired_ratios(rounds, "graphopt")
     for engine in engines.values():
         engine.close()
     return row
@@ -374,12 +381,31 @@ def bench_model(name: str, opts: argparse.Namespace, workdir: Path) -> Row:
 
 def interleaved(engines: dict, block_s: float, rounds: int) -> dict[str, float]:
     """Median over ``rounds`` of each engine's block figure, the engines taking turns."""
+    figures = interleaved_rounds(engines, block_s, rounds)
+    return {n: statistics.median(v) for n, v in figures.items()}
+
+
+def interleaved_rounds(engines: dict, block_s: float, rounds: int) -> dict[str, list[float]]:
+    """Each engine's block figure (ms) of every round, the engines taking turns."""
     names = list(engines)
     figures: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             figures[n].append(engines[n].block(block_s))
-    return {n: statistics.median(v) for n, v in figures.items()}
+    return figures
+
+
+def paired_ratios(figures: dict[str, list[float]], ours: str) -> dict[str, float]:
+    """Per other engine: the median over the rounds of ``ours``'s block over that engine's
+    block of the same round (:func:`interleaved_rounds`); no entry without ``ours``."""
+    mine = figures.get(ours)
+    if not mine:
+        return {}
+    return {
+        n: statistics.median(a / b for a, b in zip(mine, v, strict=True))
+        for n, v in figures.items()
+        if n != ours and v
+    }
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -406,15 +432,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--models", default="all", help="all (default), issue13, issue14, or names, comma-separated"
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_BLOCK_S} s blocks")
-    parser.add_argument("--block", type=float, default=None, help="seconds per block (1)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block", type=float, default=None, help="seconds per block (0.5)")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphopt-bench-public"))
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
     opts = parser.parse_args(argv)
     if opts.block is None:
-        opts.block = QUICK_BLOCK_S if opts.quick else 1.0
+        opts.block = QUICK_BLOCK_S if opts.quick else 0.5
     return opts
 
 

@@ -14,7 +14,7 @@ RNN and a 3-conv 32x32 CNN. Each is exported once to ONNX (``torch.onnx.export``
 ``dynamo=False``), and all three engines run that file on the same inputs; graphopt
 compiles it for x86 with default schedules and verification against onnxruntime.
 
-Timing is ``benchmarks/bench_public.py``'s: interleaved ``--block``-second blocks (1 s;
+Timing uses ``benchmarks/bench_public.py``'s interleaving: ``--block``-second blocks (1 s;
 0.2 s with ``--quick``), each engine's figure the median over ``--rounds`` (3) of its block
 medians; OpenVINO with {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}.
 

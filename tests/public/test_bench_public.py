@@ -62,4 +62,15 @@ def test_model_names_groups_and_unknown():
 
 def test_parse_args_quick_blocks():
     assert bp.parse_args(["--quick"]).block == bp.QUICK_BLOCK_S
-    assert bp.parse_args([]).block == 1.0
+    assert bp.parse_args([]).block == 0.5
+
+
+def test_ratio_is_the_median_of_round_ratios():
+    # a slow stretch (round 2 doubles every engine) moves both sides of that round's ratio
+    figures = {"graphopt": [2.0, 4.4, 2.4], "ORT": [2.0, 4.0, 1.6], "OpenVINO": [1.0, 2.0, 1.0]}
+    paired = bp.paired_ratios(figures, "graphopt")
+    assert paired == {"ORT": pytest.approx(1.1), "OpenVINO": pytest.approx(2.2)}
+    row = bp.Row("m", 2.4, 2.0, 1.0, paired=paired)
+    assert row.vs_ort == pytest.approx(1.1)  # not 2.4 / 2.0 from the medians alone
+    assert bp.paired_ratios({"ORT": [1.0]}, "graphopt") == {}
+    assert bp.parse_args([]).rounds == 7
