@@ -10,7 +10,8 @@ cumulative: the 15-minute point resumes the 5-minute database for 10 more minute
 After each step the model is compiled with the database and timed together with graphopt's
 default schedules, onnxruntime and OpenVINO (f32): all engines with ``--threads`` threads,
 in interleaved ``--block``-second blocks (median of ``--rounds``), so a load that drifts
-during the hours of tuning moves every engine alike.
+during the hours of tuning moves every engine alike; a ratio is the median of the rounds'
+own ratios (``bench_public.paired_ratios``).
 
 Prints a markdown table (ratio < 1: tuned graphopt faster) and draws latency over tuning
 time, one panel per model, to ``--png`` (matplotlib, Agg): the measured points after each
@@ -37,8 +38,10 @@ from _public_models import export_onnx, missing_extra  # noqa: E402
 from bench_public import (  # noqa: E402
     CallEngine,
     GraphoptEngine,
+    interleaved_rounds,
     openvino_request,
     ort_session,
+    paired_ratios,
     set_threads,
 )
 from bench_zoo import cpu_name  # noqa: E402
@@ -56,6 +59,14 @@ class Point:
     minutes: float
     trials: int
     ms: dict[str, float]  # engine -> median ms: tuned, default, ort, openvino
+    vs: dict[str, float] = field(default_factory=dict)  # engine -> tuned's round ratio
+
+
+def _point(minutes: float, trials: int, engines: dict, opts) -> Point:  # noqa: ANN001
+    """The engines timed in interleaved rounds; tuned's ratios paired round by round."""
+    figures = interleaved_rounds(engines, opts.block, opts.rounds)
+    ms = {k: statistics.median(v) for k, v in figures.items()}
+    return Point(minutes, trials, ms, paired_ratios(figures, "tuned"))
 
 
 @dataclass
@@ -65,15 +76,6 @@ class Curve:
     name: str
     points: list[Point] = field(default_factory=list)
     estimate: list[tuple[float, float]] = field(default_factory=list)  # (min, ms)
-
-
-def _median_blocks(engines: dict, seconds: float, rounds: int) -> dict[str, float]:
-    """Each engine's median over ``rounds`` interleaved blocks (fair under drifting load)."""
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            times[name].append(engine.block(seconds))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
@@ -96,7 +98,7 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
     path = export_onnx(name)
     curve = Curve(name)
     engines, inputs = _engines(path, work, opts)
-    curve.points.append(Point(0.0, 0, _median_blocks(engines, opts.block, opts.rounds)))
+    curve.points.append(_point(0.0, 0, engines, opts))
     db = Path(opts.db) / name if opts.db else work / f"{name}-db"
     spent = 0.0  # minutes of tuning so far (this run)
     start = time.monotonic()
@@ -128,7 +130,7 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
         tuned = graphopt.compile(path, "x86", work / f"{name}-{budget:g}.so", tuning_db=db)
         timed = {"tuned": GraphoptEngine(tuned, inputs), **engines}
-        curve.points.append(Point(budget, trials, _median_blocks(timed, opts.block, opts.rounds)))
+        curve.points.append(_point(budget, trials, timed, opts))
         timed["tuned"].close()
         ms = curve.points[-1].ms
         print(
@@ -140,8 +142,8 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
     return curve
 
 
-def _r(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "-"
+def _r(ratio: float | None) -> str:
+    return f"{ratio:.2f}" if ratio else "-"
 
 
 def table(curves: list[Curve]) -> str:
@@ -157,8 +159,8 @@ def table(curves: list[Curve]) -> str:
             rows.append(
                 f"| {c.name} | {p.minutes:g} | {p.trials} | {ms['tuned']:.3f} "
                 f"| {ms['default']:.3f} | {ms['ort']:.3f} | {ov} "
-                f"| {_r(ms['tuned'], ms['default'])} | {_r(ms['tuned'], ms['ort'])} "
-                f"| {_r(ms['tuned'], ms.get('openvino'))} |"
+                f"| {_r(p.vs.get('default'))} | {_r(p.vs.get('ort'))} "
+                f"| {_r(p.vs.get('openvino'))} |"
             )
     return "\n".join(rows)
 
