@@ -60,7 +60,7 @@ def load_model(
         return source, source.graph.copy()  # passes rewrite in place; keep the source
     source = load_onnx(model)
     return source, onnx_to_graph(
-        source, shapes, require_static=require_static, dynamic_batch=dynamic_batch
+        source, shapes, require_static=require_static, dynamic_batch=dynamic_batch, checked=True
     )
 
 

@@ -352,16 +352,19 @@ def onnx_to_graph(
     require_static: bool = True,
     *,
     dynamic_batch: bool = False,
+    checked: bool = False,
 ) -> Graph:
     """Load ``model`` and convert it to a :class:`Graph`.
 
     With ``require_static`` (needed to compile), a symbolic input dim is an error that
     says how to fix it; ``graphopt inspect`` passes False to show the model as it is.
     ``dynamic_batch`` (implied by a symbol in ``input_shapes``) keeps dim 0 symbolic:
-    see the module docstring.
+    see the module docstring. ``checked``: ``model`` is a ModelProto :func:`load_onnx`
+    returned, not checked again (onnx.checker serializes the model: 2 s for VGG-11's
+    530 MB of weights).
     """
     proto = onnx.ModelProto()
-    proto.CopyFrom(load_onnx(model))
+    proto.CopyFrom(model if checked and isinstance(model, onnx.ModelProto) else load_onnx(model))
     if not proto.graph.output:  # onnx.checker allows it; nothing would run
         raise ModelLoadError("the model's graph has no outputs: there is nothing to compile")
     for kind, infos in (("input", proto.graph.input), ("output", proto.graph.output)):
