@@ -1,6 +1,7 @@
 """Latency of every zoo CNN: onnxruntime, torch eager and graphopt, side by side in one run.
 
     python benchmarks/bench_zoo.py [--rounds 7] [--block 0.5] [--models resnet18,small_cnn]
+                                   [--against REV]
 
 Prints the machine, then a markdown table: median latency of each engine (ms) and
 graphopt's ratio to each (ratio > 1 means graphopt is slower). All engines use their
@@ -11,6 +12,11 @@ Timing is ``bench_public.py``'s: the engines take turns in ``--rounds`` rounds o
 ``--block``-second block each; an engine's figure is the median of its blocks' median
 latencies, a ratio the median of the rounds' own ratios (the VM's speed changes from
 minute to minute; two blocks of one round see the same speed).
+
+``--against REV`` (a git revision of this repository, e.g. the commit an issue was filed
+on) adds a column: the zoo compiled by the code at REV (checked out in a temporary git
+worktree, compiled in a subprocess with that tree first on ``sys.path``) and timed in the
+same rounds, so "is any zoo model slower than it was" is answered on this machine.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +117,48 @@ def fp32_peak_gflops() -> tuple[float, str]:
     return peak, f"measured: {threads} threads x {acc_n} chains of {lanes}-lane FMA"
 
 
-def bench(name: str, block_s: float, rounds: int, workdir: Path) -> dict:
+_COMPILE_AT_REV = """
+import sys
+import graphopt
+from graphopt import zoo
+for name in sys.argv[2].split(","):
+    graphopt.compile(zoo.build(name), "x86", f"{sys.argv[1]}/{name}.so")
+"""
+
+
+def compile_at(rev: str, names: list[str], out: Path) -> Path:
+    """The zoo models ``names`` compiled by the code at git revision ``rev``, as
+    ``out/<name>.so``; that revision is checked out in a temporary worktree."""
+    repo = Path(__file__).resolve().parents[1]
+    out.mkdir(parents=True, exist_ok=True)
+    tree = Path(tempfile.mkdtemp(prefix="bench-zoo-rev-")) / "tree"
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        cmd = [sys.executable, "-c", _COMPILE_AT_REV, str(out), ",".join(names)]
+        subprocess.run(cmd, check=True, cwd=tree, env=env)
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+    return out
+
+
+def _library_call(path: Path, inputs: dict):  # noqa: ANN202 - () -> outputs
+    """A call of the Relax VM ``main`` of the library at ``path`` (any graphopt version's
+    artifact) on ``inputs`` already on the CPU."""
+    import tvm
+
+    from graphopt.targets._runner import load_library
+
+    dev = tvm.cpu()
+    main = tvm.runtime.vm.VirtualMachine(load_library(path), dev)["main"]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in inputs.values()]
+    return lambda: main(*args)
+
+
+def bench(
+    name: str, block_s: float, rounds: int, workdir: Path, against: Path | None = None
+) -> dict:
     # bench_public imports this module's cpu_name: imported here, not at the top
     from bench_public import CallEngine, GraphoptEngine, interleaved_rounds, paired_ratios
 
@@ -124,6 +173,8 @@ def bench(name: str, block_s: float, rounds: int, workdir: Path) -> dict:
         "graphopt": GraphoptEngine(artifact, inputs),
         "ORT": CallEngine(lambda: sess.run(None, inputs)),
     }
+    if against is not None:
+        engines["REV"] = CallEngine(_library_call(against / f"{name}.so", inputs))
     try:
         from _onnx_torch import Unsupported, build
 
@@ -144,6 +195,8 @@ def bench(name: str, block_s: float, rounds: int, workdir: Path) -> dict:
     if "torch" in figures:
         row["torch_ms"] = statistics.median(figures["torch"])
         row["vs_torch"] = paired["torch"]
+    if "REV" in figures:
+        row["vs_rev"] = paired["REV"]
     artifact.close()
     return row
 
@@ -154,9 +207,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default="resnet18,mobilenetv2,small_cnn")
     parser.add_argument("--workdir", default="/tmp/graphopt-bench")
+    parser.add_argument("--against", metavar="REV", help="also time the zoo as REV compiled it")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    names = args.models.split(",")
+    against = None
+    if args.against:
+        against = compile_at(args.against, names, workdir / f"at-{args.against}")
     print(f"# graphopt zoo benchmark, {datetime.date.today()}")
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
@@ -167,20 +225,22 @@ def main() -> None:
         "of the rounds' ratios"
     )
     print()
+    rev = f" graphopt/{args.against} |" if against else ""
     print(
         "| model | onnxruntime ms | torch eager ms | graphopt ms | graphopt/ORT | graphopt/torch "
-        "| compile+verify s |"
+        f"|{rev} compile+verify s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if against else "") + "---:|")
     rows = []
-    for name in args.models.split(","):
-        r = bench(name, args.block, args.rounds, workdir)
+    for name in names:
+        r = bench(name, args.block, args.rounds, workdir, against)
         rows.append(r)
         torch_ms = f"{r['torch_ms']:.2f}" if r["torch_ms"] else "n/a"
         vs_torch = f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "n/a"
+        vs_rev = f" {r['vs_rev']:.2f}x |" if against else ""
         print(
             f"| {name} | {r['ort_ms']:.2f} | {torch_ms} | {r['graphopt_ms']:.2f} | "
-            f"{r['vs_ort']:.2f}x | {vs_torch} | {r['compile_s']:.1f} |",
+            f"{r['vs_ort']:.2f}x | {vs_torch} |{vs_rev} {r['compile_s']:.1f} |",
             flush=True,
         )
     peak, how = fp32_peak_gflops()
