@@ -34,6 +34,7 @@ from graphopt.passes._pipeline import (
 from graphopt.passes._pipeline import build_pipeline as _build
 from graphopt.passes._rewrite import Match, RewritePass, RewriteRule, apply_rules, rewrite_pass
 from graphopt.passes.annotate_conv_groups import AnnotateConvGroups, FuseConvAct
+from graphopt.passes.conv_transpose import ConvTransposeToConv
 from graphopt.passes.cse import EliminateCommonSubexpressions
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.eliminate_identity import EliminateIdentity
@@ -80,6 +81,7 @@ __all__ = [
     "FoldConstants",
     "FoldConvMulAdd",
     "AnnotateConvGroups",
+    "ConvTransposeToConv",
     "FuseConvAct",
     "FuseSiLU",
     "FuseGELU",
@@ -95,6 +97,7 @@ PASSES: dict[str, type[Pass]] = {
         ExpandRNN,
         FoldBatchNorm,
         FoldConvMulAdd,
+        ConvTransposeToConv,
         FuseSiLU,
         FuseGELU,
         AnnotateConvGroups,
@@ -106,7 +109,8 @@ PASSES: dict[str, type[Pass]] = {
 # checked against those declarations. Identities go first so constant folding sees
 # through them; CSE and redundant-op removal need folded shape constants; BatchNorm
 # folding and the Conv Mul/Add fold need constant weights; RNN expansion precomputes
-# transposed weights; the conv+activation annotation sees the final ops; dead code last.
+# transposed weights; ConvTranspose becomes a Conv once BatchNorm is folded into it; the
+# conv+activation annotation sees the final ops; dead code last.
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "eliminate-identity",
     "fold-constants",
@@ -115,6 +119,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "expand-rnn",
     "fold-batchnorm",
     "fold-conv-mul-add",
+    "conv-transpose-to-conv",
     "fuse-silu",
     "fuse-gelu",
     "annotate-conv-groups",

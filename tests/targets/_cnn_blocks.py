@@ -1,5 +1,6 @@
 """Small ONNX CNNs, one per conv family and layout-carrying pattern of public models
-(EfficientNet, MobileNetV3, ShuffleNetV2, ResNeXt, RegNet), built with fixed seeds."""
+(EfficientNet, MobileNetV3, ShuffleNetV2, ResNeXt, RegNet, FCN/U-Net decoders), built
+with fixed seeds."""
 
 from __future__ import annotations
 
@@ -136,12 +137,35 @@ def odd_concat() -> onnx.ModelProto:
     return b.model({"input": (1, 4, 16, 16)}, [z])
 
 
+def _up(b: _Builder, x: str, cin: int, cout: int, k: int, stride: int, **attrs) -> str:
+    """ConvTranspose with a random weight (and bias): ``attrs`` are its attributes."""
+    groups = attrs.get("group", 1)
+    w = b.weight((cin, cout // groups, k, k), cin // groups * k * k // stride**2)
+    bias = b.const((b.rng.standard_normal(cout) * 0.1).astype(np.float32), "b")
+    return b.op("ConvTranspose", [x, w, bias], kernel_shape=[k, k], strides=[stride] * 2, **attrs)
+
+
+def decoder() -> onnx.ModelProto:
+    """FCN / U-Net style upsampling: ConvTranspose 4x4 stride 2 with BatchNorm folded into
+    it, 2x2 stride 2, a depthwise 4x4 stride 2 with output_padding and asymmetric pads,
+    3x3 stride 1, and a U-Net skip Concat."""
+    b = _Builder("decoder", seed=26)
+    x = b.op("Relu", [b.conv("input", 8, 32, 3, stride=2)])  # 32x8x8
+    y = b.op("Relu", [b.bn(_up(b, x, 32, 24, 4, 2, pads=[1, 1, 1, 1]), 24)])  # 24x16x16
+    y = b.op("Concat", [y, "input"], axis=1)  # 32 channels, the skip
+    y = b.op("Relu", [_up(b, y, 32, 16, 2, 2)])  # 16x32x32
+    y = _up(b, y, 16, 16, 4, 2, group=16, pads=[1, 2, 2, 1], output_padding=[1, 0])  # 64x63
+    y = _up(b, b.op("Relu", [y]), 16, 8, 3, 1, pads=[1, 1, 1, 1])
+    return b.model({"input": (1, 8, 16, 16)}, [y])
+
+
 BLOCKS = {
     "mbconv_se": mbconv_se,
     "hardswish_se": hardswish_se,
     "channel_shuffle": channel_shuffle,
     "grouped_bottleneck": grouped_bottleneck,
     "odd_concat": odd_concat,
+    "decoder": decoder,
 }
 
 

@@ -1,11 +1,12 @@
 """Every conv family and layout-carrying pattern of public CNNs takes its packed rule.
 
 The models (tests/targets/_cnn_blocks.py) are small ONNX versions of EfficientNet,
-MobileNetV3, ShuffleNetV2, ResNeXt/RegNet blocks. For each: the x86 pipeline up to its
-schedules names the specialized rule of every conv family in it, no conv whose channels
-allow packing is left to a generic rule (``graphopt.fast_path`` False), and the compiled
-model matches onnxruntime (graphopt.compile verifies by default). ARM: the same models
-compiled in the packed layout and run under qemu, in the slow tier.
+MobileNetV3, ShuffleNetV2, ResNeXt/RegNet blocks and an FCN/U-Net decoder. For each: the
+x86 pipeline up to its schedules names the specialized rule of every conv family in it,
+no conv whose channels allow packing is left to a generic rule (``graphopt.fast_path``
+False), and the compiled model matches onnxruntime (graphopt.compile verifies by
+default). ARM: the same models compiled in the packed layout and run under qemu, in the
+slow tier.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ EXPECTED = {
     "channel_shuffle": {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc"},
     "grouped_bottleneck": {"conv2d_nchwc", "pointwise_nchwc", "grouped_nchwc"},
     "odd_concat": {"conv2d_nchwc"},
+    # ConvTranspose, as conv-transpose-to-conv rewrites it
+    "decoder": {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc"},
 }
 
 
@@ -66,7 +69,7 @@ def test_conv_families_take_their_packed_rules(name: str) -> None:
             assert fast == (rule not in cpu.GENERIC_RULES), k
 
 
-@pytest.mark.parametrize("name", ["odd_concat", "hardswish_se"])
+@pytest.mark.parametrize("name", ["odd_concat", "hardswish_se", "decoder"])
 def test_blocks_match_onnxruntime(name: str, tmp_path) -> None:
     a = graphopt.compile(build_block(name), "x86", tmp_path / "m.so")
     assert a.manifest["verification"]["ok"]
