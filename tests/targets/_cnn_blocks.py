@@ -146,15 +146,26 @@ def _up(b: _Builder, x: str, cin: int, cout: int, k: int, stride: int, **attrs) 
 
 
 def decoder() -> onnx.ModelProto:
-    """FCN / U-Net style upsampling: ConvTranspose 4x4 stride 2 with BatchNorm folded into
-    it, 2x2 stride 2, a depthwise 4x4 stride 2 with output_padding and asymmetric pads,
-    3x3 stride 1, and a U-Net skip Concat."""
+    """FCN / U-Net / LRASPP style upsampling: ConvTranspose 4x4 stride 2 with BatchNorm
+    folded into it, 2x2 stride 2, a depthwise 4x4 stride 2 with output_padding and
+    asymmetric pads, 3x3 stride 1; a channel Split, nearest and bilinear Resize, and a
+    U-Net skip Concat."""
     b = _Builder("decoder", seed=26)
     x = b.op("Relu", [b.conv("input", 8, 32, 3, stride=2)])  # 32x8x8
-    y = b.op("Relu", [b.bn(_up(b, x, 32, 24, 4, 2, pads=[1, 1, 1, 1]), 24)])  # 24x16x16
-    y = b.op("Concat", [y, "input"], axis=1)  # 32 channels, the skip
-    y = b.op("Relu", [_up(b, y, 32, 16, 2, 2)])  # 16x32x32
-    y = _up(b, y, 16, 16, 4, 2, group=16, pads=[1, 2, 2, 1], output_padding=[1, 0])  # 64x63
+    a, c = b.op("Split", [x, _i64(b, [24, 8])], n_out=2, axis=1)
+    y = b.op("Relu", [b.bn(_up(b, a, 24, 24, 4, 2, pads=[1, 1, 1, 1]), 24)])  # 24x16x16
+    near = b.op("Resize", [c, "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    y = b.op("Concat", [y, near, "input"], axis=1)  # 40 channels, a skip
+    y = b.op("Relu", [_up(b, y, 40, 16, 2, 2)])  # 16x32x32
+    sizes = _i64(b, [1, 16, 40, 40])  # bilinear, as torch exports F.interpolate
+    y = b.op(
+        "Resize",
+        [y, "", "", sizes],
+        mode="linear",
+        coordinate_transformation_mode="pytorch_half_pixel",
+    )
+    y = b.op("Relu", [b.conv(y, 16, 16, 3)])
+    y = _up(b, y, 16, 16, 4, 2, group=16, pads=[1, 2, 2, 1], output_padding=[1, 0])  # 80x79
     y = _up(b, b.op("Relu", [y]), 16, 8, 3, 1, pads=[1, 1, 1, 1])
     return b.model({"input": (1, 8, 16, 16)}, [y])
 
