@@ -34,6 +34,11 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     domain: str = ""
 
+    def attr_str(self, key: str, default: str) -> str:
+        """String attribute ``key`` as text (ONNX hands string attributes over as bytes)."""
+        v = self.attrs.get(key, default)
+        return v.decode() if isinstance(v, bytes) else v
+
 
 @dataclass(frozen=True)
 class Value:

@@ -92,16 +92,11 @@ def _opt(node: Node, i: int) -> str | None:
     return node.inputs[i] if len(node.inputs) > i and node.inputs[i] else None
 
 
-def _attr_str(node: Node, key: str, default: str) -> str:
-    v = node.attrs.get(key, default)
-    return v.decode() if isinstance(v, bytes) else v
-
-
 # --- shape arithmetic shared by Conv and pooling ------------------------------------
 def _spatial_pads(node: Node, in_sp, kernel, strides, dilations, ceil_mode=False):
     """Return (begin, end) paddings per spatial dim after auto_pad/ceil_mode, per ONNX."""
     n = len(in_sp)
-    auto_pad = _attr_str(node, "auto_pad", "NOTSET")
+    auto_pad = node.attr_str("auto_pad", "NOTSET")
     pads = list(node.attrs.get("pads", [0] * 2 * n))
     begin, end = pads[:n], pads[n:]
     eff_k = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
@@ -262,7 +257,7 @@ def avg_pool(ctx: _Ctx, node: Node):
     dt = ctx.dtype(node.inputs[0])
     in_sp = in_shape[2:]
     pads = list(node.attrs.get("pads", [0] * 2 * n))
-    auto_pad = _attr_str(node, "auto_pad", "NOTSET")
+    auto_pad = node.attr_str("auto_pad", "NOTSET")
     if any(begin) or any(end):
         x = ctx.emit(R.nn.pad(x, [0, 0, 0, 0] + [v for i in range(n) for v in (begin[i], end[i])]))
     mask = np.zeros([in_sp[i] + begin[i] + end[i] for i in range(n)])
@@ -389,7 +384,7 @@ def hard_swish(ctx: _Ctx, node: Node):
 
 
 def gelu(ctx: _Ctx, node: Node):
-    approx = _attr_str(node, "approximate", "none")
+    approx = node.attr_str("approximate", "none")
     op = R.nn.gelu_tanh if approx == "tanh" else R.nn.gelu
     return [ctx.emit(op(ctx.x(node.inputs[0])))]
 
@@ -569,7 +564,7 @@ def slice_(ctx: _Ctx, node: Node):
 
 
 def pad(ctx: _Ctx, node: Node):
-    if _attr_str(node, "mode", "constant") != "constant":  # edge, reflect, wrap: TVM's
+    if node.attr_str("mode", "constant") != "constant":  # edge, reflect, wrap: TVM's
         return tvm_onnx(ctx, node)
     width = pad_widths(ctx.graph, node, len(ctx.shape(node.inputs[0])))
     value_name = _opt(node, 2)
@@ -602,7 +597,7 @@ def nll_loss(ctx: _Ctx, node: Node):
     if keep is not None:
         w = R.where(keep, w, R.zeros_like(w))
     loss = R.negative(R.multiply(picked, w))
-    reduction = _attr_str(node, "reduction", "mean")
+    reduction = node.attr_str("reduction", "mean")
     if reduction == "sum":
         loss = R.sum(loss)
     elif reduction == "mean":
@@ -678,7 +673,7 @@ def bit_shift(ctx: _Ctx, node: Node):
         R.greater_equal(shift, relax.const(0, dt)), R.less(shift, relax.const(bits, dt))
     )
     safe = R.where(valid, shift, relax.const(0, dt))
-    if _attr_str(node, "direction", "LEFT") == "LEFT":
+    if node.attr_str("direction", "LEFT") == "LEFT":
         done, fill = R.left_shift(x, safe), R.zeros_like(x)
     else:
         done = R.right_shift(x, safe)
@@ -707,7 +702,7 @@ def conv_transpose(ctx: _Ctx, node: Node):
             extra[i] -= total
             continue
         small = total // 2
-        upper = _attr_str(node, "auto_pad", "NOTSET") == "SAME_UPPER"
+        upper = node.attr_str("auto_pad", "NOTSET") == "SAME_UPPER"
         begin[i], end[i] = (small, total - small) if upper else (total - small, small)
     skip = ("output_shape", "auto_pad", "pads", "output_padding")
     attrs = {k: v for k, v in node.attrs.items() if k not in skip}

@@ -51,8 +51,7 @@ def check(graph: Graph, node: Node) -> str | None:
     a = node.attrs
     if any(d != 1 for d in a.get("dilations", [1, 1])):
         return "dilated"
-    auto_pad = a.get("auto_pad", b"NOTSET")  # ONNX string attributes are bytes here
-    if auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID") or "output_shape" in a:
+    if node.attr_str("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in a:
         return "auto_pad SAME or output_shape"
     strides = a.get("strides", [1, 1])
     if strides[0] != strides[1]:

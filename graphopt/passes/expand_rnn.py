@@ -91,7 +91,7 @@ def _opt(node: Node, i: int) -> str | None:
 
 def _activations(node: Node) -> list[str]:
     """The activation ops for every direction, in ONNX order (forward first)."""
-    n_dirs = len(_DIRECTIONS[_text(node.attrs.get("direction", "forward"))])
+    n_dirs = len(_DIRECTIONS[node.attr_str("direction", "forward")])
     given = [_text(a) for a in node.attrs.get("activations", [])]
     return [_ACTIVATIONS[a.lower()] for a in given or _CELLS[node.op_type][1] * n_dirs]
 
@@ -103,7 +103,7 @@ def _static_shape(graph: Graph, name: str) -> tuple[int, ...] | None:
 
 def check(graph: Graph, node: Node) -> str | None:
     """Return why ``node`` (an LSTM, GRU or RNN) cannot be expanded, or None when it can."""
-    direction = _text(node.attrs.get("direction", "forward"))
+    direction = node.attr_str("direction", "forward")
     if direction not in _DIRECTIONS:
         return f"attribute direction={direction!r} is not one of {', '.join(_DIRECTIONS)}"
     if node.attrs.get("layout", 0) not in (0, 1):
@@ -525,7 +525,7 @@ def _expand(graph: Graph, node: Node, fuse: bool = True, sequence: bool = False)
     graph.remove_node(node.name)
 
     x2d = e.reshape(x, (seq * batch, x_shape[2]))
-    revs = _DIRECTIONS[_text(node.attrs.get("direction", "forward"))]
+    revs = _DIRECTIONS[node.attr_str("direction", "forward")]
     ps = [_direction(e, node, d, hidden) for d in range(len(revs))]
     if sequence and all(_fusable(e, node, p) for p in ps):
         _sequence(e, node, ps, x2d, (seq, batch, hidden), revs)
