@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.ir import Graph, Node, Value
+from graphopt.ir import Graph, Node
+from graphopt.ir_builder import IRBuilder
 from graphopt.passes._base import Pass, PassResult
 
 __all__ = ["ConvTransposeToConv", "check", "subpixel_weight"]
@@ -116,11 +117,13 @@ class ConvTransposeToConv(Pass):
 
 def _rewrite(graph: Graph, node: Node) -> None:
     a = node.attrs
-    x = graph.values[node.inputs[0]]
+    x, result = node.inputs[0], node.outputs[0]
+    n, _, h, wd = graph.values[x].shape
+    dtype = graph.values[x].dtype
     w = graph.constants[node.inputs[1]]
+    bias = graph.constants[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
     s = a.get("strides", [1, 1])[0]
     groups = a.get("group", 1)
-    n, _, h, wd = x.shape
     cout_g, kh, kw = w.shape[1:]
     cout = cout_g * groups
     th, tw = _taps(kh, s), _taps(kw, s)
@@ -135,56 +138,39 @@ def _rewrite(graph: Graph, node: Node) -> None:
         for size, k, pb, o in zip((h, wd), (kh, kw), pads[:2], out_hw, strict=True)
     ]
     (ph0, ph1, qh, crop_h), (pw0, pw1, qw, crop_w) = plans
-    dtype = x.dtype
-    base = graph.unique_name(node.name + "_subpixel")
-    result = node.outputs[0]
     crop = (crop_h, crop_w, qh * s, qw * s) != (0, 0, *out_hw)
-    graph.remove_node(node.name)
-    phases = result if s == 1 and not crop else graph.unique_name(base + "_phases")
-    graph.values[phases] = Value(phases, (n, s * s * cout, qh, qw), dtype)
     # (phase, group, c_out / g, c_in / g, Kh, Kw): per group, its phases' weights
     per_group = [
         subpixel_weight(wg, s).reshape(s * s, cout_g, -1, th, tw) for wg in np.split(w, groups)
     ]
     weight = np.stack(per_group, axis=1)
-    bias = graph.constants[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+    if groups == 1:  # one conv of every phase: channels (ry, rx, c)
+        tiled = None if bias is None else np.tile(bias, s * s)
+        parts = [(weight.reshape(s * s * cout, -1, th, tw), tiled)]
+    else:  # a grouped conv per phase
+        parts = [(weight[r].reshape(cout, -1, th, tw), bias) for r in range(s * s)]
+    graph.remove_node(node.name)
+    b = IRBuilder(graph, prefix=node.name)
     conv_attrs = {"kernel_shape": [th, tw], "pads": [ph0, pw0, ph1, pw1]}
     if groups > 1:
         conv_attrs["group"] = groups
-        convs = [weight[r].reshape(cout, -1, th, tw) for r in range(s * s)]
-        biases = [bias] * (s * s)
-    else:  # one conv of every phase: channels (ry, rx, c)
-        convs = [weight.reshape(s * s * cout, -1, th, tw)]
-        biases = [None if bias is None else np.tile(bias, s * s)]
-    outs = [phases] if len(convs) == 1 else []
-    for r, (wr, br) in enumerate(zip(convs, biases, strict=True)):
-        inputs = [node.inputs[0], graph.add_constant(graph.unique_name(f"{base}_w{r}"), wr)]
-        if br is not None:
-            inputs.append(graph.add_constant(graph.unique_name(f"{base}_b{r}"), br))
-        if len(convs) > 1:
-            outs.append(graph.unique_name(f"{base}_phase{r}"))
-            graph.values[outs[-1]] = Value(outs[-1], (n, cout, qh, qw), dtype)
-        conv = Node(graph.unique_name(f"{base}_conv{r}"), "Conv", inputs, [outs[r]], conv_attrs)
-        graph.add_node(conv)
-    if len(convs) > 1:
-        concat = Node(graph.unique_name(base + "_concat"), "Concat", outs, [phases], {"axis": 1})
-        graph.add_node(concat)
-    pixels = phases
+    last = result if s == 1 and not crop else None  # the conv writes the result itself
+
+    def conv(wr: np.ndarray, br: np.ndarray | None, out: str | None = None) -> str:
+        inputs = [x, b.const(wr, "w")] + ([] if br is None else [b.const(br, "b")])
+        return b.emit("Conv", inputs, (n, wr.shape[0], qh, qw), dtype, conv_attrs, out=out)
+
+    if len(parts) == 1:
+        y = conv(*parts[0], out=last)
+    else:
+        phases = [conv(wr, br) for wr, br in parts]
+        y = b.emit("Concat", phases, (n, s * s * cout, qh, qw), dtype, {"axis": 1}, out=last)
     if s > 1:
-        pixels = result if not crop else graph.unique_name(base + "_pixels")
-        graph.values[pixels] = Value(pixels, (n, cout, qh * s, qw * s), dtype)
-        d2s_attrs = {"blocksize": s, "mode": b"DCR"}
-        graph.add_node(
-            Node(graph.unique_name(base + "_d2s"), "DepthToSpace", [phases], [pixels], d2s_attrs)
+        d2s = {"blocksize": s, "mode": b"DCR"}
+        y = b.emit(
+            "DepthToSpace", [y], (n, cout, qh * s, qw * s), dtype, d2s, out=None if crop else result
         )
     if crop:
-        consts = {
-            "starts": [crop_h, crop_w],
-            "ends": [crop_h + out_hw[0], crop_w + out_hw[1]],
-            "axes": [2, 3],
-        }
-        names = [
-            graph.add_constant(graph.unique_name(f"{base}_{k}"), np.array(v, np.int64))
-            for k, v in consts.items()
-        ]
-        graph.add_node(Node(graph.unique_name(base + "_crop"), "Slice", [pixels, *names], [result]))
+        bounds = ([crop_h, crop_w], [crop_h + out_hw[0], crop_w + out_hw[1]], [2, 3])
+        consts = [b.const(np.array(v, np.int64), "i") for v in bounds]
+        b.emit("Slice", [y], (n, cout, *out_hw), dtype, out=result, const_inputs=consts)
