@@ -48,8 +48,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_zoo import cpu_name  # noqa: E402
-
 __all__ = ["Row", "geomean", "markdown_table", "main"]
 
 QUICK_BLOCK_S = 0.2
@@ -180,6 +178,17 @@ def print_table(rows: list[Row]) -> None:
 
 
 # --- the machine ----------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The CPU model /proc/cpuinfo names (else what platform says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _versions() -> str:
     import _public_models as pm
     import onnxruntime as ort
@@ -369,7 +378,7 @@ def bench_model(name: str, opts: argparse.Namespace, workdir: Path) -> Row:
             traceback.print_exc()
     add_openvino(engines, row.notes, path, opts.threads, inputs, session)
     rounds = interleaved_rounds(engines, opts.block, opts.rounds)
-    measured = {n: statistics.median(v) for n, v in rounds.items()}
+    measured = medians(rounds)
     row.graphopt_ms = measured.get("graphopt")
     row.ort_ms = measured.get("ORT")
     row.openvino_ms = measured.get("OpenVINO")
@@ -381,8 +390,7 @@ def bench_model(name: str, opts: argparse.Namespace, workdir: Path) -> Row:
 
 def interleaved(engines: dict, block_s: float, rounds: int) -> dict[str, float]:
     """Median over ``rounds`` of each engine's block figure, the engines taking turns."""
-    figures = interleaved_rounds(engines, block_s, rounds)
-    return {n: statistics.median(v) for n, v in figures.items()}
+    return medians(interleaved_rounds(engines, block_s, rounds))
 
 
 def interleaved_rounds(engines: dict, block_s: float, rounds: int) -> dict[str, list[float]]:
@@ -393,6 +401,11 @@ def interleaved_rounds(engines: dict, block_s: float, rounds: int) -> dict[str, 
         for n in names[r % len(names) :] + names[: r % len(names)]:
             figures[n].append(engines[n].block(block_s))
     return figures
+
+
+def medians(figures: dict[str, list[float]]) -> dict[str, float]:
+    """Each engine's median block figure (ms) of :func:`interleaved_rounds`."""
+    return {n: statistics.median(v) for n, v in figures.items()}
 
 
 def paired_ratios(figures: dict[str, list[float]], ours: str) -> dict[str, float]:

@@ -54,12 +54,12 @@ from bench_public import (  # noqa: E402
     _error_line,
     _openvino_version,
     add_openvino,
+    cpu_name,
     geomean,
     interleaved,
     ort_session,
     set_threads,
 )
-from bench_zoo import cpu_name  # noqa: E402
 
 __all__ = ["MODELS", "main"]
 

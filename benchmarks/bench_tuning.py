@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import tempfile
 import time
@@ -38,13 +37,14 @@ from _public_models import export_onnx, missing_extra  # noqa: E402
 from bench_public import (  # noqa: E402
     CallEngine,
     GraphoptEngine,
+    cpu_name,
     interleaved_rounds,
+    medians,
     openvino_request,
     ort_session,
     paired_ratios,
     set_threads,
 )
-from bench_zoo import cpu_name  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.tuning import ProgressPrinter, format_report, tune  # noqa: E402
@@ -65,8 +65,7 @@ class Point:
 def _point(minutes: float, trials: int, engines: dict, opts) -> Point:  # noqa: ANN001
     """The engines timed in interleaved rounds; tuned's ratios paired round by round."""
     figures = interleaved_rounds(engines, opts.block, opts.rounds)
-    ms = {k: statistics.median(v) for k, v in figures.items()}
-    return Point(minutes, trials, ms, paired_ratios(figures, "tuned"))
+    return Point(minutes, trials, medians(figures), paired_ratios(figures, "tuned"))
 
 
 @dataclass

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,18 +36,17 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_public import (  # noqa: E402
+    CallEngine,
+    GraphoptEngine,
+    cpu_name,
+    interleaved_rounds,
+    medians,
+    paired_ratios,
+)
+
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def model_flops(name: str) -> float:
@@ -143,25 +141,9 @@ def compile_at(rev: str, names: list[str], out: Path) -> Path:
     return out
 
 
-def _library_call(path: Path, inputs: dict):  # noqa: ANN202 - () -> outputs
-    """A call of the Relax VM ``main`` of the library at ``path`` (any graphopt version's
-    artifact) on ``inputs`` already on the CPU."""
-    import tvm
-
-    from graphopt.targets._runner import load_library
-
-    dev = tvm.cpu()
-    main = tvm.runtime.vm.VirtualMachine(load_library(path), dev)["main"]
-    args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in inputs.values()]
-    return lambda: main(*args)
-
-
 def bench(
     name: str, block_s: float, rounds: int, workdir: Path, against: Path | None = None
 ) -> dict:
-    # bench_public imports this module's cpu_name: imported here, not at the top
-    from bench_public import CallEngine, GraphoptEngine, interleaved_rounds, paired_ratios
-
     model = zoo.build(name)
     start = time.perf_counter()
     artifact = graphopt.compile(model, "x86", workdir / f"{name}.so")
@@ -174,7 +156,13 @@ def bench(
         "ORT": CallEngine(lambda: sess.run(None, inputs)),
     }
     if against is not None:
-        engines["REV"] = CallEngine(_library_call(against / f"{name}.so", inputs))
+        import tvm
+
+        from graphopt.targets._profile import main_call
+        from graphopt.targets._runner import load_library
+
+        lib = load_library(against / f"{name}.so")  # any graphopt version's artifact
+        engines["REV"] = CallEngine(main_call(lib, tvm.cpu(), list(inputs.values())))
     try:
         from _onnx_torch import Unsupported, build
 
@@ -188,13 +176,10 @@ def bench(
     except ImportError:
         pass
     figures = interleaved_rounds(engines, block_s, rounds)
-    paired = paired_ratios(figures, "graphopt")
-    row["graphopt_ms"] = statistics.median(figures["graphopt"])
-    row["ort_ms"] = statistics.median(figures["ORT"])
-    row["vs_ort"] = paired["ORT"]
+    paired, ms = paired_ratios(figures, "graphopt"), medians(figures)
+    row["graphopt_ms"], row["ort_ms"], row["vs_ort"] = ms["graphopt"], ms["ORT"], paired["ORT"]
     if "torch" in figures:
-        row["torch_ms"] = statistics.median(figures["torch"])
-        row["vs_torch"] = paired["torch"]
+        row["torch_ms"], row["vs_torch"] = ms["torch"], paired["torch"]
     if "REV" in figures:
         row["vs_rev"] = paired["REV"]
     artifact.close()

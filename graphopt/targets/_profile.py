@@ -412,20 +412,27 @@ def time_library(path, device, arrays: list[np.ndarray], repeat: int) -> list[fl
     return _time_main(load_library(path), device, arrays, repeat)
 
 
-def _time_main(lib, device, arrays: list[np.ndarray], repeat: int) -> list[float]:  # noqa: ANN001
-    """One Relax VM, inputs already tensors on ``device``, outputs left there: the cost of
-    a call without graphopt's conversions."""
+def main_call(lib, device, arrays: list[np.ndarray]):  # noqa: ANN001, ANN201 - () -> outputs
+    """A call of ``main`` in one Relax VM of ``lib`` (any graphopt artifact's library),
+    inputs already tensors on ``device``, outputs left there: the cost of a call without
+    graphopt's conversions."""
     import tvm
 
     main = tvm.runtime.vm.VirtualMachine(lib, device)["main"]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+    return lambda: main(*args)
+
+
+def _time_main(lib, device, arrays: list[np.ndarray], repeat: int) -> list[float]:  # noqa: ANN001
+    """Seconds of each of ``repeat`` calls of :func:`main_call`."""
+    call = main_call(lib, device, arrays)
     for _ in range(min(repeat, 10)):
-        main(*args)
+        call()
     device.sync()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        main(*args)
+        call()
         device.sync()
         times.append(time.perf_counter() - start)
     return times
