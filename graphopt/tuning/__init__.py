@@ -12,6 +12,9 @@
   from another target or a corrupt one.
 - :func:`ApplyTuningDatabase` is the Relax pass a target puts before its default
   schedules: kernels with a record faster than their default schedule use it.
+- :func:`last_measured` is ``tune``'s last whole-model timing of a model with the
+  database (``DB/model-latency.json``): ``compile`` keeps the default schedules for a
+  model that measured slower with the database than without.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 
 from graphopt.tuning._apply import SCHEDULE_RULE, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
+from graphopt.tuning._latency import ModelLatency, last_measured
 from graphopt.tuning._measure import RPCError
 from graphopt.tuning._options import TuningError, parse_duration
 from graphopt.tuning._report import ProgressPrinter, TaskResult, TuneReport, format_report
@@ -36,6 +40,8 @@ __all__ = [
     "ApplyTuningDatabase",
     "SCHEDULE_RULE",
     "open_database",
+    "ModelLatency",
+    "last_measured",
     "parse_duration",
     "format_report",
     "ProgressPrinter",

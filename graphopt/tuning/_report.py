@@ -129,6 +129,16 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
         if when == "after " and lat and lat.tuned_kernels:
             text += f" ({lat.tuned_kernels} kernel(s) from the database)"
         lines.append(text + ort)
+    if lat and lat.tuned_vs_default is not None and lat.tuned_kernels:
+        verdict = (
+            "slower: compile keeps the default schedules for this model"
+            if lat.keeps_default
+            else "compile uses the database's records"
+        )
+        lines.append(
+            f"whole-model check: tuned/default {lat.tuned_vs_default:.3f} (median of "
+            f"{lat.rounds} paired rounds), {verdict}"
+        )
     if lat and lat.note:
         lines.append(f"model latency: {lat.note}")
     return lines

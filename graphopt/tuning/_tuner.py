@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import tvm_ffi
 from tvm.s_tir.meta_schedule.runner import Runner
 from tvm.target import codegen
 
@@ -24,7 +22,7 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import TargetSpec, _precision, build, check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
-from graphopt.tuning._latency import ModelLatency
+from graphopt.tuning._latency import ModelLatency, last_measured, remember
 from graphopt.tuning._latency import measure_model as time_model
 from graphopt.tuning._measure import (
     PersistentBuilder,
@@ -144,7 +142,7 @@ def tune(
         if (
             timed
             and clock.deadline is not None
-            and _cached_latency(relax_mod, targets, database) is None
+            and last_measured(relax_mod, targets.layout, database) is None
         ):
             # built now, so that the time budget can keep back what the model timing
             # after the search will take: one more build (the tuned one) and the runs.
@@ -160,28 +158,7 @@ def tune(
         return report
 
 
-_TIMING_SECS = 5.0  # the model timing's runs (default, tuned, onnxruntime), a typical CNN
-
-
-_LATENCY = "model-latency.json"
-
-
-def _latency_key(relax_mod, targets: Targets, database) -> str:  # noqa: ANN001
-    """The model, the layout and the records' size: what the cached figures depend on."""
-    records = database.path / "records.jsonl"
-    size = records.stat().st_size if records.exists() else 0
-    return f"{tvm_ffi.structural_hash(relax_mod)}-{targets.layout}-{size}"
-
-
-def _cached_latency(relax_mod, targets: Targets, database) -> ModelLatency | None:  # noqa: ANN001
-    """The figures ``DB/model-latency.json`` holds for this model, layout and database
-    size (measured when the database last changed), or None."""
-    try:
-        known = json.loads((database.path / _LATENCY).read_text())
-        cached = known[_latency_key(relax_mod, targets, database)]
-        return ModelLatency(**cached, note="measured when the database last changed")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+_TIMING_SECS = 8.0  # the model timing's rounds (default, tuned, onnxruntime), a typical CNN
 
 
 def _model_latency(
@@ -192,13 +169,12 @@ def _model_latency(
     say,
     default=None,  # noqa: ANN001
 ) -> ModelLatency:
-    """The model timed with and without the database (and onnxruntime); a rerun that
-    added nothing to the database reuses the last figures (:func:`_cached_latency`)
-    instead of building again."""
-    cached = _cached_latency(relax_mod, targets, database)
-    if cached is not None:
-        return cached
-    key, path = _latency_key(relax_mod, targets, database), database.path / _LATENCY
+    """The model timed with and without the database (and onnxruntime), kept in the
+    database for ``compile``'s whole-model check; a rerun that added nothing to the
+    database reuses the last figures instead of building again."""
+    known = last_measured(relax_mod, targets.layout, database)
+    if known is not None:
+        return known
     say("timing the model with the default schedules, with the database, onnxruntime")
     latency = time_model(
         relax_mod,
@@ -209,15 +185,12 @@ def _model_latency(
         precision=database.precision,
         default=default,
     )
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    fields = ("default_ms", "tuned_ms", "onnxruntime_ms", "tuned_kernels")
-    known[key] = {f: getattr(latency, f) for f in fields}
-    tmp = path.with_name(f".{_LATENCY}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1) + "\n")
-    os.replace(tmp, path)
+    remember(relax_mod, targets.layout, database, latency)
+    if latency.keeps_default:
+        say(
+            f"the model measured slower with the database (tuned/default "
+            f"{latency.tuned_vs_default:.3f}): compile keeps its default schedules"
+        )
     return latency
 
 
