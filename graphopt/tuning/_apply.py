@@ -2,8 +2,9 @@
 
 Put it after FuseTIR and before the default-schedule pass: each PrimFunc whose workload has
 a record at least ``MIN_SPEEDUP`` times faster than its default schedule (both measured
-when tuning; by their side-by-side re-measurement when ``tune`` made one) gets the
-record's trace replayed and is marked ``tirx.is_scheduled``, so the default schedules
+when tuning; by their side-by-side re-measurement when ``tune`` made one; by their
+times inside a model run when ``tune``'s model timing made those) gets the record's
+trace replayed and is marked ``tirx.is_scheduled``, so the default schedules
 skip it. Any other kernel is left alone for the defaults.
 """
 
@@ -24,11 +25,14 @@ SCHEDULE_RULE = "tuning-db"
 MIN_SPEEDUP = 1.05
 
 
-def ApplyTuningDatabase(db: TuningDatabase, report: dict | None = None) -> tvm.transform.Pass:  # noqa: N802
+def ApplyTuningDatabase(  # noqa: N802
+    db: TuningDatabase, report: dict | None = None, entries: dict | None = None
+) -> tvm.transform.Pass:
     """Schedule kernels from ``db``.
 
     ``report`` (if given) gets ``from_database`` (``{kernel: info}``) and ``default`` (the
-    kernels left to the default schedules).
+    kernels left to the default schedules); ``entries`` (if given) each kernel's database
+    entry, applied or not.
     """
     if report is not None:
         report.setdefault("from_database", {})
@@ -37,6 +41,8 @@ def ApplyTuningDatabase(db: TuningDatabase, report: dict | None = None) -> tvm.t
     def schedule_one(gvar, func):  # noqa: ANN001, ANN202
         wmod = workload_mod(func)
         entry = db.find(wmod)
+        if entries is not None and entry is not None:
+            entries[gvar.name_hint] = entry
         default_secs, best_secs = entry.confirmed() if entry is not None else (None, None)
         faster = (
             entry is not None

@@ -11,10 +11,14 @@ Layout of ``DB/``:
   ``rec`` (one measured candidate: its TuningRecord JSON, or ``ok: false`` and the error),
   ``base`` (the default schedule's latency for a workload), ``end`` (the search space of a
   workload is exhausted: nothing left to try), ``chk`` (the best record and the default
-  measured again side by side, which ``compile`` then judges the record by).
+  measured again side by side, which ``compile`` then judges the record by), ``ctx``
+  (the best record and the default timed inside a model run, each kernel call meeting
+  the caches its neighbours left: when made for the current best, ``compile`` judges the
+  record by these instead).
 
 ``model-latency.json`` (written by ``tune``, atomically) caches the model's timing
-before/after per model, layout and records size, so a rerun that adds nothing reuses it.
+before/after per model, layout and records size, so a rerun that adds nothing reuses it
+and ``compile`` keeps the default schedules for a model that measured slower tuned.
 
 A process killed mid-``write()`` can only leave a torn *last* line (no trailing newline):
 it is dropped on open and cut off before the next append. Any other line that does not
@@ -88,13 +92,17 @@ class _Entry:
     improved_at: int = 0  # the trial count when the best last got >= 1% faster
     # (default, best, best_secs then): the best record re-measured beside the default
     checked: tuple[float, float, float] | None = None
+    # (default, best, best_secs then): both timed per call inside a model run
+    in_model: tuple[float, float, float] | None = None
     line: dict = field(default_factory=dict)
 
     def confirmed(self) -> tuple[float | None, float | None]:
-        """(default, best) seconds to judge the best record by: the side-by-side check
-        when it was made for the current best, else the search's measurements."""
-        if self.checked is not None and self.checked[2] == self.best_secs:
-            return self.checked[0], self.checked[1]
+        """(default, best) seconds to judge the best record by: timed inside a model
+        run when that was done for the current best, else the side-by-side check when it
+        was, else the search's measurements."""
+        for made in (self.in_model, self.checked):
+            if made is not None and made[2] == self.best_secs:
+                return made[0], made[1]
         return self.baseline_secs, self.best_secs
 
     def stalled(self, patience: int) -> bool:
@@ -231,8 +239,12 @@ class TuningDatabase:
             entry.baseline_secs = float(line["secs"])
         elif kind == "end":
             entry.exhausted = True
-        elif kind == "chk":
-            entry.checked = (float(line["default"]), float(line["best"]), float(line["at"]))
+        elif kind in ("chk", "ctx"):
+            made = (float(line["default"]), float(line["best"]), float(line["at"]))
+            if kind == "chk":
+                entry.checked = made
+            else:
+                entry.in_model = made
         else:
             raise ValueError(f"unknown line kind {kind!r}")
 
@@ -334,6 +346,12 @@ class TuningDatabase:
         """The best record and the default, measured again side by side."""
         entry.checked = (default, best, entry.best_secs)
         line = {"t": "chk", "w": entry.key, "default": default, "best": best}
+        self._append([{**line, "at": entry.best_secs}])
+
+    def set_in_model(self, entry: _Entry, default: float, best: float) -> None:
+        """The best record and the default, each timed per call inside a model run."""
+        entry.in_model = (default, best, entry.best_secs)
+        line = {"t": "ctx", "w": entry.key, "default": default, "best": best}
         self._append([{**line, "at": entry.best_secs}])
 
     def mark_exhausted(self, entry: _Entry) -> None:

@@ -34,7 +34,7 @@ import tvm_ffi
 
 from graphopt.targets import TargetSpec, build
 from graphopt.targets._profile import main_call
-from graphopt.tuning._apply import ApplyTuningDatabase
+from graphopt.tuning._apply import MIN_SPEEDUP, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase
 
 __all__ = ["ModelLatency", "measure_model", "last_measured", "remember", "paired_rounds"]
@@ -54,6 +54,9 @@ class ModelLatency:
     tuned_kernels: int = 0  # kernels the database schedules in the tuned build
     tuned_vs_default: float | None = None  # median of the rounds' tuned/default ratios
     rounds: int = 0
+    # records whose kernel, timed inside the model run, was not MIN_SPEEDUP faster there
+    # than its default: dropped (compile judges them by those times from now on)
+    dropped_in_model: int = 0
     note: str = ""  # why something was not measured
 
     @property
@@ -136,6 +139,59 @@ def paired_rounds(
     return figures
 
 
+def kernel_times_in_model(
+    libs: dict[str, object],
+    device,  # noqa: ANN001
+    arrays: list[np.ndarray],
+    kernels: set[str],
+    rounds: int = ROUNDS,
+    block: float = BLOCK_SECS,
+) -> dict[str, dict[str, float]]:
+    """Per build (``libs``: name -> a loaded library of the model), the median seconds
+    per call of each of ``kernels`` inside whole model runs, where each call meets the
+    caches the kernels before it left (not flushed ones, as the search measures). The
+    builds take turns in :func:`paired_rounds`; the VM's instrument hook times each call."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    calls = {}
+    for name, lib in libs.items():
+        vm = tvm.runtime.vm.VirtualMachine(lib, device)
+        got: dict[str, list[float]] = {k: [] for k in kernels}
+        started: list[float] = [0.0]
+
+        def hook(_func, symbol, before, _ret, *_args, got=got, started=started) -> int:  # noqa: ANN001
+            times = got.get(str(symbol))
+            if times is not None:
+                if before:
+                    started[0] = time.perf_counter()
+                else:
+                    times.append(time.perf_counter() - started[0])
+            return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+        vm.set_instrument(hook)
+        main = vm["main"]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+        calls[name] = _synced(lambda main=main, args=args: main(*args), device)
+        samples[name] = got
+    paired_rounds(calls, rounds, block)  # the warm-up runs are timed too: few, and alike
+    return {
+        name: {k: statistics.median(v) for k, v in got.items() if v}
+        for name, got in samples.items()
+    }
+
+
+def _judge_in_model(database: TuningDatabase, entries: dict, applied: dict, times: dict) -> int:
+    """Keep each applied record's in-model times in the database; how many lost there."""
+    lost = 0
+    for name in applied:
+        default, tuned = times["default"].get(name), times["tuned"].get(name)
+        entry = entries.get(name)
+        if default is None or tuned is None or entry is None:
+            continue
+        database.set_in_model(entry, default, tuned)
+        lost += tuned * MIN_SPEEDUP > default
+    return lost
+
+
 def measure_model(  # noqa: PLR0913
     relax_mod: tvm.IRModule,
     spec: TargetSpec,
@@ -147,19 +203,39 @@ def measure_model(  # noqa: PLR0913
     default=None,  # noqa: ANN001 - the default build, when the caller made it already
 ) -> ModelLatency:
     """Build the model with and without ``database`` and time both (and onnxruntime) in
-    :func:`paired_rounds`, at ``precision``."""
+    :func:`paired_rounds`, at ``precision``.
+
+    First each applied record's kernel is timed inside model runs beside its default
+    (:func:`kernel_times_in_model`), and the times are kept in the database; records
+    that lost there are dropped and the tuned model is built again without them."""
     inputs = _inputs(relax_mod)
     if inputs is None:
         return ModelLatency(note="symbolic input shapes: not measured")
     arrays = list(inputs.values())
     device = tvm.cpu()
-    report: dict = {}
     if default is None:
         default = build(relax_mod, spec, layout, precision=precision)
-    tuned = build(relax_mod, spec, layout, [ApplyTuningDatabase(database, report)], precision)
+    default_lib = default.jit()
+
+    def tuned_build():  # noqa: ANN202
+        report: dict = {}
+        entries: dict = {}
+        ex = build(
+            relax_mod, spec, layout, [ApplyTuningDatabase(database, report, entries)], precision
+        )
+        return ex.jit(), report.get("from_database", {}), entries
+
+    tuned_lib, applied, entries = tuned_build()
+    dropped = 0
+    if applied:
+        libs = {"default": default_lib, "tuned": tuned_lib}
+        times = kernel_times_in_model(libs, device, arrays, set(applied), rounds)
+        dropped = _judge_in_model(database, entries, applied, times)
+        if dropped:
+            tuned_lib, applied, _ = tuned_build()
     calls = {
-        "default": _synced(main_call(default.jit(), device, arrays), device),
-        "tuned": _synced(main_call(tuned.jit(), device, arrays), device),
+        "default": _synced(main_call(default_lib, device, arrays), device),
+        "tuned": _synced(main_call(tuned_lib, device, arrays), device),
     }
     ort = _ort_call(source, inputs)
     if ort is not None:
@@ -173,9 +249,10 @@ def measure_model(  # noqa: PLR0913
         default_ms=ms["default"],
         tuned_ms=ms["tuned"],
         onnxruntime_ms=ms.get("onnxruntime"),
-        tuned_kernels=len(report.get("from_database", {})),
+        tuned_kernels=len(applied),
         tuned_vs_default=ratio,
         rounds=rounds,
+        dropped_in_model=dropped,
     )
 
 
@@ -187,6 +264,7 @@ _FIELDS = (
     "tuned_kernels",
     "tuned_vs_default",
     "rounds",
+    "dropped_in_model",
 )
 
 

@@ -129,6 +129,12 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
         if when == "after " and lat and lat.tuned_kernels:
             text += f" ({lat.tuned_kernels} kernel(s) from the database)"
         lines.append(text + ort)
+    if lat and lat.dropped_in_model:
+        lines.append(
+            f"timed inside the model: {lat.dropped_in_model} record(s) not "
+            f"{MIN_SPEEDUP:g}x faster there than their default schedule, dropped "
+            "(compile keeps those kernels' defaults)"
+        )
     if lat and lat.tuned_vs_default is not None and lat.tuned_kernels:
         verdict = (
             "slower: compile keeps the default schedules for this model"
