@@ -244,7 +244,7 @@ def compile(  # noqa: A001 - the public name users expect
     precision = check_precision(spec, precision)  # and a precision its hardware lacks
     tol = tolerances(precision, rtol, atol)
     tuning = {} if tuning_db is not None else None  # which kernels the database schedules
-    database = _open_tuning_db(tuning_db, spec, precision)  # refuses a foreign/corrupt one
+    tuning_passes = _tuning_for(tuning_db, spec, precision)  # refuses a foreign/corrupt one
     out_path, tmp, made = _reserve_output(output, model)  # and an unwritable output
     done = False
     try:  # the artifact is assembled in ``tmp`` and renamed into place when complete
@@ -268,7 +268,7 @@ def compile(  # noqa: A001 - the public name users expect
             mod = to_relax(graph)
         if dump_ir is not None:
             Path(dump_ir, f"{len(records) + 1:02d}-relax.py").write_text(mod.script())
-        tuned = _tuning_passes(database, mod, layout, tuning, say)
+        tuned = tuning_passes(mod, layout, tuning, say)
         with _stage(f"build the model for {spec.name}"), record_schedule() as scheduled:
             executable = build(mod, spec, layout, tuned, precision)
         compile_seconds = time.perf_counter() - start
@@ -350,44 +350,42 @@ def compile(  # noqa: A001 - the public name users expect
     return Artifact(out_path, manifest)
 
 
-def _open_tuning_db(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
-    """The tuning database at ``path`` (None without one), opened and checked (target,
-    CPU, ``precision``) before any work."""
+def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
+    """The tuning database at ``path`` opened and checked (target, CPU, ``precision``)
+    before any work; returns the function that gives, for the lowered model, the passes
+    for the target's schedule phase (none without a database): kernels with a record use
+    it and ``report`` gets which, the target's default schedules do the rest. None at all
+    when ``tune``'s whole-model check last measured this model slower with the database
+    than without (``report`` says so)."""
     if path is None:
-        return None
+        return lambda *_args: []
     if not spec.target.tunable:
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
     # MetaSchedule takes seconds to import: only when a database is used
-    from graphopt.tuning import open_database
+    from graphopt.tuning import ApplyTuningDatabase, last_measured, open_database
 
-    return open_database(path, spec, precision)
+    database = open_database(path, spec, precision)
 
+    def passes(mod, layout: str, report: dict, say) -> list:  # noqa: ANN001
+        report.update(database=str(database.path), from_database={}, default=[])
+        check = last_measured(mod, layout, database)
+        if check is not None and check.tuned_vs_default is not None:
+            report["whole_model"] = {
+                "tuned_vs_default": round(check.tuned_vs_default, 4),
+                "default_ms": check.default_ms,
+                "tuned_ms": check.tuned_ms,
+                "applied": not check.keeps_default,
+            }
+            if check.keeps_default:
+                say(
+                    "tuning database: this model measured slower with its records when "
+                    f"tuned (tuned/default {check.tuned_vs_default:.3f}); default "
+                    "schedules kept"
+                )
+                return []
+        return [ApplyTuningDatabase(database, report)]
 
-def _tuning_passes(database, mod, layout: str, report: dict | None, say) -> list:  # noqa: ANN001
-    """The tuning database's pass for the target's schedule phase (none without a
-    database): kernels with a record use it and ``report`` gets which, the target's
-    default schedules do the rest. None at all when ``tune``'s whole-model check last
-    measured this model slower with the database than without (``report`` says so)."""
-    if database is None:
-        return []
-    from graphopt.tuning import ApplyTuningDatabase, last_measured
-
-    report.update(database=str(database.path), from_database={}, default=[])
-    check = last_measured(mod, layout, database)
-    if check is not None and check.tuned_vs_default is not None:
-        report["whole_model"] = {
-            "tuned_vs_default": round(check.tuned_vs_default, 4),
-            "default_ms": check.default_ms,
-            "tuned_ms": check.tuned_ms,
-            "applied": not check.keeps_default,
-        }
-        if check.keeps_default:
-            say(
-                f"tuning database: this model measured slower with its records when tuned "
-                f"(tuned/default {check.tuned_vs_default:.3f}); default schedules kept"
-            )
-            return []
-    return [ApplyTuningDatabase(database, report)]
+    return passes
 
 
 VERIFY_BATCHES = (1, 3)  # a dynamic-batch artifact is checked at batch 1 and a larger one

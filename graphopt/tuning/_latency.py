@@ -34,6 +34,7 @@ import tvm_ffi
 
 from graphopt.targets import TargetSpec, build
 from graphopt.targets._profile import main_call
+from graphopt.targets._runner import use_all_cores
 from graphopt.tuning._apply import MIN_SPEEDUP, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase
 
@@ -211,6 +212,7 @@ def measure_model(  # noqa: PLR0913
     inputs = _inputs(relax_mod)
     if inputs is None:
         return ModelLatency(note="symbolic input shapes: not measured")
+    use_all_cores()  # before the first kernel runs: TVM sizes its thread pool once
     arrays = list(inputs.values())
     device = tvm.cpu()
     if default is None:

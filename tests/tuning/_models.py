@@ -29,9 +29,11 @@ def conv_relu(extra_conv: bool = False, batch: int = 1):  # noqa: ANN201
 
 def slow_defaults(db) -> None:  # noqa: ANN001 - the database folder
     """Make every default schedule in ``db`` look slow, so each tuned kernel wins
-    deterministically (and drop the side-by-side checks, which would judge otherwise)."""
+    deterministically (and drop the side-by-side and in-model checks, which would judge
+    otherwise)."""
     path = db / "records.jsonl"
-    kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["t"] != "chk"]
+    lines = map(json.loads, path.read_text().splitlines())
+    kept = [r for r in lines if r["t"] not in ("chk", "ctx")]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     with open(path, "a") as f:
         for key in sorted({r["w"] for r in kept if r["t"] == "wl"}):
