@@ -53,6 +53,8 @@ RECORDS = "records.jsonl"
 _TARGET_KEYS = ("kind", "mtriple", "mcpu", "mattr", "arch")
 # A failed candidate's latency in the MetaSchedule database (as its AddToDatabase does).
 FAILED_SECS = 1e10
+# The re-measurements of a best record beside its default: line kind -> _Entry field.
+_CHECKS = {"chk": "checked", "ctx": "in_model"}
 # A record "improves" a workload (for early stopping) when this much faster than its best.
 _GAIN = 0.99
 
@@ -239,12 +241,9 @@ class TuningDatabase:
             entry.baseline_secs = float(line["secs"])
         elif kind == "end":
             entry.exhausted = True
-        elif kind in ("chk", "ctx"):
+        elif kind in _CHECKS:
             made = (float(line["default"]), float(line["best"]), float(line["at"]))
-            if kind == "chk":
-                entry.checked = made
-            else:
-                entry.in_model = made
+            setattr(entry, _CHECKS[kind], made)
         else:
             raise ValueError(f"unknown line kind {kind!r}")
 

@@ -36,7 +36,7 @@ from graphopt.targets import TargetSpec, build
 from graphopt.targets._profile import main_call
 from graphopt.targets._runner import use_all_cores
 from graphopt.tuning._apply import MIN_SPEEDUP, ApplyTuningDatabase
-from graphopt.tuning._database import TuningDatabase
+from graphopt.tuning._database import RECORDS, TuningDatabase
 
 __all__ = ["ModelLatency", "measure_model", "last_measured", "remember", "paired_rounds"]
 
@@ -272,7 +272,7 @@ _FIELDS = (
 
 def _key(relax_mod: tvm.IRModule, layout: str, database: TuningDatabase) -> str:
     """The model, the layout and the records' size: what the figures depend on."""
-    records = database.path / "records.jsonl"
+    records = database.path / RECORDS
     size = records.stat().st_size if records.exists() else 0
     return f"{tvm_ffi.structural_hash(relax_mod)}-{layout}-{size}"
 
