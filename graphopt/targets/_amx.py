@@ -15,14 +15,18 @@ What runs where:
   stride as a GEMM (:func:`legalize_conv2d`: output pixels to rows, zero rows up to a
   whole tile, the same matmul, rows back to NCHW16c in the kernel that also runs the
   conv's epilogue), on a target where AMX is on (:func:`amx_enabled`), become
-  :func:`matmul_amx_te` (anchor ``graphopt.kernel = matmul_amx``); everything else goes
-  to the wrapped legalization (``_bf16``'s ``vdpbf16ps``, which keeps the 3x3 convs, or
-  fp32).
-- *schedule* (:func:`rule_matmul_amx`, rule ``matmul_amx``): one block of 2x2 output
-  tiles (32x32; 1 where M or N has an odd number of tiles) per parallel iteration, its
-  float32 accumulator a ``local`` buffer, zeroed, then the whole reduction as one
-  tensorized step (:func:`tile_intrin`, one intrinsic per K and block), then the fused
-  epilogue reading it back, vectorized.
+  :func:`matmul_amx_te` (anchor ``graphopt.kernel = matmul_amx``); a dense KxK conv
+  (not 1x1) of any stride, undilated, with input channels a multiple of 32 and output
+  channels of 16, becomes :func:`conv_amx_te` (anchor ``conv_amx``): one GEMM per tap on
+  the padded input's rows (see "KxK convs" below and :class:`Taps`); everything else
+  goes to the wrapped legalization (``_bf16``'s ``vdpbf16ps``, which keeps the RGB stem,
+  grouped and depthwise convs, or fp32).
+- *schedule* (:func:`rule_matmul_amx`, rule ``matmul_amx``; :func:`rule_conv_amx`, rule
+  ``conv_amx``): one block of 2x2 output tiles (32x32; 1 where M or N has an odd number
+  of tiles) per parallel iteration, its float32 accumulator a ``local`` buffer, zeroed,
+  then the whole reduction (a conv's: every tap) as one tensorized step
+  (:func:`tile_intrin`, :func:`tile_conv_intrin`: one intrinsic per K, block and taps),
+  then the fused epilogue reading it back, vectorized.
 - *the tile step's body*: a call to ``graphopt_amx_bf16_gemm_{mt}x{nt}``
   (:func:`tile_ll`, LLVM IR linked with ``pragma_import_llvm`` and inlined): the first
   call in a process asks Linux for the tile state
@@ -31,7 +35,8 @@ What runs where:
   plain TVM runtime works), then ``ldtilecfg`` (every tile 16 rows x 64 bytes),
   ``tileloadd`` of the C tiles, ``K/32`` steps of ``tileloadd`` A and B tiles and
   ``tdpbf16ps`` per C tile (2x2: 4 loads for 4 products, all 8 tile registers), then
-  ``tilestored`` and ``tilerelease``. Where Linux refuses the tile state (a CPU without
+  ``tilestored`` and ``tilerelease``; a conv's call runs the steps of each tap in turn,
+  its A rows :meth:`Taps.offset` further on. Where Linux refuses the tile state (a CPU without
   AMX, an old kernel, a thread's too small ``sigaltstack``) the call returns 1 without
   touching a tile and the intrinsic's body computes the block with plain loops, so an
   AMX artifact never raises SIGILL: it is slow, not wrong, where AMX is missing. TVM's
@@ -60,10 +65,12 @@ be downloaded). So:
   compiled on a host without AMX (cross-compiling for ``sapphirerapids``) gets AMX
   without a probe.
 
-Not done: 3x3 convs on tiles (they stay on ``vdpbf16ps``: im2col would copy the input
-9 times, a direct kernel needs part tiles for widths like 56); matmul M/N tails (such
-shapes take ``vdpbf16ps``); keeping the tile config across calls and B tiles across row
-blocks, the next steps for speed once an AMX machine can measure them.
+Not done: the RGB stem (3 input channels; a tile row is 32) and grouped/depthwise convs
+stay on ``vdpbf16ps``; matmul M/N tails (such shapes take ``vdpbf16ps``); the conv's row
+copy and write-back are kernels of their own (fused with the neighbours' casts and
+epilogues); keeping the tile config across calls and B tiles across row blocks. Those
+are the next steps for speed once an AMX machine can measure them: no AMX kernel has
+been timed yet.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tvm
@@ -120,6 +128,7 @@ _ANNOTATION = "graphopt.kernel"
 _NCHWC = re.compile(r"^NCHW(\d+)c$")
 _OIHWIO = re.compile(r"^OIHW(\d+)i(\d+)o$")
 _TILE = 16  # rows of a tile; float32 columns of the C tile
+_TAPS = "graphopt.amx_taps"  # a conv_amx block's Taps
 _K_STEP = 32  # bf16 reduction elements per tdpbf16ps (64-byte rows)
 
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
@@ -136,12 +145,15 @@ def _config(tiles: int) -> str:
 
 
 def tile_ll(mt: int, nt: int) -> str:
-    """LLVM IR of ``graphopt_amx_bf16_gemm_{mt}x{nt}(c, ldc, a, lda, b, ldb, steps)``:
-    ``C (16mt x 16nt f32, row stride ldc bytes) += A (16mt x 32 steps bf16, stride lda)
-    B`` (nt blocks ``ldb`` bytes apart, each ``steps`` x 1 KiB: 16 pair rows of 64 bytes
-    per step). Tiles: C ``i*nt+j``, then A ``i``, then B ``j``; each step loads mt A and
-    nt B tiles for mt*nt ``tdpbf16ps``. The first call in a process asks Linux for the
-    tile state; each call loads the config and releases the tiles at the end."""
+    """LLVM IR of ``graphopt_amx_bf16_gemm_{mt}x{nt}(c, ldc, a, lda, b, ldb, steps, taps,
+    kw, wq, stride, prow)``: ``C (16mt x 16nt f32, row stride ldc bytes) += A (16mt x 32
+    steps bf16, stride lda) B`` (nt blocks ``ldb`` bytes apart, each ``taps * steps`` x
+    1 KiB: 16 pair rows of 64 bytes per step), for each of ``taps`` conv taps (a matmul:
+    1): tap ``t`` reads A :meth:`Taps.offset` rows further on (the conv's input rows)
+    and the B steps after the previous taps'. Tiles: C
+    ``i*nt+j``, then A ``i``, then B ``j``; each step loads mt A and nt B tiles for mt*nt
+    ``tdpbf16ps``. The first call in a process asks Linux for the tile state; each call
+    loads the config and releases the tiles at the end."""
     name = f"{mt}x{nt}"
     tc = {(i, j): i * nt + j for i in range(mt) for j in range(nt)}
     ta = {i: mt * nt + i for i in range(mt)}
@@ -155,7 +167,8 @@ def tile_ll(mt: int, nt: int) -> str:
             f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %pc{t}, i64 %ldc)",
         ]
     load_c = "\n".join(lines)
-    lines = ["  %ao = shl i64 %s, 6", "  %bo = shl i64 %s, 10"]
+    lines = ["  %u = add i64 %u0, %s", "  %as = shl i64 %s, 6", "  %ao = add i64 %as, %tao"]
+    lines.append("  %bo = shl i64 %u, 10")
     for i, t in ta.items():
         lines += [
             f"  %arow{i} = mul i64 %lda, {16 * i}",
@@ -181,7 +194,8 @@ def tile_ll(mt: int, nt: int) -> str:
 @graphopt_amx_cfg_{name} = internal constant [64 x i8] c"{_config(len(tc) + mt + nt)}", align 64
 
 define internal i32 @graphopt_amx_bf16_gemm_{name}(ptr %c, i64 %ldc, ptr %a, i64 %lda, ptr %b,
-                                                 i64 %ldb, i64 %steps) alwaysinline {{
+                                                 i64 %ldb, i64 %steps, i64 %taps, i64 %kw,
+                                                 i64 %wq, i64 %stride, i64 %prow) alwaysinline {{
 entry:
   %state = load atomic i32, ptr @graphopt_amx_tiles monotonic, align 4
   switch i32 %state, label %refused [ i32 0, label %ask
@@ -200,13 +214,34 @@ refused:
 tiles:
   call void @llvm.x86.ldtilecfg(ptr @graphopt_amx_cfg_{name})
 {load_c}
+  br label %tap
+tap:
+  %t = phi i64 [ 0, %tiles ], [ %tnext, %tapped ]
+  %u0 = mul i64 %t, %steps ; B steps before this tap's
+  %ty = udiv i64 %t, %kw
+  %tx = urem i64 %t, %kw
+  %py = urem i64 %ty, %stride
+  %px = urem i64 %tx, %stride
+  %pys = mul i64 %py, %stride
+  %phase = add i64 %pys, %px
+  %prows = mul i64 %phase, %prow
+  %qy = udiv i64 %ty, %stride
+  %qx = udiv i64 %tx, %stride
+  %tyw = mul i64 %qy, %wq
+  %tin = add i64 %tyw, %qx
+  %trow = add i64 %prows, %tin
+  %tao = mul i64 %trow, %lda ; A rows further on for this tap (Taps.offset), in bytes
   br label %step
 step:
-  %s = phi i64 [ 0, %tiles ], [ %next, %step ]
+  %s = phi i64 [ 0, %tap ], [ %next, %step ]
 {step}
   %next = add i64 %s, 1
   %more = icmp ult i64 %next, %steps
-  br i1 %more, label %step, label %done
+  br i1 %more, label %step, label %tapped
+tapped:
+  %tnext = add i64 %t, 1
+  %tmore = icmp ult i64 %tnext, %taps
+  br i1 %tmore, label %tap, label %done
 done:
 {store_c}
   call void @llvm.x86.tilerelease()
@@ -438,6 +473,7 @@ def _tile_amx(k: int, mt: int, nt: int):  # noqa: ANN202
                 T.address_of(B[0, 0, 0, 0]),
                 T.int64(k * _TILE * 2),  # bytes from one 16-column block to the next
                 T.int64(k // _K_STEP),
+                *_ONE_TAP,
             )
             if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
                 for s, i, j, kk in T.grid(k // _K_STEP, rows, cols, _K_STEP // 2):
@@ -489,6 +525,145 @@ def tile_intrin(k: int, mt: int = 1, nt: int = 1, emulated: bool = False) -> str
     if TensorIntrin.get(name, allow_missing=True) is None:
         body = (_tile_emulated if emulated else _tile_amx)(k, mt, nt)
         TensorIntrin.register(name, _tile_desc(k, mt, nt), body)
+    return name
+
+
+class Taps(NamedTuple):
+    """A conv's taps on its input rows: a ``kh x kw`` kernel of stride ``s``; the padded
+    input as ``s * s`` phase maps (phase ``(py, px)``: padded pixels ``(y*s + py, x*s +
+    px)``), each ``wq`` pixels wide, one row per pixel, ``prow`` rows per phase. Output
+    pixel (oy, ox) is row ``q = oy * wq + ox`` (one image after another, ``wq - ow``
+    spare columns per row), and tap ``t`` of it is row ``q + offset(t)`` of the rows."""
+
+    kh: int
+    kw: int
+    s: int
+    wq: int
+    prow: int
+
+    def offset(self, t):  # noqa: ANN001, ANN201 - int or PrimExpr
+        """Rows from an output pixel's row to its tap ``t``'s input row."""
+        y, x = t // self.kw, t % self.kw
+        if self.s == 1:
+            return y * self.wq + x
+        phase = y % self.s * self.s + x % self.s
+        return phase * self.prow + y // self.s * self.wq + x // self.s
+
+    @property
+    def reach(self) -> int:
+        """How many more input rows than output rows a block reads, as TVM's region
+        analysis bounds it (each term of :meth:`offset` at its own largest: a little
+        past the largest offset for a stride; the rows hold it, ``s * s * prow``)."""
+        t = tvm.tirx.Var("t", "int32")
+        analyzer = tvm.sym.Analyzer()
+        analyzer.bind(t, tvm.ir.Range(0, self.kh * self.kw))
+        return int(analyzer.const_int_bound(self.offset(t)).max_value)
+
+    @property
+    def args(self) -> tuple:
+        """The tile step's tap arguments (:func:`tile_ll`)."""
+        taps = self.kh * self.kw
+        return tuple(T.int64(v) for v in (taps, self.kw, self.wq, self.s, self.prow))
+
+
+_ONE_TAP = Taps(1, 1, 1, 0, 0).args  # a matmul's
+
+
+def _tile_conv_desc(k: int, mt: int, nt: int, taps: Taps):  # noqa: ANN202
+    """A conv's tile step: the matmul's over every tap, tap ``t`` reading A
+    ``taps.offset(t)`` rows further on and its own B steps (B: ``[nt, kh*kw, k/2, 16,
+    2]``)."""
+    rows, cols, nt_ = _TILE * mt, _TILE * nt, taps.kh * taps.kw
+    arows = rows + taps.reach
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (arows, k), "bfloat16", offset_factor=1)
+        B = T.match_buffer(b, (nt, nt_, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(c, (rows, cols), "float32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:arows, 0:k], B[0:nt, 0:nt_, 0 : k // 2, 0:_TILE, 0:2])
+            T.writes(C[0:rows, 0:cols])
+            for i, j, t, kk, p in T.grid(rows, cols, nt_, k // 2, 2):
+                with T.sblock("update"):
+                    vi, vj, vt, vk, vp = T.axis.remap("SSRRR", [i, j, t, kk, p])
+                    C[vi, vj] = C[vi, vj] + T.cast(
+                        A[vi + taps.offset(vt), vk * 2 + vp], "float32"
+                    ) * T.cast(B[vj // _TILE, vt, vk, vj % _TILE, vp], "float32")
+
+    return desc
+
+
+def _tile_conv_impl(k: int, mt: int, nt: int, taps: Taps, emulated: bool):  # noqa: ANN202
+    """The conv tile step: one call of :func:`tile_ll`'s function over every tap (its
+    plain-loop body where Linux refuses the tiles), or, ``emulated``, only the loops."""
+    rows, cols, nt_ = _TILE * mt, _TILE * nt, taps.kh * taps.kw
+    arows = rows + taps.reach
+    func = f"graphopt_amx_bf16_gemm_{mt}x{nt}"
+
+    @T.macro
+    def sums(A, B, C) -> None:  # noqa: ANN001 - tdpbf16ps's, per tap and 32-deep step
+        for t, s, i, j, kk in T.grid(nt_, k // _K_STEP, rows, cols, _K_STEP // 2):
+            C[i, j] = (
+                C[i, j]
+                + T.cast(A[i + taps.offset(t), s * _K_STEP + kk * 2], "float32")
+                * T.cast(B[j // _TILE, t, s * 16 + kk, j % _TILE, 0], "float32")
+                + T.cast(A[i + taps.offset(t), s * _K_STEP + kk * 2 + 1], "float32")
+                * T.cast(B[j // _TILE, t, s * 16 + kk, j % _TILE, 1], "float32")
+            )
+
+    @T.prim_func(s_tir=True)
+    def tiles(a: T.handle, b: T.handle, c: T.handle) -> None:
+        lda = T.int32()
+        ldc = T.int32()
+        A = T.match_buffer(a, (arows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
+        B = T.match_buffer(b, (nt, nt_, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(
+            c, (rows, cols), "float32", offset_factor=1, scope="local", strides=[ldc, 1]
+        )
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:arows, 0:k], B[0:nt, 0:nt_, 0 : k // 2, 0:_TILE, 0:2])
+            T.writes(C[0:rows, 0:cols])
+            refused = T.call_extern(
+                "int32",
+                func,
+                T.address_of(C[0, 0]),
+                T.int64(4) * T.Cast("int64", ldc),
+                T.address_of(A[0, 0]),
+                T.int64(2) * T.Cast("int64", lda),
+                T.address_of(B[0, 0, 0, 0, 0]),
+                T.int64(nt_ * k * _TILE * 2),  # bytes from one column block to the next
+                T.int64(k // _K_STEP),
+                *taps.args,
+            )
+            if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
+                sums(A, B, C)
+
+    @T.prim_func(s_tir=True)
+    def loops(a: T.handle, b: T.handle, c: T.handle) -> None:
+        lda = T.int32()
+        ldc = T.int32()
+        A = T.match_buffer(a, (arows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
+        B = T.match_buffer(b, (nt, nt_, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(
+            c, (rows, cols), "float32", offset_factor=1, scope="local", strides=[ldc, 1]
+        )
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:arows, 0:k], B[0:nt, 0:nt_, 0 : k // 2, 0:_TILE, 0:2])
+            T.writes(C[0:rows, 0:cols])
+            sums(A, B, C)
+
+    return loops if emulated else tiles
+
+
+def tile_conv_intrin(k: int, mt: int, nt: int, taps: Taps, emulated: bool = False) -> str:
+    """The tensor intrinsic for a conv's ``mt`` x ``nt`` output tiles over ``taps`` and
+    ``k`` input channels (a multiple of 32): registered on first use."""
+    shape = "_".join(str(v) for v in taps)
+    name = f"graphopt_amx_bf16_conv_{mt}x{nt}_k{k}_t{shape}" + ("_emulated" if emulated else "")
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        body = _tile_conv_impl(k, mt, nt, taps, emulated)
+        TensorIntrin.register(name, _tile_conv_desc(k, mt, nt, taps), body)
     return name
 
 
@@ -557,12 +732,14 @@ def _conv_rows(data: te.Tensor, stride: tuple[int, int]) -> te.Tensor:
 
 
 def _conv_weight_pairs(weight: te.Tensor) -> te.Tensor:
-    """OIHW[bi]i[16]o (1x1) -> [O/16, I/2, 16, 2]: the matmul's pair layout (a constant:
+    """OIHW[bi]i[bo]o (1x1) -> [O/16, I/2, 16, 2]: the matmul's pair layout (a constant:
     folded at compile time)."""
     oo, io, _, _, bi, bo = (int(d) for d in weight.shape)
     return te.compute(
-        (oo, io * bi // 2, bo, 2),
-        lambda co, k, c, j: weight[co, (2 * k + j) // bi, 0, 0, (2 * k + j) % bi, c],
+        (oo * bo // _TILE, io * bi // 2, _TILE, 2),
+        lambda co, k, c, j: weight[
+            (co * _TILE + c) // bo, (2 * k + j) // bi, 0, 0, (2 * k + j) % bi, (co * _TILE + c) % bo
+        ],
         name="weight_pairs",
     )
 
@@ -600,8 +777,8 @@ def _amx_conv_ok(call: relax.Call) -> bool:
         and str(call.args[0].ty.dtype) == "bfloat16"
         and str(call.args[1].ty.dtype) == "bfloat16"
         and str(a.out_dtype) == "float32"
-        and int(kern_m.group(2)) == _TILE
-        and int(out_m.group(1)) == _TILE
+        and int(kern_m.group(2)) == int(out_m.group(1))
+        and (ws[0] * ws[5]) % _TILE == 0
         and _output_pixels(ds, a.strides) >= _TILE
         and (ds[1] * ds[4]) % _K_STEP == 0
         and amx_enabled(tvm.target.Target.current(allow_none=True))
@@ -620,16 +797,162 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
         if not _amx_conv_ok(call):
             return fallback(bb, call)
         n, _, h, w, _ = static_shape(call.args[0])
-        oo = static_shape(call.args[1])[0]
+        ws = static_shape(call.args[1])
         sh, sw = (int(v) for v in call.attrs.strides)
         stride = (sh, sw)
         rows = bb.emit_te(_conv_rows, call.args[0], stride, primfunc_name_hint="conv_rows")
         pairs = bb.emit_te(_conv_weight_pairs, call.args[1], primfunc_name_hint="weight_pairs")
         out = bb.emit_te(matmul_amx_te, rows, pairs, primfunc_name_hint="matmul_amx")
-        shape = (n, oo, (h - 1) // sh + 1, (w - 1) // sw + 1, _TILE)
+        shape = (n, ws[0], (h - 1) // sh + 1, (w - 1) // sw + 1, ws[5])
         return bb.call_te(_conv_unrows, out, shape, primfunc_name_hint="conv_unrows")
 
-    return legalize
+    def legalize_or_taps(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        return _legalize_taps(bb, call) if _amx_taps_ok(call) else legalize(bb, call)
+
+    return legalize_or_taps
+
+
+# --- KxK convs: every tap a GEMM on the padded input's rows ---------------------------------
+# A conv is, per tap (y, x), a GEMM of the input shifted by (y, x). On the padded input
+# flattened to one row per pixel (its channels contiguous), output pixel (oy, ox),
+# computed at row q = oy * wp + ox, reads tap (y, x) at row q + y * wp + x: 16
+# consecutive q are one A tile for every tap, at a fixed row offset (:class:`Taps`). The
+# output is computed on the padded width (``wp - ow`` spare columns per row, dropped on
+# write-back: 4-14% more products on 56..14-wide maps, 31% at 7) and the input is copied
+# once, not ``kh * kw`` times as im2col would. A stride-s conv reads its input as s*s
+# phase maps (every s-th pixel from each of s*s starts), on which each tap is stride 1.
+
+
+def _tap_grid(shape: list[int], pads: tuple[int, ...], kh: int, kw: int, s: int) -> tuple:
+    """``(taps, oh, ow, hq, wide, rows)``: the :class:`Taps`, the output map, the phase
+    maps' height, the computed rows (up to the last output pixel, whole 2-tile blocks)
+    and the input rows (every phase's)."""
+    n, _, h, w, _ = shape
+    pt, pl, pb, pr = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    oh, ow = (hp - kh) // s + 1, (wp - kw) // s + 1
+    hq, wq = -(-hp // s), -(-wp // s)
+    last = (n - 1) * hq * wq + (oh - 1) * wq + ow
+    wide = -(-last // (2 * _TILE)) * 2 * _TILE
+    prow = wide + (kh - 1) // s * wq + (kw - 1) // s  # the rows a phase is read at
+    return Taps(kh, kw, s, wq, prow), oh, ow, hq, wide, s * s * prow
+
+
+def _conv_tap_rows(data: te.Tensor, pads: tuple[int, ...], kh: int, kw: int, s: int) -> te.Tensor:
+    """NCHW[bi]c -> (rows, C): the zero-padded input, one row per pixel of each phase map
+    (all images in turn), zero rows after the last."""
+    n, _, h, w, bi = (int(d) for d in data.shape)
+    taps, _, _, hq, _, rows = _tap_grid([n, 0, h, w, bi], pads, kh, kw, s)
+    wq, prow = taps.wq, taps.prow
+    pt, pl = pads[0], pads[1]
+    c = int(data.shape[1]) * bi
+    zero = tvm.tirx.const(0, data.dtype)
+
+    def row(r, k):  # noqa: ANN001, ANN202
+        phase, p = r // prow, r % prow
+        b = p // (hq * wq)
+        y = p // wq % hq * s + phase // s - pt
+        x = p % wq * s + phase % s - pl
+        inside = tvm.tirx.all(b < n, y >= 0, y < h, x >= 0, x < w)
+        value = data[
+            tvm.tirx.min(b, n - 1),
+            k // bi,
+            tvm.tirx.max(tvm.tirx.min(y, h - 1), 0),
+            tvm.tirx.max(tvm.tirx.min(x, w - 1), 0),
+            k % bi,
+        ]
+        return tvm.tirx.if_then_else(inside, value, zero)
+
+    return te.compute((rows, c), row, name="conv_tap_rows")
+
+
+def _conv_tap_weight(weight: te.Tensor) -> te.Tensor:
+    """OIHW[bi]i[bo]o -> [O/16, kh*kw, I/2, 16, 2]: per 16 output channels, every tap's
+    pair layout in turn (one column block's B steps for all taps are contiguous)."""
+    oo, io, kh, kw, bi, bo = (int(d) for d in weight.shape)
+    return te.compute(
+        (oo * bo // _TILE, kh * kw, io * bi // 2, _TILE, 2),
+        lambda co, t, k, c, j: weight[
+            (co * _TILE + c) // bo,
+            (2 * k + j) // bi,
+            t // kw,
+            t % kw,
+            (2 * k + j) % bi,
+            (co * _TILE + c) % bo,
+        ],
+        name="tap_weight",
+    )
+
+
+def conv_amx_te(rows: te.Tensor, weight: te.Tensor, wide: int, *tap_fields: int) -> te.Tensor:
+    """out[q, n] = sum over taps t and channel pairs k, j of rows[q + taps.offset(t),
+    2k+j] * weight[n/16, t, k, n%16, j], float32 sums, ``taps`` = ``Taps(*tap_fields)``
+    (plain ints: emit_te would turn a Taps into a tuple; anchor ``conv_amx``, for
+    :func:`rule_conv_amx`; ``taps`` in the block's annotations). One tap axis, not two:
+    a 1-wide kernel axis would be a unit loop, which schedules drop."""
+    taps = Taps(*tap_fields)
+    _, count, kp, _, _ = (int(d) for d in weight.shape)
+    rt = te.reduce_axis((0, count), "rt")
+    rk, rj = te.reduce_axis((0, kp), "rk"), te.reduce_axis((0, 2), "rj")
+    return te.compute(
+        (wide, int(weight.shape[0]) * _TILE),
+        lambda i, j: te.sum(
+            rows[i + taps.offset(rt), rk * 2 + rj].astype("float32")
+            * weight[j // _TILE, rt, rk, j % _TILE, rj].astype("float32"),
+            axis=[rt, rk, rj],
+        ),
+        name="conv_amx",
+        attrs={_ANNOTATION: "conv_amx", _TAPS: list(taps)},
+    )
+
+
+def _conv_tap_unrows(out: te.Tensor, shape: tuple, hq: int, wq: int) -> te.Tensor:
+    """(wide, O) -> NCHW[bo]c: the rows of real output pixels (fuses with the epilogue)."""
+    _, _, _, _, bo = shape
+    return te.compute(
+        shape,
+        lambda b, co, y, x, c: out[b * hq * wq + y * wq + x, co * bo + c],
+        name="conv_unrows",
+    )
+
+
+def _amx_taps_ok(call: relax.Call) -> bool:
+    a = call.attrs
+    data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
+    kern_m = _OIHWIO.match(str(a.kernel_layout))
+    ds, ws = static_shape(call.args[0]), static_shape(call.args[1])
+    if not (data_m and out_m and kern_m and ds is not None and ws is not None):
+        return False
+    if ws[2:4] == [1, 1]:
+        return False  # unpadded: the 1x1 GEMM (any stride); padded: one tap, a unit loop
+    sh, sw = (int(v) for v in a.strides)
+    _, oh, ow, _, _, _ = _tap_grid(ds, tuple(int(v) for v in a.padding), ws[2], ws[3], sh)
+    return bool(
+        sh == sw
+        and all(int(v) == 1 for v in a.dilation)
+        and int(a.groups) == 1
+        and str(call.args[0].ty.dtype) == "bfloat16"
+        and str(call.args[1].ty.dtype) == "bfloat16"
+        and str(a.out_dtype) == "float32"
+        and int(kern_m.group(2)) == int(out_m.group(1))
+        and (ws[0] * ws[5]) % _TILE == 0
+        and (ds[1] * ds[4]) % _K_STEP == 0
+        and oh * ow >= _TILE
+        and amx_enabled(tvm.target.Target.current(allow_none=True))
+    )
+
+
+def _legalize_taps(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    ds, ws = static_shape(call.args[0]), static_shape(call.args[1])
+    kh, kw, s = ws[2], ws[3], int(call.attrs.strides[0])
+    pads = tuple(int(v) for v in call.attrs.padding)
+    taps, oh, ow, hq, wide, _ = _tap_grid(ds, pads, kh, kw, s)
+    data = call.args[0]
+    rows = bb.emit_te(_conv_tap_rows, data, pads, kh, kw, s, primfunc_name_hint="conv_rows")
+    weight = bb.emit_te(_conv_tap_weight, call.args[1], primfunc_name_hint="tap_weight")
+    out = bb.emit_te(conv_amx_te, rows, weight, wide, *taps, primfunc_name_hint="conv_amx")
+    shape = (ds[0], ws[0], oh, ow, ws[5])
+    return bb.call_te(_conv_tap_unrows, out, shape, hq, taps.wq, primfunc_name_hint="conv_unrows")
 
 
 # --- schedule rule ------------------------------------------------------------------------
@@ -653,16 +976,27 @@ def _block(tiles: int) -> int:
 
 
 def rule_matmul_amx(func, target: tvm.target.Target):  # noqa: ANN001, ANN201
-    """An AMX bf16 matmul plus its epilogue: a block of up to 2x2 output tiles per
-    parallel iteration; its float32 accumulator (a ``local`` buffer) zeroed, the whole
-    reduction one tile step (:func:`tile_intrin`), the epilogue vectorized on write-back."""
+    """An AMX bf16 matmul (a 1x1 conv's too) plus its epilogue: see :func:`_tiles_rule`."""
+    return _tiles_rule(func, target, "matmul_amx")
+
+
+def rule_conv_amx(func, target: tvm.target.Target):  # noqa: ANN001, ANN201
+    """An AMX bf16 KxK conv on its padded rows plus its epilogue: see :func:`_tiles_rule`."""
+    return _tiles_rule(func, target, "conv_amx")
+
+
+def _tiles_rule(func, target: tvm.target.Target, kind: str):  # noqa: ANN001, ANN202
+    """A block of up to 2x2 output tiles per parallel iteration; its float32 accumulator
+    (a ``local`` buffer) zeroed, the whole reduction (every tap of a conv) one tile step
+    (:func:`tile_intrin`, :func:`tile_conv_intrin`), the epilogue vectorized on write-back."""
     if not (_EMULATE or target_has_amx(target)):
         return None
     sch = s_tir.Schedule(func)
-    mm = _anchor(sch, "matmul_amx")
+    mm = _anchor(sch, kind)
     if mm is None:
         return None
-    k = int(sch.get(mm).iter_vars[2].dom.extent) * 2
+    dom = [int(iv.dom.extent) for iv in sch.get(mm).iter_vars]
+    k = dom[-2] * 2
     _inline_spatial_intermediates(sch, keep=[mm])
     out = sch.cache_write(mm, 0, "local")
     _inline_epilogue(sch, out)
@@ -684,8 +1018,13 @@ def rule_matmul_amx(func, target: tvm.target.Target):  # noqa: ANN001, ANN201
     emulated = _EMULATE
     if not emulated:
         sch.annotate(tile, "pragma_import_llvm", tile_ll(mt, nt))
+    if kind == "conv_amx":
+        taps = Taps(*(int(v) for v in sch.get(mm).annotations[_TAPS]))
+        intrin = tile_conv_intrin(k, mt, nt, taps, emulated)
+    else:
+        intrin = tile_intrin(k, mt, nt, emulated)
     try:
-        sch.tensorize(sch.get_loops(mm)[1], tile_intrin(k, mt, nt, emulated))
+        sch.tensorize(sch.get_loops(mm)[1], intrin)
     except (ScheduleError, ValueError, RuntimeError):
         return None
     return _schedule_others(sch, others, _TILE)
@@ -695,4 +1034,4 @@ def rule_matmul_amx(func, target: tvm.target.Target):  # noqa: ANN001, ANN201
 WRAP_LEGALIZE = {"relax.nn.conv2d": legalize_conv2d, "relax.matmul": legalize_matmul}
 
 # Ordered, first fit wins; before _bf16's and the fp32 rules.
-RULES = [("matmul_amx", rule_matmul_amx)]
+RULES = [("matmul_amx", rule_matmul_amx), ("conv_amx", rule_conv_amx)]

@@ -65,6 +65,7 @@ TENSORIZED_KERNELS = (
     "conv2d_nchwc_bf16",
     "matmul_bf16",
     "matmul_amx",
+    "conv_amx",
     "conv2d_nhwc",
     "matmul_fp16",
 )
@@ -255,6 +256,9 @@ def _packed_macs(kind: str, args: tuple) -> int:
     if kind == "conv2d_winograd":  # U [e, n, oc chunk, ic chunk, ic lane, oc lane], 3x3
         u = next((s for s, _ in args[:-1] if len(s) == 6), None)
         return 0 if u is None else out * u[3] * u[4] * 9
+    if kind == "conv_amx":  # rows [R, C], weight [O/16, taps, C/2, 16, 2]; out [wide, O]
+        w = next((s for s, _ in args[:-1] if len(s) == 5 and s[-2:] == (16, 2)), None)
+        return 0 if w is None else out * w[1] * w[2] * 2  # the padded width's columns too
     if kind == "matmul_fp16":  # x [..., K], also with a packed [J, K, B] weight
         x = next((s for s, _ in args[:-1] if len(s) >= 2), None)
         return 0 if x is None else out * x[-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
@@ -22,12 +23,12 @@ import tvm
 from onnx import helper
 
 import graphopt
+from graphopt.errors import VerificationError
 from graphopt.lower import to_relax
 from graphopt.prepare import prepare
-from graphopt.targets import _amx, build, resolve
+from graphopt.targets import _amx, _precision, build, resolve
 from graphopt.targets._bf16 import has_avx512_bf16
 from graphopt.verify import PRECISION_TOLERANCES
-from tests._system import needs_host_bf16
 from tests.conftest import make_model
 
 SPR = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
@@ -123,12 +124,16 @@ def test_emulated_tile_kernel_matches_numpy(shape):
 
 def _compile(model, path, emulated: bool):  # noqa: ANN001, ANN202
     """graphopt.compile for this CPU told it has AMX: the real kernels (tiles where Linux
-    grants them, else the same sums without) or, ``emulated``, plain-loop tile steps."""
-    with _amx.emulated_tiles() if emulated else contextlib.nullcontext():
+    grants them, else the same sums without) or, ``emulated``, plain-loop tile steps. The
+    precision check reads /proc/cpuinfo for the host CPU: it is told ``amx_bf16`` too, so
+    the AMX kernels run on any x86 host (the others fall back to the fp32 rules on
+    bf16-rounded operands where the CPU has no avx512_bf16)."""
+    flags = _precision._cpuinfo_flags
+    told = mock.patch.object(_precision, "_cpuinfo_flags", lambda: {*(flags() or ()), "amx_bf16"})
+    with told, _amx.emulated_tiles() if emulated else contextlib.nullcontext():
         return graphopt.compile(model, HOST_AMX, path, precision="bf16")
 
 
-@needs_host_bf16
 @pytest.mark.parametrize(("m", "rule"), [(32, "matmul_amx"), (8, "matmul_bf16")])
 def test_model_matches_onnxruntime(tmp_path, m, rule):
     """Gemm+bias+Relu through graphopt.compile on an AMX target: M=32 takes the AMX
@@ -150,7 +155,6 @@ def test_model_matches_onnxruntime(tmp_path, m, rule):
     assert np.abs(got - ref).max() > 1e-6  # computed in bf16, not fp32
 
 
-@needs_host_bf16
 def test_3d_matmul_model_matches_onnxruntime(tmp_path):
     """MatMul (2,16,64) @ (64,48) + bias, as in a transformer: rows flattened to 32."""
     rng = np.random.default_rng(7)
@@ -197,17 +201,15 @@ def _conv_model():
     )
 
 
-@needs_host_bf16
 @pytest.mark.parametrize("emulated", [False, True])
 def test_conv_model_matches_onnxruntime(tmp_path, emulated):
-    """Both 1x1 convs become AMX GEMMs (196 and 49 output pixels, zero rows to whole
-    tiles); the 3x3 stays on the AVX512-BF16 kernel where the CPU has it."""
+    """The 1x1 convs become AMX GEMMs (196 and 49 output pixels, zero rows to whole
+    tiles), the 3x3 a tap GEMM on its padded rows (conv_amx)."""
     model = _conv_model()
     art = _compile(model, tmp_path / "m.so", emulated)
     rules = art.manifest["schedule"]["rules"]
-    assert rules.get("matmul_amx") == 2
-    if has_avx512_bf16(tvm.target.Target(HOST_AMX)):
-        assert rules.get("conv2d_nchwc_bf16") == 1
+    assert rules.get("matmul_amx") == 2 and rules.get("conv_amx") == 1
+    assert art.manifest["schedule"]["coverage"] == 100.0
     inputs = art.random_inputs(seed=6)
     got = art.run(inputs)["y"]
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -218,7 +220,98 @@ def test_conv_model_matches_onnxruntime(tmp_path, emulated):
 
 def test_conv_model_on_an_amx_target_uses_tiles():
     asm = _build_asm(_conv_model(), SPR)
-    assert all(op in asm for op in TILE_OPS) and "vdpbf16ps" in asm  # 1x1 on AMX, 3x3 not
+    assert all(op in asm for op in TILE_OPS) and "vdpbf16ps" not in asm  # every conv on AMX
+
+
+# --- KxK convs: taps on the padded rows -----------------------------------------------------
+# (kernel, ONNX pads [top, left, bottom, right], stride) of the chain below: square and
+# not, a one-row kernel, wide and asymmetric pads, stride 2 (four phase maps).
+_TAP_CONVS = (
+    ((3, 3), (1, 1, 1, 1), 1),
+    ((5, 3), (2, 1, 2, 1), 1),
+    ((3, 3), (1, 1, 1, 1), 2),
+    ((1, 7), (0, 3, 1, 2), 1),
+)
+
+
+def _taps_model():
+    """x(2,32,7,9) (two images: rows run on across them) -> Conv 3x3 32->64 +bias ->
+    Relu -> Conv 5x3 64->32 -> Conv 3x3 stride 2 -> Conv 1x7 (output 5x4)."""
+    rng = np.random.default_rng(9)
+    chans = (32, 64, 32, 32, 32)
+    nodes, inits, src = [], {}, "x"
+    for i, ((kh, kw), pads, stride) in enumerate(_TAP_CONVS):
+        w = rng.standard_normal((chans[i + 1], chans[i], kh, kw)) / np.sqrt(chans[i] * kh * kw)
+        inits[f"w{i}"] = w.astype(np.float32)
+        ins = [src, f"w{i}"] + (["b0"] if i == 0 else [])
+        node = helper.make_node("Conv", ins, [f"c{i}"], pads=list(pads), strides=[stride] * 2)
+        nodes.append(node)
+        src = f"c{i}"
+        if i == 0:
+            nodes.append(helper.make_node("Relu", ["c0"], ["r0"]))
+            src = "r0"
+    inits["b0"] = rng.standard_normal(64).astype(np.float32)
+    nodes[-1].output[0] = "y"
+    return make_model(nodes, {"x": (2, 32, 7, 9)}, {"y": (2, 32, 5, 4)}, inits), inits
+
+
+def _bf16_conv(x: np.ndarray, w: np.ndarray, pads, s: int) -> np.ndarray:  # noqa: ANN001
+    """What the AMX conv computes: bf16 operands, exact products, float64 sums here."""
+    top, left, bottom, right = pads
+    x = np.pad(_bf16(x).astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    w = _bf16(w).astype(np.float64)
+    _, _, kh, kw = w.shape
+    oh, ow = (x.shape[2] - kh) // s + 1, (x.shape[3] - kw) // s + 1
+    return sum(
+        np.einsum(
+            "nchw,oc->nohw",
+            x[:, :, y : y + s * (oh - 1) + 1 : s, z : z + s * (ow - 1) + 1 : s],
+            w[:, :, y, z],
+        )
+        for y in range(kh)
+        for z in range(kw)
+    )
+
+
+def _taps_reference(x: np.ndarray, inits: dict) -> np.ndarray:
+    for i, (_, pads, stride) in enumerate(_TAP_CONVS):
+        x = _bf16_conv(x, inits[f"w{i}"], pads, stride)
+        if i == 0:
+            x = np.maximum(x + inits["b0"][None, :, None, None], 0)
+    return x
+
+
+def _taps_error(tmp_path, emulated: bool) -> float:  # noqa: ANN001
+    """max |graphopt - bf16 numpy| / max |numpy| of the taps model, every conv on AMX."""
+    model, inits = _taps_model()
+    art = _compile(model, tmp_path / "taps.so", emulated)
+    assert art.manifest["schedule"]["rules"].get("conv_amx") == len(_TAP_CONVS)
+    x = art.random_inputs(seed=2)["x"]
+    ref = _taps_reference(x, inits)
+    return float(np.abs(art.run({"x": x})["y"] - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+def test_kxk_convs_on_tiles_match_bf16_numpy(tmp_path, emulated):
+    """Each tap GEMM computes the conv on bf16 operands with float32 sums: against the
+    same on float64 sums, only a few activations round to the other bf16 neighbour
+    before the next conv (about 1e-3 of the range after four convs), while a tap read
+    from a wrong row or a wrong output row is off by 0.1-1 of it."""
+    assert _taps_error(tmp_path, emulated) < 3e-3
+
+
+def test_kxk_convs_on_an_amx_target_use_tiles():
+    """Every conv on tiles; between config and release only tile instructions and
+    integer address math (the tap loop), no vector code or calls."""
+    asm = _build_asm(_taps_model()[0], SPR)
+    assert all(op in asm for op in TILE_OPS) and "vdpbf16ps" not in asm
+    regions = re.findall(r"ldtilecfg.*?tilerelease", asm, flags=re.S)
+    assert len(regions) == len(_TAP_CONVS)
+    for region in regions:
+        ops = {line.split()[0] for line in region.splitlines()[1:-1] if line.strip()}
+        ops = {op for op in ops if not op.startswith((".", "#"))}
+        assert not {op for op in ops if op.startswith(("v", "call"))}, ops
+        assert "tdpbf16ps" in ops and "tileloadd" in ops
 
 
 # --- the tile step's own LLVM IR, its tile instructions done in software --------------------
@@ -414,7 +507,7 @@ def test_tile_step_ir_with_software_tiles_matches_numpy(monkeypatch, shape):
 @pytest.mark.parametrize(
     ("wrong", "right"),
     [
-        ("%bo = shl i64 %s, 10", "%bo = shl i64 %s, 9"),
+        ("%bo = shl i64 %u, 10", "%bo = shl i64 %u, 9"),
         ("%bblk1 = mul i64 %ldb, 1", "%bblk1 = mul i64 %ldb, 0"),
     ],
 )
@@ -427,6 +520,38 @@ def test_software_tiles_catch_a_wrong_address(monkeypatch, wrong, right):
         return ll.replace(wrong, right)
 
     assert _software_tile_error(monkeypatch, (32, 256, 32), broken) > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("broken", "worse"),
+    [
+        (None, None),
+        # every tap read from its phase's first row of taps: only the x offsets move A
+        ("%tyw = mul i64 %qy, %wq", "%tyw = mul i64 %qy, 0"),
+        # the stride-2 conv's taps all read the first phase map
+        ("%prows = mul i64 %phase, %prow", "%prows = mul i64 %phase, 0"),
+        # each tap's B steps from the first tap's place
+        ("%u0 = mul i64 %t, %steps", "%u0 = mul i64 %t, 0"),
+    ],
+)
+def test_conv_tile_step_ir_with_software_tiles(monkeypatch, tmp_path, broken, worse):
+    """The conv's tap loop in tile_ll's IR (A row offsets per tap, B steps across taps)
+    run with software tile instructions: right, and caught when an address is wrong."""
+    real = _amx.tile_ll
+
+    def software(mt: int, nt: int) -> str:
+        ll = real(mt, nt)
+        if broken:
+            assert broken in ll
+            ll = ll.replace(broken, worse)
+        return _software_tile_ll(ll)
+
+    monkeypatch.setattr(_amx, "tile_ll", software)
+    if broken is None:
+        assert _taps_error(tmp_path, emulated=False) < 3e-3
+    else:  # compile's verification refuses the artifact
+        with pytest.raises(VerificationError, match="disagrees with onnxruntime"):
+            _taps_error(tmp_path, emulated=False)
 
 
 # --- when AMX is on: the probe and the switches -------------------------------------------
