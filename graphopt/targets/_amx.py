@@ -57,7 +57,8 @@ be downloaded). So:
   stores) runs in the tests with each tile intrinsic replaced by a software stand-in
   written from the SDM's pseudo-code, and the tile state taken as granted;
 - on the user's machine, when the host has ``amx_bf16``, :func:`amx_probe` asks for the
-  tile state and runs the kernels of every tile block (:func:`check_kernels`) once per
+  tile state and runs the kernels of every tile block and two conv tap loops
+  (:func:`check_kernels`) once per
   process *in a subprocess* (a SIGILL cannot kill the caller) against numpy; on any
   failure it prints one warning line and the AVX512-BF16 kernels of ``_bf16`` are used
   instead. ``GRAPHOPT_AMX=0`` turns AMX off. The probe costs a few seconds, once per
@@ -104,11 +105,13 @@ from graphopt.targets._cpu_schedules import (
 
 __all__ = [
     "RULES",
+    "Taps",
     "WRAP_LEGALIZE",
     "amx_enabled",
     "amx_probe",
     "build_matmul",
     "check_kernels",
+    "conv_amx_te",
     "emulated_tiles",
     "host_has_amx",
     "legalize_conv2d",
@@ -116,10 +119,13 @@ __all__ = [
     "matmul_amx_te",
     "probe_main",
     "request_tile_state",
+    "rule_conv_amx",
     "rule_matmul_amx",
+    "run_conv",
     "run_matmul",
     "run_probe",
     "target_has_amx",
+    "tile_conv_intrin",
     "tile_ll",
     "tile_intrin",
 ]
@@ -374,9 +380,15 @@ def request_tile_state() -> str | None:
     return f"Linux refused the AMX tile state: {os.strerror(ctypes.get_errno())}"
 
 
+# The probe's convs (kh, kw, stride) on a padded 9x11 map, 64 -> 48 channels: the tap
+# loop at stride 1 and across phase maps.
+_PROBE_CONVS = ((3, 3, 1), (3, 3, 2))
+
+
 def check_kernels(target: tvm.target.Target) -> None:
     """Build and run small bf16 matmuls through the AMX rule for ``target`` on this
-    host, one per tile block, against numpy; SystemExit naming the first mismatch."""
+    host, one per tile block, and the tap loops of :data:`_PROBE_CONVS`, against numpy;
+    SystemExit naming the first mismatch."""
     rng = np.random.default_rng(0)
     for m, k, n in _PROBE_SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
@@ -386,6 +398,35 @@ def check_kernels(target: tvm.target.Target) -> None:
         if not np.allclose(got, ref, rtol=1e-3, atol=1e-3):
             err = np.abs(got - ref).max()
             raise SystemExit(f"AMX {m}x{k}x{n} differs from numpy by {err:.3g}")
+    for kh, kw, stride in _PROBE_CONVS:
+        got, ref = run_conv(target, kh, kw, stride, rng)
+        if not np.allclose(got, ref, rtol=1e-3, atol=1e-3):
+            err = np.abs(got - ref).max()
+            raise SystemExit(f"AMX {kh}x{kw} conv, stride {stride}, differs by {err:.3g}")
+
+
+def run_conv(target: tvm.target.Target, kh: int, kw: int, stride: int, rng) -> tuple:  # noqa: ANN001
+    """A :func:`conv_amx_te` kernel (64 -> 48 channels on a 9x11 map padded by 1)
+    scheduled by :func:`rule_conv_amx`, built for ``target`` and run here on random
+    rows: ``(got, numpy's)``, the sums of each tap's rows times its weights."""
+    c, o = 64, 48
+    taps, _, _, _, wide, count = _tap_grid([1, 0, 9, 11, 0], (1, 1, 1, 1), kh, kw, stride)
+    rows = te.placeholder((count, c), "bfloat16", name="rows")
+    weight = te.placeholder((o // _TILE, kh * kw, c // 2, _TILE, 2), "bfloat16", name="w")
+    func = te.create_prim_func([rows, weight, conv_amx_te(rows, weight, wide, *taps)])
+    sch = rule_conv_amx(func, target)
+    if sch is None:
+        raise RuntimeError("rule_conv_amx declined its own kernel")
+    lib = tvm.compile(sch.mod, target=target)
+    x = rng.standard_normal((count, c)).astype(np.float32)
+    w = rng.standard_normal((kh * kw, c, o)).astype(np.float32)
+    pairs = w.reshape(kh * kw, c // 2, 2, o // _TILE, _TILE).transpose(3, 0, 1, 4, 2)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((wide, o), np.float32), dev)
+    lib["main"](_bf16_tensor(x, dev), _bf16_tensor(np.ascontiguousarray(pairs), dev), out)
+    xb, wb = _bf16_round(x), _bf16_round(w)
+    ref = sum(xb[taps.offset(t) : taps.offset(t) + wide] @ wb[t] for t in range(kh * kw))
+    return out.numpy(), ref
 
 
 def _bf16_round(a: np.ndarray) -> np.ndarray:

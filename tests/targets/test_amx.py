@@ -614,11 +614,25 @@ def test_failing_probe_warns_once_and_falls_back(monkeypatch, capsys):
 
 
 def test_probe_kernels_pass_with_software_tiles(monkeypatch):
-    """The probe's kernels (every tile block, several threads) on the real IR with
-    software tile instructions: what the probe runs on an AMX machine."""
+    """The probe's kernels (every tile block, several threads, the convs' tap loops) on
+    the real IR with software tile instructions: what the probe runs on an AMX machine."""
     real = _amx.tile_ll
     monkeypatch.setattr(_amx, "tile_ll", lambda mt, nt: _software_tile_ll(real(mt, nt)))
     _amx.check_kernels(tvm.target.Target(HOST_AMX))
+
+
+def test_probe_catches_a_broken_tap_loop(monkeypatch):
+    """A conv tile step that reads every tap across phase maps from the first phase: the
+    matmuls pass, the stride-2 probe conv fails (so an AMX host falls back)."""
+    real = _amx.tile_ll
+
+    def broken(mt: int, nt: int) -> str:
+        ll = real(mt, nt).replace("%prows = mul i64 %phase, %prow", "%prows = mul i64 0, %prow")
+        return _software_tile_ll(ll)
+
+    monkeypatch.setattr(_amx, "tile_ll", broken)
+    with pytest.raises(SystemExit, match="AMX 3x3 conv, stride 2, differs"):
+        _amx.check_kernels(tvm.target.Target(HOST_AMX))
 
 
 def test_real_tile_kernels_run_correctly_here():
