@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import onnx
@@ -10,6 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import zoo
+
+# A schedule rule that raises is a bug: in the tests it fails the compile instead of
+# being logged and passed over (graphopt.targets._cpu_schedules.apply_rules).
+os.environ.setdefault("GRAPHOPT_STRICT_RULES", "1")
 
 
 @functools.cache

@@ -486,3 +486,27 @@ def test_a_tile_past_the_register_budget_unrolls_its_lane_loop() -> None:
 
     assert {13, 8} <= unrolled(_pointwise_conv_script(13, "znver3"))
     assert 8 not in unrolled(_pointwise_conv_script(14, "znver3"))
+
+
+# --- a rule that raises -------------------------------------------------------------------
+def _broken_rule(func, target):  # noqa: ANN001, ANN202
+    raise TypeError("a bug in the rule")
+
+
+def test_a_rule_that_raises_is_logged_and_passed_over_or_stops_in_strict_mode(monkeypatch, caplog):
+    """Declining is returning None; an exception is a bug: logged with the rule's and the
+    kernel's names and the next rule tried, or (GRAPHOPT_STRICT_RULES=1) raised."""
+    from tvm import te
+
+    x = te.placeholder((64,), "float32", name="x")
+    func = te.create_prim_func([x, te.compute((64,), lambda i: x[i] + 1, name="add")])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+    rules = [("broken", _broken_rule), *cpu.RULES]
+    monkeypatch.setenv("GRAPHOPT_STRICT_RULES", "0")
+    with caplog.at_level("WARNING", logger="graphopt.schedule"):
+        name, _ = cpu.apply_rules(func, target, rules, kernel="add_kernel")
+    assert name == "injective"
+    assert "schedule rule broken failed on add_kernel (TypeError: a bug in the rule)" in caplog.text
+    monkeypatch.setenv("GRAPHOPT_STRICT_RULES", "1")
+    with pytest.raises(TypeError, match="a bug in the rule"):
+        cpu.apply_rules(func, target, rules)
