@@ -488,51 +488,24 @@ def _tile_desc(k: int, mt: int, nt: int):  # noqa: ANN202
     return desc
 
 
-def _tile_amx(k: int, mt: int, nt: int):  # noqa: ANN202
+def _tile_impl(k: int, mt: int, nt: int, emulated: bool):  # noqa: ANN202
+    """The tile step: a call of :func:`tile_ll`'s function (its plain-loop body where
+    Linux refuses the tiles), or, ``emulated``, only the loops: per 32-deep step, per
+    output tile, ``tdpbf16ps``'s sums (bf16 products, float32 sums, the even product
+    first)."""
     rows, cols = _TILE * mt, _TILE * nt
     func = f"graphopt_amx_bf16_gemm_{mt}x{nt}"
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        lda = T.int32()
-        ldc = T.int32()
-        A = T.match_buffer(a, (rows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
-        B = T.match_buffer(b, (nt, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
-        C = T.match_buffer(
-            c, (rows, cols), "float32", offset_factor=1, scope="local", strides=[ldc, 1]
-        )
-        with T.sblock("root"):
-            T.reads(C[0:rows, 0:cols], A[0:rows, 0:k], B[0:nt, 0 : k // 2, 0:_TILE, 0:2])
-            T.writes(C[0:rows, 0:cols])
-            refused = T.call_extern(
-                "int32",
-                func,
-                T.address_of(C[0, 0]),
-                T.int64(4) * T.Cast("int64", ldc),
-                T.address_of(A[0, 0]),
-                T.int64(2) * T.Cast("int64", lda),
-                T.address_of(B[0, 0, 0, 0]),
-                T.int64(k * _TILE * 2),  # bytes from one 16-column block to the next
-                T.int64(k // _K_STEP),
-                *_ONE_TAP,
+    @T.macro
+    def sums(A, B, C) -> None:  # noqa: ANN001
+        for s, i, j, kk in T.grid(k // _K_STEP, rows, cols, _K_STEP // 2):
+            C[i, j] = (
+                C[i, j]
+                + T.cast(A[i, s * _K_STEP + kk * 2], "float32")
+                * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 0], "float32")
+                + T.cast(A[i, s * _K_STEP + kk * 2 + 1], "float32")
+                * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 1], "float32")
             )
-            if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
-                for s, i, j, kk in T.grid(k // _K_STEP, rows, cols, _K_STEP // 2):
-                    C[i, j] = (
-                        C[i, j]
-                        + T.cast(A[i, s * _K_STEP + kk * 2], "float32")
-                        * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 0], "float32")
-                        + T.cast(A[i, s * _K_STEP + kk * 2 + 1], "float32")
-                        * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 1], "float32")
-                    )
-
-    return impl
-
-
-def _tile_emulated(k: int, mt: int, nt: int):  # noqa: ANN202
-    """What the tile step computes, as TIR loops: per 32-deep step, per output tile,
-    ``tdpbf16ps``'s sums (bf16 products, float32 sums, the even product first)."""
-    rows, cols = _TILE * mt, _TILE * nt
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -546,14 +519,23 @@ def _tile_emulated(k: int, mt: int, nt: int):  # noqa: ANN202
         with T.sblock("root"):
             T.reads(C[0:rows, 0:cols], A[0:rows, 0:k], B[0:nt, 0 : k // 2, 0:_TILE, 0:2])
             T.writes(C[0:rows, 0:cols])
-            for s, i, j, kk in T.grid(k // _K_STEP, rows, cols, _K_STEP // 2):
-                C[i, j] = (
-                    C[i, j]
-                    + T.cast(A[i, s * _K_STEP + kk * 2], "float32")
-                    * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 0], "float32")
-                    + T.cast(A[i, s * _K_STEP + kk * 2 + 1], "float32")
-                    * T.cast(B[j // _TILE, s * 16 + kk, j % _TILE, 1], "float32")
+            if emulated:  # (a Python bool: the parser keeps one branch)
+                sums(A, B, C)
+            else:
+                refused = T.call_extern(
+                    "int32",
+                    func,
+                    T.address_of(C[0, 0]),
+                    T.int64(4) * T.Cast("int64", ldc),
+                    T.address_of(A[0, 0]),
+                    T.int64(2) * T.Cast("int64", lda),
+                    T.address_of(B[0, 0, 0, 0]),
+                    T.int64(k * _TILE * 2),  # bytes from one 16-column block to the next
+                    T.int64(k // _K_STEP),
+                    *_ONE_TAP,
                 )
+                if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
+                    sums(A, B, C)
 
     return impl
 
@@ -564,7 +546,7 @@ def tile_intrin(k: int, mt: int = 1, nt: int = 1, emulated: bool = False) -> str
     plain-loop body."""
     name = f"graphopt_amx_bf16_{mt}x{nt}_k{k}" + ("_emulated" if emulated else "")
     if TensorIntrin.get(name, allow_missing=True) is None:
-        body = (_tile_emulated if emulated else _tile_amx)(k, mt, nt)
+        body = _tile_impl(k, mt, nt, emulated)
         TensorIntrin.register(name, _tile_desc(k, mt, nt), body)
     return name
 
@@ -654,7 +636,7 @@ def _tile_conv_impl(k: int, mt: int, nt: int, taps: Taps, emulated: bool):  # no
             )
 
     @T.prim_func(s_tir=True)
-    def tiles(a: T.handle, b: T.handle, c: T.handle) -> None:
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         lda = T.int32()
         ldc = T.int32()
         A = T.match_buffer(a, (arows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
@@ -665,36 +647,25 @@ def _tile_conv_impl(k: int, mt: int, nt: int, taps: Taps, emulated: bool):  # no
         with T.sblock("root"):
             T.reads(C[0:rows, 0:cols], A[0:arows, 0:k], B[0:nt, 0:nt_, 0 : k // 2, 0:_TILE, 0:2])
             T.writes(C[0:rows, 0:cols])
-            refused = T.call_extern(
-                "int32",
-                func,
-                T.address_of(C[0, 0]),
-                T.int64(4) * T.Cast("int64", ldc),
-                T.address_of(A[0, 0]),
-                T.int64(2) * T.Cast("int64", lda),
-                T.address_of(B[0, 0, 0, 0, 0]),
-                T.int64(nt_ * k * _TILE * 2),  # bytes from one column block to the next
-                T.int64(k // _K_STEP),
-                *taps.args,
-            )
-            if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
+            if emulated:  # (a Python bool: the parser keeps one branch)
                 sums(A, B, C)
+            else:
+                refused = T.call_extern(
+                    "int32",
+                    func,
+                    T.address_of(C[0, 0]),
+                    T.int64(4) * T.Cast("int64", ldc),
+                    T.address_of(A[0, 0]),
+                    T.int64(2) * T.Cast("int64", lda),
+                    T.address_of(B[0, 0, 0, 0, 0]),
+                    T.int64(nt_ * k * _TILE * 2),  # bytes from one column block to the next
+                    T.int64(k // _K_STEP),
+                    *taps.args,
+                )
+                if refused != 0:  # no tile permission (no AMX here): the same sums, slowly
+                    sums(A, B, C)
 
-    @T.prim_func(s_tir=True)
-    def loops(a: T.handle, b: T.handle, c: T.handle) -> None:
-        lda = T.int32()
-        ldc = T.int32()
-        A = T.match_buffer(a, (arows, k), "bfloat16", offset_factor=1, strides=[lda, 1])
-        B = T.match_buffer(b, (nt, nt_, k // 2, _TILE, 2), "bfloat16", offset_factor=1)
-        C = T.match_buffer(
-            c, (rows, cols), "float32", offset_factor=1, scope="local", strides=[ldc, 1]
-        )
-        with T.sblock("root"):
-            T.reads(C[0:rows, 0:cols], A[0:arows, 0:k], B[0:nt, 0:nt_, 0 : k // 2, 0:_TILE, 0:2])
-            T.writes(C[0:rows, 0:cols])
-            sums(A, B, C)
-
-    return loops if emulated else tiles
+    return impl
 
 
 def tile_conv_intrin(k: int, mt: int, nt: int, taps: Taps, emulated: bool = False) -> str:
