@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import zoo
 
-# A schedule rule that raises is a bug: in the tests it fails the compile instead of
-# being logged and passed over (graphopt.targets._cpu_schedules.apply_rules).
+# A schedule rule with a Python error in its own code is a bug: in the tests it fails the
+# compile instead of being logged and passed over (targets/_cpu_schedules.apply_rules).
 os.environ.setdefault("GRAPHOPT_STRICT_RULES", "1")
 
 

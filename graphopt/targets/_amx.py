@@ -100,6 +100,7 @@ from graphopt.targets._cpu_schedules import (
     _inline_epilogue,
     _inline_spatial_intermediates,
     _other_root_blocks,
+    _root_blocks,
     _schedule_others,
 )
 
@@ -969,11 +970,8 @@ def _legalize_taps(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 # --- schedule rule ------------------------------------------------------------------------
 def _anchor(sch: s_tir.Schedule, kind: str):  # noqa: ANN202
-    root = sch.get_sblock("root")
     found = [
-        b
-        for b in sch.get_child_blocks(root)
-        if str(sch.get(b).annotations.get(_ANNOTATION, "")) == kind
+        b for b in _root_blocks(sch) if str(sch.get(b).annotations.get(_ANNOTATION, "")) == kind
     ]
     return found[0] if len(found) == 1 else None
 

@@ -351,14 +351,10 @@ _MAX_TILE_ROWS = 4  # output rows of a multi-row register tile, at most
 _CONV_RCO, _CONV_RH, _CONV_RW = 5, 6, 7
 
 
-def _root_blocks(sch: s_tir.Schedule) -> list:
-    return list(sch.get_child_blocks(sch.get_sblock("root")))
-
-
 def _anchor(sch: s_tir.Schedule, kind: str):  # noqa: ANN202
     found = [
         b
-        for b in _root_blocks(sch)
+        for b in cpu._root_blocks(sch)
         if sch.get(b).annotations is not None
         and str(sch.get(b).annotations.get(_ANNOTATION, "")) == kind
     ]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import traceback
 from dataclasses import dataclass
 
 import tvm
@@ -414,7 +415,13 @@ def _iter_kinds(sch: s_tir.Schedule, block) -> list[str]:  # noqa: ANN001
 
 
 def _root_blocks(sch: s_tir.Schedule) -> list:
-    root = sch.get_sblock("root")
+    """The blocks under the kernel's root block; none for a kernel without one (a
+    hand-written loop nest such as the RNN sequence kernel, or an extern call): no
+    rule's kernel."""
+    try:
+        root = sch.get_sblock("root")
+    except ScheduleError:
+        return []
     return list(sch.get_child_blocks(root))
 
 
@@ -1089,9 +1096,19 @@ RULES = [
 
 
 _log = logging.getLogger("graphopt.schedule")
-# "1": a schedule rule that raises stops the compile (the test suite sets it) instead of
-# being logged and passed over for the next rule.
+# "1": a schedule rule with a Python-level bug (:data:`RULE_BUGS`) stops the compile (the
+# test suite sets it) instead of being logged and passed over for the next rule.
 STRICT_RULES_ENV = "GRAPHOPT_STRICT_RULES"
+# Exceptions that are bugs in a rule's own code, not TVM refusing a schedule primitive
+# (ScheduleError, TVM's checks: how many rules find out they do not fit a kernel).
+RULE_BUGS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError)
+
+
+def _rule_bug(exc: BaseException) -> bool:
+    """Whether ``exc`` is a :data:`RULE_BUGS` error raised by Python code (TVM's C++
+    checks raise some of those types too: their innermost frame is C++ source)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return isinstance(exc, RULE_BUGS) and bool(frames) and frames[-1].filename.endswith(".py")
 
 
 def apply_rules(
@@ -1099,11 +1116,12 @@ def apply_rules(
 ) -> tuple[str, tirx.PrimFunc] | None:  # noqa: ANN001
     """Return ``(rule name, scheduled PrimFunc)`` for the first rule that fits, or None.
 
-    A rule declines by returning None. One that raises has a bug: with
-    ``GRAPHOPT_STRICT_RULES=1`` the exception propagates; otherwise a warning on the
-    ``graphopt.schedule`` logger names the rule, ``kernel`` and the error, and the next
-    rule is tried (a slower kernel, not a failed compile; such a bug once hid a
-    regression for a round).
+    A rule declines by returning None, or by a schedule primitive TVM refuses (logged at
+    debug level on the ``graphopt.schedule`` logger). A Python error in the rule's own
+    code (:data:`RULE_BUGS`: a TypeError from a changed signature once sent convs to the
+    fallback rule unseen) is a bug: with ``GRAPHOPT_STRICT_RULES=1`` it propagates;
+    otherwise a warning names the rule, ``kernel`` and the error, and the next rule is
+    tried (a slower kernel, not a failed compile).
 
     A kernel with a conv or matmul in it also gets ``graphopt.fast_path``: True when a
     rule made for it scheduled it, False when it fell to a generic rule (``reduction``,
@@ -1114,10 +1132,12 @@ def apply_rules(
         try:
             sch = rule(func, target)
         except Exception as exc:
-            if os.environ.get(STRICT_RULES_ENV, "").strip() == "1":
+            bug = _rule_bug(exc)
+            if bug and os.environ.get(STRICT_RULES_ENV, "").strip() == "1":
                 raise
             why = (str(exc).strip().splitlines() or [""])[-1][:200]
-            _log.warning(
+            _log.log(
+                logging.WARNING if bug else logging.DEBUG,
                 "schedule rule %s failed on %s (%s: %s); trying the next rule",
                 name,
                 kernel,

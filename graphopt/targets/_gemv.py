@@ -81,7 +81,10 @@ def _extent(sch: s_tir.Schedule, loop) -> int:  # noqa: ANN001
 def rule_rnn_step(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
     """Schedule an ``rnn_step`` kernel (see the module docstring); None for any other."""
     sch = s_tir.Schedule(func)
-    root = sch.get_sblock("root")
+    try:
+        root = sch.get_sblock("root")
+    except s_tir.schedule.ScheduleError:
+        return None  # a kernel without a root block (an extern call, a loop nest)
     blocks = list(sch.get_child_blocks(root))
     matmuls = [b for b in blocks if _annotated(sch, b)]
     if len(matmuls) != 1:

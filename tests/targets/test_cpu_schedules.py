@@ -493,20 +493,38 @@ def _broken_rule(func, target):  # noqa: ANN001, ANN202
     raise TypeError("a bug in the rule")
 
 
-def test_a_rule_that_raises_is_logged_and_passed_over_or_stops_in_strict_mode(monkeypatch, caplog):
-    """Declining is returning None; an exception is a bug: logged with the rule's and the
-    kernel's names and the next rule tried, or (GRAPHOPT_STRICT_RULES=1) raised."""
+def _refused_rule(func, target):  # noqa: ANN001, ANN202
+    return tvm.s_tir.Schedule(func).get_sblock("no such block")  # TVM refuses: ScheduleError
+
+
+def _add_kernel():  # noqa: ANN202
     from tvm import te
 
     x = te.placeholder((64,), "float32", name="x")
-    func = te.create_prim_func([x, te.compute((64,), lambda i: x[i] + 1, name="add")])
+    return te.create_prim_func([x, te.compute((64,), lambda i: x[i] + 1, name="add")])
+
+
+def test_a_rule_with_a_bug_is_a_warning_or_stops_in_strict_mode(monkeypatch, caplog):
+    """A Python error in a rule's code is a bug: logged with the rule's and the kernel's
+    names and the next rule tried, or (GRAPHOPT_STRICT_RULES=1) raised."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
     rules = [("broken", _broken_rule), *cpu.RULES]
     monkeypatch.setenv("GRAPHOPT_STRICT_RULES", "0")
     with caplog.at_level("WARNING", logger="graphopt.schedule"):
-        name, _ = cpu.apply_rules(func, target, rules, kernel="add_kernel")
+        name, _ = cpu.apply_rules(_add_kernel(), target, rules, kernel="add_kernel")
     assert name == "injective"
     assert "schedule rule broken failed on add_kernel (TypeError: a bug in the rule)" in caplog.text
     monkeypatch.setenv("GRAPHOPT_STRICT_RULES", "1")
     with pytest.raises(TypeError, match="a bug in the rule"):
-        cpu.apply_rules(func, target, rules)
+        cpu.apply_rules(_add_kernel(), target, rules)
+
+
+def test_a_schedule_primitive_tvm_refuses_declines_even_in_strict_mode(monkeypatch, caplog):
+    monkeypatch.setenv("GRAPHOPT_STRICT_RULES", "1")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+    rules = [("refused", _refused_rule), *cpu.RULES]
+    with caplog.at_level("DEBUG", logger="graphopt.schedule"):
+        name, _ = cpu.apply_rules(_add_kernel(), target, rules, kernel="add_kernel")
+    assert name == "injective"
+    (record,) = [r for r in caplog.records if "rule refused" in r.getMessage()]
+    assert record.levelname == "DEBUG" and "ScheduleError" in record.getMessage()
