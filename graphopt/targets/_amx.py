@@ -773,27 +773,40 @@ def _output_pixels(data_shape: list[int], strides) -> int:  # noqa: ANN001
     return n * ((h - 1) // sh + 1) * ((w - 1) // sw + 1)
 
 
-def _amx_conv_ok(call: relax.Call) -> bool:
+def _dense_bf16_conv(call: relax.Call) -> tuple[list[int], list[int]] | None:
+    """``(data shape, weight shape)`` of a conv both AMX paths could take: packed
+    NCHW[b]c in and out, static shapes, dense, bf16 operands with float32 sums, input
+    channels a multiple of 32 and output channels of 16; else None."""
     a = call.attrs
     data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
     kern_m = _OIHWIO.match(str(a.kernel_layout))
     ds, ws = static_shape(call.args[0]), static_shape(call.args[1])
-    return bool(
+    ok = bool(
         data_m
         and out_m
         and kern_m
         and ds is not None
         and ws is not None
-        and ws[2:4] == [1, 1]
-        and all(int(v) == 0 for v in a.padding)
         and int(a.groups) == 1
         and str(call.args[0].ty.dtype) == "bfloat16"
         and str(call.args[1].ty.dtype) == "bfloat16"
         and str(a.out_dtype) == "float32"
         and int(kern_m.group(2)) == int(out_m.group(1))
         and (ws[0] * ws[5]) % _TILE == 0
-        and _output_pixels(ds, a.strides) >= _TILE
         and (ds[1] * ds[4]) % _K_STEP == 0
+    )
+    return (ds, ws) if ok else None
+
+
+def _amx_conv_ok(call: relax.Call) -> bool:
+    shapes = _dense_bf16_conv(call)
+    if shapes is None:
+        return False
+    ds, ws = shapes
+    return bool(
+        ws[2:4] == [1, 1]
+        and all(int(v) == 0 for v in call.attrs.padding)
+        and _output_pixels(ds, call.attrs.strides) >= _TILE
         and amx_enabled(tvm.target.Target.current(allow_none=True))
     )
 
@@ -930,26 +943,18 @@ def _conv_tap_unrows(out: te.Tensor, shape: tuple, hq: int, wq: int) -> te.Tenso
 
 
 def _amx_taps_ok(call: relax.Call) -> bool:
-    a = call.attrs
-    data_m, out_m = _NCHWC.match(str(a.data_layout)), _NCHWC.match(str(a.out_layout))
-    kern_m = _OIHWIO.match(str(a.kernel_layout))
-    ds, ws = static_shape(call.args[0]), static_shape(call.args[1])
-    if not (data_m and out_m and kern_m and ds is not None and ws is not None):
+    shapes = _dense_bf16_conv(call)
+    if shapes is None:
         return False
+    ds, ws = shapes
     if ws[2:4] == [1, 1]:
         return False  # unpadded: the 1x1 GEMM (any stride); padded: one tap, a unit loop
+    a = call.attrs
     sh, sw = (int(v) for v in a.strides)
     _, oh, ow, _, _, _ = _tap_grid(ds, tuple(int(v) for v in a.padding), ws[2], ws[3], sh)
     return bool(
         sh == sw
         and all(int(v) == 1 for v in a.dilation)
-        and int(a.groups) == 1
-        and str(call.args[0].ty.dtype) == "bfloat16"
-        and str(call.args[1].ty.dtype) == "bfloat16"
-        and str(a.out_dtype) == "float32"
-        and int(kern_m.group(2)) == int(out_m.group(1))
-        and (ws[0] * ws[5]) % _TILE == 0
-        and (ds[1] * ds[4]) % _K_STEP == 0
         and oh * ow >= _TILE
         and amx_enabled(tvm.target.Target.current(allow_none=True))
     )
