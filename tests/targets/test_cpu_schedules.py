@@ -433,7 +433,7 @@ def test_concat_of_differently_blocked_tensors_still_packs_and_verifies() -> Non
         ((8, 7, 7, 12, (1, 1))),  # 7 is prime: one block x 7 pixels
         ((8, 13, 13, 12, (1, 1))),  # SqueezeNet's 13: the whole row, one block
         ((7, 56, 56, 12, (1, 1))),  # an odd block count cannot pair
-        ((8, 56, 56, 28, (2, 1))),  # AVX-512's 28 accumulators: 2 blocks x 14 pixels
+        ((8, 56, 56, 28, (2, 1))),  # AVX-512's 28 accumulators: 2 blocks x 8 pixels
         ((8, 7, 7, 28, (2, 1))),  # 2 blocks x 7 pixels
     ],
 )
@@ -441,6 +441,27 @@ def test_dense_conv_tile_pairs_channel_blocks_where_it_loads_less(
     blocks, height, width, most, expected
 ) -> None:  # noqa: ANN001
     assert cpu._channel_blocks_tile(blocks, height, width, most) == expected
+
+
+def test_paired_channel_block_tile_keeps_its_accumulators_in_registers() -> None:
+    """On AVX-512 (cross-compiled for a Zen 4) a 1x1 conv of two channel blocks over a
+    56-wide row takes the paired tile, and its accumulators, two weight vectors and a
+    broadcast fit the 32 zmm registers: none is stored to the stack. A pair of 14-pixel
+    tiles did spill (ResNet-50 1.13x onnxruntime on a Zen 4, against 0.87x without)."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((32, 32, 1, 1)).astype("float32"), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1])
+    relu = helper.make_node("Relu", ["c"], ["y"])
+    model = _model([conv, relu], {"x": [1, 32, 56, 56]}, ("y", [1, 32, 56, 56]), [w])
+    mod = _scheduled_module(model, cpu="znver4")
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    assert str(func.attrs["graphopt.schedule_rule"]) == "pointwise_nchwc"
+    target = tvm.target.Target(resolve("x86", cpu="znver4").tvm)
+    main = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    asm = tvm.compile(main, target=target).mod.inspect_source("asm")
+    assert len(re.findall(r"vfmadd\w+\s+.*%zmm", asm)) >= 16, "a tile of zmm FMAs"
+    spills = re.findall(r"vmov\w+\s+%zmm\d+, -?\w*\(%rsp\)", asm)
+    assert not spills, spills[:4]
 
 
 @pytest.mark.parametrize("k,stride,size", [(1, 1, 14), (1, 2, 28), (3, 2, 28), (1, 1, 56)])
