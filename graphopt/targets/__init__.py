@@ -125,7 +125,7 @@ def build(
     target = tvm.target.Target(spec.tvm)
     phases = _with_precision(
         spec.target.phases(target, layout, extra_schedule_passes),
-        _precision.LowerPrecision(precision),
+        _precision.LowerPrecision(precision, spec.target.keeps_fp32),
     )
 
     @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")

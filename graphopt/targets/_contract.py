@@ -31,11 +31,12 @@ def _runs_anywhere(_tvm: dict) -> str | None:
 class Target:
     """One compilation target.
 
-    ``phases(target, layout, extra_schedule_passes)`` returns the Relax passes per phase
-    (TVM's ``relax/backend/<target>/pipeline.py`` shape) for a ``tvm.target.Target`` and
-    a layout name from ``layouts`` (None: the default); ``extra_schedule_passes`` go first
-    in the schedule phase. ``load(path, manifest)`` returns a runner (``run``, ``time``,
-    ``close``). ``tunable``: whether ``graphopt tune`` databases apply.
+        ``phases(target, layout, extra_schedule_passes)`` returns the Relax passes per phase
+        (TVM's ``relax/backend/<target>/pipeline.py`` shape) for a ``tvm.target.Target`` and
+        a layout name from ``layouts`` (None: the default); ``extra_schedule_passes`` go first
+        in the schedule phase. ``load(path, manifest)`` returns a runner (``run``, ``time``,
+        ``close``). ``tunable``: whether ``graphopt tune`` databases apply. ``keeps_fp32``: the
+    calls ``--precision`` leaves in float32 (:mod:`graphopt.targets._precision`).
     """
 
     name: str
@@ -52,6 +53,9 @@ class Target:
     cross_compiler: Callable[[], str] | None = None  # path of the C++ linker for the device
     cannot_run_here: Callable[[dict], str | None] = field(default=_runs_anywhere)
     tunable: bool = False
+    # (conv or matmul call, precision) -> True where the target computes that call faster
+    # in fp32 than in the lower precision (x86: Winograd's 3x3 convs without AMX)
+    keeps_fp32: Callable[[Any, str], bool] | None = None
 
     @property
     def default_layout(self) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "check_tvm_dict",
     "load_native",
     "kernel_modules",
+    "keeps_fp32",
     "legalize_map",
     "schedule_rules",
 ]
@@ -32,6 +33,8 @@ __all__ = [
 # AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it. Optionally
 # ``TUNABLE`` ({rule name: (schedule(sch, target, decisions, plan), plans, default
 # first)}): the rules' choices as graphopt's tuning search space (tuning/_space.py).
+# Optionally ``keeps_fp32(call, precision)``: True for a conv/matmul the module computes
+# faster in float32 than in ``precision`` (see :func:`keeps_fp32`).
 KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd", "_gemm")
 
 
@@ -59,6 +62,14 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
 def kernel_modules() -> list:
     """The :data:`KERNEL_MODULES`, imported (they import TVM: not at graphopt's import)."""
     return [importlib.import_module(f"graphopt.targets.{name}") for name in KERNEL_MODULES]
+
+
+def keeps_fp32(call, precision: str) -> bool:  # noqa: ANN001 - a relax.Call
+    """Whether a kernel module computes Relax ``call`` faster in float32 than in
+    ``precision`` (the Target's ``keeps_fp32``; asked by the precision pass under the
+    pipeline's target)."""
+    hooks = [m.keeps_fp32 for m in kernel_modules() if hasattr(m, "keeps_fp32")]
+    return any(keep(call, precision) for keep in hooks)
 
 
 def legalize_map() -> dict:

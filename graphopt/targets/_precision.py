@@ -28,6 +28,10 @@ updates stay float32. The fused step kernel (``expand-rnn{fuse_steps=true}``,
 ``graphopt::RNNStep``, :mod:`graphopt.targets._gemv`) is one TIR function with its
 recurrent product inside; it stays float32 (only its input projection is lowered).
 
+A target may keep calls in float32 where it computes them faster so (``keep``, the
+Target's ``keeps_fp32``): x86 without AMX keeps the 3x3 convs Winograd F(4x4, 3x3) takes
+(:func:`graphopt.targets._winograd.keeps_fp32`). Keeping is never less accurate.
+
 Put it after the layout phase (so convs are already packed) and before LegalizeOps.
 
 ``refusal(tvm_dict, precision)`` says why a target cannot compute in a precision (one
@@ -92,9 +96,11 @@ def _lowered_call(call, lx, lw):  # noqa: ANN001, ANN202
     return op(lx, lw, **common)
 
 
-def _mutator(mod, dtype: str):  # noqa: ANN001, ANN202
-    """The Relax mutator converting ``mod``'s convs/weight matmuls to ``dtype``. Built
-    here, not at import: ``import graphopt`` must not load TVM."""
+def _mutator(mod, dtype: str, keep=None):  # noqa: ANN001, ANN202
+    """The Relax mutator converting ``mod``'s convs/weight matmuls to ``dtype``, but those
+    ``keep(call, precision)`` keeps in float32 (counted in ``kept``). Built here, not at
+    import: ``import graphopt`` must not load TVM."""
+    precision = next(p for p, d in DTYPES.items() if d == dtype)
     import tvm
     from tvm import relax
 
@@ -103,6 +109,7 @@ def _mutator(mod, dtype: str):  # noqa: ANN001, ANN202
         def __init__(self, mod: tvm.IRModule) -> None:
             super().__init__(mod)
             self.count = 0
+            self.kept = 0
 
         def is_weight(self, expr, depth: int = 0) -> bool:  # noqa: ANN001
             """A constant, or ops FoldConstant folds (``_WEIGHT_PATH``, ``_WEIGHT_ALL``)
@@ -138,14 +145,18 @@ def _mutator(mod, dtype: str):  # noqa: ANN001, ANN202
                 call.op.name == "relax.matmul" and self.is_weight(x)  # weight @ activation
             ):
                 return call
+            if keep is not None and keep(call, precision):
+                self.kept += 1
+                return call
             self.count += 1
             return _lowered_call(call, relax.op.astype(x, dtype), relax.op.astype(w, dtype))
 
     return Lower(mod)
 
 
-def LowerPrecision(precision: str):  # noqa: ANN201, N802 - a pass, named like TVM's
-    """Convs and weight matmuls in ``precision`` ("bf16", "fp16") with fp32 accumulation;
+def LowerPrecision(precision: str, keep=None):  # noqa: ANN001, ANN201, N802 - a pass, named like TVM's
+    """Convs and weight matmuls in ``precision`` ("bf16", "fp16") with fp32 accumulation,
+    but those ``keep(call, precision)`` (the Target's ``keeps_fp32``) keeps in float32;
     "fp32" is the identity. Put after the layout phase, before LegalizeOps."""
     import tvm
     from tvm import relax
@@ -154,7 +165,7 @@ def LowerPrecision(precision: str):  # noqa: ANN201, N802 - a pass, named like T
     def lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
         if precision == "fp32":
             return mod
-        mutator = _mutator(mod, DTYPES[precision])
+        mutator = _mutator(mod, DTYPES[precision], keep)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator.builder_.update_func(gvar, mutator.visit_expr(func))

@@ -97,4 +97,5 @@ TARGET = Target(
     load=load,
     features=_cpu.features,
     tunable=True,
+    keeps_fp32=_cpu.keeps_fp32,
 )

@@ -49,7 +49,8 @@ def phases_before_schedule(
     """The target's Relax passes (in ``layout``) that run before its ``schedule`` phase,
     with ``build``'s ``precision`` phase after the layout phase (first without one)."""
     phases = spec.target.phases(target, layout)
-    lower = [_precision.LowerPrecision(precision)] if precision != "fp32" else []
+    keep = spec.target.keeps_fp32
+    lower = [_precision.LowerPrecision(precision, keep)] if precision != "fp32" else []
     passes = [] if "layout" in phases else list(lower)
     for name, phase in phases.items():
         if name == "schedule":

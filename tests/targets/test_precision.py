@@ -176,6 +176,59 @@ def test_bf16_assembly_uses_vdpbf16ps():
     assert "vdpbf16ps" not in fp32
 
 
+def _two_3x3_convs_model():
+    """x(1,16,32,32) -> 3x3 conv (32x32 map: Winograd F(4x4)) -> 3x3 stride-2 conv (16x16)
+    -> 3x3 conv (16x16: F(4x4)) ; the middle one is no Winograd conv."""
+    rng = np.random.default_rng(4)
+    ws = {n: (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32) for n in "abc"}
+    conv = lambda i, w, o, s=1: helper.make_node(  # noqa: E731
+        "Conv", [i, w], [o], pads=[1, 1, 1, 1], strides=[s, s]
+    )
+    return make_model(
+        [conv("x", "a", "h"), conv("h", "b", "g", 2), conv("g", "c", "y")],
+        {"x": (1, 16, 32, 32)},
+        {"y": (1, 16, 16, 16)},
+        ws,
+    )
+
+
+def _lowered_convs(model, cpu_name: str) -> tuple[int, int]:
+    """(convs in bf16, convs kept in float32) by the precision pass for ``cpu_name``."""
+    import tvm
+
+    spec = resolve("x86", cpu=cpu_name)
+    target = tvm.target.Target(spec.tvm)
+    _, graph, _ = prepare(model, None, None)
+    mod = to_relax(graph)
+    with target:
+        for name, passes in spec.target.phases(target, None).items():
+            mod = tvm.transform.Sequential(passes)(mod)
+            if name == "layout":
+                break
+        lowered = _precision.LowerPrecision("bf16", spec.target.keeps_fp32)(mod).script()
+    convs = lowered.count("R.nn.conv2d(")
+    in_bf16 = lowered.count("R.astype(") // 2  # each lowered conv casts x and w
+    return in_bf16, convs - in_bf16
+
+
+def test_bf16_keeps_winograd_convs_fp32_where_the_cpu_has_no_amx():
+    """Without AMX, bf16 leaves the 3x3 convs Winograd F(4x4) takes in float32 (4x fewer
+    multiplies than the direct conv, against vdpbf16ps' 2x); the strided one goes bf16.
+    With AMX tiles (cross-compiled for Sapphire Rapids) every conv goes bf16."""
+    model = _two_3x3_convs_model()
+    assert _lowered_convs(model, BF16_CPU) == (1, 2)
+    assert _lowered_convs(model, "sapphirerapids") == (3, 0)
+
+
+@needs_host_bf16
+def test_bf16_with_fp32_winograd_convs_verifies(tmp_path):
+    model = _two_3x3_convs_model()
+    art = graphopt.compile(model, "x86", tmp_path / "m.so", precision="bf16")
+    assert art.manifest["verification"]["ok"]
+    rules = art.manifest["schedule"]["rules"]
+    assert "conv2d_winograd" in rules and "conv2d_nchwc_bf16" in rules, rules
+
+
 # --- CUDA fp16 and ARM fp16 (slow tier) ---------------------------------------------------
 @pytest.mark.slow
 def test_cuda_fp16_uses_tensor_cores(tmp_path):
