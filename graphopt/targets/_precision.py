@@ -256,7 +256,9 @@ def _cuda_refusal(tvm_dict: dict, precision: str) -> str | None:
     sm = int(m.group(1)) if m else 0
     need = {"fp16": 70, "bf16": 80}[precision]
     if sm < need:
-        kind = "fp16 tensor cores" if precision == "fp16" else "bf16 tensor cores"
+        # bf16: sm_80 is where CUDA has bf16 arithmetic; TVM 0.27's tensor-core
+        # intrinsics (wmma) are fp16/int8 only, so bf16 kernels run on the CUDA cores
+        kind = "fp16 tensor cores" if precision == "fp16" else "bf16 arithmetic"
         return f"precision {precision} on CUDA needs {kind} (sm_{need}+); arch is {arch or '?'}"
     return None
 

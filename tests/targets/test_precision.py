@@ -78,7 +78,7 @@ def _asm(executable) -> str:  # noqa: ANN001
         ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53",
           "mattr": ["+neon"]}, "fp16", r"needs \+fullfp16"),
         ({"kind": "cuda", "arch": "sm_61"}, "fp16", r"needs fp16 tensor cores \(sm_70\+\)"),
-        ({"kind": "cuda", "arch": "sm_75"}, "bf16", r"needs bf16 tensor cores \(sm_80\+\)"),
+        ({"kind": "cuda", "arch": "sm_75"}, "bf16", r"needs bf16 arithmetic \(sm_80\+\)"),
         ({"kind": "cuda", "arch": "sm_80"}, "fp8", "unknown precision 'fp8'"),
     ],
 )  # fmt: skip
