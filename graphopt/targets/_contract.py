@@ -31,12 +31,12 @@ def _runs_anywhere(_tvm: dict) -> str | None:
 class Target:
     """One compilation target.
 
-        ``phases(target, layout, extra_schedule_passes)`` returns the Relax passes per phase
-        (TVM's ``relax/backend/<target>/pipeline.py`` shape) for a ``tvm.target.Target`` and
-        a layout name from ``layouts`` (None: the default); ``extra_schedule_passes`` go first
-        in the schedule phase. ``load(path, manifest)`` returns a runner (``run``, ``time``,
-        ``close``). ``tunable``: whether ``graphopt tune`` databases apply. ``keeps_fp32``: the
-    calls ``--precision`` leaves in float32 (:mod:`graphopt.targets._precision`).
+    ``phases(target, layout, extra_schedule_passes)`` returns the Relax passes per phase
+    (TVM's ``relax/backend/<target>/pipeline.py`` shape) for a ``tvm.target.Target`` and
+    a layout name from ``layouts`` (None: the default); ``extra_schedule_passes`` go first
+    in the schedule phase. ``load(path, manifest)`` returns a runner (``run``, ``time``,
+    ``close``). ``tunable``: whether ``graphopt tune`` databases apply. ``keeps_fp32``:
+    the calls ``--precision`` leaves in float32 (:mod:`graphopt.targets._precision`).
     """
 
     name: str

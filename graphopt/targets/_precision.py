@@ -96,11 +96,11 @@ def _lowered_call(call, lx, lw):  # noqa: ANN001, ANN202
     return op(lx, lw, **common)
 
 
-def _mutator(mod, dtype: str, keep=None):  # noqa: ANN001, ANN202
-    """The Relax mutator converting ``mod``'s convs/weight matmuls to ``dtype``, but those
-    ``keep(call, precision)`` keeps in float32 (counted in ``kept``). Built here, not at
-    import: ``import graphopt`` must not load TVM."""
-    precision = next(p for p, d in DTYPES.items() if d == dtype)
+def _mutator(mod, precision: str, keep=None):  # noqa: ANN001, ANN202
+    """The Relax mutator converting ``mod``'s convs/weight matmuls to ``precision``, but
+    those ``keep(call, precision)`` keeps in float32. Built here, not at import: ``import
+    graphopt`` must not load TVM."""
+    dtype = DTYPES[precision]
     import tvm
     from tvm import relax
 
@@ -109,7 +109,6 @@ def _mutator(mod, dtype: str, keep=None):  # noqa: ANN001, ANN202
         def __init__(self, mod: tvm.IRModule) -> None:
             super().__init__(mod)
             self.count = 0
-            self.kept = 0
 
         def is_weight(self, expr, depth: int = 0) -> bool:  # noqa: ANN001
             """A constant, or ops FoldConstant folds (``_WEIGHT_PATH``, ``_WEIGHT_ALL``)
@@ -146,7 +145,6 @@ def _mutator(mod, dtype: str, keep=None):  # noqa: ANN001, ANN202
             ):
                 return call
             if keep is not None and keep(call, precision):
-                self.kept += 1
                 return call
             self.count += 1
             return _lowered_call(call, relax.op.astype(x, dtype), relax.op.astype(w, dtype))
@@ -165,7 +163,7 @@ def LowerPrecision(precision: str, keep=None):  # noqa: ANN001, ANN201, N802 - a
     def lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
         if precision == "fp32":
             return mod
-        mutator = _mutator(mod, DTYPES[precision], keep)
+        mutator = _mutator(mod, precision, keep)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator.builder_.update_func(gvar, mutator.visit_expr(func))
@@ -180,7 +178,7 @@ def lowered_ops(mod, precision: str) -> int:  # noqa: ANN001
 
     if precision == "fp32":
         return 0
-    mutator = _mutator(mod, DTYPES[precision])
+    mutator = _mutator(mod, precision)
     for _gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.visit_expr(func)

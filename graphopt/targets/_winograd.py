@@ -222,10 +222,10 @@ def winograd_te(data: te.Tensor, weight_u: te.Tensor, padding, m: int) -> te.Ten
 
 
 def keeps_fp32(call: relax.Call, precision: str) -> bool:
-    """True for a conv Winograd takes, compiled in bf16 for a CPU without AMX tiles: it
-    stays float32 (and Winograd), since F(4x4, 3x3) does 4x fewer multiplies than the
-    direct conv (F(2x2, 3x3) 2.25x) and vdpbf16ps only twice the products of a float32
-    FMA. F(2x2, 3x3) maps (14x14, 7x7) stay bf16: 2.25x fewer multiplies, but their fp32
+    """True for a conv Winograd F(4x4, 3x3) takes, compiled in bf16 for a CPU without AMX
+    tiles: it stays float32 (and Winograd), since F(4x4) does 4x fewer multiplies than the
+    direct conv and vdpbf16ps only twice the products of a float32 FMA. F(2x2, 3x3) maps
+    (14x14, 7x7) stay bf16: 2.25x fewer multiplies, but their fp32
     transformed weights are 16/9 x 2 the bytes, and ResNet-50's layer 3 and 4 convs,
     whose weights are read once per image, ran slower in the model that way (kernels
     alone 21.8 ms, the model 33.2 with them, 25.7 without). On a Zen 4 (AVX512-BF16),
