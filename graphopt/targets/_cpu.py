@@ -33,9 +33,10 @@ __all__ = [
 # AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it. Optionally
 # ``TUNABLE`` ({rule name: (schedule(sch, target, decisions, plan), plans, default
 # first)}): the rules' choices as graphopt's tuning search space (tuning/_space.py).
-# Optionally ``keeps_fp32(call, precision)``: True for a conv/matmul the module computes
-# faster in float32 than in ``precision`` (see :func:`keeps_fp32`).
 KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd", "_gemm")
+# The kernel modules that define ``keeps_fp32(call, precision)``: True for a conv/matmul
+# the module computes faster in float32 than in ``precision`` (see :func:`keeps_fp32`).
+KEEPS_FP32_MODULES = ("_winograd",)
 
 
 def features(tvm_dict: dict) -> list[str]:
@@ -68,8 +69,8 @@ def keeps_fp32(call, precision: str) -> bool:  # noqa: ANN001 - a relax.Call
     """Whether a kernel module computes Relax ``call`` faster in float32 than in
     ``precision`` (the Target's ``keeps_fp32``; asked by the precision pass under the
     pipeline's target)."""
-    hooks = [m.keeps_fp32 for m in kernel_modules() if hasattr(m, "keeps_fp32")]
-    return any(keep(call, precision) for keep in hooks)
+    modules = [importlib.import_module(f"graphopt.targets.{n}") for n in KEEPS_FP32_MODULES]
+    return any(m.keeps_fp32(call, precision) for m in modules)
 
 
 def legalize_map() -> dict:
