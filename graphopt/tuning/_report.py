@@ -26,12 +26,6 @@ class TaskResult:
     tuned_secs: float | None
     status: str  # "tuned", "skipped (budget reached)", "interrupted", "time up", ...
 
-    @property
-    def speedup(self) -> float | None:
-        if self.default_secs and self.tuned_secs:
-            return self.default_secs / self.tuned_secs
-        return None
-
 
 @dataclass
 class TuneReport:
@@ -66,22 +60,24 @@ def _flops(f: float) -> str:
 
 
 def format_report(report: TuneReport) -> str:
-    """The per-task table (name, FLOPs, trials, default and tuned latency, speed-up)."""
+    """The per-task table: name, FLOPs, calls, trials, the default schedule's and the best
+    record's latency, and what compile uses (the record with its speed-up, or the default:
+    a record is applied only when it beats the default by ``MIN_SPEEDUP``)."""
     name_w = max([len("kernel"), *(len(t.name) for t in report.tasks)])
     head = (
         f"{'kernel':<{name_w}}  {'FLOPs':>7}  {'calls':>5}  {'trials':>9}  "
-        f"{'default us':>10}  {'tuned us':>9}  {'speed-up':>8}  status"
+        f"{'default us':>10}  {'best us':>9}  {'compile uses':>12}  status"
     )
     lines = [head, "-" * len(head)]
     total_default = total_best = 0.0
     complete = True
     for t in report.tasks:
-        speed = f"{t.speedup:.2f}x" if t.speedup else "-"
+        uses = _uses(t)
         trials = f"{t.trials}" + ("" if report.nominal_budgets else f"/{t.budget}")
         trials += f" ({t.failed} failed)" if t.failed else ""
         lines.append(
             f"{t.name:<{name_w}}  {_flops(t.flops):>7}  {t.calls:>5}  {trials:>9}  "
-            f"{_us(t.default_secs):>10}  {_us(t.tuned_secs):>9}  {speed:>8}  {t.status}"
+            f"{_us(t.default_secs):>10}  {_us(t.tuned_secs):>9}  {uses:>12}  {t.status}"
         )
         if t.default_secs is None:
             complete = False
@@ -103,6 +99,16 @@ def format_report(report: TuneReport) -> str:
         + (f", space {report.space}" if report.space else "")
     )
     return "\n".join(lines)
+
+
+def _uses(t: TaskResult) -> str:
+    """What compile runs for the kernel: the database's record and its speed-up when it
+    beats the default by MIN_SPEEDUP, else "default" (a slower best is never applied, so
+    the table shows no speed-up below 1)."""
+    if t.default_secs is None or t.tuned_secs is None:
+        return "default" if t.default_secs is not None else "-"
+    used = _applied(t.default_secs, t.tuned_secs)
+    return f"record {t.default_secs / used:.2f}x" if used != t.default_secs else "default"
 
 
 def _applied(default: float, tuned: float | None) -> float:

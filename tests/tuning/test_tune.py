@@ -52,7 +52,7 @@ def test_tune_prints_table_and_progress(tuned, models, capsys) -> None:
     argv = ["tune", str(models[0]), "--db", str(tuned), "--per-task", "2", "--batch", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "speed-up" in out and "default us" in out and "tuned us" in out
+    assert "default us" in out and "best us" in out and "compile uses" in out
     assert "fused_conv2d_nchwc_relu" in out and "0 new trial(s)" in out
     assert (tuned / "records.jsonl").read_bytes() == before
 

@@ -22,6 +22,7 @@ from graphopt.tuning import (
     tune,
 )
 from graphopt.tuning._latency import paired_rounds, remember
+from graphopt.tuning._report import TaskResult
 from graphopt.tuning._tuner import _lower
 from tests.tuning._models import conv_relu, slow_defaults
 
@@ -164,3 +165,22 @@ def test_records_that_lose_inside_the_model_are_dropped(tuned, tmp_path, monkeyp
     out = tmp_path / "a.so"
     assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
     assert read_manifest(out)["tuning"]["from_database"] == {}
+
+
+def test_report_shows_what_compile_uses_never_a_slowdown() -> None:
+    """The table's last figure is what compile runs: a record that is slower than its
+    default, or not MIN_SPEEDUP faster, reads "default"; only a winner reads "record".
+    The model estimate after tuning adds up those, not the slower records."""
+
+    def task(name: str, default_us: float, best_us: float) -> TaskResult:
+        return TaskResult(name, 1e6, 1, 8, 8, 8, 0, default_us * 1e-6, best_us * 1e-6, "tuned")
+
+    tasks = [task("slower", 592.2, 2222.3), task("faster", 1648.6, 1194.5), task("tie", 100, 97)]
+    text = format_report(TuneReport(tasks=tasks, db="db", timing=_NO_TIMING))
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()}
+    assert rows["slower"].split()[-2:] == ["default", "tuned"]
+    assert "2222.3" in rows["slower"]  # the search's best is still shown
+    assert "record 1.38x" in rows["faster"]
+    assert rows["tie"].split()[-2:] == ["default", "tuned"]
+    after = next(x for x in text.splitlines() if x.startswith("model latency after"))
+    assert f"estimated {(592.2 + 1194.5 + 100) / 1e3:.3f} ms" in after
