@@ -13,10 +13,12 @@ in interleaved ``--block``-second blocks (median of ``--rounds``), so a load tha
 during the hours of tuning moves every engine alike; a ratio is the median of the rounds'
 own ratios (``bench_public.paired_ratios``).
 
-Prints a markdown table (ratio < 1: tuned graphopt faster) and draws latency over tuning
-time, one panel per model, to ``--png`` (matplotlib, Agg): the measured points after each
-budget, and the search's own estimate (the best known kernel times added up) after every
-batch. ``--db DIR`` keeps the databases (``DIR/<model>``) to resume later.
+Prints a markdown table (ratio < 1: tuned graphopt faster; "records used": the database's
+records the tuned build applied, 0 when compile kept every default schedule, so that the
+tuned and default builds run the same kernels and their ratio is the timing's noise alone)
+and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
+the measured points after each budget, and the search's own estimate (the best known
+kernel times added up) after every batch. ``--db DIR`` keeps the databases (``DIR/<model>``) to resume later.
 """
 
 from __future__ import annotations
@@ -58,14 +60,15 @@ class Point:
 
     minutes: float
     trials: int
+    applied: int  # the database's records compile used (0: the default kernels)
     ms: dict[str, float]  # engine -> median ms: tuned, default, ort, openvino
     vs: dict[str, float] = field(default_factory=dict)  # engine -> tuned's round ratio
 
 
-def _point(minutes: float, trials: int, engines: dict, opts) -> Point:  # noqa: ANN001
+def _point(minutes: float, trials: int, applied: int, engines: dict, opts) -> Point:  # noqa: ANN001
     """The engines timed in interleaved rounds; tuned's ratios paired round by round."""
     figures = interleaved_rounds(engines, opts.block, opts.rounds)
-    return Point(minutes, trials, medians(figures), paired_ratios(figures, "tuned"))
+    return Point(minutes, trials, applied, medians(figures), paired_ratios(figures, "tuned"))
 
 
 @dataclass
@@ -97,7 +100,7 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
     path = export_onnx(name)
     curve = Curve(name)
     engines, inputs = _engines(path, work, opts)
-    curve.points.append(_point(0.0, 0, engines, opts))
+    curve.points.append(_point(0.0, 0, 0, engines, opts))
     db = Path(opts.db) / name if opts.db else work / f"{name}-db"
     spent = 0.0  # minutes of tuning so far (this run)
     start = time.monotonic()
@@ -130,8 +133,9 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         trials += report.new_trials
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
         tuned = graphopt.compile(path, "x86", work / f"{name}-{budget:g}.so", tuning_db=db)
+        applied = len(tuned.manifest.get("tuning", {}).get("from_database", {}))
         timed = {"tuned": GraphoptEngine(tuned, inputs), **engines}
-        curve.points.append(_point(budget, trials, timed, opts))
+        curve.points.append(_point(budget, trials, applied, timed, opts))
         timed["tuned"].close()
         ms = curve.points[-1].ms
         print(
@@ -149,16 +153,16 @@ def _r(ratio: float | None) -> str:
 
 def table(curves: list[Curve]) -> str:
     rows = [
-        "| model | budget min | trials | tuned ms | default ms | ORT ms | OpenVINO ms "
-        "| tuned/default | tuned/ORT | tuned/OpenVINO |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | budget min | trials | records used | tuned ms | default ms | ORT ms "
+        "| OpenVINO ms | tuned/default | tuned/ORT | tuned/OpenVINO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in curves:
         for p in c.points[1:]:
             ms = p.ms
             ov = f"{ms['openvino']:.3f}" if "openvino" in ms else "-"
             rows.append(
-                f"| {c.name} | {p.minutes:g} | {p.trials} | {ms['tuned']:.3f} "
+                f"| {c.name} | {p.minutes:g} | {p.trials} | {p.applied} | {ms['tuned']:.3f} "
                 f"| {ms['default']:.3f} | {ms['ort']:.3f} | {ov} "
                 f"| {_r(p.vs.get('default'))} | {_r(p.vs.get('ort'))} "
                 f"| {_r(p.vs.get('openvino'))} |"
