@@ -18,7 +18,8 @@ records the tuned build applied, 0 when compile kept every default schedule, so 
 tuned and default builds run the same kernels and their ratio is the timing's noise alone)
 and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
 the measured points after each budget, and the search's own estimate (the best known
-kernel times added up) after every batch. ``--db DIR`` keeps the databases (``DIR/<model>``) to resume later.
+kernel times added up) after every batch. ``--db DIR`` keeps the databases
+(``DIR/<model>``) to resume later.
 """
 
 from __future__ import annotations
