@@ -16,13 +16,23 @@ from tvm import s_tir
 from graphopt.targets._phases import schedule_unscheduled
 from graphopt.tuning._database import TuningDatabase, workload_mod
 
-__all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE"]
+__all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE", "applied_secs"]
 
 SCHEDULE_RULE = "tuning-db"
 # A record replaces a default schedule only when it measured this much faster: kernel
 # timings on a busy machine move by a few percent, and a "win" inside the noise loses
 # end to end as often as it gains.
 MIN_SPEEDUP = 1.05
+
+
+def applied_secs(default: float | None, best: float | None) -> float | None:
+    """A kernel's time as ``compile`` builds it with the database: the record only when it
+    beats the default by ``MIN_SPEEDUP`` (the default unknown: the record)."""
+    if default is None:
+        return best
+    if best is not None and best * MIN_SPEEDUP <= default:
+        return best
+    return default
 
 
 def ApplyTuningDatabase(  # noqa: N802

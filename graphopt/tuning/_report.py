@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from graphopt.tuning._apply import MIN_SPEEDUP
+from graphopt.tuning._apply import MIN_SPEEDUP, applied_secs
 from graphopt.tuning._latency import ModelLatency
 
 __all__ = ["TaskResult", "TuneReport", "format_report", "ProgressPrinter"]
@@ -83,7 +83,7 @@ def format_report(report: TuneReport) -> str:
             complete = False
             continue
         total_default += t.default_secs * t.calls
-        total_best += _applied(t.default_secs, t.tuned_secs) * t.calls
+        total_best += applied_secs(t.default_secs, t.tuned_secs) * t.calls
     lines += _latency_lines(report, (total_default, total_best) if complete else None)
     t = report.timing
     spent = t["search"] + t["build"] + t["measure"]
@@ -103,17 +103,12 @@ def format_report(report: TuneReport) -> str:
 
 def _uses(t: TaskResult) -> str:
     """What compile runs for the kernel: the database's record and its speed-up when it
-    beats the default by MIN_SPEEDUP, else "default" (a slower best is never applied, so
-    the table shows no speed-up below 1)."""
-    if t.default_secs is None or t.tuned_secs is None:
-        return "default" if t.default_secs is not None else "-"
-    used = _applied(t.default_secs, t.tuned_secs)
-    return f"record {t.default_secs / used:.2f}x" if used != t.default_secs else "default"
-
-
-def _applied(default: float, tuned: float | None) -> float:
-    """What compile uses: the record only if it beats the default by MIN_SPEEDUP."""
-    return tuned if tuned is not None and tuned * MIN_SPEEDUP <= default else default
+    beats the default by MIN_SPEEDUP (:func:`applied_secs`), else "default" (a slower best
+    is never applied, so the table shows no speed-up below 1)."""
+    if t.default_secs is None:
+        return "-"
+    used = applied_secs(t.default_secs, t.tuned_secs)
+    return "default" if used == t.default_secs else f"record {t.default_secs / used:.2f}x"
 
 
 def _ms(value: float | None) -> str:

@@ -26,7 +26,7 @@ from tvm.s_tir.meta_schedule.database import TuningRecord
 from tvm.s_tir.meta_schedule.runner import Runner, RunnerResult
 
 from graphopt.targets import TargetSpec
-from graphopt.tuning._apply import MIN_SPEEDUP
+from graphopt.tuning._apply import MIN_SPEEDUP, applied_secs
 from graphopt.tuning._database import TuningDatabase, workload_mod
 from graphopt.tuning._measure import PersistentBuilder, measure
 from graphopt.tuning._options import TuneOptions
@@ -215,16 +215,6 @@ def _replayed(entry, task: Task) -> tvm.IRModule:  # noqa: ANN001 - a database e
     sch = s_tir.Schedule(task.mod)
     entry.best.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch.mod
-
-
-def applied_secs(default: float | None, best: float | None) -> float | None:
-    """A kernel's time as ``compile`` builds it with the database: the record only when it
-    beats the default by ``MIN_SPEEDUP`` (the default unknown: the record)."""
-    if default is None:
-        return best
-    if best is not None and best * MIN_SPEEDUP <= default:
-        return best
-    return default
 
 
 # A re-measured winner costs about this many search candidates: more repeats per kernel.
