@@ -67,7 +67,11 @@ def _add_tolerances(p: argparse.ArgumentParser) -> None:
 
     # None: the tolerances of the precision the artifact computes in
     p.add_argument("--rtol", type=float, help=f"default {DEFAULT_RTOL} (fp32; bf16/fp16: looser)")
-    p.add_argument("--atol", type=float, help=f"default {DEFAULT_ATOL} (fp32; bf16/fp16: looser)")
+    p.add_argument(
+        "--atol",
+        type=float,
+        help=f"absolute; default {DEFAULT_ATOL} x each output's range (fp32; bf16/fp16: looser)",
+    )
 
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
