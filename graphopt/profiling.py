@@ -2,9 +2,12 @@
 
 :func:`profile` builds the model as ``graphopt.compile`` does (same target phases, no
 artifact file), keeps the scheduled module (:mod:`graphopt.targets._profile`) and times
-every kernel alone from the built library. Each row says which schedule rule made the
-kernel; one line sums it up: the fast-path coverage, the share of conv/matmul FLOPs in
-kernels that a specialized rule (not the generic ``reduction``/``fallback``) scheduled.
+every kernel alone from the built library, then inside whole-model calls (``in model``:
+where a kernel's weights come from memory, not from the cache its repeated calls keep
+warm, it takes longer there; the ``x alone`` column says how much). Each row says which
+schedule rule made the kernel; one line sums it up: the fast-path coverage, the share of
+conv/matmul FLOPs in kernels that a specialized rule (not the generic
+``reduction``/``fallback``) scheduled.
 
 With ``overhead=True`` it also measures the fixed cost of one call on a one-Relu model
 (1x16 float32): through ``Artifact.run`` (numpy in and out), through a bound
@@ -65,7 +68,8 @@ _OVERHEAD_ROUNDS = 3  # each way timed in turn, thrice: the best median of each 
 
 @dataclass(frozen=True)
 class KernelRow:
-    """One kernel: its time alone per call, its calls per inference, what made it."""
+    """One kernel: its time alone per call, its calls per inference, what made it, and its
+    time per inference inside whole-model calls."""
 
     name: str
     rule: str | None
@@ -73,10 +77,20 @@ class KernelRow:
     calls: int
     seconds_per_call: float
     flops: int  # per call, conv/matmul kernels only (0 for the rest)
+    # per inference, all its calls, timed inside whole-model calls (None: not measured)
+    in_model_seconds: float | None = None
 
     @property
     def total_seconds(self) -> float:
         return self.seconds_per_call * self.calls
+
+    @property
+    def in_model_ratio(self) -> float | None:
+        """Its time in the model over its time alone (per inference): above 1 where the
+        model's run finds its weights or inputs out of cache."""
+        if self.in_model_seconds is None or self.total_seconds <= 0:
+            return None
+        return self.in_model_seconds / self.total_seconds
 
     @property
     def gflops(self) -> float | None:
@@ -117,7 +131,7 @@ class Profile:
     threads: int
     rows: list[KernelRow]
     schedule: dict  # what compile's manifest records under "schedule"
-    call_ms: float  # median of whole-model calls through the bare TVM runtime
+    call_ms: float  # median of whole-model calls through the bare TVM runtime (best round)
     overhead: Overhead | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -125,6 +139,14 @@ class Profile:
     def kernel_ms(self) -> float:
         """The sum of every kernel's time per inference, in milliseconds."""
         return 1e3 * sum(r.total_seconds for r in self.rows)
+
+    @property
+    def in_model_ms(self) -> float | None:
+        """The sum of every kernel's time per inference inside whole-model calls, in
+        milliseconds (None: not measured)."""
+        if not self.rows or any(r.in_model_seconds is None for r in self.rows):
+            return None
+        return 1e3 * sum(r.in_model_seconds for r in self.rows)
 
     @property
     def coverage(self) -> float | None:
@@ -144,6 +166,7 @@ class Profile:
             "threads": self.threads,
             "call_ms": self.call_ms,
             "kernel_ms": self.kernel_ms,
+            "in_model_ms": self.in_model_ms,
             "schedule": self.schedule,
             "coverage_line": coverage_line(self.schedule),
             "kernels": [
@@ -151,6 +174,8 @@ class Profile:
                     **asdict(r),
                     "ms_per_call": r.seconds_per_call * 1e3,
                     "total_ms": r.total_seconds * 1e3,
+                    "in_model_ms": None if r.in_model_seconds is None else r.in_model_seconds * 1e3,
+                    "in_model_ratio": r.in_model_ratio,
                     "share_percent": self.share(r),
                     "gflops_per_s": r.gflops,
                 }
@@ -175,9 +200,11 @@ def profile(
 ) -> Profile:
     """Build ``model`` for ``target`` (as :func:`graphopt.compile` does, without writing or
     verifying an artifact) and time each kernel alone, ``repeat`` calls at least (best of
-    3 rounds). A target whose kernels cannot run in this process (CUDA without a GPU,
-    another CPU architecture) is refused before any work. ``precision`` ("bf16"/"fp16")
-    builds the lower-precision kernels, as ``compile(..., precision=)`` does.
+    3 rounds), then ``max(repeat, 20)`` whole-model calls, plain and instrumented in turn
+    (the best of 3 rounds): the model's time and each kernel's inside it. A target
+    whose kernels cannot run in this process (CUDA without a GPU, another CPU
+    architecture) is refused before any work. ``precision`` ("bf16"/"fp16") builds the
+    lower-precision kernels, as ``compile(..., precision=)`` does.
     """
     if repeat < 1:
         raise GraphoptError("repeat must be at least 1")
@@ -195,8 +222,6 @@ def profile(
     say(f"built for {spec.name} (layout {layout}) in {time.perf_counter() - start:.1f}s")
     found = kernels(record.module)
     times = time_kernels(executable, found, device, repeat)
-    rows = [KernelRow(k.name, k.rule, k.family, k.calls, times[k.name], k.flops) for k in found]
-    rows.sort(key=lambda r: -r.total_seconds)
     specs = [
         {"name": n, "shape": list(graph.values[n].shape), "dtype": graph.values[n].dtype}
         for n in graph.inputs
@@ -206,7 +231,12 @@ def profile(
     else:  # a torch model's own example inputs (token ids in range, for one)
         inputs = source.example_inputs
     arrays = [np.asarray(inputs[s["name"]]) for s in specs]
-    calls = time_executable(executable, device, arrays, max(repeat, 20))
+    calls, in_model = time_executable(executable, device, arrays, max(repeat, 20))
+    rows = [
+        KernelRow(k.name, k.rule, k.family, k.calls, times[k.name], k.flops, in_model.get(k.name))
+        for k in found
+    ]
+    rows.sort(key=lambda r: -r.total_seconds)
     result = Profile(
         model=Path(model).name if isinstance(model, str | os.PathLike) else graph.name,
         target=spec.name,
@@ -323,16 +353,19 @@ def render(result: Profile, top: int | None = None, file: IO[str] | None = None)
     )
     table.add_column("kernel", overflow="fold")
     table.add_column("rule")
-    for name in ("calls", "ms/call", "total ms", "%", "GFLOP/s"):
+    for name in ("calls", "ms/call", "total ms", "in model ms", "x alone", "%", "GFLOP/s"):
         table.add_column(name, justify="right")
     for r in shown:
         gflops = f"{r.gflops:.1f}" if r.gflops is not None else "-"
+        ratio = r.in_model_ratio
         table.add_row(
             r.name,
             _rule_cell(r),
             str(r.calls),
             f"{r.seconds_per_call * 1e3:.4f}",
             f"{r.total_seconds * 1e3:.3f}",
+            f"{r.in_model_seconds * 1e3:.3f}" if r.in_model_seconds is not None else "-",
+            f"{ratio:.2f}" if ratio is not None else "-",
             f"{result.share(r):.1f}",
             gflops,
         )
@@ -340,9 +373,11 @@ def render(result: Profile, top: int | None = None, file: IO[str] | None = None)
     if top and len(result.rows) > top:
         console.print(f"({len(result.rows) - top} faster kernels not shown)", markup=False)
     say = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
+    inside = result.in_model_ms
     say(
-        f"kernels alone: {result.kernel_ms:.3f} ms per inference; whole model through the "
-        f"TVM runtime: {result.call_ms:.3f} ms (median)"
+        f"kernels alone: {result.kernel_ms:.3f} ms per inference; "
+        + (f"inside the model: {inside:.3f} ms; " if inside is not None else "")
+        + f"whole model through the TVM runtime: {result.call_ms:.3f} ms (median)"
     )
     say(coverage_line(result.schedule))
     generic = result.schedule["fallback_kernels"]

@@ -91,6 +91,11 @@ def test_profile_rows_shares_rules_and_flops(small_cnn_profile):
     generic = {r.name for r in heavy if r.rule in GENERIC_RULES}
     assert set(p.schedule["fallback_kernels"]) == generic
     assert p.call_ms > 0 and p.kernel_ms > 0
+    # every kernel timed inside whole-model calls too (the instrument's names are the
+    # kernels' names), each a part of a call: together not more than whole calls
+    assert all(r.in_model_seconds and r.in_model_seconds > 0 for r in p.rows)
+    assert all(r.in_model_ratio == r.in_model_seconds / r.total_seconds for r in p.rows)
+    assert 0 < p.in_model_ms < 3 * p.call_ms
 
 
 def test_render_prints_table_and_coverage_line(small_cnn_profile, tmp_path):
@@ -100,10 +105,14 @@ def test_render_prints_table_and_coverage_line(small_cnn_profile, tmp_path):
     text = path.read_text()
     assert "fast-path coverage: " in text and "% of conv/matmul FLOPs" in text
     assert small_cnn_profile.rows[0].name in text and "GFLOP/s" in text
+    assert "in model ms" in text and "x alone" in text
+    assert f"inside the model: {small_cnn_profile.in_model_ms:.3f} ms" in text
     assert f"({len(small_cnn_profile.rows) - 3} faster kernels not shown)" in text
     data = small_cnn_profile.to_dict()
     assert data["coverage_line"] == coverage_line(small_cnn_profile.schedule)
     assert len(data["kernels"]) == len(small_cnn_profile.rows)
+    assert data["in_model_ms"] == small_cnn_profile.in_model_ms
+    assert all(k["in_model_ms"] > 0 and k["in_model_ratio"] > 0 for k in data["kernels"])
 
 
 @needs_host_bf16
