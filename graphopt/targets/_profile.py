@@ -446,8 +446,9 @@ def time_executable(
         plain()
         device.sync()
         times.append(time.perf_counter() - start)
+        seconds.clear()
         instrumented()
-        runs.append(dict(seconds))
+        runs.append({name: sum(each) for name, each in seconds.items()})
     # the calls in _ROUNDS rounds; the round whose plain calls took least counts
     size = max(len(runs) // _ROUNDS, 1)
     rounds = [range(i, min(i + size, len(runs))) for i in range(0, len(runs), size)]
@@ -458,10 +459,12 @@ def time_executable(
     }
 
 
-def instrumented_call(lib, device, arrays: list[np.ndarray]):  # noqa: ANN001, ANN201
-    """A call of ``main`` as :func:`main_call`, with a Relax VM instrument around every
-    function it calls (the device synchronized on both sides); returns the call and the
-    dict it fills, anew each call, with each function's summed seconds."""
+def instrumented_call(lib, device, arrays: list[np.ndarray], only: set[str] | None = None):  # noqa: ANN001, ANN201
+    """A call of ``main`` as :func:`main_call` (the device synchronized after it), with a
+    Relax VM instrument around each function it calls (``only``: around these): returns
+    the call and the dict it fills, function name -> the seconds of each of its calls, a
+    list appended to call after call (clear it for one call's figures). The tuner's
+    in-model kernel times (``tuning._latency``) and ``graphopt profile`` use it."""
     import tvm
 
     vm = tvm.runtime.vm.VirtualMachine(lib, device)
@@ -469,20 +472,22 @@ def instrumented_call(lib, device, arrays: list[np.ndarray]):  # noqa: ANN001, A
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
     clock = time.perf_counter
     started = [0.0]
-    seconds: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {}
 
-    def instrument(_func, name, before, _ret, *_args) -> int:  # noqa: ANN001
+    def instrument(_func, symbol, before, _ret, *_args) -> int:  # noqa: ANN001
+        name = str(symbol)
+        if only is not None and name not in only:
+            return 0
         device.sync()
         if before:
             started[0] = clock()
         else:
-            seconds[name] = seconds.get(name, 0.0) + clock() - started[0]
+            seconds.setdefault(name, []).append(clock() - started[0])
         return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
 
     vm.set_instrument(instrument)
 
     def call() -> None:
-        seconds.clear()
         main(*args)
         device.sync()
 

@@ -33,7 +33,7 @@ import tvm
 import tvm_ffi
 
 from graphopt.targets import TargetSpec, build
-from graphopt.targets._profile import main_call
+from graphopt.targets._profile import instrumented_call, main_call
 from graphopt.targets._runner import use_all_cores
 from graphopt.tuning._apply import MIN_SPEEDUP, ApplyTuningDatabase
 from graphopt.tuning._database import RECORDS, TuningDatabase
@@ -155,24 +155,7 @@ def kernel_times_in_model(
     samples: dict[str, dict[str, list[float]]] = {}
     calls = {}
     for name, lib in libs.items():
-        vm = tvm.runtime.vm.VirtualMachine(lib, device)
-        got: dict[str, list[float]] = {k: [] for k in kernels}
-        started: list[float] = [0.0]
-
-        def hook(_func, symbol, before, _ret, *_args, got=got, started=started) -> int:  # noqa: ANN001
-            times = got.get(str(symbol))
-            if times is not None:
-                if before:
-                    started[0] = time.perf_counter()
-                else:
-                    times.append(time.perf_counter() - started[0])
-            return 0  # VMInstrumentReturnKind.NO_OP: run the call
-
-        vm.set_instrument(hook)
-        main = vm["main"]
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
-        calls[name] = _synced(lambda main=main, args=args: main(*args), device)
-        samples[name] = got
+        calls[name], samples[name] = instrumented_call(lib, device, arrays, only=kernels)
     paired_rounds(calls, rounds, block)  # the warm-up runs are timed too: few, and alike
     return {
         name: {k: statistics.median(v) for k, v in got.items() if v}
