@@ -411,11 +411,31 @@ def medians(figures: dict[str, list[float]]) -> dict[str, float]:
 def paired_ratios(figures: dict[str, list[float]], ours: str) -> dict[str, float]:
     """Per other engine: the median over the rounds of ``ours``'s block over that engine's
     block of the same round (:func:`interleaved_rounds`); no entry without ``ours``."""
+    return {n: statistics.median(r) for n, r in _round_ratios(figures, ours).items()}
+
+
+def paired_spread(figures: dict[str, list[float]], ours: str) -> dict[str, tuple[float, float]]:
+    """Per other engine: the lower and upper quartile of the rounds' ratios that
+    :func:`paired_ratios` takes the median of: how far one run's ratio can be trusted on a
+    machine whose speed drifts (the same binary read 0.83-0.90x onnxruntime over five runs
+    of an hour on a shared 2-vCPU VM)."""
+    out = {}
+    for n, ratios in _round_ratios(figures, ours).items():
+        if len(ratios) < 2:
+            out[n] = (ratios[0], ratios[0])
+        else:
+            low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+            out[n] = (low, high)
+    return out
+
+
+def _round_ratios(figures: dict[str, list[float]], ours: str) -> dict[str, list[float]]:
+    """Per other engine, ``ours``'s block over that engine's, round by round."""
     mine = figures.get(ours)
     if not mine:
         return {}
     return {
-        n: statistics.median(a / b for a, b in zip(mine, v, strict=True))
+        n: [a / b for a, b in zip(mine, v, strict=True)]
         for n, v in figures.items()
         if n != ours and v
     }

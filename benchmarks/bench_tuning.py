@@ -13,7 +13,9 @@ in interleaved ``--block``-second blocks (median of ``--rounds``), so a load tha
 during the hours of tuning moves every engine alike; a ratio is the median of the rounds'
 own ratios (``bench_public.paired_ratios``).
 
-Prints a markdown table (ratio < 1: tuned graphopt faster; "records used": the database's
+Prints a markdown table (ratio < 1: tuned graphopt faster, in brackets the lower and upper
+quartile of the rounds' ratios: on a machine whose speed drifts, how far one run's figure
+can be trusted against a bar; "records used": the database's
 records the tuned build applied, 0 when compile kept every default schedule, so that the
 tuned and default builds run the same kernels and their ratio is the timing's noise alone)
 and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
@@ -46,6 +48,7 @@ from bench_public import (  # noqa: E402
     openvino_request,
     ort_session,
     paired_ratios,
+    paired_spread,
     set_threads,
 )
 
@@ -64,12 +67,21 @@ class Point:
     applied: int  # the database's records compile used (0: the default kernels)
     ms: dict[str, float]  # engine -> median ms: tuned, default, ort, openvino
     vs: dict[str, float] = field(default_factory=dict)  # engine -> tuned's round ratio
+    # engine -> the lower and upper quartile of those round ratios
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _point(minutes: float, trials: int, applied: int, engines: dict, opts) -> Point:  # noqa: ANN001
     """The engines timed in interleaved rounds; tuned's ratios paired round by round."""
     figures = interleaved_rounds(engines, opts.block, opts.rounds)
-    return Point(minutes, trials, applied, medians(figures), paired_ratios(figures, "tuned"))
+    return Point(
+        minutes,
+        trials,
+        applied,
+        medians(figures),
+        paired_ratios(figures, "tuned"),
+        paired_spread(figures, "tuned"),
+    )
 
 
 @dataclass
@@ -148,8 +160,13 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
     return curve
 
 
-def _r(ratio: float | None) -> str:
-    return f"{ratio:.2f}" if ratio else "-"
+def _r(point: Point, engine: str) -> str:
+    """Tuned's median round ratio to ``engine``, and the quartiles of the round ratios."""
+    ratio = point.vs.get(engine)
+    if not ratio:
+        return "-"
+    low, high = point.spread.get(engine, (ratio, ratio))
+    return f"{ratio:.2f} ({low:.2f}-{high:.2f})"
 
 
 def table(curves: list[Curve]) -> str:
@@ -165,8 +182,7 @@ def table(curves: list[Curve]) -> str:
             rows.append(
                 f"| {c.name} | {p.minutes:g} | {p.trials} | {p.applied} | {ms['tuned']:.3f} "
                 f"| {ms['default']:.3f} | {ms['ort']:.3f} | {ov} "
-                f"| {_r(p.vs.get('default'))} | {_r(p.vs.get('ort'))} "
-                f"| {_r(p.vs.get('openvino'))} |"
+                f"| {_r(p, 'default')} | {_r(p, 'ort')} | {_r(p, 'openvino')} |"
             )
     return "\n".join(rows)
 

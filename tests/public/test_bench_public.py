@@ -74,3 +74,12 @@ def test_ratio_is_the_median_of_round_ratios():
     assert row.vs_ort == pytest.approx(1.1)  # not 2.4 / 2.0 from the medians alone
     assert bp.paired_ratios({"ORT": [1.0]}, "graphopt") == {}
     assert bp.parse_args([]).rounds == 7
+
+
+def test_spread_is_the_quartiles_of_round_ratios():
+    figures = {"graphopt": [1.0, 1.1, 0.9, 1.2, 0.8], "ORT": [1.0] * 5}
+    assert bp.paired_ratios(figures, "graphopt") == {"ORT": pytest.approx(1.0)}
+    low, high = bp.paired_spread(figures, "graphopt")["ORT"]
+    assert (low, high) == (pytest.approx(0.9), pytest.approx(1.1))
+    assert bp.paired_spread({"graphopt": [2.0], "ORT": [1.0]}, "graphopt") == {"ORT": (2.0, 2.0)}
+    assert bp.paired_spread({"ORT": [1.0]}, "graphopt") == {}
