@@ -16,7 +16,7 @@ from tvm import s_tir
 from graphopt.targets._phases import schedule_unscheduled
 from graphopt.tuning._database import TuningDatabase, workload_mod
 
-__all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE", "applied_secs"]
+__all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE", "applied_secs", "beats_default"]
 
 SCHEDULE_RULE = "tuning-db"
 # A record replaces a default schedule only when it measured this much faster: kernel
@@ -25,12 +25,16 @@ SCHEDULE_RULE = "tuning-db"
 MIN_SPEEDUP = 1.05
 
 
+def beats_default(default: float | None, best: float | None) -> bool:
+    """Whether a record measured ``best`` seconds is applied over a default measured
+    ``default``: it beats it by ``MIN_SPEEDUP`` (the default unknown: any record does)."""
+    return best is not None and (default is None or best * MIN_SPEEDUP <= default)
+
+
 def applied_secs(default: float | None, best: float | None) -> float | None:
     """A kernel's time as ``compile`` builds it with the database: the record only when it
     beats the default by ``MIN_SPEEDUP`` (the default unknown: the record)."""
-    if default is None:
-        return best
-    if best is not None and best * MIN_SPEEDUP <= default:
+    if default is None or beats_default(default, best):
         return best
     return default
 
@@ -55,10 +59,7 @@ def ApplyTuningDatabase(  # noqa: N802
             entries[gvar.name_hint] = entry
         default_secs, best_secs = entry.confirmed() if entry is not None else (None, None)
         faster = (
-            entry is not None
-            and entry.best is not None
-            and best_secs is not None
-            and (default_secs is None or best_secs * MIN_SPEEDUP <= default_secs)
+            entry is not None and entry.best is not None and beats_default(default_secs, best_secs)
         )  # else the default schedule measured faster: keep it
         if not faster:
             if report is not None:

@@ -35,7 +35,7 @@ import tvm_ffi
 from graphopt.targets import TargetSpec, build
 from graphopt.targets._profile import instrumented_call, main_call
 from graphopt.targets._runner import use_all_cores
-from graphopt.tuning._apply import MIN_SPEEDUP, ApplyTuningDatabase
+from graphopt.tuning._apply import ApplyTuningDatabase, beats_default
 from graphopt.tuning._database import RECORDS, TuningDatabase
 
 __all__ = ["ModelLatency", "measure_model", "last_measured", "remember", "paired_rounds"]
@@ -172,7 +172,7 @@ def _judge_in_model(database: TuningDatabase, entries: dict, applied: dict, time
         if default is None or tuned is None or entry is None:
             continue
         database.set_in_model(entry, default, tuned)
-        lost += tuned * MIN_SPEEDUP > default
+        lost += not beats_default(default, tuned)
     return lost
 
 

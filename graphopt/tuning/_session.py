@@ -26,7 +26,7 @@ from tvm.s_tir.meta_schedule.database import TuningRecord
 from tvm.s_tir.meta_schedule.runner import Runner, RunnerResult
 
 from graphopt.targets import TargetSpec
-from graphopt.tuning._apply import MIN_SPEEDUP, applied_secs
+from graphopt.tuning._apply import applied_secs, beats_default
 from graphopt.tuning._database import TuningDatabase, workload_mod
 from graphopt.tuning._measure import PersistentBuilder, measure
 from graphopt.tuning._options import TuneOptions
@@ -356,7 +356,7 @@ class Session:
             for s in self.states
             if s.entry.best is not None
             and s.entry.baseline_secs is not None
-            and s.entry.best_secs * MIN_SPEEDUP <= s.entry.baseline_secs
+            and beats_default(s.entry.baseline_secs, s.entry.best_secs)
         )
         confirm = claims * 2 * _CONFIRM_COST * per_candidate
         return min(confirm + self.closing_secs, 0.5 * (self.clock.deadline - self.clock.start))
@@ -455,7 +455,7 @@ class Session:
                 continue
             if e.checked is not None and e.checked[2] == e.best_secs:
                 continue  # this best was checked already
-            if e.best_secs * MIN_SPEEDUP > e.baseline_secs:
+            if not beats_default(e.baseline_secs, e.best_secs):
                 continue  # it does not claim to beat the default
             try:
                 mods = [self.targets.default_scheduled(state.task), _replayed(e, state.task)]

@@ -15,6 +15,7 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import resolve
 from graphopt.tuning import TuningDatabase, tune
+from graphopt.tuning._apply import beats_default
 from graphopt.tuning._options import TuneOptions
 from graphopt.tuning._session import Clock, Session, Targets, TaskState, applied_secs
 from graphopt.tuning._tasks import Task, extract_tasks
@@ -70,6 +71,9 @@ def test_compile_applies_a_record_only_when_it_beats_the_default_by_5_percent() 
     assert applied_secs(1.0, 0.96) == 1.0  # 4% faster: noise, keep the default
     assert applied_secs(1.0, 0.95) == 0.95
     assert applied_secs(None, 0.5) == 0.5 and applied_secs(1.0, None) == 1.0
+    # the one rule compile, tune's confirmation and its in-model check all ask
+    assert not beats_default(1.0, 0.96) and beats_default(1.0, 0.95)
+    assert beats_default(None, 0.5) and not beats_default(1.0, None)
 
 
 def test_a_database_of_one_batch_size_does_not_serve_another(tmp_path, capsys) -> None:  # noqa: ANN001
