@@ -28,6 +28,7 @@ __all__ = [
     "target_named",
     "check_layout",
     "build",
+    "pipeline_phases",
     "check_precision",
     "tvm_version",
 ]
@@ -123,10 +124,7 @@ def build(
     import tvm
 
     target = tvm.target.Target(spec.tvm)
-    phases = _with_precision(
-        spec.target.phases(target, layout, extra_schedule_passes),
-        _precision.LowerPrecision(precision, spec.target.keeps_fp32),
-    )
+    phases = pipeline_phases(spec, target, layout, extra_schedule_passes, precision)
 
     @tvm.transform.module_pass(opt_level=0, name=f"graphopt_{spec.name}_pipeline")
     def pipeline(m, _ctx):  # noqa: ANN001, ANN202
@@ -138,9 +136,19 @@ def build(
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
-def _with_precision(phases: dict[str, list], lower) -> dict[str, list]:  # noqa: ANN001
-    """``phases`` with a ``precision`` phase after ``layout`` (first without one): convs
-    are then in their final layout, and LegalizeOps has not run yet."""
+def pipeline_phases(
+    spec: TargetSpec,
+    target,  # noqa: ANN001 - a tvm Target
+    layout: str | None,
+    extra_schedule_passes: Sequence = (),
+    precision: str = "fp32",
+) -> dict[str, list]:
+    """The Relax passes :func:`build` runs, by phase: the target's phases in ``layout``
+    with a ``precision`` phase after ``layout`` (first without one), where convs are in
+    their final layout and LegalizeOps has not run yet. Tuning extracts its tasks from
+    the phases before ``schedule``, so that they are the kernels ``build`` schedules."""
+    phases = spec.target.phases(target, layout, extra_schedule_passes)
+    lower = _precision.LowerPrecision(precision, spec.target.keeps_fp32)
     out = {} if "layout" in phases else {"precision": [lower]}
     for name, passes in phases.items():
         out[name] = passes

@@ -18,7 +18,7 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from graphopt.lower import _rnn_sequence
-from graphopt.targets import _precision
+from graphopt.targets import pipeline_phases
 from graphopt.tuning._database import workload_mod
 
 __all__ = ["Task", "extract_tasks", "phases_before_schedule"]
@@ -46,18 +46,13 @@ class Task:
 def phases_before_schedule(
     spec, target, layout: str | None = None, precision: str = "fp32"
 ) -> list:  # noqa: ANN001, E501 - TargetSpec, tvm Target
-    """The target's Relax passes (in ``layout``) that run before its ``schedule`` phase,
-    with ``build``'s ``precision`` phase after the layout phase (first without one)."""
-    phases = spec.target.phases(target, layout)
-    keep = spec.target.keeps_fp32
-    lower = [_precision.LowerPrecision(precision, keep)] if precision != "fp32" else []
-    passes = [] if "layout" in phases else list(lower)
-    for name, phase in phases.items():
+    """The Relax passes ``build`` runs (in ``layout``, at ``precision``) before the
+    target's ``schedule`` phase."""
+    passes = []
+    for name, phase in pipeline_phases(spec, target, layout, precision=precision).items():
         if name == "schedule":
             return passes
         passes.extend(phase)
-        if name == "layout":
-            passes.extend(lower)
     raise ValueError(f"target {spec.name} has no 'schedule' phase to tune")
 
 
