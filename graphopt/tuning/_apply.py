@@ -34,9 +34,7 @@ def beats_default(default: float | None, best: float | None) -> bool:
 def applied_secs(default: float | None, best: float | None) -> float | None:
     """A kernel's time as ``compile`` builds it with the database: the record only when it
     beats the default by ``MIN_SPEEDUP`` (the default unknown: the record)."""
-    if default is None or beats_default(default, best):
-        return best
-    return default
+    return best if beats_default(default, best) else default
 
 
 def ApplyTuningDatabase(  # noqa: N802
