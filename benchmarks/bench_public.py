@@ -179,14 +179,32 @@ def print_table(rows: list[Row]) -> None:
 
 # --- the machine ----------------------------------------------------------------------------
 def cpu_name() -> str:
-    """The CPU model /proc/cpuinfo names (else what platform says)."""
+    """The CPU /proc/cpuinfo names, with what tells one machine of that name from another:
+    LLVM's name for the host (``znver4``, ``sapphirerapids``: what graphopt compiles for)
+    and its AVX-512 / bf16 / AMX features. A VM's model name is often only "AMD EPYC",
+    which a Zen 3 without AVX-512 and a Zen 4 with it both print."""
+    name, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    details = []
+    try:
+        from graphopt.targets.x86 import host_cpu
+
+        details.append(host_cpu())
+    except Exception:  # noqa: BLE001 - TVM missing or not x86: the name alone
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+    if flags:
+        found = [f for f in wanted if f in flags]
+        details.append(" ".join(found) if found else "no AVX2")
+    return f"{name} ({'; '.join(details)})" if details else name
 
 
 def _versions() -> str:

@@ -4,6 +4,7 @@ and the --models parser. No timing: benchmarks are not tests."""
 from __future__ import annotations
 
 import importlib.util
+import platform
 import sys
 from pathlib import Path
 
@@ -83,3 +84,13 @@ def test_spread_is_the_quartiles_of_round_ratios():
     assert (low, high) == (pytest.approx(0.9), pytest.approx(1.1))
     assert bp.paired_spread({"graphopt": [2.0], "ORT": [1.0]}, "graphopt") == {"ORT": (2.0, 2.0)}
     assert bp.paired_spread({"ORT": [1.0]}, "graphopt") == {}
+
+
+def test_cpu_name_says_which_microarchitecture():
+    """A VM's model name is often only "AMD EPYC": the figures need LLVM's host name too."""
+    name = bp.cpu_name()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("LLVM's x86 host name: x86 only")
+    from graphopt.targets.x86 import host_cpu
+
+    assert name.split(" (")[0] and f"({host_cpu()}; " in name
