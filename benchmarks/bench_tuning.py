@@ -3,6 +3,7 @@
     python benchmarks/bench_tuning.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0]
                                       [--budgets 5,15,30] [--space both] [--threads N]
                                       [--db DIR] [--png tuning_curve.png] [--block 2]
+                                      [--rounds 5] [--retime]
 
 For each model (benchmarks/_public_models.py, seeded weights, exported to ONNX): one
 database, tuned in steps up to each budget (minutes of ``graphopt.tuning.tune``'s clock,
@@ -22,6 +23,12 @@ and draws latency over tuning time, one panel per model, to ``--png`` (matplotli
 the measured points after each budget, and the search's own estimate (the best known
 kernel times added up) after every batch. ``--db DIR`` keeps the databases
 (``DIR/<model>``) to resume later.
+
+``--retime`` times the databases already in ``--db`` again, without searching: one row per
+model, labelled with the largest budget and the database's trials. Why: a bar's verdict
+on a machine whose speed drifts wants more rounds than the hour of tuning left time for,
+and rerunning the tuning command cannot give them, since every point of a resumed run
+would be timed with the finished database.
 """
 
 from __future__ import annotations
@@ -108,8 +115,37 @@ def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
     return engines, inputs
 
 
+def _timed_with(name: str, path: Path, db: Path, work: Path, label: str, inputs: dict):  # noqa: ANN202
+    """graphopt compiled with the database ``db``, as an engine; the records it applied."""
+    tuned = graphopt.compile(path, "x86", work / f"{name}-{label}.so", tuning_db=db)
+    applied = len(tuned.manifest.get("tuning", {}).get("from_database", {}))
+    return GraphoptEngine(tuned, inputs), applied
+
+
+def retime_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
+    """Time ``name`` with its finished database in ``--db`` (no search), beside the rest."""
+    from graphopt.targets import resolve
+    from graphopt.tuning import open_database
+
+    path = export_onnx(name)
+    db = Path(opts.db) / name
+    with open_database(db, resolve("x86")) as database:
+        trials = sum(e.trials for e in database.entries())
+    curve = Curve(name)
+    engines, inputs = _engines(path, work, opts)
+    tuned, applied = _timed_with(name, path, db, work, "retime", inputs)
+    point = _point(opts.budgets[-1], trials, applied, {"tuned": tuned, **engines}, opts)
+    tuned.close()
+    # the curve's start: the same rounds' figures without the tuned build (the table skips it)
+    untuned = {k: v for k, v in point.ms.items() if k != "tuned"}
+    curve.points += [Point(0.0, 0, 0, untuned), point]
+    return curve
+
+
 def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
     """Tune ``name`` up to each budget; after each, time all engines together."""
+    if opts.retime:
+        return retime_model(name, work, opts)
     path = export_onnx(name)
     curve = Curve(name)
     engines, inputs = _engines(path, work, opts)
@@ -145,9 +181,8 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         spent = budget
         trials += report.new_trials
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
-        tuned = graphopt.compile(path, "x86", work / f"{name}-{budget:g}.so", tuning_db=db)
-        applied = len(tuned.manifest.get("tuning", {}).get("from_database", {}))
-        timed = {"tuned": GraphoptEngine(tuned, inputs), **engines}
+        tuned, applied = _timed_with(name, path, db, work, f"{budget:g}", inputs)
+        timed = {"tuned": tuned, **engines}
         curve.points.append(_point(budget, trials, applied, timed, opts))
         timed["tuned"].close()
         ms = curve.points[-1].ms
@@ -229,7 +264,12 @@ def main() -> int:
     ap.add_argument("--png", default="tuning_curve.png")
     ap.add_argument("--block", type=float, default=2.0, help="seconds per timing block")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved blocks per engine")
+    ap.add_argument(
+        "--retime", action="store_true", help="time the finished databases in --db, no search"
+    )
     opts = ap.parse_args()
+    if opts.retime and not opts.db:
+        ap.error("--retime times the databases in --db: name it")
     missing = missing_extra()
     if missing:
         print(f"needs the bench extra: {missing}", file=sys.stderr)
@@ -237,7 +277,7 @@ def main() -> int:
     opts.budgets = sorted(float(b) for b in opts.budgets.split(","))
     opts.threads = set_threads(opts.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-tuning-"))
-    print(f"# bench_tuning {datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}, ")
+    print(f"# bench_tuning {datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}")
     print(f"# {opts.threads} thread(s), space {opts.space}, budgets {opts.budgets} min")
     curves = [bench_model(name, work, opts) for name in opts.models.split(",")]
     print("\n" + table(curves))
