@@ -33,12 +33,9 @@ BAR = 1.3  # bf16 graphopt / OpenVINO bf16
 
 def bf16_features() -> list[str]:
     """The bf16 instruction sets /proc/cpuinfo lists (empty when none, or not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    lines = [ln for ln in text.splitlines() if ln.startswith("flags")]
-    flags = lines[0].split(":", 1)[1].split() if lines else []
+    from graphopt.targets._cpu import host_cpu_flags
+
+    flags = host_cpu_flags() or set()
     return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 

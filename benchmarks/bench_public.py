@@ -32,6 +32,7 @@ that fails to export, compile or verify is a row with the error; the others stil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -183,27 +184,20 @@ def cpu_name() -> str:
     LLVM's name for the host (``znver4``, ``sapphirerapids``: what graphopt compiles for)
     and its AVX-512 / bf16 / AMX features. A VM's model name is often only "AMD EPYC",
     which a Zen 3 without AVX-512 and a Zen 4 with it both print."""
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
-    details = []
-    try:
-        from graphopt.targets.x86 import host_cpu
+    from graphopt.targets._cpu import host_cpu, host_cpu_flags
 
-        details.append(host_cpu())
-    except Exception:  # noqa: BLE001 - TVM missing or not x86: the name alone
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+    name = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), ""
+        )
+    name = name or platform.processor() or platform.machine()
+    details = [host_cpu()]
+    flags = host_cpu_flags()
     if flags:
-        found = [f for f in wanted if f in flags]
-        details.append(" ".join(found) if found else "no AVX2")
+        wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+        details.append(" ".join(f for f in wanted if f in flags) or "no AVX2")
     return f"{name} ({'; '.join(details)})" if details else name
 
 

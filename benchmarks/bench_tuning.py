@@ -60,7 +60,8 @@ from bench_public import (  # noqa: E402
 )
 
 import graphopt  # noqa: E402
-from graphopt.tuning import ProgressPrinter, format_report, tune  # noqa: E402
+from graphopt.targets import resolve  # noqa: E402
+from graphopt.tuning import ProgressPrinter, format_report, open_database, tune  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 
@@ -122,35 +123,29 @@ def _timed_with(name: str, path: Path, db: Path, work: Path, label: str, inputs:
     return GraphoptEngine(tuned, inputs), applied
 
 
-def retime_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
-    """Time ``name`` with its finished database in ``--db`` (no search), beside the rest."""
-    from graphopt.targets import resolve
-    from graphopt.tuning import open_database
-
-    path = export_onnx(name)
-    db = Path(opts.db) / name
+def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs: dict, opts):  # noqa: ANN001, ANN202, PLR0913
+    """The curve of a finished database (``--retime``): one point at the largest budget,
+    and its start, the same rounds' figures without the tuned build."""
     with open_database(db, resolve("x86")) as database:
         trials = sum(e.trials for e in database.entries())
-    curve = Curve(name)
-    engines, inputs = _engines(path, work, opts)
     tuned, applied = _timed_with(name, path, db, work, "retime", inputs)
     point = _point(opts.budgets[-1], trials, applied, {"tuned": tuned, **engines}, opts)
     tuned.close()
-    # the curve's start: the same rounds' figures without the tuned build (the table skips it)
     untuned = {k: v for k, v in point.ms.items() if k != "tuned"}
-    curve.points += [Point(0.0, 0, 0, untuned), point]
-    return curve
+    return [Point(0.0, 0, 0, untuned), point]
 
 
 def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
-    """Tune ``name`` up to each budget; after each, time all engines together."""
-    if opts.retime:
-        return retime_model(name, work, opts)
+    """Tune ``name`` up to each budget; after each, time all engines together (with
+    ``--retime``: time its finished database, no search)."""
     path = export_onnx(name)
     curve = Curve(name)
     engines, inputs = _engines(path, work, opts)
-    curve.points.append(_point(0.0, 0, 0, engines, opts))
     db = Path(opts.db) / name if opts.db else work / f"{name}-db"
+    if opts.retime:
+        curve.points += _retimed(name, path, db, work, engines, inputs, opts)
+        return curve
+    curve.points.append(_point(0.0, 0, 0, engines, opts))
     spent = 0.0  # minutes of tuning so far (this run)
     start = time.monotonic()
     printer = ProgressPrinter(sys.stderr)

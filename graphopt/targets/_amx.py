@@ -96,6 +96,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
 from graphopt.targets._bf16 import pair_matrix, paired_matmul_te, static_shape
+from graphopt.targets._cpu import host_cpu_flags
 from graphopt.targets._cpu_schedules import (
     _inline_epilogue,
     _inline_spatial_intermediates,
@@ -292,11 +293,7 @@ def target_has_amx(target: tvm.target.Target | None) -> bool:
 @functools.cache
 def host_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU has AMX bf16 (the ``amx_bf16`` flag; read once)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    return any("amx_bf16" in line.split() for line in text.splitlines() if line.startswith("flags"))
+    return "amx_bf16" in (host_cpu_flags(cpuinfo) or ())
 
 
 def amx_enabled(target: tvm.target.Target | None) -> bool:

@@ -18,6 +18,8 @@ from graphopt.targets._runner import VMRunner, use_all_cores
 __all__ = [
     "cpu_phases",
     "features",
+    "host_cpu",
+    "host_cpu_flags",
     "check_tvm_dict",
     "load_native",
     "kernel_modules",
@@ -37,6 +39,26 @@ KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd", "_gemm")
 # The kernel modules that define ``keeps_fp32(call, precision)``: True for a conv/matmul
 # the module computes faster in float32 than in ``precision`` (see :func:`keeps_fp32`).
 KEEPS_FP32_MODULES = ("_winograd",)
+
+
+def host_cpu() -> str:
+    """LLVM's name for this host's CPU (``znver4``, ``sapphirerapids``)."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The feature flags the kernel lists for this CPU (its first ``flags`` line), or None
+    where there is no such file (not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
 
 
 def features(tvm_dict: dict) -> list[str]:

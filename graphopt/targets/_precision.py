@@ -41,7 +41,9 @@ line naming the missing feature), or None. ``PRECISIONS`` names the choices.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+
+from graphopt.targets._cpu import host_cpu as _host_cpu
+from graphopt.targets._cpu import host_cpu_flags as _cpuinfo_flags
 
 __all__ = ["PRECISIONS", "DTYPES", "LowerPrecision", "refusal", "lowered_ops"]
 
@@ -189,28 +191,11 @@ def lowered_ops(mod, precision: str) -> int:  # noqa: ANN001
 _SM = re.compile(r"^sm_(\d+)")
 
 
-def _cpuinfo_flags() -> set[str] | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
-
-
 def _llvm_features(tvm_dict: dict) -> set[str]:
     import tvm
     from tvm.target import codegen
 
     return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(dict(tvm_dict)))}
-
-
-def _host_cpu() -> str:
-    from tvm.target import codegen
-
-    return str(codegen.llvm_get_system_cpu())
 
 
 def _x86_refusal(tvm_dict: dict, precision: str) -> str | None:

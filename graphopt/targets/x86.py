@@ -32,10 +32,7 @@ LAYOUTS = _layout.table(_layout.NCHWC, _layout.NHWC_CPU, _layout.NCHW)  # defaul
 DEFAULT_LAYOUT = next(iter(LAYOUTS))
 
 
-def host_cpu() -> str:
-    from tvm.target import codegen
-
-    return str(codegen.llvm_get_system_cpu())
+host_cpu = _cpu.host_cpu
 
 
 def tvm_target(cpu: str | None = None) -> dict:
