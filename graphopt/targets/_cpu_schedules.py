@@ -791,13 +791,13 @@ def schedule_conv2d_nchwc(
         return None
     n, co, y, x, ci = loops
     most = max_reg_n(target)
-    blocks, rows = 1, 1
+    blocks, rows, pixels = 1, 1, None
     if not plan.rows and not thin and _annotation(sch, conv) == "conv2d_nchwc":
         extents = (_extent(sch, co), _extent(sch, y), _extent(sch, x))
-        blocks, rows = _channel_blocks_tile(*extents, most)
+        blocks, rows, pixels = _channel_blocks_tile(*extents, most)
     if blocks > 1:
         co, cob = sch.split(co, [None, blocks])
-    tile = _register_tile(sch, (y, x), decisions, plan, _block_pixels(most, blocks), rows)
+    tile = _register_tile(sch, (y, x), decisions, plan, _block_pixels(most, blocks), rows, pixels)
     if tile is None:
         return None
     xo, xi, tile_loops = tile
@@ -833,11 +833,14 @@ def _register_tile(  # noqa: ANN202
     plan: Plan,
     most: int,
     rows: int = 1,
+    pixels: int | None = None,
 ):
     """Split the output's pixel loop (and its row loop with ``plan.rows``, or into
     ``rows`` rows) into the register tile of at most ``most`` accumulators: returns (pixel
     chunk, pixels, (row chunk, rows) or None), or None to decline (a row tile where the
-    rows have no divisor from 2 to _MAX_TILE_ROWS)."""
+    rows have no divisor from 2 to _MAX_TILE_ROWS). ``pixels``: the tile's pixels where
+    they need not divide the row (:func:`_channel_blocks_tile`'s padded tile); else the
+    largest divisor that fits."""
     y, x = rows_pixels
     width = _extent(sch, x)
     tile_loops = None
@@ -848,7 +851,12 @@ def _register_tile(  # noqa: ANN202
         if rows == 1:
             return None
         tile_loops = sch.split(y, [None, decisions.factor(sch, height, rows, _MAX_TILE_ROWS)])
-    reg_n = _tile_pixels(width, most // rows) if rows == 1 else _pick_reg_n(width, most // rows)
+    if pixels is not None:
+        reg_n = pixels
+    elif rows == 1:
+        reg_n = _tile_pixels(width, most // rows)
+    else:
+        reg_n = _pick_reg_n(width, most // rows)
     xo, xi = sch.split(x, [None, decisions.factor(sch, width, reg_n, most // rows)])
     return xo, xi, tile_loops
 
@@ -872,9 +880,11 @@ def _block_pixels(most: int, blocks: int) -> int:
     return (most - (blocks - 1)) // blocks
 
 
-def _channel_blocks_tile(blocks: int, height: int, width: int, most: int) -> tuple[int, int]:
-    """(output channel blocks, rows) of a dense conv's register tile; (1, 1) is one block
-    by :func:`_tile_pixels` pixels of one row.
+def _channel_blocks_tile(
+    blocks: int, height: int, width: int, most: int
+) -> tuple[int, int, int | None]:
+    """(output channel blocks, rows, padded pixels) of a dense conv's register tile; (1, 1,
+    None) is one block by :func:`_tile_pixels` pixels of one row.
 
     Why: each reduction step of a tile of b blocks x p pixels loads b weight vectors and
     broadcasts p input values for b * p FMAs. One block (b = 1) is a load per FMA; with
@@ -883,16 +893,31 @@ def _channel_blocks_tile(blocks: int, height: int, width: int, most: int) -> tup
     are taken when they load less per FMA and still keep _MIN_CHAINS accumulators (the
     FMA units' latency x count: fewer, and the FMAs wait on each other: 2 x 2 pixels of a
     14-wide row ran at 87 against one block's 112); rows (2 to _MAX_TILE_ROWS) where the
-    width alone leaves too few pixels."""
+    width alone leaves too few pixels.
+
+    Where no divisor of the row gives two blocks enough pixels (a 7-wide row on AVX2: 7
+    is prime, 2 x 7 accumulators do not fit), the pixels need not divide the row
+    (third element, not None): the last tile of the row is partly outside it, its extra
+    pixels skipped, and the cost counts the pixels tiled, not those written. ResNet-50's
+    7x7 stage on a Zen 3: 2 blocks x 4 pixels (8 tiled for 7) ran its 1x1 convs at
+    135-151 GFLOP/s against one block x 7 pixels' 111-120, its strided 1x1 at 120-142
+    against 89."""
     one = _tile_pixels(width, most)
-    best, best_cost = (1, 1), (1 + one) / one
+    best, best_cost = (1, 1, None), (1 + one) / one
     if blocks % 2:
         return best
+    pair = _block_pixels(most, 2)
     for rows in [1] + [r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0]:
-        pixels = rows * _pick_reg_n(width, _block_pixels(most, 2) // rows)
+        pixels = rows * _pick_reg_n(width, pair // rows)
         cost = (2 + pixels) / (2 * pixels)
         if 2 * pixels >= _MIN_CHAINS and cost < best_cost:
-            best, best_cost = (2, rows), cost
+            best, best_cost = (2, rows, None), cost
+    if best[0] == 1:
+        for pixels in range(-(-_MIN_CHAINS // 2), pair + 1):
+            tiled = -(-width // pixels) * pixels
+            cost = (2 + pixels) / (2 * pixels) * tiled / width
+            if pixels < width and cost < best_cost:
+                best, best_cost = (2, 1, pixels), cost
     return best
 
 

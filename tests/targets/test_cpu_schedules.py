@@ -427,14 +427,15 @@ def test_concat_of_differently_blocked_tensors_still_packs_and_verifies() -> Non
 @pytest.mark.parametrize(
     "blocks,height,width,most,expected",
     [
-        ((8, 56, 56, 12, (2, 1))),  # AVX2, 56 wide: 2 blocks x 4 pixels (6 loads, 8 FMAs)
-        ((8, 28, 28, 12, (2, 1))),
-        ((8, 14, 14, 12, (2, 2))),  # 2 pixels alone are too few chains: 2 rows x 2 pixels
-        ((8, 7, 7, 12, (1, 1))),  # 7 is prime: one block x 7 pixels
-        ((8, 13, 13, 12, (1, 1))),  # SqueezeNet's 13: the whole row, one block
-        ((7, 56, 56, 12, (1, 1))),  # an odd block count cannot pair
-        ((8, 56, 56, 28, (2, 1))),  # AVX-512's 28 accumulators: 2 blocks x 8 pixels
-        ((8, 7, 7, 28, (2, 1))),  # 2 blocks x 7 pixels
+        ((8, 56, 56, 12, (2, 1, None))),  # AVX2, 56 wide: 2 blocks x 4 pixels (6 loads, 8 FMAs)
+        ((8, 28, 28, 12, (2, 1, None))),
+        ((8, 14, 14, 12, (2, 2, None))),  # 2 pixels alone are too few chains: 2 rows x 2
+        ((8, 7, 7, 12, (2, 1, 4))),  # 7 is prime: 2 blocks x 4 pixels, 8 tiled for 7
+        ((8, 13, 13, 12, (2, 1, 5))),  # SqueezeNet's 13: 2 blocks x 5 pixels, 15 for 13
+        ((7, 7, 7, 12, (1, 1, None))),  # an odd block count cannot pair: one block x 7
+        ((7, 56, 56, 12, (1, 1, None))),
+        ((8, 56, 56, 28, (2, 1, None))),  # AVX-512's 28 accumulators: 2 blocks x 8 pixels
+        ((8, 7, 7, 28, (2, 1, None))),  # 2 blocks x 7 pixels
     ],
 )
 def test_dense_conv_tile_pairs_channel_blocks_where_it_loads_less(
@@ -487,26 +488,66 @@ def test_paired_channel_block_tiles_match_onnxruntime(k: int, stride: int, size:
     assert art.manifest["verification"]["ok"]
 
 
-def _pointwise_conv_script(width: int, cpu_name: str) -> str:
+@pytest.mark.parametrize("k,stride,size", [(1, 1, 7), (1, 2, 14), (3, 2, 14), (1, 1, 13)])
+def test_tiles_past_the_row_end_match_onnxruntime(k: int, stride: int, size: int) -> None:
+    """Built for an AVX2 CPU (``znver3``, which every AVX2 x86 host runs), the 7- and
+    13-wide outputs take the two-block tiles whose last tile reaches past the row; the
+    pixels past it are neither computed into nor written: the outputs match
+    onnxruntime's."""
+    rng = np.random.default_rng(k + stride + size)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16, k, k)).astype("float32"), "w")
+    b = numpy_helper.from_array(rng.standard_normal(32).astype("float32"), "b")
+    out = -(-size // stride)
+    conv = helper.make_node(
+        "Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2
+    )
+    add = helper.make_node("Add", ["c", "r"], ["s"])
+    model = _model(
+        [conv, add, helper.make_node("Relu", ["s"], ["y"])],
+        {"x": [1, 16, size, size], "r": [1, 32, out, out]},
+        ("y", [1, 32, out, out]),
+        [w, b],
+    )
+    mod = _scheduled_module(model, cpu="znver3")
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    assert "T.where" in func.script()  # the tile past the row's end
+    art = graphopt.compile(model, "x86", target_options={"cpu": "znver3"})
+    assert art.manifest["verification"]["ok"]
+
+
+def _pointwise_conv_script(width: int, cpu_name: str, out: int = 16) -> str:
     rng = np.random.default_rng(width)
-    w = numpy_helper.from_array(rng.standard_normal((16, 16, 1, 1)).astype("float32"), "w")
+    w = numpy_helper.from_array(rng.standard_normal((out, 16, 1, 1)).astype("float32"), "w")
     conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
-    model = _model([conv], {"x": [1, 16, width, width]}, ("y", [1, 16, width, width]), [w])
+    model = _model([conv], {"x": [1, 16, width, width]}, ("y", [1, out, width, width]), [w])
     mod = _scheduled_module(model, cpu=cpu_name)
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
     return func.script()
 
 
+def _unrolled(script: str) -> set[int]:
+    return {int(n) for n in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)}
+
+
 def test_a_tile_past_the_register_budget_unrolls_its_lane_loop() -> None:
-    """SqueezeNet's 13-wide row on AVX2 (12 accumulators) takes the whole row, and its
-    8-lane reduction loop is unrolled in TIR (LLVM's unroll by 2 spilled); a 14-wide row's
-    tile fits the budget and keeps its lane loop."""
+    """A 13-wide row of an odd number of channel blocks (3 of 8 lanes) on AVX2 (12
+    accumulators) takes the whole row, and its 8-lane reduction loop is unrolled in TIR
+    (LLVM's unroll by 2 spilled); a 14-wide row's tile fits the budget and keeps its lane
+    loop."""
+    assert {13, 8} <= _unrolled(_pointwise_conv_script(13, "znver3", out=24))
+    assert 8 not in _unrolled(_pointwise_conv_script(14, "znver3"))
 
-    def unrolled(script: str) -> set[int]:
-        return {int(n) for n in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)}
 
-    assert {13, 8} <= unrolled(_pointwise_conv_script(13, "znver3"))
-    assert 8 not in unrolled(_pointwise_conv_script(14, "znver3"))
+@pytest.mark.parametrize("width,pixels", [(7, 4), (13, 5)])
+def test_a_prime_row_takes_two_blocks_past_its_end(width: int, pixels: int) -> None:
+    """On AVX2 a 7- or 13-wide row of two channel blocks has no divisor that fits two
+    blocks, so its tile is 2 blocks x ``pixels``, its last tile reaching past the row
+    (the block's ``T.where`` skips those pixels); the lane loop stays a loop. (ResNet-50's
+    7x7 stage on a Zen 3: 1x1 convs 111-120 -> 135-151 GFLOP/s.)"""
+    script = _pointwise_conv_script(width, "znver3")
+    loops = _unrolled(script)
+    assert {2, pixels} <= loops and width not in loops and 8 not in loops, loops
+    assert "T.where" in script
 
 
 # --- a rule that raises -------------------------------------------------------------------
