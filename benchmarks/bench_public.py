@@ -198,7 +198,7 @@ def cpu_name() -> str:
     if flags:
         wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
         details.append(" ".join(f for f in wanted if f in flags) or "no AVX2")
-    return f"{name} ({'; '.join(details)})" if details else name
+    return f"{name} ({'; '.join(details)})"
 
 
 def _versions() -> str:

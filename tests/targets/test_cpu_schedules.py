@@ -465,23 +465,38 @@ def test_paired_channel_block_tile_keeps_its_accumulators_in_registers() -> None
     assert not spills, spills[:4]
 
 
+def _dense_conv_model(
+    k: int, stride: int, size: int, seed: int, residual: bool = False
+) -> onnx.ModelProto:
+    """A 16->32 channel k x k conv (same padding, ``stride``) with bias, and ReLU; with
+    ``residual``, an input ``r`` added before the ReLU."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16, k, k)).astype("float32"), "w")
+    b = numpy_helper.from_array(rng.standard_normal(32).astype("float32"), "b")
+    out = -(-size // stride)
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["c"],
+            kernel_shape=[k, k],
+            pads=[k // 2] * 4,
+            strides=[stride] * 2,
+        )
+    ]
+    inputs = {"x": [1, 16, size, size]}
+    if residual:
+        nodes.append(helper.make_node("Add", ["c", "r"], ["s"]))
+        inputs["r"] = [1, 32, out, out]
+    nodes.append(helper.make_node("Relu", ["s" if residual else "c"], ["y"]))
+    return _model(nodes, inputs, ("y", [1, 32, out, out]), [w, b])
+
+
 @pytest.mark.parametrize("k,stride,size", [(1, 1, 14), (1, 2, 28), (3, 2, 28), (1, 1, 56)])
 def test_paired_channel_block_tiles_match_onnxruntime(k: int, stride: int, size: int) -> None:
     """Pointwise and strided dense convs (the tiles of two channel blocks, with rows at 14
     wide on AVX2) take their packed rules and compute what onnxruntime does."""
-    rng = np.random.default_rng(k + stride)
-    w = numpy_helper.from_array(rng.standard_normal((32, 16, k, k)).astype("float32"), "w")
-    b = numpy_helper.from_array(rng.standard_normal(32).astype("float32"), "b")
-    out = size // stride
-    conv = helper.make_node(
-        "Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2
-    )
-    model = _model(
-        [conv, helper.make_node("Relu", ["c"], ["y"])],
-        {"x": [1, 16, size, size]},
-        ("y", [1, 32, out, out]),
-        [w, b],
-    )
+    model = _dense_conv_model(k, stride, size, seed=k + stride)
     rules = _rules_used(_scheduled_module(model))
     assert set(rules.values()) & {"pointwise_nchwc", "conv2d_nchwc"}, rules
     art = graphopt.compile(model, "x86")  # verifies against onnxruntime
@@ -494,20 +509,7 @@ def test_tiles_past_the_row_end_match_onnxruntime(k: int, stride: int, size: int
     13-wide outputs take the two-block tiles whose last tile reaches past the row; the
     pixels past it are neither computed into nor written: the outputs match
     onnxruntime's."""
-    rng = np.random.default_rng(k + stride + size)
-    w = numpy_helper.from_array(rng.standard_normal((32, 16, k, k)).astype("float32"), "w")
-    b = numpy_helper.from_array(rng.standard_normal(32).astype("float32"), "b")
-    out = -(-size // stride)
-    conv = helper.make_node(
-        "Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2
-    )
-    add = helper.make_node("Add", ["c", "r"], ["s"])
-    model = _model(
-        [conv, add, helper.make_node("Relu", ["s"], ["y"])],
-        {"x": [1, 16, size, size], "r": [1, 32, out, out]},
-        ("y", [1, 32, out, out]),
-        [w, b],
-    )
+    model = _dense_conv_model(k, stride, size, seed=k + stride + size, residual=True)
     mod = _scheduled_module(model, cpu="znver3")
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
     assert "T.where" in func.script()  # the tile past the row's end
