@@ -86,6 +86,10 @@ _MIN_CONCAT_INPUTS = 8
 _MAX_UNROLLED_CONCAT = 128
 # Below this many loop iterations a kernel runs serially: a parallel launch costs more.
 _PARALLEL_MIN = 2048
+# An injective loop nest whose innermost loop TVM cannot vectorize (a padded RGB row:
+# 230 x 3 values) keeps that loop serial, left to LLVM, when the loops outside
+# it give the threads at least this many iterations to share.
+_SERIAL_INNER_MIN_ROWS = 64
 _ANNOTATION = "graphopt.kernel"
 
 
@@ -528,7 +532,12 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
 
     The innermost loop (joined with its neighbour when thinner than half a vector) is
     vectorized, so index arithmetic and bounds checks (pads) stay in the outer loops;
-    everything outside it is fused into one parallel loop.
+    everything outside it is fused into one parallel loop. An inner loop TVM cannot
+    vectorize (not a multiple of the vector, longer than 4 of them: a padded RGB row's
+    230 x 3 values) stays a serial loop over contiguous values, left to LLVM, unless the
+    outer loops are too few to share (_SERIAL_INNER_MIN_ROWS). Fused into the parallel
+    loop as well, each value paid its own index division: the padding took 0.23 ms on a
+    Zen 3 for MobileNetV2's stem, as long as the conv itself.
     """
     loops = list(sch.get_loops(block))
     if not loops:
@@ -546,7 +555,7 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
         loops.append(rest)
     if width % lanes == 0 or width <= 4 * lanes:
         sch.vectorize(inner)
-    elif loops is not None:
+    elif not loops or _product(_extent(sch, lp) for lp in loops) < _SERIAL_INNER_MIN_ROWS:
         loops.append(inner)
     if loops and total >= _PARALLEL_MIN:
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
@@ -775,14 +784,11 @@ def schedule_conv2d_nchwc(
     # A dense conv reads each input pixel kh*kw*oc times: its padding stays a separate
     # parallel pass, since inlined it would put a bounds check in the innermost loop. A
     # depthwise conv is memory bound, so its padding is inlined (one pass less; the check
-    # is per pixel, not per lane, so the loads still vectorize). So is the padding of a
-    # thin input (an RGB image, 3 channels innermost): as a pass of its own it cannot
-    # vectorize and cost more than the conv (MobileNetV2's first conv: 0.57 -> 0.20 ms).
-    # (A thin input also keeps one channel block in the register tile below: 2 blocks x 4
-    # pixels ran MobileNetV2's and ResNet's stems 40% slower.)
+    # is per pixel, not per lane, so the loads still vectorize). A thin input's (an RGB
+    # image, 3 channels innermost) too stays a pass of its own: inlined, ResNet-50's 7x7
+    # stem ran at 65 GFLOP/s on a Zen 3, on its own pass and 2 blocks x 4 pixels at 139.
     pads = [b for b in sch.get_producers(conv) if "pad" in sch.get(b).name_hint]
-    thin = int(sch.get(conv).reads[0].source.shape[-1]) < lanes
-    _inline_spatial_intermediates(sch, keep=[conv] if depthwise or thin else [conv, *pads])
+    _inline_spatial_intermediates(sch, keep=[conv] if depthwise else [conv, *pads])
     out = sch.cache_write(conv, 0, "local")
     _inline_epilogue(sch, out)
     others = _other_root_blocks(sch, [conv, out])
@@ -792,7 +798,7 @@ def schedule_conv2d_nchwc(
     n, co, y, x, ci = loops
     most = max_reg_n(target)
     blocks, rows, pixels = 1, 1, None
-    if not plan.rows and not thin and _annotation(sch, conv) == "conv2d_nchwc":
+    if not plan.rows and _annotation(sch, conv) == "conv2d_nchwc":
         extents = (_extent(sch, co), _extent(sch, y), _extent(sch, x))
         blocks, rows, pixels = _channel_blocks_tile(*extents, most)
     if blocks > 1:

@@ -108,16 +108,35 @@ def test_every_conv_uses_the_packed_conv_rule(name: str) -> None:
     assert set(convs.values()) <= packed and "conv2d_nchwc" in convs.values()
 
 
-def test_padding_of_a_thin_input_is_inlined_into_the_conv() -> None:
-    """An RGB input's padding cannot vectorize as a pass of its own (3 channels
-    innermost): the first conv pads as it reads; a 64-channel conv keeps its pad pass."""
-    mod = _scheduled_module(build("resnet18"))
-    first = next(
-        f for g, f in mod.functions_items() if g.name_hint == "fused_conv2d_nchwc_add_relu"
+def _thin_input_conv_model(k: int, size: int) -> onnx.ModelProto:
+    """An RGB image's first conv: 3 -> 16 channels, k x k, stride 2, same padding, ReLU."""
+    rng = np.random.default_rng(k + size)
+    w = numpy_helper.from_array(rng.standard_normal((16, 3, k, k)).astype("float32"), "w")
+    conv = helper.make_node(
+        "Conv", ["x", "w"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4, strides=[2, 2]
     )
-    assert "data_pad" not in first.script()
-    later = [f for g, f in mod.functions_items() if g.name_hint.startswith("fused_conv2d_nchwc1_")]
-    assert later and all("data_pad" in f.script() for f in later)
+    out = -(-size // 2)
+    relu = helper.make_node("Relu", ["c"], ["y"])
+    return _model([conv, relu], {"x": [1, 3, size, size]}, ("y", [1, 16, out, out]), [w])
+
+
+@pytest.mark.parametrize("k,size", [(7, 225), (3, 65)])
+def test_a_thin_input_pads_in_a_pass_of_its_own_by_rows(k: int, size: int) -> None:
+    """An RGB input's padding is a pass of its own, parallel over its padded rows with
+    each row's (width x 3 channels) values a serial loop for LLVM to vectorize, not one
+    parallel loop over every value; the conv then reads without bounds checks and takes
+    two channel blocks (on AVX2, 16 channels). Built for ``znver3``, with an odd row (113
+    and 33 wide: the tile reaches past it), it computes what onnxruntime does."""
+    model = _thin_input_conv_model(k, size)
+    mod = _scheduled_module(model, cpu="znver3")
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    script = func.script()
+    padded = size + 2 * (k // 2)
+    parallel = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
+    assert "data_pad" in script and parallel[0] == padded, parallel
+    assert 2 in _unrolled(script)  # two channel blocks in the register tile
+    art = graphopt.compile(model, "x86", target_options={"cpu": "znver3"})
+    assert art.manifest["verification"]["ok"]
 
 
 def test_weights_are_packed_at_compile_time() -> None:
