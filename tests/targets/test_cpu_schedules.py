@@ -536,6 +536,29 @@ def test_tiles_past_the_row_end_match_onnxruntime(k: int, stride: int, size: int
     assert art.manifest["verification"]["ok"]
 
 
+@pytest.mark.parametrize("ic,oc,size,rows_outer", [(144, 24, 56, True), (512, 256, 7, False)])
+def test_a_convs_parallel_loop_reads_the_fewer_bytes_again(
+    ic: int, oc: int, size: int, rows_outer: bool
+) -> None:
+    """MobileNetV2's 56x56 144->24 projection, on AVX2: with its 3 channel chunks outside
+    the rows, the 1.8 MB input is read 3 times; with the rows outside, its 14 KB of
+    weights 56 times: the rows go outside (the parallel loop's row is its quotient). A
+    7x7 512->256 conv: its 512 KB of weights 7 times, or its 100 KB input once per each
+    of 16 chunks: the chunks stay outside. Both compute what onnxruntime does."""
+    rng = np.random.default_rng(ic + oc)
+    w = numpy_helper.from_array(rng.standard_normal((oc, ic, 1, 1)).astype("float32"), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
+    model = _model([conv], {"x": [1, ic, size, size]}, ("y", [1, oc, size, size]), [w])
+    mod = _scheduled_module(model, cpu="znver3")
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    script = func.script()
+    assert str(func.attrs["graphopt.schedule_rule"]) == "pointwise_nchwc"
+    row = re.search(rf"v_y = T\.axis\.spatial\(T\.int64\({size}\), \w+_fused (//|%)", script)
+    assert row is not None and (row.group(1) == "//") == rows_outer, row
+    art = graphopt.compile(model, "x86", target_options={"cpu": "znver3"})
+    assert art.manifest["verification"]["ok"]
+
+
 def _pointwise_conv_script(width: int, cpu_name: str, out: int = 16) -> str:
     rng = np.random.default_rng(width)
     w = numpy_helper.from_array(rng.standard_normal((out, 16, 1, 1)).astype("float32"), "w")
