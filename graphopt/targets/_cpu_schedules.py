@@ -104,9 +104,9 @@ class Plan:
     weights stay in cache); ``swap_outer``: with all three, the other order of row and
     channel chunk than the rule's (:func:`_rows_outer`; packed NCHWc convs); ``rows``:
     register tile of several output rows (a tile of rows x pixels, each weight vector
-    feeding more FMAs); ``kernel_outer``: the kernel
-    window loops outside the input-channel chunk loop; ``unroll_kw``: the kernel-width
-    loop unrolled too (TOPI's ``unroll_kw``).
+    feeding more FMAs); ``kernel_outer``: the kernel window loops outside the
+    input-channel chunk loop; ``unroll_kw``: the kernel-width loop unrolled too (TOPI's
+    ``unroll_kw``).
     """
 
     parallel_loops: int = 3
@@ -853,11 +853,11 @@ def _rows_outer(sch: s_tir.Schedule, conv, chunks: int, rows: int) -> bool:  # n
     read once per row. The order that reads fewer bytes again is taken. MobileNetV2's
     56x56 144->24 projection: the input (1.8 MB) read 3 times, or its 14 KB of weights
     56 times; ResNet-50's 7x7 2048->512: its 4 MB of weights 7 times, or its 400 KB input
-    64 times. Whole models on a Zen 3, paired against chunks outside everywhere:
-    MobileNetV2 0.89, EfficientNet-B0 0.96. A depthwise conv reads each input channel for
-    its own output channel only, so nothing is read again either way; it keeps the chunks
-    outside, each thread streaming through its own channel planes (rows outside ran
-    EfficientNet-B0's depthwise convs up to 1.5x slower).
+    once per each of 32 chunks (of two blocks). Whole models on a Zen 3, paired against
+    chunks outside everywhere: MobileNetV2 0.89, EfficientNet-B0 0.96. A depthwise conv
+    reads each input channel for its own output channel only, so nothing is read again
+    either way; it keeps the chunks outside, each thread streaming through its own
+    channel planes (rows outside ran EfficientNet-B0's depthwise convs up to 1.5x slower).
     """
     if _annotation(sch, conv) == "depthwise_conv2d_nchwc":
         return False
