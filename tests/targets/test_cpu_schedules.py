@@ -123,7 +123,7 @@ def _thin_input_conv_model(k: int, size: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("k,size", [(7, 225), (3, 65)])
 def test_a_thin_input_pads_in_a_pass_of_its_own_by_rows(k: int, size: int) -> None:
     """An RGB input's padding is a pass of its own, parallel over its padded rows with
-    each row's (width x 3 channels) values a serial loop for LLVM to vectorize, not one
+    each row's (width x 3 channels) values a serial loop left to LLVM, not one
     parallel loop over every value; the conv then reads without bounds checks and takes
     two channel blocks (on AVX2, 16 channels). Built for ``znver3``, with an odd row (113
     and 33 wide: the tile reaches past it), it computes what onnxruntime does."""
@@ -545,10 +545,7 @@ def test_a_convs_parallel_loop_reads_the_fewer_bytes_again(
     weights 56 times: the rows go outside (the parallel loop's row is its quotient). A
     7x7 512->256 conv: its 512 KB of weights 7 times, or its 100 KB input once per each
     of 16 chunks: the chunks stay outside. Both compute what onnxruntime does."""
-    rng = np.random.default_rng(ic + oc)
-    w = numpy_helper.from_array(rng.standard_normal((oc, ic, 1, 1)).astype("float32"), "w")
-    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
-    model = _model([conv], {"x": [1, ic, size, size]}, ("y", [1, oc, size, size]), [w])
+    model = _pointwise_conv_model(ic, oc, size, seed=ic + oc)
     mod = _scheduled_module(model, cpu="znver3")
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
     script = func.script()
@@ -559,11 +556,16 @@ def test_a_convs_parallel_loop_reads_the_fewer_bytes_again(
     assert art.manifest["verification"]["ok"]
 
 
-def _pointwise_conv_script(width: int, cpu_name: str, out: int = 16) -> str:
-    rng = np.random.default_rng(width)
-    w = numpy_helper.from_array(rng.standard_normal((out, 16, 1, 1)).astype("float32"), "w")
+def _pointwise_conv_model(ic: int, oc: int, size: int, seed: int) -> onnx.ModelProto:
+    """An ic -> oc 1x1 conv on a size x size map, no bias."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((oc, ic, 1, 1)).astype("float32"), "w")
     conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
-    model = _model([conv], {"x": [1, 16, width, width]}, ("y", [1, out, width, width]), [w])
+    return _model([conv], {"x": [1, ic, size, size]}, ("y", [1, oc, size, size]), [w])
+
+
+def _pointwise_conv_script(width: int, cpu_name: str, out: int = 16) -> str:
+    model = _pointwise_conv_model(16, out, width, seed=width)
     mod = _scheduled_module(model, cpu=cpu_name)
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
     return func.script()
