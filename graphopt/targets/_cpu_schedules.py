@@ -48,7 +48,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
 
 from graphopt.lower._fastmath import f32 as _f32
-from graphopt.lower._fastmath import fast_erf_expr, fast_exp_expr
+from graphopt.lower._fastmath import fast_erf_expr, fast_exp_expr, fast_tanh_expr
 from graphopt.targets import _gemv
 from graphopt.targets._nchwc import PackNCHWc
 from graphopt.targets._phases import schedule_unscheduled
@@ -359,8 +359,23 @@ def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
 
 
 def _fast_silu(x: te.Tensor) -> te.Tensor:
-    """silu(x) = x / (1 + exp(-x)), polynomial exp, one block."""
-    return te.compute(x.shape, lambda *i: x(*i) / (1 + fast_exp_expr(-x(*i))), name="silu")
+    """silu(x) = x / (1 + exp(-x)) = x/2 * (1 + tanh(x/2)), with the rational tanh, one
+    block.
+
+    Why tanh, not exp: the polynomial exp is about 20 vector instructions (clamps, a
+    rounding, a shift, a degree-7 polynomial) before SiLU's own add and division; the
+    rational tanh about 14 with its division. A conv's SiLU epilogue runs once per output,
+    so on a thin conv it costs as much as the conv: EfficientNet-B0 spent about 20% of
+    its time in SiLU on a Zen 3 (timed with SiLU computed as ReLU), and ran 0.96-0.97x the
+    exp form's time with this one (two runs of 9 and 11 paired rounds). Accuracy: 1.6e-7 of
+    float64's silu relative to max(|x|, 1), about an ulp (the exp form: 9e-8); the test
+    ``test_fast_silu_matches_float64`` holds it to 4e-7."""
+
+    def value(*i):  # noqa: ANN002, ANN202
+        half = _f32(0.5) * x(*i)
+        return half + half * fast_tanh_expr(half)
+
+    return te.compute(x.shape, value, name="silu")
 
 
 def _fast_gelu(x: te.Tensor) -> te.Tensor:
