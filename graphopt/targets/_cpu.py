@@ -20,6 +20,7 @@ __all__ = [
     "features",
     "host_cpu",
     "host_cpu_flags",
+    "host_mattr",
     "check_tvm_dict",
     "load_native",
     "kernel_modules",
@@ -59,6 +60,54 @@ def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return None
+
+
+# /proc/cpuinfo flag -> LLVM feature, for the SIMD features graphopt's kernels use. A
+# virtual machine may report a CPU model older than the features it passes through (seen:
+# a Xeon with AMX and AVX512-BF16 that reports model 167, which LLVM names rocketlake);
+# LLVM's name for the host then misses them, and the reverse can happen too.
+_CPUINFO_TO_LLVM = {
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512dq": "avx512dq",
+    "avx512vl": "avx512vl",
+    "avx512_vnni": "avx512vnni",
+    "avx512_bf16": "avx512bf16",
+    "avx512_fp16": "avx512fp16",
+    "avx_vnni": "avxvnni",
+    "amx_tile": "amx-tile",
+    "amx_bf16": "amx-bf16",
+    "amx_int8": "amx-int8",
+    "amx_fp16": "amx-fp16",
+}
+
+
+def host_mattr(cpu: str, flags: set[str] | None) -> list[str]:
+    """What x86 CPU ``cpu`` (LLVM's name for this host) needs in ``mattr`` to match the
+    host's ``/proc/cpuinfo`` ``flags``: ``+f`` for a SIMD feature the host has and the
+    name lacks, ``-f`` for one the name implies and the host lacks (its code would not
+    run here). Empty where they agree, or where there are no flags (not Linux)."""
+    import tvm
+    from tvm.target import codegen
+
+    if flags is None:
+        return []
+    named = {
+        str(f)
+        for f in codegen.llvm_get_cpu_features(
+            tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+        )
+    }
+    mattr = []
+    for flag, feature in _CPUINFO_TO_LLVM.items():
+        if flag in flags and feature not in named:
+            mattr.append(f"+{feature}")
+        elif flag not in flags and feature in named:
+            mattr.append(f"-{feature}")
+    return mattr
 
 
 def features(tvm_dict: dict) -> list[str]:
