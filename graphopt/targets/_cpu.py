@@ -39,7 +39,7 @@ __all__ = [
 KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd", "_gemm")
 # The kernel modules that define ``keeps_fp32(call, precision)``: True for a conv/matmul
 # the module computes faster in float32 than in ``precision`` (see :func:`keeps_fp32`).
-KEEPS_FP32_MODULES = ("_winograd",)
+KEEPS_FP32_MODULES = ("_winograd", "_bf16")
 
 
 def host_cpu() -> str:

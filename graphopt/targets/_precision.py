@@ -30,7 +30,8 @@ recurrent product inside; it stays float32 (only its input projection is lowered
 
 A target may keep calls in float32 where it computes them faster so (``keep``, the
 Target's ``keeps_fp32``): x86 without AMX keeps the 3x3 convs Winograd F(4x4, 3x3) takes
-(:func:`graphopt.targets._winograd.keeps_fp32`). Keeping is never less accurate.
+(:func:`graphopt.targets._winograd.keeps_fp32`), and every x86 bf16 build keeps an RGB
+stem conv (:func:`graphopt.targets._bf16.keeps_fp32`). Keeping is never less accurate.
 
 Put it after the layout phase (so convs are already packed) and before LegalizeOps.
 

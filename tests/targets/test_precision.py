@@ -222,6 +222,27 @@ def test_bf16_keeps_winograd_convs_fp32_where_the_cpu_has_no_amx():
     assert _lowered_convs(model, "sapphirerapids") == (3, 0)
 
 
+def test_bf16_keeps_an_rgb_stem_fp32():
+    """A 3-channel stem conv stays float32 under bf16 on both bf16 paths (vdpbf16ps pairs
+    channels, AMX tiles are 32 deep: 3 channels waste most of either); the stride-2 conv
+    on 16 channels after it goes bf16."""
+    rng = np.random.default_rng(6)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "s"], ["h"], pads=[3, 3, 3, 3], strides=[2, 2]),
+            helper.make_node("Conv", ["h", "b"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        ],
+        {"x": (1, 3, 32, 32)},
+        {"y": (1, 32, 8, 8)},
+        {
+            "s": (rng.standard_normal((16, 3, 7, 7)) / 12).astype(np.float32),
+            "b": (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32),
+        },
+    )
+    assert _lowered_convs(model, BF16_CPU) == (1, 1)
+    assert _lowered_convs(model, "sapphirerapids") == (1, 1)
+
+
 @needs_host_bf16
 def test_bf16_with_fp32_winograd_convs_verifies(tmp_path):
     model = _two_3x3_convs_model()
