@@ -43,13 +43,17 @@ What runs where:
   AMX helpers (``runtime.amx_init``, ``runtime.amx_tileconfig``, the AMX int8
   intrinsics) are not in this TVM build, hence the IR.
 
-What was never run here: the six tile instructions. The development machine (AMD Zen 4)
-has no AMX and nothing available emulates it (qemu 7.2 raises SIGILL; Intel SDE cannot
-be downloaded). So:
+Written on machines without AMX (AMD Zen 4; qemu 7.2 raises SIGILL; Intel SDE cannot be
+downloaded), so the tests run all but the six tile instructions on any x86 host. First
+run on real AMX on 2026-12-03 (a KVM Xeon with ``amx_bf16``): the probe passed, and
+ResNet-18 and ResNet-50 built in bf16 verified against onnxruntime (max |diff| as
+OpenVINO's bf16), the tile kernels at 0.7-3.2 TFLOP/s on 2 cores
+(``benchmarks/RESULTS.md``, "Lower precision"). The tests:
 
 - the tests assemble the kernels for ``sapphirerapids`` and check the instructions;
-- the real kernels run here, tile instructions in the binary: Linux refuses the tile
-  state, so the permission request, the refusal and the plain-loop path run for real;
+- the real kernels run, tile instructions in the binary: on a host without AMX Linux
+  refuses the tile state, so the permission request, the refusal and the plain-loop
+  path run for real (on an AMX host the tiles do);
 - everything around the instruction (weight re-layout, tiling, the tensorize match, the
   epilogue) also runs with :func:`emulated_tiles`: the same intrinsic description with
   a body of plain TIR loops computing exactly what ``tdpbf16ps`` computes;
@@ -70,8 +74,8 @@ Not done: the RGB stem (3 input channels; a tile row is 32) and grouped/depthwis
 stay on ``vdpbf16ps``; matmul M/N tails (such shapes take ``vdpbf16ps``); the conv's row
 copy and write-back are kernels of their own (fused with the neighbours' casts and
 epilogues); keeping the tile config across calls and B tiles across row blocks. Those
-are the next steps for speed once an AMX machine can measure them: no AMX kernel has
-been timed yet.
+are the next steps for speed: on the Xeon, ResNet-50's write-back kernels (with the
+residual add and ReLU) took 3.9 of its 14.9 ms, the tile kernels 9.4.
 """
 
 from __future__ import annotations
