@@ -18,7 +18,13 @@ Prints a markdown table (ratio < 1: tuned graphopt faster, in brackets the lower
 quartile of the rounds' ratios: on a machine whose speed drifts, how far one run's figure
 can be trusted against a bar; "records used": the database's
 records the tuned build applied, 0 when compile kept every default schedule, so that the
-tuned and default builds run the same kernels and their ratio is the timing's noise alone)
+tuned and default builds run the same kernels; "A/A": a second copy of the default build,
+loaded on its own and timed in the same rounds, over the first: the floor under any
+tuned/default figure of the row, which the quartiles do not show. Separately loaded
+copies of one binary differ by a few percent in one process, steadily over the rounds
+(on a Xeon, ResNet-18 with 0 records used: tuned/default 1.06-1.09 while the timed
+builds were compile's own return values, 1.02 beside an A/A of 1.03 since every timed
+build is a copy, first loaded to be timed)
 and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
 the measured points after each budget, and the search's own estimate (the best known
 kernel times added up) after every batch. ``--db DIR`` keeps the databases
@@ -64,6 +70,7 @@ from graphopt.targets import resolve  # noqa: E402
 from graphopt.tuning import ProgressPrinter, format_report, open_database, tune  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
+COPY = "default copy"  # the engine of the default build's second, separately loaded copy
 
 
 @dataclass
@@ -77,11 +84,19 @@ class Point:
     vs: dict[str, float] = field(default_factory=dict)  # engine -> tuned's round ratio
     # engine -> the lower and upper quartile of those round ratios
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # the default build's second copy over the first: (median, low, high quartile) of the
+    # round ratios (None: no copy timed)
+    aa: tuple[float, float, float] | None = None
 
 
 def _point(minutes: float, trials: int, applied: int, engines: dict, opts) -> Point:  # noqa: ANN001
     """The engines timed in interleaved rounds; tuned's ratios paired round by round."""
     figures = interleaved_rounds(engines, opts.block, opts.rounds)
+    aa = None
+    if COPY in figures:
+        pair = {COPY: figures.pop(COPY), "default": figures["default"]}
+        ratio = paired_ratios(pair, COPY)["default"]
+        aa = (ratio, *paired_spread(pair, COPY)["default"])
     return Point(
         minutes,
         trials,
@@ -89,6 +104,7 @@ def _point(minutes: float, trials: int, applied: int, engines: dict, opts) -> Po
         medians(figures),
         paired_ratios(figures, "tuned"),
         paired_spread(figures, "tuned"),
+        aa,
     )
 
 
@@ -103,11 +119,16 @@ class Curve:
 
 def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
     """graphopt's default schedules, onnxruntime and OpenVINO on the same seeded inputs."""
-    default = graphopt.compile(path, "x86", work / f"{path.stem}-default.so")
+    built = graphopt.compile(path, "x86", work / f"{path.stem}-default-built.so")
+    # every timed graphopt build is a copy of what compile wrote, first loaded to be timed
+    # (the same for the tuned builds); two of the default: the A/A pair
+    default = built.save(work / f"{path.stem}-default.so")
+    copy = built.save(work / f"{path.stem}-default-copy.so")
     inputs = {k: np.asarray(v) for k, v in default.random_inputs(0).items()}
     sess = ort_session(path, opts.threads)
     engines = {
         "default": GraphoptEngine(default, inputs),
+        COPY: GraphoptEngine(copy, inputs),
         "ort": CallEngine(lambda: sess.run(None, inputs)),
     }
     request = openvino_request(path, opts.threads, inputs)
@@ -118,8 +139,9 @@ def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
 
 def _timed_with(name: str, path: Path, db: Path, work: Path, label: str, inputs: dict):  # noqa: ANN202
     """graphopt compiled with the database ``db``, as an engine; the records it applied."""
-    tuned = graphopt.compile(path, "x86", work / f"{name}-{label}.so", tuning_db=db)
-    applied = len(tuned.manifest.get("tuning", {}).get("from_database", {}))
+    built = graphopt.compile(path, "x86", work / f"{name}-{label}-built.so", tuning_db=db)
+    applied = len(built.manifest.get("tuning", {}).get("from_database", {}))
+    tuned = built.save(work / f"{name}-{label}.so")  # loaded as the default builds are
     return GraphoptEngine(tuned, inputs), applied
 
 
@@ -199,11 +221,19 @@ def _r(point: Point, engine: str) -> str:
     return f"{ratio:.2f} ({low:.2f}-{high:.2f})"
 
 
+def _aa(point: Point) -> str:
+    """The default build's second copy over the first, as :func:`_r` writes a ratio."""
+    if point.aa is None:
+        return "-"
+    ratio, low, high = point.aa
+    return f"{ratio:.2f} ({low:.2f}-{high:.2f})"
+
+
 def table(curves: list[Curve]) -> str:
     rows = [
         "| model | budget min | trials | records used | tuned ms | default ms | ORT ms "
-        "| OpenVINO ms | tuned/default | tuned/ORT | tuned/OpenVINO |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| OpenVINO ms | tuned/default | A/A | tuned/ORT | tuned/OpenVINO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in curves:
         for p in c.points[1:]:
@@ -212,7 +242,7 @@ def table(curves: list[Curve]) -> str:
             rows.append(
                 f"| {c.name} | {p.minutes:g} | {p.trials} | {p.applied} | {ms['tuned']:.3f} "
                 f"| {ms['default']:.3f} | {ms['ort']:.3f} | {ov} "
-                f"| {_r(p, 'default')} | {_r(p, 'ort')} | {_r(p, 'openvino')} |"
+                f"| {_r(p, 'default')} | {_aa(p)} | {_r(p, 'ort')} | {_r(p, 'openvino')} |"
             )
     return "\n".join(rows)
 
