@@ -116,9 +116,11 @@ def test_render_prints_table_and_coverage_line(small_cnn_profile, tmp_path):
 
 
 @needs_host_bf16
-def test_bf16_profile_counts_the_tensorized_kernels():
+def test_bf16_profile_counts_the_tensorized_kernels(monkeypatch):
     """The bf16 rules tensorize their MAC block into vdpbf16ps calls: their FLOPs come
-    from the call shapes, and they are on the fast path."""
+    from the call shapes, and they are on the fast path (AMX off: on a host with AMX
+    its kernels would take the convs)."""
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
     model = zoo_model("small_cnn")
     p = graphopt.profile(model, repeat=1, precision="bf16")
     bf16 = [r for r in p.rows if r.rule in ("conv2d_nchwc_bf16", "matmul_bf16")]

@@ -100,7 +100,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
 from graphopt.targets._bf16 import pair_matrix, paired_matmul_te, static_shape
-from graphopt.targets._cpu import host_cpu_flags
+from graphopt.targets._cpu import host_cpu_flags, host_x86_target
 from graphopt.targets._cpu_schedules import (
     _inline_epilogue,
     _inline_spatial_intermediates,
@@ -365,9 +365,7 @@ def probe_main() -> None:
     refused = request_tile_state()
     if refused:
         raise SystemExit(refused)
-    from graphopt.targets import x86
-
-    check_kernels(tvm.target.Target(x86.tvm_target()))  # the host, with its cpuinfo features
+    check_kernels(tvm.target.Target(host_x86_target()))  # with /proc/cpuinfo's features
     print("AMX OK")
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "host_cpu",
     "host_cpu_flags",
     "host_mattr",
+    "host_x86_target",
     "check_tvm_dict",
     "load_native",
     "kernel_modules",
@@ -83,6 +84,15 @@ _CPUINFO_TO_LLVM = {
     "amx_int8": "amx-int8",
     "amx_fp16": "amx-fp16",
 }
+
+
+def host_x86_target() -> dict:
+    """The TVM target for this x86 host: LLVM's name for its CPU and, in ``mattr``, the
+    features :func:`host_mattr` reconciles (no ``mattr`` where there are none)."""
+    cpu = host_cpu()
+    found = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+    mattr = host_mattr(cpu, host_cpu_flags())
+    return {**found, "mattr": mattr} if mattr else found
 
 
 def host_mattr(cpu: str, flags: set[str] | None) -> list[str]:

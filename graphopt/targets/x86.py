@@ -41,20 +41,17 @@ def tvm_target(cpu: str | None = None) -> dict:
     (:func:`graphopt.targets._cpu.host_mattr`)."""
     from tvm.target import codegen
 
-    mattr: list[str] = []
     if cpu is None:
         if platform.machine().lower() not in _X86_MACHINES:
             raise TargetError(
                 f"target x86 needs --cpu when compiling on a {platform.machine()} host"
             )
-        cpu = host_cpu()
-        mattr = _cpu.host_mattr(cpu, _cpu.host_cpu_flags())
+        return _cpu.host_x86_target()
     if not codegen.llvm_is_valid_cpu(cpu, "x86_64-linux-gnu"):
         raise TargetError(
             f"LLVM does not know x86 CPU {cpu!r} (try e.g. x86-64-v3, skylake-avx512)"
         )
-    found = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
-    return {**found, "mattr": mattr} if mattr else found
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
 
 
 def accepts(tvm_dict: dict) -> bool:

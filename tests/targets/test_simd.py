@@ -91,7 +91,7 @@ def test_the_default_x86_target_carries_the_hosts_features(monkeypatch) -> None:
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the default x86 target is this host's only on an x86 host")
-    monkeypatch.setattr(x86, "host_cpu", lambda: "rocketlake")
+    monkeypatch.setattr(_cpu, "host_cpu", lambda: "rocketlake")
     monkeypatch.setattr(_cpu, "host_cpu_flags", lambda *a: _VM_FLAGS)
     assert "+amx-bf16" in x86.tvm_target()["mattr"]
     assert "mattr" not in x86.tvm_target("rocketlake")  # a named CPU is taken as named
