@@ -217,15 +217,15 @@ def _r(point: Point, engine: str) -> str:
     ratio = point.vs.get(engine)
     if not ratio:
         return "-"
-    low, high = point.spread.get(engine, (ratio, ratio))
-    return f"{ratio:.2f} ({low:.2f}-{high:.2f})"
+    return _cell(ratio, *point.spread.get(engine, (ratio, ratio)))
 
 
 def _aa(point: Point) -> str:
     """The default build's second copy over the first, as :func:`_r` writes a ratio."""
-    if point.aa is None:
-        return "-"
-    ratio, low, high = point.aa
+    return "-" if point.aa is None else _cell(*point.aa)
+
+
+def _cell(ratio: float, low: float, high: float) -> str:
     return f"{ratio:.2f} ({low:.2f}-{high:.2f})"
 
 

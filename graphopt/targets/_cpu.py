@@ -22,6 +22,8 @@ __all__ = [
     "host_cpu_flags",
     "host_mattr",
     "host_x86_target",
+    "llvm_features",
+    "x86_tvm_dict",
     "check_tvm_dict",
     "load_native",
     "kernel_modules",
@@ -86,13 +88,17 @@ _CPUINFO_TO_LLVM = {
 }
 
 
+def x86_tvm_dict(cpu: str) -> dict:
+    """The TVM target dict of x86-64 Linux CPU ``cpu`` (an LLVM name)."""
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+
+
 def host_x86_target() -> dict:
     """The TVM target for this x86 host: LLVM's name for its CPU and, in ``mattr``, the
     features :func:`host_mattr` reconciles (no ``mattr`` where there are none)."""
     cpu = host_cpu()
-    found = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
     mattr = host_mattr(cpu, host_cpu_flags())
-    return {**found, "mattr": mattr} if mattr else found
+    return {**x86_tvm_dict(cpu), "mattr": mattr} if mattr else x86_tvm_dict(cpu)
 
 
 def host_mattr(cpu: str, flags: set[str] | None) -> list[str]:
@@ -100,17 +106,9 @@ def host_mattr(cpu: str, flags: set[str] | None) -> list[str]:
     host's ``/proc/cpuinfo`` ``flags``: ``+f`` for a SIMD feature the host has and the
     name lacks, ``-f`` for one the name implies and the host lacks (its code would not
     run here). Empty where they agree, or where there are no flags (not Linux)."""
-    import tvm
-    from tvm.target import codegen
-
     if flags is None:
         return []
-    named = {
-        str(f)
-        for f in codegen.llvm_get_cpu_features(
-            tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
-        )
-    }
+    named = llvm_features(x86_tvm_dict(cpu))
     mattr = []
     for flag, feature in _CPUINFO_TO_LLVM.items():
         if flag in flags and feature not in named:
@@ -120,15 +118,19 @@ def host_mattr(cpu: str, flags: set[str] | None) -> list[str]:
     return mattr
 
 
-def features(tvm_dict: dict) -> list[str]:
-    """The SIMD features LLVM enables for this target (what the manifest records)."""
+def llvm_features(tvm_dict: dict) -> set[str]:
+    """Every feature LLVM enables for this target (its CPU's and ``mattr``'s)."""
     import tvm
     from tvm.target import codegen
 
-    found = codegen.llvm_get_cpu_features(tvm.target.Target(tvm_dict))
+    return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(dict(tvm_dict)))}
+
+
+def features(tvm_dict: dict) -> list[str]:
+    """The SIMD features LLVM enables for this target (what the manifest records)."""
     wanted = ("avx", "fma", "sse4", "neon", "sve", "asimd", "dotprod", "fp16", "fullfp16", "bf16")
     wanted += ("i8mm", "amx")
-    return sorted(str(f) for f in found if str(f).startswith(wanted))
+    return sorted(f for f in llvm_features(tvm_dict) if f.startswith(wanted))
 
 
 def check_tvm_dict(tvm_dict: dict) -> dict:

@@ -45,6 +45,7 @@ import re
 
 from graphopt.targets._cpu import host_cpu as _host_cpu
 from graphopt.targets._cpu import host_cpu_flags as _cpuinfo_flags
+from graphopt.targets._cpu import llvm_features as _llvm_features
 
 __all__ = ["PRECISIONS", "DTYPES", "LowerPrecision", "refusal", "lowered_ops"]
 
@@ -190,13 +191,6 @@ def lowered_ops(mod, precision: str) -> int:  # noqa: ANN001
 
 # --- which targets compute in which precision -------------------------------------------
 _SM = re.compile(r"^sm_(\d+)")
-
-
-def _llvm_features(tvm_dict: dict) -> set[str]:
-    import tvm
-    from tvm.target import codegen
-
-    return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(dict(tvm_dict)))}
 
 
 def _x86_refusal(tvm_dict: dict, precision: str) -> str | None:

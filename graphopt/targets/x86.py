@@ -51,7 +51,7 @@ def tvm_target(cpu: str | None = None) -> dict:
         raise TargetError(
             f"LLVM does not know x86 CPU {cpu!r} (try e.g. x86-64-v3, skylake-avx512)"
         )
-    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+    return _cpu.x86_tvm_dict(cpu)
 
 
 def accepts(tvm_dict: dict) -> bool:
