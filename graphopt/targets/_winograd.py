@@ -31,10 +31,22 @@ Where it pays (:func:`tile_size`): a map of at least ``_MIN_TILES`` tiles and ch
 at least one vector. With few tiles, the transformed weights ((m+2)^2 / 9 times the
 original: 4x at m = 4) are read for little work. The tile is m = 4 where it divides the
 map, else m = 2: a 14x14 map in 4x4 tiles computes 31% padding, and measured 1.8 ms
-against 1.0 ms in 2x2 tiles (256 channels, the ResNet-18 block); ResNet's 7x7 stage is
-16 tiles of 2x2 (2.0 ms against the direct conv's 2.2 at 512 channels); a 6x6 map (9)
-stays direct. Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64
-channels, 56x56), 2.4 -> 0.75 ms (128, 28x28). ``GRAPHOPT_WINOGRAD=0`` in the environment
+against 1.0 ms in 2x2 tiles (256 channels, the ResNet-18 block); a 6x6 map (9) stays
+direct. Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64 channels,
+56x56), 2.4 -> 0.75 ms (128, 28x28).
+
+Weight traffic (:func:`pays`): each transformed weight is used once per tile (of all the
+batch's images), each direct weight once per output pixel. Where the transformed weights
+outgrow a core's cache (``_CACHED_BYTES``) and fewer than ``_MIN_REUSE`` tiles read them,
+the kernel streams (m+2)^2 / 9 times more weight bytes than the direct conv for little
+work per byte, and the direct conv is faster inside the model even where Winograd wins
+timed alone (its weights then stay in the last-level cache between runs). ResNet's 7x7
+stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8 MB transformed against 9.4 MB)
+took 1.21 ms per conv in ResNet-18 against the direct conv's 0.96 (0.51 alone against
+0.66), on a 2-core Xeon (AVX-512, 2 MB L2); with the rule, paired against the build
+without it: ResNet-18 1.055x faster, GoogLeNet 1.028x, DLA-34 1.023x, ResNet-50 and
+HRNet-W18-small unchanged (1.006x, 1.000x). The 14x14 stage (49 tiles) keeps Winograd:
+0.55 ms per conv against 0.73 direct at 256 channels. ``GRAPHOPT_WINOGRAD=0`` in the environment
 keeps every conv direct (for comparisons; the artifact's speed, not its numbers beyond
 rounding, depends on it).
 
@@ -66,6 +78,7 @@ __all__ = [
     "WRAP_LEGALIZE",
     "keeps_fp32",
     "legalize_conv2d",
+    "pays",
     "schedule_winograd",
     "tile_size",
     "winograd_te",
@@ -76,6 +89,10 @@ _ANNOTATION = "graphopt.kernel"
 # Fewest output tiles (of the chosen size) per image for which Winograd pays: below it
 # the transformed weights are read for too little work.
 _MIN_TILES = 16
+# Fewest tiles (over the batch) that must share the transformed weights when those
+# outgrow _CACHED_BYTES (see "Weight traffic" above).
+_MIN_REUSE = 32
+_CACHED_BYTES = 1 << 20
 _ENV = "GRAPHOPT_WINOGRAD"
 
 
@@ -119,7 +136,18 @@ def _plan(call: relax.Call, lanes: int) -> int | None:
     ):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)
-    return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2)
+    oh, ow = data[2] + top + bottom - 2, data[3] + left + right - 2
+    m = tile_size(oh, ow)
+    channels = (data[1] * data[4], weight[0] * weight[5])
+    return m if m is not None and pays(data[0], oh, ow, *channels, m) else None
+
+
+def pays(batch: int, out_h: int, out_w: int, in_c: int, out_c: int, m: int) -> bool:
+    """Whether F(m x m, 3 x 3) pays for its weight traffic (module docstring, "Weight
+    traffic"): its float32 transformed weights fit ``_CACHED_BYTES`` or at least
+    ``_MIN_REUSE`` tiles of the batch read them."""
+    tiles = batch * -(-out_h // m) * -(-out_w // m)
+    return (m + 2) ** 2 * in_c * out_c * 4 <= _CACHED_BYTES or tiles >= _MIN_REUSE
 
 
 def _terms(coefficients, values) -> tirx.PrimExpr:  # noqa: ANN001
