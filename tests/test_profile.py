@@ -41,6 +41,7 @@ KNOWN_RULES = {
     "grouped_nchwc",
     "pointwise_gemm",
     "matmul",
+    "matmul_packed",
 }
 
 

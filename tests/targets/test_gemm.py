@@ -124,6 +124,21 @@ def test_other_matmuls_keep_the_reduction_tile(tmp_path, m, const_weight):
     _check_against_onnxruntime(art, model)
 
 
+@pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm_transB"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_a_gemv_whose_weight_outgrows_the_cache_is_packed(tmp_path, gemm, m):
+    """Fewer rows than _MIN_ROWS but a weight of _GEMV_STREAM_BYTES or more (a classifier
+    head of 1000 classes, not whole vectors): the packed product, which streams the
+    weight, the same numbers as onnxruntime."""
+    k, n = 272, 1000
+    assert k * n * 4 >= _gemm._GEMV_STREAM_BYTES > k * 64 * 4
+    model = _matmul_model(m, k, n, gemm=gemm)
+    art = graphopt.compile(model, "x86", tmp_path / "m.so")
+    rules = art.manifest["schedule"]["rules"]
+    assert rules.get(_gemm.RULE) == 1 and "matmul" not in rules, rules
+    _check_against_onnxruntime(art, model)
+
+
 def test_packed_schedule_tiles_and_parallelizes():
     """The scheduled product: one parallel loop, the rows x nb tile unrolled/vectorized."""
     x = tvm.te.placeholder((64, 96), "float32", "x")
