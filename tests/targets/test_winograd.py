@@ -174,6 +174,20 @@ def test_pays_for_its_weight_traffic(shape: tuple, expected: bool) -> None:
     assert _winograd.pays(*shape) is expected
 
 
+@pytest.mark.parametrize(
+    ("chunks", "tiles", "most", "expected"),
+    [
+        (8, 49, 28, (2, 7)),  # AVX-512, 28x28 in 4x4 tiles: 2 blocks x 7 (14 accumulators)
+        (8, 196, 28, (2, 7)),  # 56x56: 2 x 7 loads less per FMA than 1 x 28
+        (3, 49, 28, (1, 7)),  # an odd number of channel blocks: one
+        (8, 49, 12, (1, 7)),  # AVX2: 2 x 5 has no divisor of 49 but 1
+        (8, 196, 12, (2, 4)),  # AVX2, 56x56: 2 x 4 (8 accumulators, the FMA latency)
+    ],
+)
+def test_products_tile(chunks: int, tiles: int, most: int, expected: tuple) -> None:
+    assert _winograd.products_tile(chunks, tiles, most) == expected
+
+
 def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same() -> None:
     from tvm import s_tir
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
