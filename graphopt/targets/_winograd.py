@@ -36,18 +36,13 @@ against 1.0 ms in 2x2 tiles (256 channels, the ResNet-18 block); a 6x6 map (9) s
 direct. Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64 channels,
 56x56), 2.4 -> 0.75 ms (128, 28x28).
 
-Weight traffic (:func:`pays`): each transformed weight is used once per tile (of all the
-batch's images), each direct weight once per output pixel. Where the transformed weights
-outgrow a core's cache (``_CACHED_BYTES``) and fewer than ``_MIN_REUSE`` tiles read them,
-the kernel streams (m+2)^2 / 9 times more weight bytes than the direct conv for little
-work per byte, and the direct conv is faster inside the model even where Winograd wins
-timed alone (its weights then stay in the last-level cache between runs). ResNet's 7x7
-stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8 MB transformed against 9.4 MB)
-took 1.21 ms per conv in ResNet-18 against the direct conv's 0.96 (0.51 alone against
-0.66), on a 2-core Xeon (AVX-512, 2 MB L2); with the rule, paired against the build
-without it: ResNet-18 1.055x faster, GoogLeNet 1.028x, DLA-34 1.023x, ResNet-50 and
-HRNet-W18-small unchanged (1.006x, 1.000x). The 14x14 stage (49 tiles) keeps Winograd:
-0.55 ms per conv against 0.73 direct at 256 channels. ``GRAPHOPT_WINOGRAD=0`` in the environment
+Weight traffic: each transformed weight is used once per tile, each direct weight once
+per output pixel, so ResNet's 7x7 stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8
+MB transformed against 9.4 MB) reads its weights from memory inside a model. With the
+products on one channel block it ran 1.21 ms per conv in ResNet-18 against the direct
+conv's 0.96 (2-core Xeon, AVX-512); with the two-block tile (:func:`products_tile`) it is
+as fast as the direct conv there (whole models within 1% either way), so no rule keeps
+such convs direct. ``GRAPHOPT_WINOGRAD=0`` in the environment
 keeps every conv direct (for comparisons; the artifact's speed, not its numbers beyond
 rounding, depends on it).
 
@@ -79,7 +74,6 @@ __all__ = [
     "WRAP_LEGALIZE",
     "keeps_fp32",
     "legalize_conv2d",
-    "pays",
     "products_tile",
     "schedule_winograd",
     "tile_size",
@@ -91,10 +85,6 @@ _ANNOTATION = "graphopt.kernel"
 # Fewest output tiles (of the chosen size) per image for which Winograd pays: below it
 # the transformed weights are read for too little work.
 _MIN_TILES = 16
-# Fewest tiles (over the batch) that must share the transformed weights when those
-# outgrow _CACHED_BYTES (see "Weight traffic" above).
-_MIN_REUSE = 32
-_CACHED_BYTES = 1 << 20
 _ENV = "GRAPHOPT_WINOGRAD"
 
 
@@ -138,18 +128,7 @@ def _plan(call: relax.Call, lanes: int) -> int | None:
     ):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)
-    oh, ow = data[2] + top + bottom - 2, data[3] + left + right - 2
-    m = tile_size(oh, ow)
-    channels = (data[1] * data[4], weight[0] * weight[5])
-    return m if m is not None and pays(data[0], oh, ow, *channels, m) else None
-
-
-def pays(batch: int, out_h: int, out_w: int, in_c: int, out_c: int, m: int) -> bool:
-    """Whether F(m x m, 3 x 3) pays for its weight traffic (module docstring, "Weight
-    traffic"): its float32 transformed weights fit ``_CACHED_BYTES`` or at least
-    ``_MIN_REUSE`` tiles of the batch read them."""
-    tiles = batch * -(-out_h // m) * -(-out_w // m)
-    return (m + 2) ** 2 * in_c * out_c * 4 <= _CACHED_BYTES or tiles >= _MIN_REUSE
+    return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2)
 
 
 def _terms(coefficients, values) -> tirx.PrimExpr:  # noqa: ANN001

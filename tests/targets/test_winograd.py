@@ -80,32 +80,11 @@ def where_it_does_not_pay():  # noqa: ANN201
     return make_model(nodes, {"x": (1, 3, 12, 12)}, {"y": (1, 16, 6, 6)}, inits), {DIRECT: 5}
 
 
-def _big_7x7(batch: int):  # noqa: ANN202
-    rng = np.random.default_rng(4)
-    nodes = [_conv("x", "w", None, "y", pads=[1, 1, 1, 1])]
-    inits = {"w": _w(rng, 160, 160, 3, 3)}
-    shape = (batch, 160, 7, 7)
-    return make_model(nodes, {"x": shape}, {"y": shape}, inits)
-
-
-def weights_outgrow_the_cache():  # noqa: ANN201
-    """A 7x7 map (16 tiles of 2x2) on 160 -> 160 channels: 1.6 MB of transformed weights
-    read by 16 tiles, so the direct conv (the module docstring's "Weight traffic")."""
-    return _big_7x7(1), {DIRECT: 1}
-
-
-def a_batch_shares_them():  # noqa: ANN201
-    """The same conv at batch 2: 32 tiles share the transformed weights."""
-    return _big_7x7(2), {WINOGRAD: 1}
-
-
 MODELS = {
     "basic_block": basic_block,
     "odd_map": odd_map,
     "unpadded_rectangle": unpadded_rectangle,
     "where_it_does_not_pay": where_it_does_not_pay,
-    "weights_outgrow_the_cache": weights_outgrow_the_cache,
-    "a_batch_shares_them": a_batch_shares_them,
 }
 
 
@@ -158,20 +137,6 @@ def test_winograd_matches_the_direct_conv(tmp_path, monkeypatch) -> None:
 )
 def test_tile_size(out_h: int, out_w: int, expected: int | None) -> None:
     assert _winograd.tile_size(out_h, out_w) == expected
-
-
-@pytest.mark.parametrize(
-    ("shape", "expected"),
-    [
-        ((1, 7, 7, 512, 512, 2), False),  # ResNet's last stage: 16.8 MB for 16 tiles
-        ((8, 7, 7, 512, 512, 2), True),  # the same at batch 8: 128 tiles
-        ((1, 14, 14, 256, 256, 2), True),  # 49 tiles
-        ((1, 7, 7, 128, 32, 2), True),  # DenseNet's: 0.26 MB stay cached
-        ((1, 16, 16, 256, 256, 4), False),  # 16 tiles of 4x4 on 9.4 MB
-    ],
-)
-def test_pays_for_its_weight_traffic(shape: tuple, expected: bool) -> None:
-    assert _winograd.pays(*shape) is expected
 
 
 @pytest.mark.parametrize(
