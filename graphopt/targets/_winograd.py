@@ -340,9 +340,8 @@ def products_tile(chunks: int, tiles: int, most: int) -> tuple[int, int]:
     pixels), two blocks where they load less per FMA and the tile count has a divisor
     that keeps enough accumulators, else one block."""
     blocks, _, padded = cpu._channel_blocks_tile(chunks, 1, tiles, most)
-    if blocks > 1 and padded is None:
-        return blocks, cpu._pick_reg_n(tiles, cpu._block_pixels(most, blocks))
-    return 1, cpu._pick_reg_n(tiles, most)
+    blocks = 1 if padded is not None else blocks
+    return blocks, cpu._pick_reg_n(tiles, cpu._block_pixels(most, blocks))
 
 
 def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions, most: int) -> None:  # noqa: ANN001
@@ -357,8 +356,7 @@ def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions, most: in
     e, nu, b, co, p, o = sch.get_loops(out)
     tiles = cpu._extent(sch, p)
     blocks, reg_n = products_tile(cpu._extent(sch, co), tiles, most)
-    most_n = cpu._block_pixels(most, blocks)
-    reg_n = decisions.factor(sch, tiles, reg_n, most_n)
+    reg_n = decisions.factor(sch, tiles, reg_n, cpu._block_pixels(most, blocks))
     po, pi = sch.split(p, [None, reg_n])
     if blocks > 1:
         co, coi = sch.split(co, [None, blocks])
