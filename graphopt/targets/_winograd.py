@@ -42,9 +42,14 @@ MB transformed against 9.4 MB) reads its weights from memory inside a model. Wit
 products on one channel block it ran 1.21 ms per conv in ResNet-18 against the direct
 conv's 0.96 (2-core Xeon, AVX-512); with the two-block tile (:func:`products_tile`) it is
 as fast as the direct conv there (whole models within 1% either way), so no rule keeps
-such convs direct. ``GRAPHOPT_WINOGRAD=0`` in the environment
-keeps every conv direct (for comparisons; the artifact's speed, not its numbers beyond
-rounding, depends on it).
+such convs direct. Streaming the products' weights as the dense convs stream theirs
+(input channel chunks in steps, every tile inside each step,
+``_cpu_schedules._stream_reduction``) was tried and left out: on the same Xeon, paired
+against the products without it, ResNet-18 1.02-1.035x faster but GoogLeNet 0.95x and
+VGG-11 0.96-0.97x (its 49-tile convs ran slower even alone); limited to maps of two
+register tiles or fewer (ResNet's 7x7 stage), every model within 1.5% either way.
+``GRAPHOPT_WINOGRAD=0`` in the environment keeps every conv direct (for comparisons; the
+artifact's speed, not its numbers beyond rounding, depends on it).
 
 Numbers: F(4x4, 3x3) in float32 agrees with the direct conv to about 1e-6 relative to the
 output's range (the transforms' constants are exact in binary except G's thirds and

@@ -573,6 +573,57 @@ def test_a_convs_parallel_loop_reads_the_fewer_bytes_again(
     assert art.manifest["verification"]["ok"]
 
 
+def _wide_conv_model(ic: int, oc: int, k: int, stride: int, size: int) -> onnx.ModelProto:
+    """An ic -> oc k x k conv (same padding, ``stride``) with bias, a residual input added
+    and ReLU: weights of ic * oc * k * k floats."""
+    rng = np.random.default_rng(ic + oc + k)
+    scale = 1 / np.sqrt(ic * k * k)
+    w = numpy_helper.from_array((rng.standard_normal((oc, ic, k, k)) * scale).astype("f4"), "w")
+    b = numpy_helper.from_array(rng.standard_normal(oc).astype("float32"), "b")
+    out = -(-size // stride)
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4, strides=[stride, stride]
+        ),
+        helper.make_node("Add", ["c", "r"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    inputs = {"x": [1, ic, size, size], "r": [1, oc, out, out]}
+    return _model(nodes, inputs, ("y", [1, oc, out, out]), [w, b])
+
+
+@pytest.mark.parametrize(
+    "ic,oc,k,stride,size", [(1024, 512, 1, 1, 7), (256, 512, 3, 2, 14), (1024, 256, 1, 1, 14)]
+)
+def test_a_conv_whose_weights_outgrow_the_cache_streams_them(
+    ic: int, oc: int, k: int, stride: int, size: int
+) -> None:
+    """ResNet-50's 7x7 1024->512 (2 MB of weights), its strided 3x3 256->512 (4.5 MB) and
+    its 14x14 1024->256 (1 MiB) on AVX-512: each thread takes whole output channel chunks
+    (the parallel loop holds no row) and the input channel chunks go outermost in steps
+    of _STREAM_CHUNKS, every row's register tiles inside each step; the bias, residual
+    and ReLU fused after it, the outputs match onnxruntime's. An eighth of the input
+    channels (of the weights) keeps the default nest, its rows in the parallel loop.
+    (On AVX2 these rows take multi-row or padded tiles, which keep the default nest.)"""
+    model = _wide_conv_model(ic, oc, k, stride, size)
+    mod = _scheduled_module(model)
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    script = func.script()
+    update = script.split('T.sblock("conv2d_nchwc_update")')
+    assert len(update) == 2, script
+    step = re.search(r"v_rco = T\.axis\.reduce\(T\.int64\(\d+\), (\w+) \* T\.int64\(4\)", update[1])
+    assert step is not None, script
+    # the step loop is outside the row loop, and the row is no part of the parallel loop
+    grid = re.search(rf"for {step.group(1)}, (\w+)", update[0])
+    row = re.search(r"v_y = T\.axis\.spatial\(T\.int64\(\d+\), (\w+)\)", update[1])
+    assert grid is not None and row is not None and grid.group(1) == row.group(1), script
+    art = graphopt.compile(model, "x86")  # verifies against onnxruntime
+    assert art.manifest["verification"]["ok"]
+    smaller = _scheduled_module(_wide_conv_model(ic // 8, oc, k, stride, size))
+    (func,) = [f for g, f in smaller.functions_items() if "conv2d" in g.name_hint]
+    assert re.search(r"v_y = T\.axis\.spatial\(T\.int64\(\d+\), \w+_fused", func.script())
+
+
 def _pointwise_conv_model(ic: int, oc: int, size: int, seed: int) -> onnx.ModelProto:
     """An ic -> oc 1x1 conv on a size x size map, no bias."""
     rng = np.random.default_rng(seed)

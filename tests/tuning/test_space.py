@@ -7,6 +7,7 @@ computing the same values, and ``--space`` must pick the generators it names.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -38,9 +39,12 @@ from graphopt.tuning._space import (
     phases_of,
 )
 from graphopt.tuning._tasks import extract_tasks
+from tests.conftest import make_model
 from tests.tuning._models import conv_relu, slow_defaults
 
 CONV_RULES = {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc", "grouped_nchwc"}
+# The reduction over input channel chunks split in steps of 4 (a streamed kernel).
+STEPS = r"v_rco = T\.axis\.reduce\(T\.int64\(\d+\), \w+ \* T\.int64\(4\)"
 
 
 def _tasks(model, layout: str):  # noqa: ANN001, ANN202
@@ -115,6 +119,38 @@ def test_sampled_points_compute_what_the_default_does(conv_tasks) -> None:  # no
             np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
             checked += 1
     assert seen == {"conv2d_nchwc", "depthwise_nchwc"} and checked >= 8
+
+
+def test_a_streaming_conv_space_starts_at_its_default_and_its_points_compute_the_same() -> None:
+    """A 7x7 1024->512 1x1 conv (2 MB of weights: the default streams them,
+    _cpu_schedules._stream_reduction): the space's default decisions give the default
+    kernel, TIR for TIR, and random points of its default plan (the register tile and
+    the step sampled) compute what it does."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((512, 1024, 1, 1)) / 32).astype(np.float32)
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
+    model = make_model([conv], {"x": (1, 1024, 7, 7)}, {"y": (1, 512, 7, 7)}, {"w": w})
+    targets, found = _tasks(model, "nchwc")
+    (task,) = [
+        t
+        for t in found
+        if str(targets.default_scheduled(t)["main"].attrs["graphopt.schedule_rule"])
+        == "pointwise_nchwc"
+    ]
+    default = targets.default_scheduled(task)
+    assert re.search(STEPS, default["main"].script())  # the stream's steps
+    assert default_trace(task.mod, targets.tune_target, default) is not None
+    args = [
+        rng.standard_normal([int(d) for d in info.shape]).astype(str(info.dtype))
+        for info in ArgInfo.from_prim_func(task.mod["main"])
+    ]
+    expected = _run(default, args)
+    spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
+    trace = spaces[0].trace.simplified(remove_postproc=True)
+    for seed in range(3):
+        sch = s_tir.Schedule(task.mod, seed=seed + 1)
+        s_tir.Trace(trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
+        np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_space_option_picks_the_generators(conv_tasks) -> None:  # noqa: ANN001
