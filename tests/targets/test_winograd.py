@@ -155,13 +155,13 @@ def test_products_tile(chunks: int, tiles: int, most: int, expected: tuple) -> N
 
 def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same() -> None:
     from tvm import s_tir
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from graphopt.lower import to_relax
     from graphopt.targets import resolve
     from graphopt.tuning._session import Targets
     from graphopt.tuning._space import default_trace, graphopt_design_spaces
     from graphopt.tuning._tasks import extract_tasks
+    from tests.tuning._spaces import assert_points_match, random_args, run_kernel
 
     model, _ = basic_block()
     _, graph, _ = prepare(model)
@@ -177,25 +177,11 @@ def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same() ->
     for task in tasks:
         default = targets.default_scheduled(task)
         assert default_trace(task.mod, targets.tune_target, default) is not None
-        args = [
-            rng.standard_normal([int(d) for d in info.shape]).astype(str(info.dtype))
-            for info in ArgInfo.from_prim_func(task.mod["main"])
-        ]
-        expected = _run(default, args)
+        args = random_args(task.mod, rng)
+        expected = run_kernel(default, args)
         spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
         assert spaces
-        for seed in range(3):
-            trace = spaces[0].trace.simplified(remove_postproc=True)
-            sch = s_tir.Schedule(task.mod, seed=seed + 1)
-            s_tir.Trace(trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
-            np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
-
-
-def _run(mod, args: list[np.ndarray]) -> np.ndarray:  # noqa: ANN001
-    lib = tvm.compile(mod, target=tvm.target.Target("llvm"))
-    tensors = [tvm.runtime.tensor(a) for a in args]
-    lib["main"](*tensors)
-    return tensors[-1].numpy()
+        assert_points_match(task.mod, spaces[0], expected, args, [1, 2, 3])
 
 
 @pytest.mark.slow

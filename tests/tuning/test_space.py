@@ -13,9 +13,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import tvm
 from tvm import s_tir
-from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.space_generator import (
     PostOrderApply,
     ScheduleFn,
@@ -41,6 +39,7 @@ from graphopt.tuning._space import (
 from graphopt.tuning._tasks import extract_tasks
 from tests.conftest import make_model
 from tests.tuning._models import conv_relu, slow_defaults
+from tests.tuning._spaces import assert_points_match, random_args, run_kernel
 
 CONV_RULES = {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc", "grouped_nchwc"}
 # The reduction over input channel chunks split in steps of 4 (a streamed kernel).
@@ -86,13 +85,6 @@ def test_nhwc_and_matmul_spaces_start_at_their_defaults() -> None:
             assert default_trace(task.mod, targets.tune_target, default) is not None, task.name
 
 
-def _run(mod: tvm.IRModule, args: list[np.ndarray]) -> np.ndarray:
-    lib = tvm.compile(mod, target=tvm.target.Target("llvm"))
-    tensors = [tvm.runtime.tensor(a) for a in args]
-    lib["main"](*tensors)
-    return tensors[-1].numpy()
-
-
 def test_sampled_points_compute_what_the_default_does(conv_tasks) -> None:  # noqa: ANN001
     """Random points of every design space of a dense and a depthwise conv: each replays,
     builds and gives the default kernel's output (the default matches onnxruntime:
@@ -106,18 +98,11 @@ def test_sampled_points_compute_what_the_default_does(conv_tasks) -> None:  # no
         if rule not in ("conv2d_nchwc", "depthwise_nchwc") or rule in seen:
             continue
         seen.add(rule)
-        args = [
-            rng.standard_normal([int(d) for d in info.shape]).astype(str(info.dtype))
-            for info in ArgInfo.from_prim_func(task.mod["main"])
-        ]
-        expected = _run(targets.default_scheduled(task), args)
+        args = random_args(task.mod, rng)
+        expected = run_kernel(targets.default_scheduled(task), args)
         spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
         for i, space in enumerate(spaces):
-            trace = space.trace.simplified(remove_postproc=True)
-            sch = s_tir.Schedule(task.mod, seed=i + 1)
-            s_tir.Trace(trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
-            np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
-            checked += 1
+            checked += assert_points_match(task.mod, space, expected, args, [i + 1])
     assert seen == {"conv2d_nchwc", "depthwise_nchwc"} and checked >= 8
 
 
@@ -140,17 +125,10 @@ def test_a_streaming_conv_space_starts_at_its_default_and_its_points_compute_the
     default = targets.default_scheduled(task)
     assert re.search(STEPS, default["main"].script())  # the stream's steps
     assert default_trace(task.mod, targets.tune_target, default) is not None
-    args = [
-        rng.standard_normal([int(d) for d in info.shape]).astype(str(info.dtype))
-        for info in ArgInfo.from_prim_func(task.mod["main"])
-    ]
-    expected = _run(default, args)
+    args = random_args(task.mod, rng)
+    expected = run_kernel(default, args)
     spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
-    trace = spaces[0].trace.simplified(remove_postproc=True)
-    for seed in range(3):
-        sch = s_tir.Schedule(task.mod, seed=seed + 1)
-        s_tir.Trace(trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
-        np.testing.assert_allclose(_run(sch.mod, args), expected, rtol=1e-4, atol=1e-4)
+    assert_points_match(task.mod, spaces[0], expected, args, [1, 2, 3])
 
 
 def test_space_option_picks_the_generators(conv_tasks) -> None:  # noqa: ANN001
