@@ -670,12 +670,15 @@ def _split_reduction_into_tile(
     outer,  # noqa: ANN001
     plan: Plan = DEFAULT_PLAN,
     unroll_lanes: bool = False,
+    init_at=None,  # noqa: ANN001
 ) -> None:
     """Under ``outer``: reductions first, then the spatial tile (unrolled, vectorized).
 
     ``plan.kernel_outer`` puts a conv's kernel window loops (rh, rw) outside its input
     channel chunk loop; ``plan.unroll_kw`` unrolls the kernel-width loop too;
-    ``unroll_lanes`` the innermost reduction loop (a conv's input-channel lanes)."""
+    ``unroll_lanes`` the innermost reduction loop (a conv's input-channel lanes);
+    ``init_at``: a reduction loop above ``outer`` the accumulators' initialization goes
+    before (:func:`_stream_reduction`'s steps), instead of the first reduction under it."""
     loops = _loops_below(sch, block, outer)
     kinds = _loop_kinds(sch, block, loops)
     spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
@@ -695,8 +698,8 @@ def _split_reduction_into_tile(
     if unroll_lanes and reduce:
         sch.unroll(reduce[-1])
     if reduce:
-        init = sch.decompose_reduction(block, reduce[0])
-        init_loops = _loops_below(sch, init, outer)
+        init = sch.decompose_reduction(block, reduce[0] if init_at is None else init_at)
+        init_loops = _loops_below(sch, init, outer if init_at is None else None)
         if init_loops:
             sch.vectorize(init_loops[-1])
 
@@ -844,23 +847,14 @@ def schedule_conv2d_nchwc(
         y = yo
     if blocks > 1:  # (.., y, x chunk, channel block, [rows,] pixels, lanes)
         sch.reorder(y, xo, cob)
-    if (
+    stream = (
         plan == DEFAULT_PLAN
         and _annotation(sch, conv) == "conv2d_nchwc"
         and tile_loops is None
         and pixels is None
         and _streams_weights(sch, conv, _extent(sch, co), _extent(sch, y), width)
-    ):
-        outer = sch.fuse(n, co)
-        sch.parallel(outer)
-        sch.vectorize(ci)
-        if blocks > 1:
-            sch.unroll(cob)
-        sch.unroll(xi)
-        sch.compute_at(conv, outer)
-        _stream_reduction(sch, conv, outer, (blocks, factors[0]), decisions, full)
-        return _schedule_others(sch, others, lanes)
-    if plan.parallel_loops != 3:
+    )
+    if stream or plan.parallel_loops != 3:
         outer = sch.fuse(n, co)
     elif _rows_outer(sch, conv, _extent(sch, co), _extent(sch, y)) != plan.swap_outer:
         sch.reorder(y, co)
@@ -869,7 +863,7 @@ def schedule_conv2d_nchwc(
         outer = sch.fuse(n, co, y)
     sch.parallel(outer)
     sch.vectorize(ci)
-    sch.compute_at(conv, xo)
+    sch.compute_at(conv, outer if stream else xo)
     if blocks > 1:
         sch.unroll(cob)
     if tile_loops is not None:
@@ -880,7 +874,10 @@ def schedule_conv2d_nchwc(
     # to the stack (SqueezeNet's 13-wide 512->1000 classifier: 63-75 GFLOP/s; unrolled
     # here, 93-97). Tiles within the budget run as fast or faster without it (a 7-wide
     # row: 102 against 71).
-    _split_reduction_into_tile(sch, conv, xo, plan, unroll_lanes=full)
+    if stream:
+        _stream_reduction(sch, conv, outer, factors[0], decisions, full)
+    else:
+        _split_reduction_into_tile(sch, conv, xo, plan, unroll_lanes=full)
     return _schedule_others(sch, others, lanes)
 
 
@@ -904,7 +901,7 @@ def _stream_reduction(
     sch: s_tir.Schedule,
     conv,  # noqa: ANN001
     outer,  # noqa: ANN001
-    tile: tuple,
+    factor,  # noqa: ANN001
     decisions: Decisions,
     unroll_lanes: bool,
 ) -> None:
@@ -920,8 +917,8 @@ def _stream_reduction(
     overlap the FMAs; the accumulators go to the chunk's output buffer (a few KB, in L1)
     between steps. Data and output traffic do not change.
 
-    ``tile``: (channel blocks, the pixel split's factor as the output's split took it, an
-    int or a sampled choice); the step is a choice of ``decisions``, _STREAM_CHUNKS by
+    ``factor``: the pixel split's factor as the output's split took it (an int or a
+    sampled choice); the step is a choice of ``decisions``, _STREAM_CHUNKS by
     default. Measured on a 2-core Xeon (AVX-512), paired against the default nest:
     ResNet-50 1.041x faster (its 1024->256 1x1 convs at 14x14, 1.93 -> 1.53 ms in the
     model), DenseNet-121 and EfficientNet-B0 1.012x, ResNet-18 1.009x, the others within
@@ -931,25 +928,16 @@ def _stream_reduction(
     of 1 MiB made ResNet-18, ResNet-50, MobileNetV2 and EfficientNet-B0 1-3% slower."""
     loops = _loops_below(sch, conv, outer)
     kinds = _loop_kinds(sch, conv, loops)
-    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
-    reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
     # compute_at leaves no loop of extent 1: (channel block,) row, pixel, lane
-    spatial = [lp for lp in spatial if (_extent(sch, lp) or 1) > 1]
-    blocks, factor = tile
-    *cob, y, x, lanes = spatial[-(3 + (blocks > 1)) :]
+    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S" and _extent(sch, lp) > 1]
+    rco = next(lp for lp, k in zip(loops, kinds, strict=True) if k == "R")
+    *cob, y, x, lanes = spatial
     xo, xi = sch.split(x, [None, factor])
-    chunks = _extent(sch, reduce[0])
+    chunks = _extent(sch, rco)
     step = max(d for d in range(1, min(_STREAM_CHUNKS, chunks) + 1) if chunks % d == 0)
-    ro, ri = sch.split(reduce[0], [None, decisions.factor(sch, chunks, step, 4 * step)])
-    sch.reorder(ro, y, xo, ri, *reduce[1:], *cob, xi, lanes)
-    sch.vectorize(lanes)
-    sch.unroll(xi)
-    for lp in cob:
-        sch.unroll(lp)
-    if unroll_lanes:
-        sch.unroll(reduce[-1])
-    init = sch.decompose_reduction(conv, ro)
-    sch.vectorize(_loops_below(sch, init, outer)[-1])
+    ro, _ = sch.split(rco, [None, decisions.factor(sch, chunks, step, 4 * step)])
+    sch.reorder(ro, y, xo, *cob, xi, lanes)  # the rest of the reduction stays below xo
+    _split_reduction_into_tile(sch, conv, xo, unroll_lanes=unroll_lanes, init_at=ro)
 
 
 def _rows_outer(sch: s_tir.Schedule, conv, chunks: int, rows: int) -> bool:  # noqa: ANN001

@@ -64,8 +64,9 @@ RULE = "matmul_packed"
 # cached the reduction rule's widened GEMV row is the better tile.
 _MIN_ROWS = 16
 # Weight bytes from which a GEMV (fewer rows) is packed too: past a core's cache the
-# weight comes from memory each call, and the packed panels stream it.
-_GEMV_STREAM_BYTES = 1 << 20
+# weight comes from memory each call, and the packed panels stream it (the dense convs'
+# threshold for streaming their weights, one figure for both).
+_GEMV_STREAM_BYTES = cpu._STREAM_WEIGHT_BYTES
 # Weight bytes of one panel (the column blocks a thread runs every row block over).
 _PANEL_BYTES = 64 << 10
 # Ops between a constant and the weight that FoldConstant folds (their first input the
