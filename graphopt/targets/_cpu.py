@@ -192,7 +192,7 @@ def cpu_phases(
 
     # TVM-built schedule rules: imported when a pipeline is built, so that importing
     # graphopt (the IR, the passes) does not import TVM.
-    from graphopt.targets import _cpu_schedules, _fold
+    from graphopt.targets import _cpu_schedules, _fold, _fuse_dwpw
 
     return {
         # Sorting/sampling ops map to library implementations before legalization.
@@ -210,6 +210,7 @@ def cpu_phases(
             _fold.FoldConstantCalls(),  # the weight transforms, one build per round
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
+            _fuse_dwpw.FuseDepthwisePointwise(),  # a depthwise conv into its 1x1 reader
             relax.transform.FuseTIR(),
         ],
         # Default schedules (first fitting rule wins, :func:`schedule_rules`) on the fused

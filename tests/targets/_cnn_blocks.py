@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from graphopt.zoo import _Builder
+from tests.conftest import make_model
 
-__all__ = ["BLOCKS", "build_block"]
+__all__ = ["BLOCKS", "build_block", "inverted_residual"]
 
 
 def _f(b: _Builder, value: float) -> str:
@@ -178,6 +180,58 @@ BLOCKS = {
     "odd_concat": odd_concat,
     "decoder": decoder,
 }
+
+
+def inverted_residual(  # noqa: PLR0913
+    size: int,
+    channels: int = 32,
+    expand: int = 96,
+    stride: int = 1,
+    out: int = 32,
+    shared: bool = False,
+    pointwise_stride: int = 1,
+) -> onnx.ModelProto:
+    """MobileNetV2's inverted residual: 1x1 expand + ReLU6, 3x3 depthwise (``stride``) +
+    ReLU6, 1x1 projection (``pointwise_stride``) with bias, the input added back when the
+    shapes allow. ``shared``: a squeeze-excitation gate (EfficientNet's) between the
+    depthwise conv and the projection, its pool a second reader of the map."""
+    rng = np.random.default_rng(size + stride + expand)
+
+    def weight(o: int, i: int, k: int) -> np.ndarray:
+        return (rng.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(np.float32)
+
+    inits = {
+        "we": weight(expand, channels, 1),
+        "wd": weight(expand, 1, 3),
+        "bd": rng.standard_normal(expand).astype(np.float32),
+        "wp": weight(out, expand, 1),
+        "bp": rng.standard_normal(out).astype(np.float32),
+        "lo": np.float32(0.0),
+        "hi": np.float32(6.0),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "we"], ["e"]),
+        helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+        helper.make_node(
+            "Conv", ["e6", "wd", "bd"], ["d"], group=expand, pads=[1] * 4, strides=[stride] * 2
+        ),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+    ]
+    inner = -(-size // stride)
+    if shared:  # a squeeze-excitation gate: its pool is a second reader of the map
+        nodes.append(helper.make_node("GlobalAveragePool", ["d6"], ["g"]))
+        nodes.append(helper.make_node("Sigmoid", ["g"], ["gs"]))
+        nodes.append(helper.make_node("Mul", ["d6", "gs"], ["d6b"]))
+    source = "d6b" if shared else "d6"
+    nodes.append(
+        helper.make_node("Conv", [source, "wp", "bp"], ["p"], strides=[pointwise_stride] * 2)
+    )
+    final = -(-inner // pointwise_stride)
+    if stride == pointwise_stride == 1 and channels == out:
+        nodes.append(helper.make_node("Add", ["p", "x"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["p"], ["y"]))
+    return make_model(nodes, {"x": (1, channels, size, size)}, {"y": (1, out, final, final)}, inits)
 
 
 def build_block(name: str) -> onnx.ModelProto:

@@ -105,6 +105,7 @@ def test_every_conv_uses_the_packed_conv_rule(name: str) -> None:
     assert len(convs) >= 4
     packed = {"conv2d_nchwc", "pointwise_nchwc", "depthwise_nchwc", "grouped_nchwc"}
     packed.add("conv2d_winograd")  # the 3x3 stride-1 convs (targets/_winograd.py)
+    packed.add("depthwise_pointwise_nchwc")  # a depthwise conv with its 1x1 (_fuse_dwpw.py)
     assert set(convs.values()) <= packed and "conv2d_nchwc" in convs.values()
 
 

@@ -38,6 +38,7 @@ from graphopt.tuning._space import (
 )
 from graphopt.tuning._tasks import extract_tasks
 from tests.conftest import make_model
+from tests.targets._cnn_blocks import inverted_residual
 from tests.tuning._models import conv_relu, slow_defaults
 from tests.tuning._spaces import assert_points_match, random_args, run_kernel
 
@@ -125,6 +126,27 @@ def test_a_streaming_conv_space_starts_at_its_default_and_its_points_compute_the
     default = targets.default_scheduled(task)
     assert re.search(STEPS, default["main"].script())  # the stream's steps
     assert default_trace(task.mod, targets.tune_target, default) is not None
+    args = random_args(task.mod, rng)
+    expected = run_kernel(default, args)
+    spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
+    assert_points_match(task.mod, spaces[0], expected, args, [1, 2, 3])
+
+
+def test_a_fused_depthwise_pointwise_space_starts_at_its_default_and_computes_the_same() -> None:
+    """MobileNetV2's block: the depthwise conv and the projection it feeds are one kernel
+    (graphopt/targets/_fuse_dwpw.py); the space of its rule starts at the default kernel,
+    TIR for TIR, and random points (both register tiles sampled) compute what it does."""
+    targets, found = _tasks(inverted_residual(28), "nchwc")
+    (task,) = [
+        t
+        for t in found
+        if str(targets.default_scheduled(t)["main"].attrs["graphopt.schedule_rule"])
+        == "depthwise_pointwise_nchwc"
+    ]
+    default = targets.default_scheduled(task)
+    assert default_trace(task.mod, targets.tune_target, default) is not None
+    assert has_choices(task.mod, targets.tune_target)
+    rng = np.random.default_rng(2)
     args = random_args(task.mod, rng)
     expected = run_kernel(default, args)
     spaces = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)
