@@ -12,25 +12,16 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
-from graphopt.lower import to_relax  # noqa: E402
-from graphopt.prepare import prepare  # noqa: E402
-from graphopt.targets import _fuse_dwpw, resolve  # noqa: E402
+from graphopt.targets import _fuse_dwpw  # noqa: E402
 from tests.targets._cnn_blocks import inverted_residual  # noqa: E402
+from tests.targets.test_cpu_schedules import _scheduled_module  # noqa: E402
 
-_UP_TO_SCHEDULE = ("library_dispatch", "layout", "legalize", "schedule")
 FUSED_RULE = "depthwise_pointwise_nchwc"
 
 
 def _scheduled(model: onnx.ModelProto) -> dict[str, tvm.tirx.PrimFunc]:
     """The x86 pipeline's kernels after its schedule phase, by name."""
-    spec = resolve("x86")
-    _, graph, _ = prepare(model)
-    mod = to_relax(graph)
-    target = tvm.target.Target(spec.tvm)
-    phases = spec.target.phases(target, None)
-    with target:
-        for name in _UP_TO_SCHEDULE:
-            mod = tvm.transform.Sequential(phases[name])(mod)
+    mod = _scheduled_module(model)
     return {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
