@@ -21,6 +21,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, tirx
 
+from graphopt.targets import _cpu_schedules
+
 __all__ = ["MIN_ROWS", "FuseDepthwisePointwise"]
 
 # The fewest output rows a fused kernel takes (its threads share the rows): MobileNetV2's
@@ -28,7 +30,6 @@ __all__ = ["MIN_ROWS", "FuseDepthwisePointwise"]
 # block 1.12x (4 rows against 3).
 MIN_ROWS = 7
 
-_ANNOTATION = "graphopt.kernel"
 _ELEMENTWISE = 1  # op_pattern: kElemWise 0, kBroadcast 1
 
 
@@ -37,18 +38,13 @@ def _call_tir(expr) -> bool:  # noqa: ANN001
 
 
 def _kernels(func: tirx.PrimFunc) -> list[str]:
-    """The graphopt kernel annotations of a PrimFunc's root blocks."""
+    """The graphopt kernel annotations of a PrimFunc's root blocks (the schedule rules')."""
     try:
         sch = s_tir.Schedule(func)
-        root = sch.get_sblock("root")
-    except (tvm.error.TVMError, ValueError):
+    except (tvm.error.TVMError, ValueError):  # no blocks to schedule: no conv of ours
         return []
-    out = []
-    for block in sch.get_child_blocks(root):
-        value = sch.get(block).annotations.get(_ANNOTATION)
-        if value is not None:
-            out.append(str(value))
-    return out
+    kinds = (_cpu_schedules._annotation(sch, b) for b in _cpu_schedules._root_blocks(sch))
+    return [k for k in kinds if k is not None]
 
 
 def _shape(expr) -> list[int] | None:  # noqa: ANN001
@@ -191,16 +187,12 @@ def _fuse(
                 index = _pointwise_input(mod, callee)
                 arg = value.args[index] if index is not None else None
                 prev = next((p for p in bindings if arg is not None and p.var.same_as(arg)), None)
-                if (
-                    prev is not None
-                    and uses.get(arg, 0) == 1
-                    and _callee(mod, prev.value) is not None
-                    and _depthwise_group(mod, _callee(mod, prev.value))
-                ):
+                source = _callee(mod, prev.value) if prev is not None else None
+                if source is not None and uses.get(arg, 0) == 1 and _depthwise_group(mod, source):
                     dw, pw = prev.value.op.name_hint, value.op.name_hint
                     if (dw, pw, index) not in made:
                         name = f"{dw}_{pw.removeprefix('fused_')}"
-                        merged = bb.normalize(_merged(mod[prev.value.op], callee, index))
+                        merged = bb.normalize(_merged(source, callee, index))
                         made[(dw, pw, index)] = bb.add_func(merged, name)
                     gvar = made[(dw, pw, index)]
                     args = [*prev.value.args, *(a for i, a in enumerate(value.args) if i != index)]
