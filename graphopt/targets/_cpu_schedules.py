@@ -572,6 +572,15 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
     if any(e is None for e in extents):
         return
     total = _product(extents)
+    transpose = _thin_transpose(sch, block, loops, lanes)
+    if transpose is not None:
+        wide, thin = transpose
+        rest = [lp for i, lp in enumerate(loops) if i not in transpose]
+        sch.reorder(*rest, loops[wide], loops[thin])
+        sch.unroll(loops[thin])
+        if rest and total >= _PARALLEL_MIN:
+            sch.parallel(sch.fuse(*rest) if len(rest) > 1 else rest[0])
+        return
     inner = loops.pop()
     if extents[-1] < lanes // 2 and loops:
         inner = sch.fuse(loops.pop(), inner)
@@ -585,6 +594,46 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
         loops.append(inner)
     if loops and total >= _PARALLEL_MIN:
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+def _thin_transpose(sch: s_tir.Schedule, block, loops: list, lanes: int) -> tuple | None:  # noqa: ANN001
+    """(wide, thin): positions in ``loops`` of a block that moves a thin axis (fewer than
+    half a vector: an RGB image's channels) to the innermost place, or from it: one of
+    the two loops alone indexes the write's last dimension, the other the read's; ``thin``
+    is shorter than half a vector, ``wide`` a vector or longer. None for anything else.
+
+    Such a block is left to LLVM as ``wide`` serial over ``thin`` unrolled: its loop
+    vectorizer turns the unrolled copies into whole vectors and an interleaving store (or
+    a de-interleaving load). Vectorized by TVM along either axis, every value was a
+    gather or a scatter: a 224x224 RGB image's NCHW -> NCHW3c transform took 43-75 us on
+    2 cores of a Xeon, 7.7 us this way (0.975x MobileNetV2's time, paired)."""
+    node = sch.get(block)
+    if len(node.reads) != 1 or len(node.writes) != 1:
+        return None
+    values = _block_iter_values(sch, block)
+
+    def indexing(expr) -> list[int]:  # noqa: ANN001
+        used = [iv.var for iv in node.iter_vars if _uses_var(expr, iv.var)]
+        return [
+            i
+            for i, lp in enumerate(loops)
+            if any(
+                _uses_var(v, sch.get(lp).loop_var)
+                for iv, v in zip(node.iter_vars, values, strict=True)
+                if any(iv.var.same_as(u) for u in used)
+            )
+        ]
+
+    (read,), (write,) = node.reads, node.writes
+    if len(read.region) < 2 or len(write.region) < 2:
+        return None
+    ends = indexing(write.region[-1].min), indexing(read.region[-1].min)
+    if any(len(e) != 1 for e in ends) or ends[0] == ends[1]:
+        return None
+    thin, wide = sorted((e[0] for e in ends), key=lambda i: _extent(sch, loops[i]))
+    if _extent(sch, loops[thin]) >= lanes // 2 or _extent(sch, loops[wide]) < lanes:
+        return None
+    return wide, thin
 
 
 def _select_chain(sch: s_tir.Schedule, block) -> int:  # noqa: ANN001

@@ -140,6 +140,57 @@ def test_a_thin_input_pads_in_a_pass_of_its_own_by_rows(k: int, size: int) -> No
     assert art.manifest["verification"]["ok"]
 
 
+def test_an_rgb_image_goes_to_its_packed_layout_as_rows_of_unrolled_channels() -> None:
+    """The NCHW -> NCHW3c transform of an RGB input runs its rows in parallel and, in
+    each row, its pixels as a serial loop over the 3 channels unrolled (for LLVM to
+    vectorize the pixels with an interleaving store), not as a TVM vector loop whose
+    every value is a scatter; the model still computes what onnxruntime does."""
+    model = _thin_input_conv_model(3, 64)
+    mod = _scheduled_module(model)
+    image = "(T.int64(1), T.int64(3), T.int64(64)"
+    (script,) = [
+        f.script()
+        for g, f in mod.functions_items()
+        if "layout_transform" in g.name_hint and image in f.script()
+    ]
+    assert "T.vectorized" not in script and _unrolled(script) == {3}, script
+    assert re.search(r"T\.parallel\(T\.int64\(64\)\)", script), script
+    art = graphopt.compile(model, "x86")
+    assert art.manifest["verification"]["ok"]
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_thin_transpose_computes_the_same_either_way(channels: int, inverse: bool) -> None:
+    """A thin channel axis moved innermost (NCHW -> NCHWc) or back out of it, scheduled by
+    the injective rule's thin-transpose path (checked: the channel loop is unrolled), built
+    and run: the same values as numpy's transpose."""
+    from tvm import te
+
+    size = 40
+    planar, packed = (1, channels, size, size), (1, 1, size, size, channels)
+    if inverse:
+        a = te.placeholder(packed, name="a")
+        b = te.compute(planar, lambda n, c, y, x: a[n, 0, y, x, c], name="b")
+    else:
+        a = te.placeholder(planar, name="a")
+        b = te.compute(packed, lambda n, o, y, x, c: a[n, c, y, x], name="b")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
+    (block,) = cpu._root_blocks(sch)
+    cpu._schedule_spatial(sch, block, 16)
+    assert channels in _unrolled(sch.mod.script())
+    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
+    rng = np.random.default_rng(channels)
+    data = rng.standard_normal(packed if inverse else planar).astype("float32")
+    out = tvm.runtime.tensor(np.zeros(planar if inverse else packed, "float32"))
+    lib.mod["main"](tvm.runtime.tensor(data), out)
+    if inverse:
+        expected = data[:, 0].transpose(0, 3, 1, 2)
+    else:
+        expected = data.transpose(0, 2, 3, 1)[:, None]
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
 def test_weights_are_packed_at_compile_time() -> None:
     """The 6-D packed weights (OIHW[x]i[y]o) arrive in main as constants: FoldConstant
     ran the weight layout transforms at compile time, so no kernel repacks per run."""
