@@ -578,8 +578,7 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
         rest = [lp for i, lp in enumerate(loops) if i not in transpose]
         sch.reorder(*rest, loops[wide], loops[thin])
         sch.unroll(loops[thin])
-        if rest and total >= _PARALLEL_MIN:
-            sch.parallel(sch.fuse(*rest) if len(rest) > 1 else rest[0])
+        _parallel_outer(sch, rest, total)
         return
     inner = loops.pop()
     if extents[-1] < lanes // 2 and loops:
@@ -592,6 +591,11 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:  # noqa: 
         sch.vectorize(inner)
     elif not loops or _product(_extent(sch, lp) for lp in loops) < _SERIAL_INNER_MIN_ROWS:
         loops.append(inner)
+    _parallel_outer(sch, loops, total)
+
+
+def _parallel_outer(sch: s_tir.Schedule, loops: list, total: int) -> None:
+    """``loops`` fused into one parallel loop, where the nest has work enough to share."""
     if loops and total >= _PARALLEL_MIN:
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 

@@ -6,9 +6,8 @@ with its Winograd weights: about 300 MB), and in 4 KiB pages every few KB of the
 TLB miss, which in a virtual machine walks two page tables. Linux backs anonymous memory
 with 2 MiB pages only where it is asked to (``transparent_hugepage/enabled`` is
 ``madvise`` on most distributions), and neither TVM nor glibc asks. Measured on a 2-core
-Xeon KVM guest, each engine in its own process, four rounds: ResNet-50 25.5 -> 23.8 ms
-(0.93x), MobileNetV2 2.83 -> 2.74 ms (0.97x); onnxruntime given the same, 0.94x and
-1.00x.
+Xeon KVM guest, off and on in pairs of processes: ResNet-50 0.94x the time (six pairs,
+0.88-1.00), MobileNetV2 0.97x; onnxruntime given the same, 0.94x and 1.00x.
 
 How: :func:`snapshot` lists the process's private anonymous mappings before the library
 loads; :func:`back` advises ``MADV_HUGEPAGE`` on every mapping that is new or changed since
