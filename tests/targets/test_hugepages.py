@@ -4,6 +4,7 @@ a runner's results do not change."""
 
 from __future__ import annotations
 
+import mmap
 import platform
 import sys
 import time
@@ -44,7 +45,10 @@ def test_only_memory_new_since_the_snapshot_is_advised(monkeypatch) -> None:  # 
         pytest.skip("transparent huge pages are off in this kernel (enabled: never)")
     before = _hugepages.snapshot()
     assert _hugepages.back(_hugepages.snapshot()) == 0  # nothing new: nothing advised
-    weights = np.ones(64 << 18, np.float32)  # 64 MiB, its own mapping, touched
+    # 64 MiB in a mapping of its own (numpy's allocator may reuse an old one), touched
+    memory = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    weights = np.frombuffer(memory, np.float32)
+    weights[:] = 1
     advised = _hugepages.back(before)
     assert advised >= weights.nbytes - (4 << 20)
     if _kernel_collapses():
