@@ -363,6 +363,7 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
     # MetaSchedule takes seconds to import: only when a database is used
     from graphopt.tuning import ApplyTuningDatabase, last_measured, open_database
+    from graphopt.tuning._latency import MODEL_MIN_GAIN
 
     database = open_database(path, spec, precision)
 
@@ -378,9 +379,9 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
             }
             if check.keeps_default:
                 say(
-                    "tuning database: this model measured slower with its records when "
-                    f"tuned (tuned/default {check.tuned_vs_default:.3f}); default "
-                    "schedules kept"
+                    "tuning database: this model did not measure faster with its records "
+                    f"when tuned (tuned/default {check.tuned_vs_default:.3f}, more than "
+                    f"{MODEL_MIN_GAIN}); default schedules kept"
                 )
                 return []
         return [ApplyTuningDatabase(database, report)]

@@ -14,7 +14,8 @@
   schedules: kernels with a record faster than their default schedule use it.
 - :func:`last_measured` is ``tune``'s last whole-model timing of a model with the
   database (``DB/model-latency.json``): ``compile`` keeps the default schedules for a
-  model that measured slower with the database than without.
+  model that did not measure ``MODEL_MIN_GAIN`` (0.98) of its default time or less with
+  the database.
 """
 
 from __future__ import annotations

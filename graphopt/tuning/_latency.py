@@ -15,8 +15,16 @@ here: ResNet-18 tuned for 15 minutes, 5% faster by its kernels' estimate, measur
 slower end to end), because a kernel in the model meets caches that its neighbours
 left, not the cold ones it was measured with. So ``tune`` keeps the figures in
 ``DB/model-latency.json`` (keyed by the model, the layout and the database's size), and
-``compile`` keeps the default schedules for a model whose last check measured it slower
-with the database (:func:`last_measured`).
+``compile`` keeps the default schedules for a model whose last check did not measure it
+at ``MODEL_MIN_GAIN`` of the default's time or less with the database
+(:func:`last_measured`).
+
+Why a margin, not "faster at all": two builds of the same code, each loaded on its own,
+time up to about 2% apart for as long as both stay loaded (where the allocator placed
+their buffers and weights; ``bench_tuning``'s A/A column: 0.98-1.02 on the 2-core Xeon
+and Zen 4 of benchmarks/RESULTS.md). Paired rounds cancel the machine's drift, not that;
+so a check at 0.996 (ResNet-18 after 5 minutes on the Zen 4, one record) says nothing
+either way, and the default, which needs no database to be right, stays.
 """
 
 from __future__ import annotations
@@ -38,9 +46,19 @@ from graphopt.targets._runner import use_all_cores
 from graphopt.tuning._apply import ApplyTuningDatabase, beats_default
 from graphopt.tuning._database import RECORDS, TuningDatabase
 
-__all__ = ["ModelLatency", "measure_model", "last_measured", "remember", "paired_rounds"]
+__all__ = [
+    "MODEL_MIN_GAIN",
+    "ModelLatency",
+    "measure_model",
+    "last_measured",
+    "remember",
+    "paired_rounds",
+]
 
 ROUNDS = 7  # turns of the engines: the median of 7 paired ratios
+# the database is used only where the tuned model measured at most this fraction of the
+# default's time: separately loaded builds of the same code differ by up to ~2%
+MODEL_MIN_GAIN = 0.98
 BLOCK_SECS = 0.25  # each engine's block of runs per round (at least 2 runs)
 _CACHE = "model-latency.json"
 
@@ -62,12 +80,12 @@ class ModelLatency:
 
     @property
     def keeps_default(self) -> bool:
-        """The model measured no faster with the database's records than without: compile
-        keeps its default schedules."""
+        """The model did not measure ``MODEL_MIN_GAIN`` of the default's time or less with
+        the database's records: compile keeps its default schedules."""
         return (
             self.tuned_kernels > 0
             and self.tuned_vs_default is not None
-            and self.tuned_vs_default >= 1.0
+            and self.tuned_vs_default > MODEL_MIN_GAIN
         )
 
 

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 
 from graphopt.tuning._apply import MIN_SPEEDUP, applied_secs
-from graphopt.tuning._latency import ModelLatency
+from graphopt.tuning._latency import MODEL_MIN_GAIN, ModelLatency
 
 __all__ = ["TaskResult", "TuneReport", "format_report", "ProgressPrinter"]
 
@@ -138,7 +138,8 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
         )
     if lat and lat.tuned_vs_default is not None and lat.tuned_kernels:
         verdict = (
-            "slower: compile keeps the default schedules for this model"
+            f"above {MODEL_MIN_GAIN} (no gain beyond the noise of separate builds): "
+            "compile keeps the default schedules for this model"
             if lat.keeps_default
             else "compile uses the database's records"
         )

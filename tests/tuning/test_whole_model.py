@@ -1,6 +1,7 @@
 """The whole-model check: ``tune`` times the model with and without its database in
 paired rounds and keeps the figures; ``compile`` keeps the default schedules for a model
-that measured slower with the database (never slower than the default, end to end)."""
+that did not measure faster with the database beyond the noise of separate builds (never
+slower than the default, end to end)."""
 
 from __future__ import annotations
 
@@ -69,10 +70,11 @@ def tuned(tmp_path_factory):  # noqa: ANN001, ANN201
     return model, db
 
 
-@pytest.mark.parametrize("ratio", [1.2, 0.8])
+@pytest.mark.parametrize("ratio", [1.2, 0.99, 0.8])
 def test_compile_keeps_defaults_for_a_model_measured_slower(tuned, tmp_path, capsys, ratio) -> None:  # noqa: ANN001
-    """The figures ``tune`` keeps for this model decide: slower with the database, and
-    no record is applied (the manifest and the log say why); faster, and they are."""
+    """The figures ``tune`` keeps for this model decide: slower with the database, or
+    faster by less than separately loaded builds of the same code differ (0.99), and no
+    record is applied (the manifest and the log say why); faster, and they are."""
     model, src = tuned
     db = tmp_path / "db"
     shutil.copytree(src, db)
@@ -85,9 +87,9 @@ def test_compile_keeps_defaults_for_a_model_measured_slower(tuned, tmp_path, cap
     assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
     tuning = read_manifest(out)["tuning"]
     assert tuning["whole_model"]["tuned_vs_default"] == ratio
-    assert tuning["whole_model"]["applied"] is (ratio < 1)
-    assert bool(tuning["from_database"]) is (ratio < 1)
-    assert ("default schedules kept" in capsys.readouterr().err) is (ratio > 1)
+    assert tuning["whole_model"]["applied"] is (ratio < 0.9)
+    assert bool(tuning["from_database"]) is (ratio < 0.9)
+    assert ("default schedules kept" in capsys.readouterr().err) is (ratio > 0.9)
     # a database that changed since (more records) is not judged by the old figures
     with open(db / "records.jsonl", "a") as f:
         f.write("\n")
