@@ -362,8 +362,7 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
     if not spec.target.tunable:
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
     # MetaSchedule takes seconds to import: only when a database is used
-    from graphopt.tuning import ApplyTuningDatabase, last_measured, open_database
-    from graphopt.tuning._latency import MODEL_MIN_GAIN
+    from graphopt.tuning import MODEL_MIN_GAIN, ApplyTuningDatabase, last_measured, open_database
 
     database = open_database(path, spec, precision)
 

@@ -24,13 +24,14 @@ import os
 
 from graphopt.tuning._apply import SCHEDULE_RULE, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
-from graphopt.tuning._latency import ModelLatency, last_measured
+from graphopt.tuning._latency import MODEL_MIN_GAIN, ModelLatency, last_measured
 from graphopt.tuning._measure import RPCError
 from graphopt.tuning._options import TuningError, parse_duration
 from graphopt.tuning._report import ProgressPrinter, TaskResult, TuneReport, format_report
 from graphopt.tuning._tuner import tune
 
 __all__ = [
+    "MODEL_MIN_GAIN",
     "tune",
     "TuneReport",
     "TaskResult",
