@@ -362,7 +362,7 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
     if not spec.target.tunable:
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
     # MetaSchedule takes seconds to import: only when a database is used
-    from graphopt.tuning import MODEL_MIN_GAIN, ApplyTuningDatabase, last_measured, open_database
+    from graphopt.tuning import ApplyTuningDatabase, last_measured, open_database
 
     database = open_database(path, spec, precision)
 
@@ -378,9 +378,8 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
             }
             if check.keeps_default:
                 say(
-                    "tuning database: this model did not measure faster with its records "
-                    f"when tuned (tuned/default {check.tuned_vs_default:.3f}, more than "
-                    f"{MODEL_MIN_GAIN}); default schedules kept"
+                    "tuning database: measured with this model when tuned, "
+                    f"{check.why_default}; default schedules kept"
                 )
                 return []
         return [ApplyTuningDatabase(database, report)]

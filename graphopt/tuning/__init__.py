@@ -14,8 +14,8 @@
   schedules: kernels with a record faster than their default schedule use it.
 - :func:`last_measured` is ``tune``'s last whole-model timing of a model with the
   database (``DB/model-latency.json``): ``compile`` keeps the default schedules for a
-  model that did not measure ``MODEL_MIN_GAIN`` (0.98) of its default time or less with
-  the database.
+  model that did not measure ``_latency.MODEL_MIN_GAIN`` (0.98) of its default time or
+  less with the database.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import os
 
 from graphopt.tuning._apply import SCHEDULE_RULE, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
-from graphopt.tuning._latency import MODEL_MIN_GAIN, ModelLatency, last_measured
+from graphopt.tuning._latency import ModelLatency, last_measured
 from graphopt.tuning._measure import RPCError
 from graphopt.tuning._options import TuningError, parse_duration
 from graphopt.tuning._report import ProgressPrinter, TaskResult, TuneReport, format_report
 from graphopt.tuning._tuner import tune
 
 __all__ = [
-    "MODEL_MIN_GAIN",
     "tune",
     "TuneReport",
     "TaskResult",

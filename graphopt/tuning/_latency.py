@@ -88,6 +88,15 @@ class ModelLatency:
             and self.tuned_vs_default > MODEL_MIN_GAIN
         )
 
+    @property
+    def why_default(self) -> str:
+        """Why compile keeps the default schedules (where :attr:`keeps_default`), in the
+        words tune's and compile's messages share."""
+        return (
+            f"tuned/default {self.tuned_vs_default:.3f}, above {MODEL_MIN_GAIN}: no gain "
+            "beyond the noise of separately loaded builds"
+        )
+
 
 def _inputs(relax_mod: tvm.IRModule, seed: int = 0) -> dict[str, np.ndarray] | None:
     """Seeded inputs for the model's ``main``, by parameter name; None if a shape is symbolic."""

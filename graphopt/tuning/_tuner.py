@@ -22,7 +22,7 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import TargetSpec, _precision, build, check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
-from graphopt.tuning._latency import MODEL_MIN_GAIN, ModelLatency, last_measured, remember
+from graphopt.tuning._latency import ModelLatency, last_measured, remember
 from graphopt.tuning._latency import measure_model as time_model
 from graphopt.tuning._measure import (
     PersistentBuilder,
@@ -190,9 +190,8 @@ def _model_latency(
     remember(relax_mod, targets.layout, database, latency)
     if latency.keeps_default:
         say(
-            f"the model did not measure faster with the database beyond the noise of "
-            f"separate builds (tuned/default {latency.tuned_vs_default:.3f} > "
-            f"{MODEL_MIN_GAIN}): compile keeps its default schedules"
+            f"the model with the database: {latency.why_default}; compile keeps its "
+            "default schedules"
         )
     return latency
 
