@@ -14,8 +14,9 @@ The legalization (:func:`legalize_conv2d`) turns such a conv into:
 1. ``winograd_weight``: U = G g G^T per (output, input) channel pair, a Relax kernel of
    its own on the constant weight, so FoldConstant runs it once, at compile time; layout
    ``[e, n, oc chunk, ic chunk, ic lane, oc lane]`` (the oc lanes are one vector);
-2. one kernel of four stages, the conv's bias/BN/ReLU/residual tail fused after it by
-   FuseOps (its output is the conv's own ``NCHW[bo]c``):
+2. one kernel of these stages, the conv's bias/BN/ReLU/residual tail fused after it by
+   FuseOps (its output is the conv's own ``NCHW[bo]c``), run in blocks of tile rows
+   where they fit (below):
 
    - ``winograd_input_rows`` / ``winograd_input``: V = B^T d B for each input tile, the
      two one-dimensional halves written as sums of the nonzero terms of B (a constant
@@ -27,6 +28,24 @@ The legalization (:func:`legalize_conv2d`) turns such a conv into:
      :func:`products_tile`);
    - ``winograd_output_cols`` / ``winograd_output``: Y = A^T M A, the tail written from
      the registers.
+
+Blocks of tile rows (:func:`_blocks_of_rows`, :func:`_schedule_blocked`): scheduled as
+three stages over the whole map, the transformed input V and the products M of ResNet's
+56x56 stage (64 channels) are 1.8 MB each, written by one stage and read by the next
+from beyond a core's L2 (1-2 MiB). Where a tile row's V is at most ``_BLOCK_BYTES`` and U
+at most ``_BLOCK_WEIGHT_BYTES``, one parallel loop runs over (image, tile row, part of
+the output channels), each iteration transforming its row's input (every input
+channel), its products, its output transform: V and M per iteration 64-258 KB, in L2
+each time the thread reuses them. Each row reads U again, so U must stay in a cache: on
+VGG-11, whose 3x3 convs have 4.5-36 MiB of U, blocking them all ran 1.25x slower; with
+the 2.5 MiB limit, 1.01x (neither the 14x14 nor the larger convs blocked). Measured on a
+2-core Zen 4 (paired against ``GRAPHOPT_WINOGRAD_BLOCKS=0``, whole models, one process):
+ResNet-50 0.987x the time (with its 4 MiB 14x14 convs blocked as well, 0.97x in one run
+and 1.00x in another: left whole), ResNet-18 0.98x, at batch 8 0.90x; RepVGG-A0,
+DenseNet-121, GoogLeNet 1.00x. Two channel parts at least: ResNet-50's 28x28 convs in 7
+blocks (one part) ran 1.6-1.8x their time alone inside the model, in 14 (two parts)
+1.2-1.3x. The parts are a tuning choice; ``GRAPHOPT_WINOGRAD_BLOCKS=0`` in the
+environment keeps the whole-map stages (for comparisons).
 
 Where it pays (:func:`tile_size`): a map of at least ``_MIN_TILES`` tiles and channels of
 at least one vector. With few tiles, the transformed weights ((m+2)^2 / 9 times the
@@ -91,6 +110,15 @@ _ANNOTATION = "graphopt.kernel"
 # the transformed weights are read for too little work.
 _MIN_TILES = 16
 _ENV = "GRAPHOPT_WINOGRAD"
+_BLOCKS_ENV = "GRAPHOPT_WINOGRAD_BLOCKS"
+# The blocked schedule: at most this much transformed input per tile row (a block's V
+# and products stay in a core's L2 beside the weights streaming through), and at least
+# this many parallel iterations (tile rows x output channel parts) to share.
+_BLOCK_BYTES = 512 << 10
+_BLOCK_ITERATIONS = 12
+# ... and at most this much transformed weight: each block of tile rows reads all of it
+# again, which must come from a cache, not from memory
+_BLOCK_WEIGHT_BYTES = 5 << 19
 
 
 @cache
@@ -288,7 +316,9 @@ def rule_conv2d_winograd(func: tirx.PrimFunc, target: tvm.target.Target) -> s_ti
     channel lanes; the products are the packed pointwise conv (``reg_n`` tiles x one
     output-channel vector in registers over the input channels, the (e, n, oc chunk)
     loops parallel); the output transform walks the output tiles in parallel, unrolled,
-    the tail (bias, BN, ReLU, residual) applied on the way out."""
+    the tail (bias, BN, ReLU, residual) applied on the way out. Where a block of tile
+    rows fits (:func:`_blocks_of_rows`), the three run one after another per block
+    inside one parallel loop instead, so that V and M stay in the core's L2."""
     return schedule_winograd(s_tir.Schedule(func), target)
 
 
@@ -303,8 +333,8 @@ def schedule_winograd(
     plan: cpu.Plan = cpu.DEFAULT_PLAN,
 ) -> s_tir.Schedule | None:
     """:func:`rule_conv2d_winograd` on ``sch`` (None: not a Winograd kernel); the products'
-    register tile (tiles) from ``decisions``. ``plan`` is accepted for the tuning space's
-    signature; this rule has one structure."""
+    register tile (tiles) and the blocks' output channel parts from ``decisions``. ``plan``
+    is accepted for the tuning space's signature; this rule has one structure."""
     del plan
     blocks = [_block(sch, name) for name in _STAGES]
     if any(b is None for b in blocks) or cpu._annotation(sch, blocks[3]) != RULE:
@@ -315,10 +345,113 @@ def schedule_winograd(
     cpu._inline_spatial_intermediates(sch, keep=blocks)
     cpu._inline_tail(sch, out)
     others = cpu._other_root_blocks(sch, blocks)
+    split = _blocks_of_rows(sch, inp, out)
+    if split is not None:
+        _schedule_blocked(sch, blocks, split, decisions, cpu.max_reg_n(target))
+        return cpu._schedule_others(sch, others, cpu.vector_lanes(target))
     _schedule_input(sch, (pad, rows, inp))
     _schedule_gemm(sch, gemm, decisions, cpu.max_reg_n(target))
     _schedule_output(sch, cols, out)
     return cpu._schedule_others(sch, others, cpu.vector_lanes(target))
+
+
+def _blocks_of_rows(sch: s_tir.Schedule, inp, out) -> tuple[int, int] | None:  # noqa: ANN001
+    """(tile rows per block, output channel parts) of the blocked schedule
+    (:func:`_schedule_blocked`), or None for the three whole-map stages: a map whose
+    height is not a whole number of tiles (its last tile row is cut), a map of one tile
+    row, or one whose tile row of transformed input is more than ``_BLOCK_BYTES``.
+    Parts: the fewest, two at least, that give ``_BLOCK_ITERATIONS`` parallel iterations.
+    ``GRAPHOPT_WINOGRAD_BLOCKS`` in the environment: ``0`` keeps the whole-map stages,
+    ``rows,parts`` sets both (for comparisons)."""
+    alpha, _, n, ico, tiles, bi = (int(d) for d in sch.get(inp).writes[0].source.shape)
+    _, oco, oh, _, bo = (int(d) for d in sch.get(out).writes[0].source.shape)
+    m = alpha - 2
+    th = oh // m
+    setting = os.environ.get(_BLOCKS_ENV, "")
+    if setting == "0" or oh % m or th < 2 or tiles // th < 2:
+        return None
+    if setting:
+        rows_per, parts = (int(v) for v in setting.split(","))
+        return (rows_per, parts) if th % rows_per == 0 and oco % parts == 0 else None
+    row_bytes = alpha * alpha * ico * bi * (tiles // th) * 4  # a tile row's V
+    weight_bytes = alpha * alpha * ico * bi * oco * bo * 4  # U
+    if row_bytes > _BLOCK_BYTES or weight_bytes > _BLOCK_WEIGHT_BYTES:
+        return None
+    for parts in range(2, oco + 1):
+        if oco % parts == 0 and n * th * parts >= _BLOCK_ITERATIONS:
+            return 1, parts
+    return 1, oco
+
+
+def _loops_by_dim(sch: s_tir.Schedule, block, outer, extents: list[int]) -> list:  # noqa: ANN001
+    """The loops compute_at made under ``outer`` for ``block``, one per dimension of its
+    output (``extents``: the region's), None where the dimension is one value wide and
+    compute_at left out its loop."""
+    loops = cpu._loops_below(sch, block, outer)[: len(extents)]
+    if len(loops) == len(extents):
+        return loops
+    wide = iter(loops)
+    return [next(wide) if e > 1 else None for e in extents]
+
+
+def _schedule_blocked(sch: s_tir.Schedule, blocks, split, decisions, most) -> None:  # noqa: ANN001
+    """Per block of tile rows and part of the output channels, in parallel: the block's
+    input transform, its products, its output transform (:func:`schedule_winograd`)."""
+    pad, rows, inp, gemm, cols, out = blocks
+    rows_per, parts = split
+    alpha, _, _, ico, tiles, bi = (int(d) for d in sch.get(inp).writes[0].source.shape)
+    m = alpha - 2
+    _, oco, oh, _, bo = (int(d) for d in sch.get(out).writes[0].source.shape)
+    block_tiles = tiles // (oh // m) * rows_per
+    # the output transform, in blocks: the parallel loop over (image, rows, part)
+    b, co, y, x, o = sch.get_loops(out)
+    yb, yr = sch.split(y, [None, rows_per * m])
+    cs, ci = sch.split(co, [decisions.factor(sch, oco, parts, oco), None])
+    chunks = cpu._extent(sch, ci)  # output channel chunks per part
+    sch.reorder(b, yb, cs, ci, yr, x, o)
+    blk = sch.fuse(b, yb, cs)
+    sch.parallel(blk)
+    yo, yi = sch.split(yr, [None, m])
+    xo, xi = sch.split(x, [None, m])
+    sch.reorder(ci, yo, xo, yi, xi, o)
+    sch.unroll(yi)
+    sch.unroll(xi)
+    sch.vectorize(o)
+    sch.compute_at(cols, xo)
+    cloops = sch.get_loops(cols)
+    sch.unroll(cloops[-3])
+    sch.unroll(cloops[-2])
+    sch.vectorize(cloops[-1])
+    # the block's products: the register tile of _schedule_gemm over its tiles
+    sch.compute_at(gemm, blk)
+    write = sch.cache_write(gemm, 0, "local")
+    e, nu, _, co2, p, o2 = _loops_by_dim(
+        sch, write, blk, [alpha, alpha, 1, chunks, block_tiles, bo]
+    )
+    nblocks, reg_n = products_tile(chunks, block_tiles, most)
+    reg_n = decisions.factor(sch, block_tiles, reg_n, cpu._block_pixels(most, nblocks))
+    po, pi = sch.split(p, [None, reg_n])
+    if nblocks > 1:
+        co2, coi = sch.split(co2, [None, nblocks])
+        sch.reorder(e, nu, co2, po, coi, pi, o2)
+    sch.vectorize(o2)
+    sch.compute_at(gemm, po)
+    if nblocks > 1:
+        sch.unroll(coi)
+    sch.unroll(pi)
+    cpu._split_reduction_into_tile(sch, gemm, po)
+    # the block's input transform (every input channel: each part needs all of them)
+    sch.compute_at(inp, blk)
+    e, nu, _, c, p, i = _loops_by_dim(sch, inp, blk, [alpha, alpha, 1, ico, block_tiles, bi])
+    sch.reorder(*[lp for lp in (c, p, e, nu, i) if lp is not None])
+    sch.unroll(e)
+    sch.unroll(nu)
+    sch.vectorize(i)
+    sch.compute_at(rows, e)
+    rloops = sch.get_loops(rows)
+    sch.unroll(rloops[-2])
+    sch.vectorize(rloops[-1])
+    sch.compute_inline(pad)
 
 
 def _schedule_input(sch: s_tir.Schedule, blocks: tuple) -> None:

@@ -4,6 +4,8 @@ tuning space starts at the default, and the same on ARM under qemu (slow tier)."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -80,8 +82,18 @@ def where_it_does_not_pay():  # noqa: ANN201
     return make_model(nodes, {"x": (1, 3, 12, 12)}, {"y": (1, 16, 6, 6)}, inits), {DIRECT: 5}
 
 
+def two_images():  # noqa: ANN201
+    """Batch 2, a 24x24 map (F(4x4), 6 tile rows), 32 -> 64 channels: the blocked
+    schedule's parallel loop runs over both images' tile rows."""
+    rng = np.random.default_rng(4)
+    nodes = [_conv("x", "w", "b", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    inits = {"w": _w(rng, 64, 32, 3, 3), "b": rng.standard_normal(64).astype(np.float32)}
+    return make_model(nodes, {"x": (2, 32, 24, 24)}, {"y": (2, 64, 24, 24)}, inits), {WINOGRAD: 1}
+
+
 MODELS = {
     "basic_block": basic_block,
+    "two_images": two_images,
     "odd_map": odd_map,
     "unpadded_rectangle": unpadded_rectangle,
     "where_it_does_not_pay": where_it_does_not_pay,
@@ -131,6 +143,66 @@ def test_winograd_matches_the_direct_conv(tmp_path, monkeypatch) -> None:
     assert not np.array_equal(y_fast, y_direct)  # two different algorithms ran
 
 
+def test_blocked_schedule_matches_the_whole_map_stages(tmp_path, monkeypatch) -> None:
+    """The same block with ``GRAPHOPT_WINOGRAD_BLOCKS=0`` (input transform, products and
+    output transform each over the whole map): the same numbers, to float32 rounding."""
+    model, _ = two_images()
+    x = np.random.default_rng(8).standard_normal((2, 32, 24, 24)).astype(np.float32)
+    blocked = graphopt.compile(model, "x86", tmp_path / "b.so")
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_BLOCKS", "0")
+    whole = graphopt.compile(model, "x86", tmp_path / "w.so")
+    assert whole.manifest["verification"]["ok"]
+    y_blocked, y_whole = blocked.run({"x": x})["y"], whole.run({"x": x})["y"]
+    assert np.abs(y_blocked - y_whole).max() <= 1e-6 * float(np.abs(y_whole).max())
+
+
+def _winograd_schedule(images: int, channels: int, size: int):  # noqa: ANN202
+    """The default schedule of a ``channels`` -> ``channels`` Winograd conv (padding 1)
+    on ``images`` maps of ``size`` x ``size``, for the x86 target."""
+    from tvm import s_tir, te
+
+    from graphopt.targets import resolve
+
+    m = _winograd.tile_size(size, size)
+    data = te.placeholder((images, channels // 16, size, size, 16), name="data")
+    alpha = m + 2
+    u = te.placeholder((alpha, alpha, channels // 16, channels // 16, 16, 16), name="u")
+    out = _winograd.winograd_te(data, u, (1, 1, 1, 1), m)
+    func = te.create_prim_func([data, u, out])
+    target = tvm.target.Target(resolve("x86").tvm)
+    return _winograd.schedule_winograd(s_tir.Schedule(func), target)
+
+
+def _parallel_extents(sch) -> list[int]:  # noqa: ANN001
+    """The extents of the parallel loops of the scheduled kernel, in order."""
+    return [int(n) for n in re.findall(r"T\.parallel\((\d+)\)", sch.mod.script())]
+
+
+@pytest.mark.parametrize(
+    ("images", "channels", "size", "parallel"),
+    [
+        (1, 64, 56, [28]),  # ResNet's 56x56 stage: 14 tile rows x 2 channel halves
+        (1, 128, 28, [14]),  # 7 tile rows x 2
+        (2, 64, 16, [16]),  # two images of 4 tile rows, 2 halves
+        (1, 32, 16, [8]),  # 4 tile rows x both channel chunks (fewer than 12 iterations)
+        (1, 64, 112, [56]),  # 28 tile rows x 2 (a tile row of V: 258 KiB)
+        # the three whole-map stages (input transform, products, output transform):
+        (1, 512, 7, [512, 256, 128]),  # F(2x2) on 7x7: the last tile row is cut
+        (1, 256, 14, [784, 128, 112]),  # 4 MiB of transformed weights
+        (1, 96, 224, [18816, 108, 336]),  # a tile row of V is 756 KiB
+    ],
+)
+def test_blocked_schedule_where_a_block_fits(images, channels, size, parallel) -> None:  # noqa: ANN001
+    """One parallel loop over blocks (a tile row, part of the output channels: its
+    transformed input and products in a core's L2), or the three whole-map stages."""
+    assert _parallel_extents(_winograd_schedule(images, channels, size)) == parallel
+
+
+def test_blocked_schedule_can_be_switched_off(monkeypatch) -> None:
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_BLOCKS", "0")
+    assert len(_parallel_extents(_winograd_schedule(1, 64, 56))) == 3
+
+
 @pytest.mark.parametrize(
     ("out_h", "out_w", "expected"),
     [(56, 56, 4), (28, 28, 4), (16, 16, 4), (14, 14, 2), (7, 7, 2), (15, 15, 2), (6, 6, None)],
@@ -153,7 +225,9 @@ def test_products_tile(chunks: int, tiles: int, most: int, expected: tuple) -> N
     assert _winograd.products_tile(chunks, tiles, most) == expected
 
 
-def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same() -> None:
+@pytest.mark.parametrize("name", ["basic_block", "two_images"])
+def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same(name: str) -> None:
+    """two_images: the blocked schedule's channel parts (2 or 4) are sampled as well."""
     from tvm import s_tir
 
     from graphopt.lower import to_relax
@@ -163,7 +237,7 @@ def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same() ->
     from graphopt.tuning._tasks import extract_tasks
     from tests.tuning._spaces import assert_points_match, random_args, run_kernel
 
-    model, _ = basic_block()
+    model, _ = MODELS[name]()
     _, graph, _ = prepare(model)
     targets = Targets.of(resolve("x86"), "nchwc")
     found = extract_tasks(to_relax(graph), targets.spec, targets.compile_target, None, "nchwc")
