@@ -406,7 +406,10 @@ def _schedule_blocked(sch: s_tir.Schedule, blocks, split, decisions, most) -> No
     # the output transform, in blocks: the parallel loop over (image, rows, part)
     b, co, y, x, o = sch.get_loops(out)
     yb, yr = sch.split(y, [None, rows_per * m])
-    cs, ci = sch.split(co, [decisions.factor(sch, oco, parts, oco), None])
+    # sampled: parts that leave each at least two chunks, as the default does (one chunk
+    # would drop a loop from the trace; SampledDecisions)
+    most = oco // 2 if oco // parts >= 2 else 1
+    cs, ci = sch.split(co, [decisions.factor(sch, oco, parts, most), None])
     chunks = cpu._extent(sch, ci)  # output channel chunks per part
     sch.reorder(b, yb, cs, ci, yr, x, o)
     blk = sch.fuse(b, yb, cs)
@@ -414,53 +417,34 @@ def _schedule_blocked(sch: s_tir.Schedule, blocks, split, decisions, most) -> No
     yo, yi = sch.split(yr, [None, m])
     xo, xi = sch.split(x, [None, m])
     sch.reorder(ci, yo, xo, yi, xi, o)
-    sch.unroll(yi)
-    sch.unroll(xi)
-    sch.vectorize(o)
-    sch.compute_at(cols, xo)
-    cloops = sch.get_loops(cols)
-    sch.unroll(cloops[-3])
-    sch.unroll(cloops[-2])
-    sch.vectorize(cloops[-1])
+    _output_tiles(sch, cols, xo, (yi, xi, o))
     # the block's products: the register tile of _schedule_gemm over its tiles
     sch.compute_at(gemm, blk)
     write = sch.cache_write(gemm, 0, "local")
-    e, nu, _, co2, p, o2 = _loops_by_dim(
-        sch, write, blk, [alpha, alpha, 1, chunks, block_tiles, bo]
-    )
-    nblocks, reg_n = products_tile(chunks, block_tiles, most)
-    reg_n = decisions.factor(sch, block_tiles, reg_n, cpu._block_pixels(most, nblocks))
-    po, pi = sch.split(p, [None, reg_n])
-    if nblocks > 1:
-        co2, coi = sch.split(co2, [None, nblocks])
-        sch.reorder(e, nu, co2, po, coi, pi, o2)
-    sch.vectorize(o2)
-    sch.compute_at(gemm, po)
-    if nblocks > 1:
-        sch.unroll(coi)
-    sch.unroll(pi)
-    cpu._split_reduction_into_tile(sch, gemm, po)
+    co2, p, o2 = _loops_by_dim(sch, write, blk, [alpha, alpha, 1, chunks, block_tiles, bo])[3:]
+    _products_tiles(sch, gemm, (co2, p, o2), decisions, most)
     # the block's input transform (every input channel: each part needs all of them)
     sch.compute_at(inp, blk)
     e, nu, _, c, p, i = _loops_by_dim(sch, inp, blk, [alpha, alpha, 1, ico, block_tiles, bi])
     sch.reorder(*[lp for lp in (c, p, e, nu, i) if lp is not None])
-    sch.unroll(e)
-    sch.unroll(nu)
-    sch.vectorize(i)
-    sch.compute_at(rows, e)
-    rloops = sch.get_loops(rows)
-    sch.unroll(rloops[-2])
-    sch.vectorize(rloops[-1])
-    sch.compute_inline(pad)
+    _input_tiles(sch, (pad, rows, inp), (e, nu, i))
 
 
 def _schedule_input(sch: s_tir.Schedule, blocks: tuple) -> None:
     """Per tile (parallel over image, channel chunk, tile): the rows of B^T d, then B^T d B,
     each of the (m+2)^2 values unrolled, the channel lanes vectorized."""
-    pad, rows, inp = blocks
-    e, nu, b, c, p, i = sch.get_loops(inp)
+    e, nu, b, c, p, i = sch.get_loops(blocks[2])
     sch.reorder(b, c, p, e, nu, i)
     sch.parallel(sch.fuse(b, c, p))
+    _input_tiles(sch, blocks, (e, nu, i))
+
+
+def _input_tiles(sch: s_tir.Schedule, blocks: tuple, loops: tuple) -> None:
+    """One tile's input transform (``loops``: its (e, nu, lane) loops, innermost): the
+    (m+2)^2 values unrolled, the rows of B^T d computed per e, the lanes vectorized, the
+    padding read in place."""
+    pad, rows, _ = blocks
+    e, nu, i = loops
     sch.unroll(e)
     sch.unroll(nu)
     sch.vectorize(i)
@@ -490,16 +474,32 @@ def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions, most: in
     DLA-34, VGG-11 and RepVGG-A0 1.12-1.13x, ResNet-18 at batch 8 1.15x, GoogLeNet 1.05x,
     DenseNet-121 1.04x, ResNet-50 1.03x (2-core Xeon, paired rounds); AVX2 code (the
     same machine, ``--cpu haswell``) 1.00-1.01x."""
-    out = sch.cache_write(gemm, 0, "local")
-    e, nu, b, co, p, o = sch.get_loops(out)
+    e, nu, b, co, p, o = sch.get_loops(sch.cache_write(gemm, 0, "local"))
+    _products_tiles(sch, gemm, (co, p, o), decisions, most, parallel=(e, nu, b))
+
+
+def _products_tiles(  # noqa: PLR0913
+    sch: s_tir.Schedule,
+    gemm,  # noqa: ANN001
+    loops: tuple,
+    decisions: cpu.Decisions,
+    most: int,
+    parallel: tuple = (),
+) -> None:
+    """The register tiles of the products under the write-back's innermost ``loops`` (oc
+    chunk, tile, lane; the chunk loop None where it is one chunk); ``parallel``: the loops
+    above them that make one parallel loop with the chunks outside the tile's."""
+    co, p, o = loops
     tiles = cpu._extent(sch, p)
-    blocks, reg_n = products_tile(cpu._extent(sch, co), tiles, most)
+    chunks = 1 if co is None else cpu._extent(sch, co)
+    blocks, reg_n = products_tile(chunks, tiles, most)
     reg_n = decisions.factor(sch, tiles, reg_n, cpu._block_pixels(most, blocks))
     po, pi = sch.split(p, [None, reg_n])
     if blocks > 1:
         co, coi = sch.split(co, [None, blocks])
-        sch.reorder(e, nu, b, co, po, coi, pi, o)
-    sch.parallel(sch.fuse(e, nu, b, co))
+        sch.reorder(co, po, coi, pi, o)
+    if parallel:
+        sch.parallel(sch.fuse(*parallel, co))
     sch.vectorize(o)
     sch.compute_at(gemm, po)
     if blocks > 1:
@@ -517,6 +517,13 @@ def _schedule_output(sch: s_tir.Schedule, cols, out) -> None:  # noqa: ANN001
     xo, xi = sch.split(x, [None, m])
     sch.reorder(b, co, yo, xo, yi, xi, o)
     sch.parallel(sch.fuse(b, co, yo))
+    _output_tiles(sch, cols, xo, (yi, xi, o))
+
+
+def _output_tiles(sch: s_tir.Schedule, cols, xo, loops: tuple) -> None:  # noqa: ANN001
+    """One output tile under ``xo`` (``loops``: its row, column and lane loops): M A
+    computed there, A^T M A unrolled, the lanes vectorized."""
+    yi, xi, o = loops
     sch.unroll(yi)
     sch.unroll(xi)
     sch.vectorize(o)

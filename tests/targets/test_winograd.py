@@ -83,12 +83,12 @@ def where_it_does_not_pay():  # noqa: ANN201
 
 
 def two_images():  # noqa: ANN201
-    """Batch 2, a 24x24 map (F(4x4), 6 tile rows), 32 -> 64 channels: the blocked
-    schedule's parallel loop runs over both images' tile rows."""
+    """Batch 2, a 24x24 map (F(4x4), 6 tile rows), 32 -> 128 channels: the blocked
+    schedule's parallel loop runs over both images' tile rows and two channel parts."""
     rng = np.random.default_rng(4)
     nodes = [_conv("x", "w", "b", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
-    inits = {"w": _w(rng, 64, 32, 3, 3), "b": rng.standard_normal(64).astype(np.float32)}
-    return make_model(nodes, {"x": (2, 32, 24, 24)}, {"y": (2, 64, 24, 24)}, inits), {WINOGRAD: 1}
+    inits = {"w": _w(rng, 128, 32, 3, 3), "b": rng.standard_normal(128).astype(np.float32)}
+    return make_model(nodes, {"x": (2, 32, 24, 24)}, {"y": (2, 128, 24, 24)}, inits), {WINOGRAD: 1}
 
 
 MODELS = {
@@ -227,7 +227,8 @@ def test_products_tile(chunks: int, tiles: int, most: int, expected: tuple) -> N
 
 @pytest.mark.parametrize("name", ["basic_block", "two_images"])
 def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same(name: str) -> None:
-    """two_images: the blocked schedule's channel parts (2 or 4) are sampled as well."""
+    """two_images: the blocked schedule's channel parts (2 or 4 of 8 chunks) are sampled
+    as well."""
     from tvm import s_tir
 
     from graphopt.lower import to_relax
