@@ -408,8 +408,8 @@ def _schedule_blocked(sch: s_tir.Schedule, blocks, split, decisions, most) -> No
     yb, yr = sch.split(y, [None, rows_per * m])
     # sampled: parts that leave each at least two chunks, as the default does (one chunk
     # would drop a loop from the trace; SampledDecisions)
-    most = oco // 2 if oco // parts >= 2 else 1
-    cs, ci = sch.split(co, [decisions.factor(sch, oco, parts, most), None])
+    most_parts = oco // 2 if oco // parts >= 2 else 1
+    cs, ci = sch.split(co, [decisions.factor(sch, oco, parts, most_parts), None])
     chunks = cpu._extent(sch, ci)  # output channel chunks per part
     sch.reorder(b, yb, cs, ci, yr, x, o)
     blk = sch.fuse(b, yb, cs)

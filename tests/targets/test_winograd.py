@@ -269,3 +269,19 @@ def test_winograd_on_arm_matches_onnxruntime(name: str, tmp_path) -> None:
     a = graphopt.compile(model, "arm", tmp_path / "m.so", layout="nchwc")
     assert a.manifest["verification"]["ok"]
     assert conv_rules(a.manifest["schedule"]) == rules
+
+
+def test_blocked_products_keep_the_register_tile() -> None:
+    """A block's products use the register tile :func:`products_tile` picks for its
+    chunks and tiles with the target's accumulators (ResNet's 56x56 stage, a block of 14
+    tiles and 2 chunks: 2 channel blocks x 7 tiles, unrolled), as the whole-map products
+    do. bf77d86 passed the channel parts' sampling bound there instead, and the blocks
+    ran a tile of 1 block x 2 tiles."""
+    from graphopt.targets import _cpu_schedules as cpu
+    from graphopt.targets import resolve
+
+    most = cpu.max_reg_n(tvm.target.Target(resolve("x86").tvm))
+    blocks, reg_n = _winograd.products_tile(2, 14, most)
+    unrolled = re.findall(r"T\.unroll\((\d+)\)", _winograd_schedule(1, 64, 56).mod.script())
+    assert (blocks, reg_n) == (2, 7)
+    assert any(unrolled[i : i + 2] == ["2", "7"] for i in range(len(unrolled) - 1))
