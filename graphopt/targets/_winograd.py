@@ -40,11 +40,14 @@ each time the thread reuses them. Each row reads U again, so U must stay in a ca
 VGG-11, whose 3x3 convs have 4.5-36 MiB of U, blocking them all ran 1.25x slower; with
 the 2.5 MiB limit, 1.01x (neither the 14x14 nor the larger convs blocked). Measured on a
 2-core Zen 4 (paired against ``GRAPHOPT_WINOGRAD_BLOCKS=0``, whole models, one process):
-ResNet-50 0.987x the time (with its 4 MiB 14x14 convs blocked as well, 0.97x in one run
-and 1.00x in another: left whole), ResNet-18 0.98x, at batch 8 0.90x; RepVGG-A0,
-DenseNet-121, GoogLeNet 1.00x. Two channel parts at least: ResNet-50's 28x28 convs in 7
-blocks (one part) ran 1.6-1.8x their time alone inside the model, in 14 (two parts)
-1.2-1.3x. The parts are a tuning choice; ``GRAPHOPT_WINOGRAD_BLOCKS=0`` in the
+ResNet-50 0.987x the time (with its 4 MiB 14x14 convs blocked as well, 0.97x in one run,
+1.00x in another, 1.016x slower in a third: left whole), ResNet-18 0.98x, at batch 8
+0.90x; RepVGG-A0, DenseNet-121, GoogLeNet 1.00x. Two channel parts at least: ResNet-50's
+28x28 convs in 7 blocks (one part) ran 1.6-1.8x their time alone inside the model, in 14 (two parts)
+1.2-1.3x. More parts, so that a part's U stays in L2 (at most 600 or 320 KB: ResNet-50's
+28x28 convs in 4 or 8), ran ResNet-50 1.008x and 1.022x slower (each part transforms its
+row's input again); the parts outside the rows (each thread one part of every row),
+1.047x slower. The parts are a tuning choice; ``GRAPHOPT_WINOGRAD_BLOCKS=0`` in the
 environment keeps the whole-map stages (for comparisons).
 
 Where it pays (:func:`tile_size`): a map of at least ``_MIN_TILES`` tiles and channels of
@@ -67,8 +70,16 @@ such convs direct. Streaming the products' weights as the dense convs stream the
 against the products without it, ResNet-18 1.02-1.035x faster but GoogLeNet 0.95x and
 VGG-11 0.96-0.97x (its 49-tile convs ran slower even alone); limited to maps of two
 register tiles or fewer (ResNet's 7x7 stage), every model within 1.5% either way.
-``GRAPHOPT_WINOGRAD=0`` in the environment keeps every conv direct (for comparisons; the
-artifact's speed, not its numbers beyond rounding, depends on it).
+Transforming the weights inside the conv's kernel, from the direct weights (9.4 MB
+read instead of 16.8), was tried as well and left out (2-core Zen 4, the kernels alone,
+fresh caches and warm): parallel over the products' output channel blocks, each
+transforming its own U (G g, then (G g) G^T, per channel block or per row e of it)
+before its products over every tile, the 7x7 512-channel conv ran 1.2-1.3 ms against
+0.7-1.0 with U folded at compile time, 1.6-2.0 against 1.1-1.4 cold; the 14x14
+256-channel one 0.54-0.65 against 0.48-0.54. Each U value costs 9 multiply-adds (or 3 and
+the rows' share) and feeds only 16 (7x7) or 49 (14x14) tiles' products, and the part's U
+goes through L2 once more. ``GRAPHOPT_WINOGRAD=0`` in the environment keeps every conv
+direct (for comparisons; the artifact's speed, not its numbers beyond rounding, depends on it).
 
 Numbers: F(4x4, 3x3) in float32 agrees with the direct conv to about 1e-6 relative to the
 output's range (the transforms' constants are exact in binary except G's thirds and
