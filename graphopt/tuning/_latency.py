@@ -3,11 +3,10 @@ whole-model check that keeps a database from making a model slower.
 
 The kernel table estimates a model run as the sum of its kernels' times; this measures
 the real thing on this machine, as ``compile`` would build it: the model with the
-default schedules, with the database (only records that beat their default by
-``MIN_SPEEDUP``, as compile applies them), and, for an ONNX model, onnxruntime on the
-same seeded inputs. They take turns in ``ROUNDS`` rounds of short blocks, and tuned's
-ratio to the default is the median of the rounds' own ratios, so a load that drifts
-during the timing moves both alike.
+default schedules (loaded twice, on its own each time), with the database (only records
+that beat their default by ``MIN_SPEEDUP``, as compile applies them), and, for an ONNX
+model, onnxruntime on the same seeded inputs. They take turns in ``ROUNDS`` rounds of
+short blocks, so a load that drifts during the timing moves all alike.
 
 Why a whole-model check: every record beat its default measured alone (and again, side
 by side, in ``Session.confirm``), yet the model can still run slower with them (seen
@@ -25,6 +24,15 @@ their buffers and weights; ``bench_tuning``'s A/A column: 0.98-1.02 on the 2-cor
 and Zen 4 of benchmarks/RESULTS.md). Paired rounds cancel the machine's drift, not that;
 so a check at 0.996 (ResNet-18 after 5 minutes on the Zen 4, one record) says nothing
 either way, and the default, which needs no database to be right, stays.
+
+Why the default twice, and the less favourable of two ratios (:func:`verdict`): with one
+load of each build and the median of the rounds' ratios alone, the check's own A/A (the
+default built a second time as "tuned", ResNet-50 on the 2-core Zen 4) read 0.976-1.007
+over 16 processes, across the 0.98 margin; and twice on a real database it passed (0.965,
+0.957) where ``bench_tuning`` then measured the tuned build at 1.03 and 1.00 of the
+default. So tuned is now held against each load of the default, by the median of the
+rounds' ratios and by the ratio of the medians (which a few noisy rounds move less), and
+the check reads the largest of the four.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ __all__ = [
     "last_measured",
     "remember",
     "paired_rounds",
+    "verdict",
 ]
 
 ROUNDS = 7  # turns of the engines: the median of 7 paired ratios
@@ -61,6 +70,7 @@ ROUNDS = 7  # turns of the engines: the median of 7 paired ratios
 MODEL_MIN_GAIN = 0.98
 BLOCK_SECS = 0.25  # each engine's block of runs per round (at least 2 runs)
 _CACHE = "model-latency.json"
+COPY = "default copy"  # the default build's second load, timed beside the first
 
 
 @dataclass
@@ -71,11 +81,14 @@ class ModelLatency:
     tuned_ms: float | None = None
     onnxruntime_ms: float | None = None
     tuned_kernels: int = 0  # kernels the database schedules in the tuned build
-    tuned_vs_default: float | None = None  # median of the rounds' tuned/default ratios
+    tuned_vs_default: float | None = None  # the check's ratio: see :func:`verdict`
     rounds: int = 0
     # records whose kernel, timed inside the model run, was not MIN_SPEEDUP faster there
     # than its default: dropped (compile judges them by those times from now on)
     dropped_in_model: int = 0
+    # the default's second load over its first (median of the rounds' ratios): how far
+    # two loads of one build differ in this run
+    default_aa: float | None = None
     note: str = ""  # why something was not measured
 
     @property
@@ -190,6 +203,22 @@ def kernel_times_in_model(
     }
 
 
+def verdict(figures: dict[str, list[float]]) -> tuple[float, float]:
+    """The whole-model check's ratio from :func:`paired_rounds`' figures of ``tuned``,
+    ``default`` and ``COPY`` (its second load): the least favourable to tuned of its ratio
+    to each load, each read as the median of the rounds' ratios and as the ratio of the
+    medians. And the A/A, the copy over the default (median of the rounds' ratios)."""
+
+    def per_round(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(figures[a], figures[b], strict=True))
+
+    def of_medians(a: str, b: str) -> float:
+        return statistics.median(figures[a]) / statistics.median(figures[b])
+
+    ratio = max(f("tuned", base) for base in ("default", COPY) for f in (per_round, of_medians))
+    return ratio, per_round(COPY, "default")
+
+
 def _judge_in_model(database: TuningDatabase, entries: dict, applied: dict, times: dict) -> int:
     """Keep each applied record's in-model times in the database; how many lost there."""
     lost = 0
@@ -213,8 +242,9 @@ def measure_model(  # noqa: PLR0913
     precision: str = "fp32",
     default=None,  # noqa: ANN001 - the default build, when the caller made it already
 ) -> ModelLatency:
-    """Build the model with and without ``database`` and time both (and onnxruntime) in
-    :func:`paired_rounds`, at ``precision``.
+    """Build the model with and without ``database`` and time both (the default loaded
+    twice) and onnxruntime in :func:`paired_rounds`, at ``precision``; the check's ratio
+    is :func:`verdict`'s.
 
     First each applied record's kernel is timed inside model runs beside its default
     (:func:`kernel_times_in_model`), and the times are kept in the database; records
@@ -248,23 +278,24 @@ def measure_model(  # noqa: PLR0913
     calls = {
         "default": _synced(main_call(default_lib, device, arrays), device),
         "tuned": _synced(main_call(tuned_lib, device, arrays), device),
+        # loaded last: were a later load to run faster, the copy, not tuned, gains
+        COPY: _synced(main_call(default.jit(), device, arrays), device),
     }
     ort = _ort_call(source, inputs)
     if ort is not None:
         calls["onnxruntime"] = ort
     figures = paired_rounds(calls, rounds)
     ms = {n: statistics.median(v) * 1e3 for n, v in figures.items()}
-    ratio = statistics.median(
-        t / d for t, d in zip(figures["tuned"], figures["default"], strict=True)
-    )
+    ratio, aa = verdict(figures)
     return ModelLatency(
-        default_ms=ms["default"],
+        default_ms=min(ms["default"], ms[COPY]),  # the faster load: what tuned must beat
         tuned_ms=ms["tuned"],
         onnxruntime_ms=ms.get("onnxruntime"),
         tuned_kernels=len(applied),
         tuned_vs_default=ratio,
         rounds=rounds,
         dropped_in_model=dropped,
+        default_aa=aa,
     )
 
 
@@ -277,6 +308,7 @@ _FIELDS = (
     "tuned_vs_default",
     "rounds",
     "dropped_in_model",
+    "default_aa",
 )
 
 

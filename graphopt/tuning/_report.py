@@ -137,6 +137,7 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
             "(compile keeps those kernels' defaults)"
         )
     if lat and lat.tuned_vs_default is not None and lat.tuned_kernels:
+        aa = f", {lat.default_aa:.3f} apart" if lat.default_aa is not None else ""
         verdict = (
             f"above {MODEL_MIN_GAIN} (no gain beyond the noise of separate builds): "
             "compile keeps the default schedules for this model"
@@ -144,8 +145,9 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
             else "compile uses the database's records"
         )
         lines.append(
-            f"whole-model check: tuned/default {lat.tuned_vs_default:.3f} (median of "
-            f"{lat.rounds} paired rounds), {verdict}"
+            f"whole-model check: tuned/default {lat.tuned_vs_default:.3f} (the least "
+            f"favourable reading over {lat.rounds} paired rounds, against two loads of "
+            f"the default{aa}), {verdict}"
         )
     if lat and lat.note:
         lines.append(f"model latency: {lat.note}")

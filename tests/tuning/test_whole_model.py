@@ -22,7 +22,7 @@ from graphopt.tuning import (
     open_database,
     tune,
 )
-from graphopt.tuning._latency import paired_rounds, remember
+from graphopt.tuning._latency import COPY, MODEL_MIN_GAIN, paired_rounds, remember, verdict
 from graphopt.tuning._report import TaskResult
 from graphopt.tuning._tuner import _lower
 from tests.tuning._models import conv_relu, slow_defaults
@@ -47,6 +47,23 @@ def test_paired_rounds_take_turns_and_pair_each_round() -> None:
     assert 1.5 < ratios[len(ratios) // 2] < 2.5
     # after 4 warm-up calls each, the order rotates: a b | b a | a b | b a
     assert order[8] == "a" and order[-1] == "a"
+
+
+def test_the_check_reads_the_least_favourable_ratio() -> None:
+    """tuned is held against each load of the default and read two ways; the check takes
+    the reading least favourable to tuned, so no single lucky reading passes it."""
+    # 5% faster than the first load of the default every round, level with the second
+    ratio, aa = verdict({"default": [1.0] * 5, COPY: [0.95] * 5, "tuned": [0.95] * 5})
+    assert ratio == pytest.approx(1.0) and aa == pytest.approx(0.95)
+    assert ratio > MODEL_MIN_GAIN
+    # the median of the rounds' ratios passes (0.975) but the medians do not (1.17)
+    default = [10.0, 10.0, 10.0, 12.0, 12.0]
+    figures = {"default": default, COPY: default, "tuned": [9.7, 9.7, 12.0, 11.7, 11.7]}
+    ratio, aa = verdict(figures)
+    assert ratio == pytest.approx(1.17) and aa == pytest.approx(1.0)
+    # a real gain, however read, passes
+    ratio, _ = verdict({"default": [1.0, 1.1], COPY: [1.02, 1.08], "tuned": [0.9, 0.99]})
+    assert ratio == pytest.approx(0.9) and ratio < MODEL_MIN_GAIN
 
 
 _NO_TIMING = {"search": 0.0, "build": 0.0, "measure": 0.0, "baseline": 0.0}
@@ -109,6 +126,7 @@ def test_tune_measures_the_model_and_compile_finds_its_figures(tuned, tmp_path, 
     # run: 0 applied, 0 dropped). The figures are kept and found either way.
     assert lat.rounds >= 5 and lat.tuned_kernels >= 0 and lat.dropped_in_model >= 0
     assert lat.tuned_vs_default > 0 and lat.onnxruntime_ms > 0
+    assert 0.5 < lat.default_aa < 2  # the default's two loads, timed in the same rounds
     if lat.tuned_kernels:
         assert "whole-model check: tuned/default" in format_report(report)
     out = tmp_path / "a.so"
