@@ -204,3 +204,30 @@ def test_report_shows_what_compile_uses_never_a_slowdown() -> None:
     assert rows["tie"].split()[-2:] == ["default", "tuned"]
     after = next(x for x in text.splitlines() if x.startswith("model latency after"))
     assert f"estimated {(592.2 + 1194.5 + 100) / 1e3:.3f} ms" in after
+
+
+def test_the_report_judges_dropped_records_by_their_times_in_the_model(
+    tuned, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """A record dropped inside the model reads "default" in the report's table (as compile
+    builds it), and the estimate after tuning counts its default time, not the record's."""
+    from graphopt.tuning import _latency, _session
+
+    model, src = tuned
+    db = tmp_path / "db"
+    shutil.copytree(src, db)
+
+    def slower_inside(libs, _device, _arrays, kernels, *_args):  # noqa: ANN001, ANN202
+        return {"default": dict.fromkeys(kernels, 1e-4), "tuned": dict.fromkeys(kernels, 2e-4)}
+
+    monkeypatch.setattr(_latency, "kernel_times_in_model", slower_inside)
+    # the side-by-side check would judge the slowed defaults by real times: skipped
+    monkeypatch.setattr(_session.Session, "confirm", lambda _self: None)
+    report = tune(model, "x86", db, per_task=2, batch_size=2, space="graphopt")
+    assert report.latency.dropped_in_model >= 1
+    for row in report.tasks:
+        if row.tuned_secs == 2e-4:  # dropped: its in-model times judge it now
+            assert row.default_secs == 1e-4
+    text = format_report(report)
+    assert "record(s) not 1.05x faster there" in text
+    assert "  record " not in text  # no row says compile uses a record
