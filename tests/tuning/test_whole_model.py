@@ -158,10 +158,10 @@ def test_kernels_are_timed_inside_the_model(tuned) -> None:  # noqa: ANN001
         assert 0 < per["fused_conv2d_nchwc_relu"] < 0.1
 
 
-def test_records_that_lose_inside_the_model_are_dropped(tuned, tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    """A record that beat its default alone but not inside the model run is dropped:
-    its in-model times go to the database (``ctx``), the tuned model is built without
-    it, and compile judges it by those times from then on."""
+@pytest.fixture
+def losing_inside(tuned, tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+    """A copy of the tuned database, with every record timed inside the model twice as
+    slow as its default (``kernel_times_in_model`` replaced): (model, database)."""
     from graphopt.tuning import _latency
 
     model, src = tuned
@@ -172,6 +172,16 @@ def test_records_that_lose_inside_the_model_are_dropped(tuned, tmp_path, monkeyp
         return {"default": dict.fromkeys(kernels, 1e-4), "tuned": dict.fromkeys(kernels, 2e-4)}
 
     monkeypatch.setattr(_latency, "kernel_times_in_model", slower_inside)
+    return model, db
+
+
+def test_records_that_lose_inside_the_model_are_dropped(losing_inside) -> None:  # noqa: ANN001
+    """A record that beat its default alone but not inside the model run is dropped:
+    its in-model times go to the database (``ctx``), the tuned model is built without
+    it, and compile judges it by those times from then on."""
+    from graphopt.tuning import _latency
+
+    model, db = losing_inside
     relax_mod, layout = _lowered(onnx.load(model))
     with open_database(db, resolve("x86")) as database:
         lat = _latency.measure_model(relax_mod, resolve("x86"), layout, database, None)
@@ -182,7 +192,7 @@ def test_records_that_lose_inside_the_model_are_dropped(tuned, tmp_path, monkeyp
     assert len(ctx) == lat.dropped_in_model
     entry = next(e for e in open_database(db, resolve("x86")).entries() if e.in_model)
     assert entry.confirmed() == (1e-4, 2e-4)  # judged by the in-model times now
-    out = tmp_path / "a.so"
+    out = db.parent / "a.so"
     assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
     assert read_manifest(out)["tuning"]["from_database"] == {}
 
@@ -207,20 +217,13 @@ def test_report_shows_what_compile_uses_never_a_slowdown() -> None:
 
 
 def test_the_report_judges_dropped_records_by_their_times_in_the_model(
-    tuned, tmp_path, monkeypatch
+    losing_inside, monkeypatch
 ) -> None:  # noqa: ANN001
     """A record dropped inside the model reads "default" in the report's table (as compile
     builds it), and the estimate after tuning counts its default time, not the record's."""
-    from graphopt.tuning import _latency, _session
+    from graphopt.tuning import _session
 
-    model, src = tuned
-    db = tmp_path / "db"
-    shutil.copytree(src, db)
-
-    def slower_inside(libs, _device, _arrays, kernels, *_args):  # noqa: ANN001, ANN202
-        return {"default": dict.fromkeys(kernels, 1e-4), "tuned": dict.fromkeys(kernels, 2e-4)}
-
-    monkeypatch.setattr(_latency, "kernel_times_in_model", slower_inside)
+    model, db = losing_inside
     # the side-by-side check would judge the slowed defaults by real times: skipped
     monkeypatch.setattr(_session.Session, "confirm", lambda _self: None)
     report = tune(model, "x86", db, per_task=2, batch_size=2, space="graphopt")
