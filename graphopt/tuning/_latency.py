@@ -3,7 +3,7 @@ whole-model check that keeps a database from making a model slower.
 
 The kernel table estimates a model run as the sum of its kernels' times; this measures
 the real thing on this machine, as ``compile`` would build it: the model with the
-default schedules (loaded twice, on its own each time), with the database (only records
+default schedules (timed in two Relax VMs), with the database (only records
 that beat their default by ``MIN_SPEEDUP``, as compile applies them), and, for an ONNX
 model, onnxruntime on the same seeded inputs. They take turns in ``ROUNDS`` rounds of
 short blocks, so a load that drifts during the timing moves all alike.
@@ -30,9 +30,12 @@ load of each build and the median of the rounds' ratios alone, the check's own A
 default built a second time as "tuned", ResNet-50 on the 2-core Zen 4) read 0.976-1.007
 over 16 processes, across the 0.98 margin; and twice on a real database it passed (0.965,
 0.957) where ``bench_tuning`` then measured the tuned build at 1.03 and 1.00 of the
-default. So tuned is now held against each load of the default, by the median of the
+default. So tuned is now held against the default in two VMs, by the median of the
 rounds' ratios and by the ratio of the medians (which a few noisy rounds move less), and
-the check reads the largest of the four.
+the check reads the largest of the four. The two VMs share the default's one loaded
+library (``jit`` of an LLVM-only executable returns the same module: code and weights),
+each with its own buffers, so their spread is the buffers' and the rounds' share of the
+noise, not that of a separately loaded file; the tuned build is one of those.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ ROUNDS = 7  # turns of the engines: the median of 7 paired ratios
 MODEL_MIN_GAIN = 0.98
 BLOCK_SECS = 0.25  # each engine's block of runs per round (at least 2 runs)
 _CACHE = "model-latency.json"
-COPY = "default copy"  # the default build's second load, timed beside the first
+COPY = "default copy"  # a second VM of the default build, timed beside the first
 
 
 @dataclass
@@ -86,8 +89,8 @@ class ModelLatency:
     # records whose kernel, timed inside the model run, was not MIN_SPEEDUP faster there
     # than its default: dropped (compile judges them by those times from now on)
     dropped_in_model: int = 0
-    # the default's second load over its first (median of the rounds' ratios): how far
-    # two loads of one build differ in this run
+    # the default's second VM over its first (median of the rounds' ratios): how far
+    # two VMs of one build differ in this run
     default_aa: float | None = None
     note: str = ""  # why something was not measured
 
@@ -205,8 +208,8 @@ def kernel_times_in_model(
 
 def verdict(figures: dict[str, list[float]]) -> tuple[float, float]:
     """The whole-model check's ratio from :func:`paired_rounds`' figures of ``tuned``,
-    ``default`` and ``COPY`` (its second load): the least favourable to tuned of its ratio
-    to each load, each read as the median of the rounds' ratios and as the ratio of the
+    ``default`` and ``COPY`` (its second VM): the least favourable to tuned of its ratio
+    to each, each read as the median of the rounds' ratios and as the ratio of the
     medians. And the A/A, the copy over the default (median of the rounds' ratios)."""
 
     def per_round(a: str, b: str) -> float:
@@ -278,7 +281,7 @@ def measure_model(  # noqa: PLR0913
     calls = {
         "default": _synced(main_call(default_lib, device, arrays), device),
         "tuned": _synced(main_call(tuned_lib, device, arrays), device),
-        # loaded last: were a later load to run faster, the copy, not tuned, gains
+        # made last: were a later VM to run faster, the copy, not tuned, gains
         COPY: _synced(main_call(default.jit(), device, arrays), device),
     }
     ort = _ort_call(source, inputs)
@@ -288,7 +291,7 @@ def measure_model(  # noqa: PLR0913
     ms = {n: statistics.median(v) * 1e3 for n, v in figures.items()}
     ratio, aa = verdict(figures)
     return ModelLatency(
-        default_ms=min(ms["default"], ms[COPY]),  # the faster load: what tuned must beat
+        default_ms=min(ms["default"], ms[COPY]),  # the faster VM: what tuned must beat
         tuned_ms=ms["tuned"],
         onnxruntime_ms=ms.get("onnxruntime"),
         tuned_kernels=len(applied),

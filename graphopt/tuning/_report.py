@@ -146,8 +146,8 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
         )
         lines.append(
             f"whole-model check: tuned/default {lat.tuned_vs_default:.3f} (the least "
-            f"favourable reading over {lat.rounds} paired rounds, against two loads of "
-            f"the default{aa}), {verdict}"
+            f"favourable reading over {lat.rounds} paired rounds, against the default in two "
+            f"VMs{aa}), {verdict}"
         )
     if lat and lat.note:
         lines.append(f"model latency: {lat.note}")

@@ -50,9 +50,9 @@ def test_paired_rounds_take_turns_and_pair_each_round() -> None:
 
 
 def test_the_check_reads_the_least_favourable_ratio() -> None:
-    """tuned is held against each load of the default and read two ways; the check takes
+    """tuned is held against each VM of the default and read two ways; the check takes
     the reading least favourable to tuned, so no single lucky reading passes it."""
-    # 5% faster than the first load of the default every round, level with the second
+    # 5% faster than the default's first VM every round, level with the second
     ratio, aa = verdict({"default": [1.0] * 5, COPY: [0.95] * 5, "tuned": [0.95] * 5})
     assert ratio == pytest.approx(1.0) and aa == pytest.approx(0.95)
     assert ratio > MODEL_MIN_GAIN
@@ -126,7 +126,7 @@ def test_tune_measures_the_model_and_compile_finds_its_figures(tuned, tmp_path, 
     # run: 0 applied, 0 dropped). The figures are kept and found either way.
     assert lat.rounds >= 5 and lat.tuned_kernels >= 0 and lat.dropped_in_model >= 0
     assert lat.tuned_vs_default > 0 and lat.onnxruntime_ms > 0
-    assert 0.5 < lat.default_aa < 2  # the default's two loads, timed in the same rounds
+    assert 0.5 < lat.default_aa < 2  # the default's two VMs, timed in the same rounds
     if lat.tuned_kernels:
         assert "whole-model check: tuned/default" in format_report(report)
     out = tmp_path / "a.so"
