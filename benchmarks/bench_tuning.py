@@ -24,7 +24,13 @@ tuned/default figure of the row, which the quartiles do not show. Separately loa
 copies of one binary differ by a few percent in one process, steadily over the rounds
 (on a Xeon, ResNet-18 with 0 records used: tuned/default 1.06-1.09 while the timed
 builds were compile's own return values, 1.02 beside an A/A of 1.03 since every timed
-build is a copy, first loaded to be timed)
+build is a copy, first loaded to be timed); "slowest kernel": each record the tuned build
+applied, its kernel timed per call inside whole-model runs of the tuned build against the
+same kernel's default schedule inside runs of the default build (the builds taking turns,
+as ``tune``'s own in-model check times them), and the largest tuned/default of them: the
+issue's bar "no kernel in any tuned model slower than its default", measured here apart
+from the tuner's own check ("-": no record used; the per-kernel figures are printed under
+the model's report)
 and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
 the measured points after each budget, and the search's own estimate (the best known
 kernel times added up) after every batch. ``--db DIR`` keeps the databases
@@ -87,10 +93,20 @@ class Point:
     # the default build's second copy over the first: (median, low, high quartile) of the
     # round ratios (None: no copy timed)
     aa: tuple[float, float, float] | None = None
+    # each applied record's kernel: tuned/default per call inside model runs (empty: none)
+    kernels: dict[str, float] = field(default_factory=dict)
 
 
-def _point(minutes: float, trials: int, applied: int, engines: dict, opts) -> Point:  # noqa: ANN001
-    """The engines timed in interleaved rounds; tuned's ratios paired round by round."""
+def _point(  # noqa: PLR0913
+    minutes: float,
+    trials: int,
+    applied: int,
+    engines: dict,
+    opts,  # noqa: ANN001 - argparse.Namespace
+    kernels: dict | None = None,
+) -> Point:
+    """The engines timed in interleaved rounds; tuned's ratios paired round by round;
+    ``kernels``: the applied records' in-model ratios (:func:`_timed_with`)."""
     figures = interleaved_rounds(engines, opts.block, opts.rounds)
     aa = None
     if COPY in figures:
@@ -105,6 +121,7 @@ def _point(minutes: float, trials: int, applied: int, engines: dict, opts) -> Po
         paired_ratios(figures, "tuned"),
         paired_spread(figures, "tuned"),
         aa,
+        kernels or {},
     )
 
 
@@ -138,11 +155,34 @@ def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
 
 
 def _timed_with(name: str, path: Path, db: Path, work: Path, label: str, inputs: dict):  # noqa: ANN202
-    """graphopt compiled with the database ``db``, as an engine; the records it applied."""
+    """graphopt compiled with the database ``db``, as an engine; how many records it
+    applied, and their kernels' tuned/default times inside model runs (:func:`_in_model`)."""
     built = graphopt.compile(path, "x86", work / f"{name}-{label}-built.so", tuning_db=db)
-    applied = len(built.manifest.get("tuning", {}).get("from_database", {}))
+    applied = set(built.manifest.get("tuning", {}).get("from_database", {}))
     tuned = built.save(work / f"{name}-{label}.so")  # loaded as the default builds are
-    return GraphoptEngine(tuned, inputs), applied
+    kernels = _in_model(work / f"{path.stem}-default.so", tuned.path, inputs, applied)
+    return GraphoptEngine(tuned, inputs), len(applied), kernels
+
+
+def _in_model(default: Path, tuned: Path, inputs: dict, names: set[str]) -> dict[str, float]:
+    """Per kernel of ``names``: its median time per call inside whole-model runs of the
+    ``tuned`` library over the same kernel's inside runs of ``default`` (the two taking
+    turns; ``graphopt.tuning``'s in-model timing, which its check judges records by)."""
+    if not names:
+        return {}
+    import tvm
+
+    from graphopt.targets._runner import load_library
+    from graphopt.tuning._latency import kernel_times_in_model
+
+    libs = {"default": load_library(default), "tuned": load_library(tuned)}
+    arrays = [np.asarray(v) for v in inputs.values()]
+    times = kernel_times_in_model(libs, tvm.cpu(), arrays, names)
+    return {
+        k: times["tuned"][k] / times["default"][k]
+        for k in sorted(names)
+        if times["tuned"].get(k) and times["default"].get(k)
+    }
 
 
 def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs: dict, opts):  # noqa: ANN001, ANN202, PLR0913
@@ -150,8 +190,9 @@ def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs:
     and its start, the same rounds' figures without the tuned build."""
     with open_database(db, resolve("x86")) as database:
         trials = sum(e.trials for e in database.entries())
-    tuned, applied = _timed_with(name, path, db, work, "retime", inputs)
-    point = _point(opts.budgets[-1], trials, applied, {"tuned": tuned, **engines}, opts)
+    tuned, applied, kernels = _timed_with(name, path, db, work, "retime", inputs)
+    point = _point(opts.budgets[-1], trials, applied, {"tuned": tuned, **engines}, opts, kernels)
+    print(_kernel_lines(name, point))
     tuned.close()
     untuned = {k: v for k, v in point.ms.items() if k != "tuned"}
     return [Point(0.0, 0, 0, untuned), point]
@@ -198,9 +239,10 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         spent = budget
         trials += report.new_trials
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
-        tuned, applied = _timed_with(name, path, db, work, f"{budget:g}", inputs)
+        tuned, applied, kernels = _timed_with(name, path, db, work, f"{budget:g}", inputs)
         timed = {"tuned": tuned, **engines}
-        curve.points.append(_point(budget, trials, applied, timed, opts))
+        curve.points.append(_point(budget, trials, applied, timed, opts, kernels))
+        print(_kernel_lines(name, curve.points[-1]))
         timed["tuned"].close()
         ms = curve.points[-1].ms
         print(
@@ -210,6 +252,20 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         )
     print(f"# {name}: {(time.monotonic() - start) / 60:.1f} min in all", file=sys.stderr)
     return curve
+
+
+def _kernel_lines(name: str, point: Point) -> str:
+    """The applied records' kernels, each with its tuned/default inside model runs."""
+    head = f"{name} after {point.minutes:g} min: "
+    if not point.kernels:
+        return head + f"{point.applied} record(s) used, no kernel timed inside the model"
+    rows = [f"  {k}: {r:.3f}" for k, r in sorted(point.kernels.items(), key=lambda x: -x[1])]
+    return head + "each used record's kernel inside model runs, tuned/default:\n" + "\n".join(rows)
+
+
+def _slowest(point: Point) -> str:
+    """The largest tuned/default of the applied records' kernels inside model runs."""
+    return f"{max(point.kernels.values()):.2f}" if point.kernels else "-"
 
 
 def _r(point: Point, engine: str) -> str:
@@ -232,8 +288,8 @@ def _cell(ratio: float, low: float, high: float) -> str:
 def table(curves: list[Curve]) -> str:
     rows = [
         "| model | budget min | trials | records used | tuned ms | default ms | ORT ms "
-        "| OpenVINO ms | tuned/default | A/A | tuned/ORT | tuned/OpenVINO |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| OpenVINO ms | tuned/default | A/A | slowest kernel | tuned/ORT | tuned/OpenVINO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in curves:
         for p in c.points[1:]:
@@ -242,7 +298,8 @@ def table(curves: list[Curve]) -> str:
             rows.append(
                 f"| {c.name} | {p.minutes:g} | {p.trials} | {p.applied} | {ms['tuned']:.3f} "
                 f"| {ms['default']:.3f} | {ms['ort']:.3f} | {ov} "
-                f"| {_r(p, 'default')} | {_aa(p)} | {_r(p, 'ort')} | {_r(p, 'openvino')} |"
+                f"| {_r(p, 'default')} | {_aa(p)} | {_slowest(p)} | {_r(p, 'ort')} "
+                f"| {_r(p, 'openvino')} |"
             )
     return "\n".join(rows)
 

@@ -1,5 +1,6 @@
 """benchmarks/bench_tuning.py's rounds and table: the A/A column (the default build's
-second copy against the first) beside tuned/default. No timing: scripted engines."""
+second copy against the first) beside tuned/default, and the slowest used record's
+kernel inside the model. No timing: scripted engines."""
 
 from __future__ import annotations
 
@@ -49,5 +50,19 @@ def test_the_default_copy_is_paired_with_the_default_and_kept_out_of_the_engines
     curve = bt.Curve("m", [bt.Point(0.0, 0, 0, dict(point.ms)), point])
     text = bt.table([curve])
     header, _, row = text.splitlines()
-    assert "| A/A |" in header
-    assert "| 0.90 (0.79-0.90) | 1.10 (1.09-1.10) |" in row
+    assert "| A/A | slowest kernel |" in header
+    assert "| 0.90 (0.79-0.90) | 1.10 (1.09-1.10) | - |" in row  # no kernel timed: "-"
+
+
+def test_the_slowest_kernel_column_reads_the_worst_used_record_inside_the_model():
+    bt = _load("bench_tuning")
+    engines = {n: _Scripted(ms, ms) for n, ms in (("tuned", 9.0), ("default", 10.0), ("ort", 12.0))}
+    kernels = {"fused_conv2d_a": 0.81, "fused_conv2d_b": 1.02, "fused_dense": 0.95}
+    point = bt._point(30.0, 900, 3, engines, SimpleNamespace(block=0.0, rounds=2), kernels)
+    curve = bt.Curve("m", [bt.Point(0.0, 0, 0, dict(point.ms)), point])
+    header, _, row = bt.table([curve]).splitlines()
+    cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert cells[" slowest kernel "].strip() == "1.02"  # the worst, not the mean or best
+    lines = bt._kernel_lines("m", point).splitlines()
+    assert lines[1].strip() == "fused_conv2d_b: 1.020"  # the slowest first
+    assert len(lines) == 1 + len(kernels)
