@@ -15,6 +15,7 @@ from tvm import s_tir
 
 from graphopt.targets._phases import schedule_unscheduled
 from graphopt.tuning._database import TuningDatabase, workload_mod
+from graphopt.tuning._tasks import views
 
 __all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE", "applied_secs", "beats_default"]
 
@@ -44,13 +45,18 @@ def ApplyTuningDatabase(  # noqa: N802
 
     ``report`` (if given) gets ``from_database`` (``{kernel: info}``) and ``default`` (the
     kernels left to the default schedules); ``entries`` (if given) each kernel's database
-    entry, applied or not.
+    entry, applied or not. Kernels the built model never calls (``_tasks.views``: they
+    become views later) are left alone and reported in neither: a record for one (a
+    database tuned before tasks left them out) would count as used and run nowhere.
     """
     if report is not None:
         report.setdefault("from_database", {})
         report.setdefault("default", [])
+    skipped: set[str] = set()
 
     def schedule_one(gvar, func):  # noqa: ANN001, ANN202
+        if gvar.name_hint in skipped:
+            return None  # a view in the built model: the default schedule pass takes it
         wmod = workload_mod(func)
         entry = db.find(wmod)
         if entries is not None and entry is not None:
@@ -81,4 +87,12 @@ def ApplyTuningDatabase(  # noqa: N802
             }
         return SCHEDULE_RULE, new
 
-    return schedule_unscheduled("graphopt.ApplyTuningDatabase", schedule_one)
+    inner = schedule_unscheduled("graphopt.ApplyTuningDatabase.kernels", schedule_one)
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.ApplyTuningDatabase")
+    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: ANN001
+        skipped.clear()
+        skipped.update(views(mod))
+        return inner(mod)
+
+    return apply

@@ -6,6 +6,10 @@ exactly a PrimFunc the compile-time :func:`~graphopt.tuning.ApplyTuningDatabase`
 will look up when ``compile`` uses that layout. (Kernels of another layout are other
 workloads: a database tuned in one layout simply has no records for them.)
 Identical kernels (same structure) are one task, weighted by how often the model calls it.
+Kernels the built model never runs are no tasks (:func:`views`): a reshape, or a layout
+transform that only reshapes (NCHWc to NCHW of a 1x1 map before a flatten), becomes a
+view of its input after the ``schedule`` phase, so trials spent on it bought nothing and a
+record for it counted as "used" in compile's report while no call of it was left.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from graphopt.lower import _rnn_sequence
 from graphopt.targets import pipeline_phases
 from graphopt.tuning._database import workload_mod
 
-__all__ = ["Task", "extract_tasks", "phases_before_schedule"]
+__all__ = ["Task", "extract_tasks", "phases_before_schedule", "views"]
 
 
 @dataclass
@@ -58,9 +62,10 @@ def phases_before_schedule(
 
 def _call_counts(mod: tvm.IRModule) -> dict[str, int]:
     counts: dict[str, int] = {}
+    calls = [tvm.ir.Op.get(n) for n in ("relax.call_tir", "relax.call_tir_inplace")]
 
     def visit(expr) -> None:  # noqa: ANN001
-        if isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+        if isinstance(expr, relax.Call) and any(expr.op.same_as(op) for op in calls):
             gvar = expr.args[0]
             counts[gvar.name_hint] = counts.get(gvar.name_hint, 0) + 1
 
@@ -68,6 +73,16 @@ def _call_counts(mod: tvm.IRModule) -> dict[str, int]:
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return counts
+
+
+def views(mod: tvm.IRModule) -> set[str]:
+    """The PrimFuncs of ``mod`` (a model before its ``schedule`` phase) that the built model
+    never calls: every call of theirs is one that the ``dataflow_lower`` phase's
+    ``RewriteDataflowReshape`` turns into a view (``vm.builtin.reshape``). The tuner makes
+    no task of them and ``compile`` applies no record to them."""
+    before = _call_counts(mod)
+    after = _call_counts(relax.transform.RewriteDataflowReshape()(mod))
+    return {name for name in before if not after.get(name)}
 
 
 def _flops(mod: tvm.IRModule) -> float:
@@ -95,6 +110,7 @@ def extract_tasks(
         passes = phases_before_schedule(spec, target, layout, precision)
         mod = tvm.transform.Sequential(passes)(relax_mod)
     counts = _call_counts(mod)
+    skipped = views(mod)
     tasks: list[Task] = []
     by_hash: dict[int, list[Task]] = {}
     for gvar, func in mod.functions_items():
@@ -105,6 +121,8 @@ def extract_tasks(
         if _rnn_sequence.spec_of(func) is not None:
             continue  # a hand-written loop nest (no blocks): nothing for a search to vary
         name = gvar.name_hint
+        if name in skipped:
+            continue  # the built model runs a view instead
         calls = counts.get(name, 1)
         wmod = workload_mod(func)
         h = tvm_ffi.structural_hash(wmod)

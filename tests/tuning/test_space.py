@@ -208,3 +208,40 @@ def test_graphopt_space_tunes_prints_latency_and_verifies(tmp_path) -> None:  # 
     manifest = read_manifest(out)
     assert manifest["verification"]["ok"]
     assert "fused_conv2d_nchwc_relu" in manifest["tuning"]["from_database"]
+
+
+def test_kernels_the_built_model_runs_as_views_get_no_task_and_no_record(tmp_path) -> None:  # noqa: ANN001
+    """small_cnn's flatten is a reshape kernel up to the schedule phase and a view of its
+    input in the built model: tuning it bought nothing, and a record for it counted as
+    used in compile's report (ResNet-50 tuned 30 minutes: 7 used, 5 kernels ran)."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from graphopt.targets import build
+    from graphopt.tuning import ApplyTuningDatabase, TuningDatabase
+    from graphopt.tuning._database import workload_mod
+    from graphopt.tuning._tasks import phases_before_schedule, views
+
+    model = zoo.build("small_cnn")
+    targets, found = _tasks(model, "nchwc")
+    _, graph, _ = prepare(model)
+    relax_mod = to_relax(graph)
+    with targets.compile_target:
+        passes = phases_before_schedule(targets.spec, targets.compile_target, "nchwc")
+        mod = tvm.transform.Sequential(passes)(relax_mod)
+    kernels = {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    gone = views(mod)
+    assert gone and gone < set(kernels)
+    assert not gone & {t.name for t in found}
+    # a database with a record for every kernel, the views' too (as tune made them before)
+    with TuningDatabase(tmp_path / "db", resolve("x86")) as db:
+        for name, func in kernels.items():
+            wmod = workload_mod(func)
+            entry = db.add_workload(wmod, name, 0.0)
+            trace = s_tir.Schedule(wmod).trace
+            db.add_results(entry, [(trace, [1e-6], ArgInfo.from_prim_func(func), None)])
+        report: dict = {}
+        build(relax_mod, targets.spec, "nchwc", [ApplyTuningDatabase(db, report)])
+    assert set(report["from_database"]) == set(kernels) - gone
+    assert not gone & set(report["default"])
