@@ -29,8 +29,9 @@ applied, its kernel timed per call inside whole-model runs of the tuned build ag
 same kernel's default schedule inside runs of the default build (the builds taking turns,
 as ``tune``'s own in-model check times them), and the largest tuned/default of them: the
 issue's bar "no kernel in any tuned model slower than its default", measured here apart
-from the tuner's own check ("-": no record used; the per-kernel figures are printed under
-the model's report)
+from the tuner's own check ("-": no record used; "k of n timed": n records used, k of
+their kernels called by the model runs, the figure covering those; the per-kernel figures
+are printed under the model's report)
 and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
 the measured points after each budget, and the search's own estimate (the best known
 kernel times added up) after every batch. ``--db DIR`` keeps the databases
@@ -264,8 +265,14 @@ def _kernel_lines(name: str, point: Point) -> str:
 
 
 def _slowest(point: Point) -> str:
-    """The largest tuned/default of the applied records' kernels inside model runs."""
-    return f"{max(point.kernels.values()):.2f}" if point.kernels else "-"
+    """The largest tuned/default of the applied records' kernels inside model runs, and
+    how many of them were timed where not all were (a used record whose kernel no model
+    run called: the figure does not cover it)."""
+    if not point.kernels:
+        return "-" if not point.applied else f"({point.applied} not timed)"
+    worst = f"{max(point.kernels.values()):.2f}"
+    timed = len(point.kernels)
+    return worst if timed >= point.applied else f"{worst} ({timed} of {point.applied} timed)"
 
 
 def _r(point: Point, engine: str) -> str:

@@ -51,7 +51,7 @@ def test_the_default_copy_is_paired_with_the_default_and_kept_out_of_the_engines
     text = bt.table([curve])
     header, _, row = text.splitlines()
     assert "| A/A | slowest kernel |" in header
-    assert "| 0.90 (0.79-0.90) | 1.10 (1.09-1.10) | - |" in row  # no kernel timed: "-"
+    assert "| 0.90 (0.79-0.90) | 1.10 (1.09-1.10) | (3 not timed) |" in row  # no kernels given
 
 
 def test_the_slowest_kernel_column_reads_the_worst_used_record_inside_the_model():
@@ -63,6 +63,8 @@ def test_the_slowest_kernel_column_reads_the_worst_used_record_inside_the_model(
     header, _, row = bt.table([curve]).splitlines()
     cells = dict(zip(header.split("|"), row.split("|"), strict=True))
     assert cells[" slowest kernel "].strip() == "1.02"  # the worst, not the mean or best
+    point.applied = 5  # two used records whose kernels no model run called: said so
+    assert bt._slowest(point) == "1.02 (3 of 5 timed)"
     lines = bt._kernel_lines("m", point).splitlines()
     assert lines[1].strip() == "fused_conv2d_b: 1.020"  # the slowest first
     assert len(lines) == 1 + len(kernels)
