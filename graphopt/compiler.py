@@ -356,13 +356,14 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
     for the target's schedule phase (none without a database): kernels with a record use
     it and ``report`` gets which, the target's default schedules do the rest. None at all
     when ``tune``'s whole-model check last measured this model slower with the database
-    than without (``report`` says so)."""
+    than without (``report`` says so), unless an earlier check of the model passed with
+    the database smaller: then the records that check applied (``last_passing``)."""
     if path is None:
         return lambda *_args: []
     if not spec.target.tunable:
         raise TargetError(f"target {spec.name} does not take a tuning database (yet)")
     # MetaSchedule takes seconds to import: only when a database is used
-    from graphopt.tuning import ApplyTuningDatabase, last_measured, open_database
+    from graphopt.tuning import ApplyTuningDatabase, last_measured, last_passing, open_database
 
     database = open_database(path, spec, precision)
 
@@ -377,11 +378,25 @@ def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202
                 "applied": not check.keeps_default,
             }
             if check.keeps_default:
+                earlier = last_passing(mod, layout, database)
+                if earlier is None:
+                    say(
+                        "tuning database: measured with this model when tuned, "
+                        f"{check.why_default}; default schedules kept"
+                    )
+                    return []
+                report["whole_model"]["earlier"] = {
+                    "tuned_vs_default": round(earlier.tuned_vs_default, 4),
+                    "default_ms": earlier.default_ms,
+                    "tuned_ms": earlier.tuned_ms,
+                    "records": len(earlier.selection),
+                }
                 say(
-                    "tuning database: measured with this model when tuned, "
-                    f"{check.why_default}; default schedules kept"
+                    "tuning database: measured with this model when last tuned, "
+                    f"{check.why_default}; using the {len(earlier.selection)} record(s) of "
+                    f"its last passing check instead (tuned/default {earlier.tuned_vs_default:.3f})"
                 )
-                return []
+                return [ApplyTuningDatabase(database, report, selection=earlier.selection)]
         return [ApplyTuningDatabase(database, report)]
 
     return passes

@@ -15,7 +15,8 @@
 - :func:`last_measured` is ``tune``'s last whole-model timing of a model with the
   database (``DB/model-latency.json``): ``compile`` keeps the default schedules for a
   model that did not measure ``_latency.MODEL_MIN_GAIN`` (0.98) of its default time or
-  less with the database.
+  less with the database, unless :func:`last_passing` has an earlier check that passed:
+  then it applies the records that check timed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 
 from graphopt.tuning._apply import SCHEDULE_RULE, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
-from graphopt.tuning._latency import ModelLatency, last_measured
+from graphopt.tuning._latency import ModelLatency, last_measured, last_passing
 from graphopt.tuning._measure import RPCError
 from graphopt.tuning._options import TuningError, parse_duration
 from graphopt.tuning._report import ProgressPrinter, TaskResult, TuneReport, format_report
@@ -43,6 +44,7 @@ __all__ = [
     "open_database",
     "ModelLatency",
     "last_measured",
+    "last_passing",
     "parse_duration",
     "format_report",
     "ProgressPrinter",

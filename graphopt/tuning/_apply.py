@@ -39,9 +39,17 @@ def applied_secs(default: float | None, best: float | None) -> float | None:
 
 
 def ApplyTuningDatabase(  # noqa: N802
-    db: TuningDatabase, report: dict | None = None, entries: dict | None = None
+    db: TuningDatabase,
+    report: dict | None = None,
+    entries: dict | None = None,
+    selection: dict[str, float] | None = None,
 ) -> tvm.transform.Pass:
     """Schedule kernels from ``db``.
+
+    ``selection`` (``{entry key: record seconds}``, a passing whole-model check's, see
+    ``_latency.last_passing``): exactly those records, each kernel whose entry it names
+    with the record it names, every other kernel left to the defaults; without it, each
+    kernel's best record where it beats its default (``beats_default``).
 
     ``report`` (if given) gets ``from_database`` (``{kernel: info}``) and ``default`` (the
     kernels left to the default schedules); ``entries`` (if given) each kernel's database
@@ -61,16 +69,21 @@ def ApplyTuningDatabase(  # noqa: N802
         entry = db.find(wmod)
         if entries is not None and entry is not None:
             entries[gvar.name_hint] = entry
-        default_secs, best_secs = entry.confirmed() if entry is not None else (None, None)
-        faster = (
-            entry is not None and entry.best is not None and beats_default(default_secs, best_secs)
-        )  # else the default schedule measured faster: keep it
-        if not faster:
+        if selection is not None:
+            secs = selection.get(entry.key) if entry is not None else None
+            record = entry.record_at(secs) if entry is not None else None
+            default_secs, best_secs = (entry.baseline_secs if entry else None), secs
+        else:
+            default_secs, best_secs = entry.confirmed() if entry is not None else (None, None)
+            faster = entry is not None and beats_default(default_secs, best_secs)
+            # else the default schedule measured faster: keep it
+            record = entry.best if faster else None
+        if record is None:
             if report is not None:
                 report["default"].append(gvar.name_hint)
             return None
         sch = s_tir.Schedule(wmod)
-        entry.best.trace.apply_to_schedule(sch, remove_postproc=False)
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
         new = sch.mod["main"]
         symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
         new = (

@@ -97,6 +97,9 @@ class _Entry:
     # (default, best, best_secs then): both timed per call inside a model run
     in_model: tuple[float, float, float] | None = None
     line: dict = field(default_factory=dict)
+    # every record that ran, by its mean seconds (how a whole-model check's selection
+    # names it: ``record_at``)
+    records: dict[float, TuningRecord] = field(default_factory=dict)
 
     def confirmed(self) -> tuple[float | None, float | None]:
         """(default, best) seconds to judge the best record by: timed inside a model
@@ -106,6 +109,10 @@ class _Entry:
             if made is not None and made[2] == self.best_secs:
                 return made[0], made[1]
         return self.baseline_secs, self.best_secs
+
+    def record_at(self, secs: float | None) -> TuningRecord | None:
+        """The record that measured ``secs`` (a ``best_secs`` of the past), or None."""
+        return self.records.get(secs) if secs is not None else None
 
     def stalled(self, patience: int) -> bool:
         """Whether the last ``patience`` trials found nothing 1% faster (0: never)."""
@@ -269,12 +276,18 @@ class TuningDatabase:
                 return entry
         return None
 
+    def entry(self, key: str) -> _Entry | None:
+        """The entry ``records.jsonl`` names ``key`` (``w0``, ``w1``, ...), or None."""
+        return self._by_line_key.get(key)
+
     def entries(self) -> list[_Entry]:
         return [e for es in self._entries.values() for e in es]
 
     @staticmethod
     def _note_record(entry: _Entry, record: TuningRecord) -> None:
         secs = _mean(record.run_secs)
+        if secs is not None:
+            entry.records.setdefault(secs, record)
         if secs is not None and (entry.best_secs is None or secs < entry.best_secs):
             if entry.best_secs is None or secs < entry.best_secs * _GAIN:
                 entry.improved_at = entry.trials

@@ -16,7 +16,9 @@ left, not the cold ones it was measured with. So ``tune`` keeps the figures in
 ``DB/model-latency.json`` (keyed by the model, the layout and the database's size), and
 ``compile`` keeps the default schedules for a model whose last check did not measure it
 at ``MODEL_MIN_GAIN`` of the default's time or less with the database
-(:func:`last_measured`).
+(:func:`last_measured`), unless an earlier check passed with the database smaller:
+then it applies the records that check timed (:func:`last_passing`), so a longer search
+never leaves the model slower than a shorter one left it.
 
 Why a margin, not "faster at all": two builds of the same code, each loaded on its own,
 time up to about 2% apart for as long as both stay loaded (where the allocator placed
@@ -62,6 +64,7 @@ __all__ = [
     "ModelLatency",
     "measure_model",
     "last_measured",
+    "last_passing",
     "remember",
     "paired_rounds",
     "verdict",
@@ -92,7 +95,13 @@ class ModelLatency:
     # the default's second VM over its first (median of the rounds' ratios): how far
     # two VMs of one build differ in this run
     default_aa: float | None = None
+    # the records the tuned build applied, {entry key: record seconds}: what compile
+    # applies again when a later check of a grown database fails (:func:`last_passing`)
+    selection: dict[str, float] | None = None
     note: str = ""  # why something was not measured
+    # where this check failed: the last that passed with a smaller database, whose
+    # records compile applies instead (:func:`last_passing`; not kept in the file)
+    earlier: ModelLatency | None = None
 
     @property
     def keeps_default(self) -> bool:
@@ -102,6 +111,19 @@ class ModelLatency:
             self.tuned_kernels > 0
             and self.tuned_vs_default is not None
             and self.tuned_vs_default > MODEL_MIN_GAIN
+        )
+
+    @property
+    def compile_uses(self) -> str:
+        """What compile builds the model with after this check, in words."""
+        if not self.keeps_default:
+            return "compile uses the database's records"
+        if self.earlier is None or not self.earlier.selection:
+            return "compile keeps the default schedules for this model"
+        return (
+            f"compile uses the {len(self.earlier.selection)} record(s) of the last check "
+            f"that passed, with a smaller database (tuned/default "
+            f"{self.earlier.tuned_vs_default:.3f})"
         )
 
     @property
@@ -277,7 +299,8 @@ def measure_model(  # noqa: PLR0913
         times = kernel_times_in_model(libs, device, arrays, set(applied), rounds)
         dropped = _judge_in_model(database, entries, applied, times)
         if dropped:
-            tuned_lib, applied, _ = tuned_build()
+            tuned_lib, applied, entries = tuned_build()
+    selection = {entries[n].key: entries[n].best_secs for n in applied}
     calls = {
         "default": _synced(main_call(default_lib, device, arrays), device),
         "tuned": _synced(main_call(tuned_lib, device, arrays), device),
@@ -299,6 +322,7 @@ def measure_model(  # noqa: PLR0913
         rounds=rounds,
         dropped_in_model=dropped,
         default_aa=aa,
+        selection=selection or None,
     )
 
 
@@ -312,14 +336,34 @@ _FIELDS = (
     "rounds",
     "dropped_in_model",
     "default_aa",
+    "selection",
 )
+
+
+def _size(database: TuningDatabase) -> int:
+    records = database.path / RECORDS
+    return records.stat().st_size if records.exists() else 0
+
+
+def _prefix(relax_mod: tvm.IRModule, layout: str) -> str:
+    return f"{tvm_ffi.structural_hash(relax_mod)}-{layout}-"
 
 
 def _key(relax_mod: tvm.IRModule, layout: str, database: TuningDatabase) -> str:
     """The model, the layout and the records' size: what the figures depend on."""
-    records = database.path / RECORDS
-    size = records.stat().st_size if records.exists() else 0
-    return f"{tvm_ffi.structural_hash(relax_mod)}-{layout}-{size}"
+    return f"{_prefix(relax_mod, layout)}{_size(database)}"
+
+
+def _known(database: TuningDatabase) -> dict:
+    try:
+        known = json.loads((database.path / _CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _figures(entry: dict, note: str) -> ModelLatency:
+    return ModelLatency(**{f: entry[f] for f in _FIELDS if f in entry}, note=note)
 
 
 def last_measured(
@@ -328,16 +372,53 @@ def last_measured(
     """The figures ``DB/model-latency.json`` holds for this model, layout and database
     size (measured when the database last changed), or None. ``tune`` reuses them on a
     rerun; ``compile`` keeps the default schedules when they say
-    :attr:`ModelLatency.keeps_default`."""
+    :attr:`ModelLatency.keeps_default` (or applies :func:`last_passing`'s records)."""
     try:
-        known = json.loads((database.path / _CACHE).read_text())
-        entry = known[_key(relax_mod, layout, database)]
-        return ModelLatency(
-            **{f: entry[f] for f in _FIELDS if f in entry},
-            note="measured when the database last changed",
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        entry = _known(database)[_key(relax_mod, layout, database)]
+        return _figures(entry, "measured when the database last changed")
+    except (KeyError, TypeError):
         return None
+
+
+def last_passing(
+    relax_mod: tvm.IRModule, layout: str, database: TuningDatabase
+) -> ModelLatency | None:
+    """The latest figures of this model and layout that passed the whole-model check
+    with records (:attr:`ModelLatency.selection`), measured when the database was at most
+    its present size and every selected record is still in it; None if there are none.
+
+    Why: each check times the records that are each kernel's best *then*. A longer
+    search finds records faster alone, and the set of those can fail the check where the
+    set of a shorter search passed (MobileNetV2 on the Zen 5 of benchmarks/RESULTS.md:
+    0.914 after 5 minutes, 0.986 with the 30-minute records, so compile kept every
+    default and the 5-minute gain was lost). ``compile`` then applies the set that
+    passed last, as it was timed, so a longer search never leaves a model slower than a
+    shorter one left it."""
+    prefix, size = _prefix(relax_mod, layout), _size(database)
+    found: tuple[int, ModelLatency] | None = None
+    for key, entry in _known(database).items():
+        if not key.startswith(prefix) or not key[len(prefix) :].isdigit():
+            continue
+        at = int(key[len(prefix) :])
+        try:
+            figures = _figures(entry, "measured when the database was smaller")
+        except TypeError:
+            continue
+        passed = (
+            figures.selection
+            and figures.tuned_kernels > 0
+            and figures.tuned_vs_default is not None
+            and not figures.keeps_default
+        )
+        if passed and at <= size and (found is None or at > found[0]):
+            found = (at, figures)
+    if found is None:
+        return None
+    for key, secs in found[1].selection.items():
+        entry = database.entry(key)
+        if entry is None or entry.record_at(secs) is None:
+            return None  # not the set that was timed: nothing
+    return found[1]
 
 
 def remember(
@@ -345,10 +426,7 @@ def remember(
 ) -> None:
     """Keep ``latency`` in ``DB/model-latency.json`` (written whole, then renamed)."""
     path = database.path / _CACHE
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _known(database)
     known[_key(relax_mod, layout, database)] = {f: getattr(latency, f) for f in _FIELDS}
     tmp = path.with_name(f".{_CACHE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known, indent=1) + "\n")

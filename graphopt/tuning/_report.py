@@ -140,10 +140,9 @@ def _latency_lines(report: TuneReport, kernels: tuple[float, float] | None) -> l
         aa = f", {lat.default_aa:.3f} apart" if lat.default_aa is not None else ""
         verdict = (
             f"above {MODEL_MIN_GAIN} (no gain beyond the noise of separate builds): "
-            "compile keeps the default schedules for this model"
             if lat.keeps_default
-            else "compile uses the database's records"
-        )
+            else ""
+        ) + lat.compile_uses
         lines.append(
             f"whole-model check: tuned/default {lat.tuned_vs_default:.3f} (the least "
             f"favourable reading over {lat.rounds} paired rounds, against the default in two "

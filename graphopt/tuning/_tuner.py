@@ -22,7 +22,7 @@ from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import TargetSpec, _precision, build, check_layout, resolve
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
-from graphopt.tuning._latency import ModelLatency, last_measured, remember
+from graphopt.tuning._latency import ModelLatency, last_measured, last_passing, remember
 from graphopt.tuning._latency import measure_model as time_model
 from graphopt.tuning._measure import (
     PersistentBuilder,
@@ -178,25 +178,26 @@ def _model_latency(
     """The model timed with and without the database (and onnxruntime), kept in the
     database for ``compile``'s whole-model check; a rerun that added nothing to the
     database reuses the last figures instead of building again."""
-    known = last_measured(relax_mod, targets.layout, database)
-    if known is not None:
-        return known
-    say("timing the model with the default schedules, with the database, onnxruntime")
-    latency = time_model(
-        relax_mod,
-        targets.spec,
-        targets.layout,
-        database,
-        source,
-        precision=database.precision,
-        default=default,
-    )
-    remember(relax_mod, targets.layout, database, latency)
-    if latency.keeps_default:
-        say(
-            f"the model with the database: {latency.why_default}; compile keeps its "
-            "default schedules"
+    latency = last_measured(relax_mod, targets.layout, database)
+    if latency is None:
+        say("timing the model with the default schedules, with the database, onnxruntime")
+        latency = time_model(
+            relax_mod,
+            targets.spec,
+            targets.layout,
+            database,
+            source,
+            precision=database.precision,
+            default=default,
         )
+        remember(relax_mod, targets.layout, database, latency)
+        fresh = True
+    else:
+        fresh = False
+    if latency.keeps_default:
+        latency.earlier = last_passing(relax_mod, targets.layout, database)
+        if fresh:
+            say(f"the model with the database: {latency.why_default}; {latency.compile_uses}")
     return latency
 
 

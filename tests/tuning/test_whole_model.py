@@ -5,6 +5,7 @@ slower than the default, end to end)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -19,6 +20,7 @@ from graphopt.tuning import (
     TuneReport,
     format_report,
     last_measured,
+    last_passing,
     open_database,
     tune,
 )
@@ -127,6 +129,10 @@ def test_tune_measures_the_model_and_compile_finds_its_figures(tuned, tmp_path, 
     assert lat.rounds >= 5 and lat.tuned_kernels >= 0 and lat.dropped_in_model >= 0
     assert lat.tuned_vs_default > 0 and lat.onnxruntime_ms > 0
     assert 0.5 < lat.default_aa < 2  # the default's two VMs, timed in the same rounds
+    # the records it applied are named, for a later failing check to fall back to
+    assert bool(lat.selection) == bool(lat.tuned_kernels)
+    kept = last_measured(*_lowered(onnx.load(model)), open_database(db, resolve("x86")))
+    assert kept.selection == lat.selection
     if lat.tuned_kernels:
         assert "whole-model check: tuned/default" in format_report(report)
     out = tmp_path / "a.so"
@@ -234,3 +240,91 @@ def test_the_report_judges_dropped_records_by_their_times_in_the_model(
     text = format_report(report)
     assert "record(s) not 1.05x faster there" in text
     assert "  record " not in text  # no row says compile uses a record
+
+
+def _faster_record(db, factor: float = 0.5) -> None:  # noqa: ANN001 - the database folder
+    """Append, for each kernel, a copy of its best record measured ``factor`` times its
+    time: a longer search's new best."""
+    path = db / "records.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    best = {}
+    for line in lines:
+        if line["t"] == "rec" and line["ok"]:
+            secs = sum(line["r"][1]) / len(line["r"][1])
+            if line["w"] not in best or secs < best[line["w"]][0]:
+                best[line["w"]] = (secs, line)
+    with open(path, "a") as f:
+        for _, line in best.values():
+            copy = json.loads(json.dumps(line))
+            copy["r"][1] = [s * factor for s in copy["r"][1]]
+            f.write(json.dumps(copy) + "\n")
+
+
+def _check(ratio: float, selection: dict | None) -> ModelLatency:
+    return ModelLatency(
+        default_ms=1.0,
+        tuned_ms=ratio,
+        tuned_kernels=len(selection or {1: 0}),
+        tuned_vs_default=ratio,
+        rounds=7,
+        selection=selection,
+    )
+
+
+def test_a_longer_search_never_undoes_a_passing_check(tuned, tmp_path, capsys) -> None:  # noqa: ANN001
+    """A check that passed (tuned/default 0.9) names the records it timed; the search
+    goes on and finds records faster alone, and the check of the grown database fails
+    (1.0). compile applies the records of the check that passed, as they were timed,
+    not the new bests and not only defaults; the manifest and the log say so."""
+    model, src = tuned
+    db = tmp_path / "db"
+    shutil.copytree(src, db)
+    relax_mod, layout = _lowered(onnx.load(model))
+    spec = resolve("x86")
+    database = open_database(db, spec)
+    selection = {e.key: e.best_secs for e in database.entries() if e.best is not None}
+    assert selection
+    remember(relax_mod, layout, database, _check(0.9, selection))
+    _faster_record(db)
+    database = open_database(db, spec)
+    for e in database.entries():
+        if e.key in selection:
+            assert e.best_secs == pytest.approx(selection[e.key] * 0.5)  # a new best
+    assert last_measured(relax_mod, layout, database) is None  # grown: not checked yet
+    remember(relax_mod, layout, database, _check(1.0, {k: v * 0.5 for k, v in selection.items()}))
+    earlier = last_passing(relax_mod, layout, database)
+    assert earlier is not None and earlier.selection == selection
+    out = tmp_path / "a.so"
+    assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
+    tuning = read_manifest(out)["tuning"]
+    assert tuning["whole_model"]["applied"] is False
+    assert tuning["whole_model"]["tuned_vs_default"] == 1.0
+    assert tuning["whole_model"]["earlier"]["tuned_vs_default"] == 0.9
+    used = {info["tuned_us"] for info in tuning["from_database"].values()}
+    assert used == {round(s * 1e6, 3) for s in selection.values()}  # the timed records
+    assert "record(s) of its last passing check instead" in capsys.readouterr().err
+    # the report of a tune that ends so says what compile uses
+    lat = _check(1.0, selection)
+    lat.earlier = earlier
+    text = format_report(TuneReport(tasks=[], db=str(db), latency=lat, timing=_NO_TIMING))
+    assert f"compile uses the {len(selection)} record(s) of the last check that passed" in text
+
+
+def test_no_fallback_to_records_the_database_no_longer_has(tuned, tmp_path, capsys) -> None:  # noqa: ANN001
+    """A passing check whose records are not all in the database (a selection naming a
+    time no record measured) is not the set that was timed: the defaults stay."""
+    model, src = tuned
+    db = tmp_path / "db"
+    shutil.copytree(src, db)
+    relax_mod, layout = _lowered(onnx.load(model))
+    database = open_database(db, resolve("x86"))
+    selection = {e.key: 123.0 for e in database.entries() if e.best is not None}
+    remember(relax_mod, layout, database, _check(0.9, selection))
+    _faster_record(db)
+    database = open_database(db, resolve("x86"))
+    remember(relax_mod, layout, database, _check(1.0, selection))
+    assert last_passing(relax_mod, layout, database) is None
+    out = tmp_path / "a.so"
+    assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
+    assert read_manifest(out)["tuning"]["from_database"] == {}
+    assert "default schedules kept" in capsys.readouterr().err
