@@ -14,22 +14,12 @@ import tvm
 from tvm import s_tir
 
 from graphopt.targets._phases import schedule_unscheduled
-from graphopt.tuning._database import TuningDatabase, workload_mod
+from graphopt.tuning._database import MIN_SPEEDUP, TuningDatabase, beats_default, workload_mod
 from graphopt.tuning._tasks import views
 
-__all__ = ["ApplyTuningDatabase", "SCHEDULE_RULE", "applied_secs", "beats_default"]
+__all__ = ["ApplyTuningDatabase", "MIN_SPEEDUP", "SCHEDULE_RULE", "applied_secs", "beats_default"]
 
 SCHEDULE_RULE = "tuning-db"
-# A record replaces a default schedule only when it measured this much faster: kernel
-# timings on a busy machine move by a few percent, and a "win" inside the noise loses
-# end to end as often as it gains.
-MIN_SPEEDUP = 1.05
-
-
-def beats_default(default: float | None, best: float | None) -> bool:
-    """Whether a record measured ``best`` seconds is applied over a default measured
-    ``default``: it beats it by ``MIN_SPEEDUP`` (the default unknown: any record does)."""
-    return best is not None and (default is None or best * MIN_SPEEDUP <= default)
 
 
 def applied_secs(default: float | None, best: float | None) -> float | None:
@@ -41,21 +31,23 @@ def applied_secs(default: float | None, best: float | None) -> float | None:
 def ApplyTuningDatabase(  # noqa: N802
     db: TuningDatabase,
     report: dict | None = None,
-    entries: dict | None = None,
     selection: dict[str, float] | None = None,
+    chosen: dict | None = None,
 ) -> tvm.transform.Pass:
     """Schedule kernels from ``db``.
 
     ``selection`` (``{entry key: record seconds}``, a passing whole-model check's, see
     ``_latency.last_passing``): exactly those records, each kernel whose entry it names
     with the record it names, every other kernel left to the defaults; without it, each
-    kernel's best record where it beats its default (``beats_default``).
+    kernel's entry's :meth:`~graphopt.tuning._database._Entry.choice` (its best record
+    where that beats its default, else the latest record that beat it inside a model).
 
     ``report`` (if given) gets ``from_database`` (``{kernel: info}``) and ``default`` (the
-    kernels left to the default schedules); ``entries`` (if given) each kernel's database
-    entry, applied or not. Kernels the built model never calls (``_tasks.views``: they
-    become views later) are left alone and reported in neither: a record for one (a
-    database tuned before tasks left them out) would count as used and run nowhere.
+    kernels left to the default schedules); ``chosen`` (if given) each applied kernel's
+    ``(entry, seconds its record measured in the search)``. Kernels the built model never
+    calls (``_tasks.views``: they become views later) are left alone and reported in
+    neither: a record for one (a database tuned before tasks left them out) would count
+    as used and run nowhere.
     """
     if report is not None:
         report.setdefault("from_database", {})
@@ -67,17 +59,14 @@ def ApplyTuningDatabase(  # noqa: N802
             return None  # a view in the built model: the default schedule pass takes it
         wmod = workload_mod(func)
         entry = db.find(wmod)
-        if entries is not None and entry is not None:
-            entries[gvar.name_hint] = entry
-        if selection is not None:
-            secs = selection.get(entry.key) if entry is not None else None
-            record = entry.record_at(secs) if entry is not None else None
-            default_secs, best_secs = (entry.baseline_secs if entry else None), secs
-        else:
-            default_secs, best_secs = entry.confirmed() if entry is not None else (None, None)
-            faster = entry is not None and beats_default(default_secs, best_secs)
-            # else the default schedule measured faster: keep it
-            record = entry.best if faster else None
+        record = None
+        if entry is not None and selection is not None:
+            at = selection.get(entry.key)
+            record = entry.record_at(at)
+            default_secs, best_secs = entry.baseline_secs, at
+        elif entry is not None and (choice := entry.choice()) is not None:
+            record, at, default_secs, best_secs = choice
+        # else the default schedule measured faster: keep it
         if record is None:
             if report is not None:
                 report["default"].append(gvar.name_hint)
@@ -91,6 +80,8 @@ def ApplyTuningDatabase(  # noqa: N802
             if symbol is not None
             else new.without_attr("global_symbol")
         )
+        if chosen is not None:
+            chosen[gvar.name_hint] = (entry, at)
         if report is not None:
             report["from_database"][gvar.name_hint] = {
                 "workload": entry.name,

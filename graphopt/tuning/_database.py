@@ -94,21 +94,51 @@ class _Entry:
     improved_at: int = 0  # the trial count when the best last got >= 1% faster
     # (default, best, best_secs then): the best record re-measured beside the default
     checked: tuple[float, float, float] | None = None
-    # (default, best, best_secs then): both timed per call inside a model run
+    # (default, best, best_secs then): both timed per call inside a model run (the last)
     in_model: tuple[float, float, float] | None = None
     line: dict = field(default_factory=dict)
     # every record that ran, by its mean seconds (how a whole-model check's selection
     # names it: ``record_at``)
     records: dict[float, TuningRecord] = field(default_factory=dict)
+    # every record timed inside a model run, by its mean seconds: (default, record) per
+    # call there, the latest timing of each, in the order they were made
+    in_models: dict[float, tuple[float, float]] = field(default_factory=dict)
 
     def confirmed(self) -> tuple[float | None, float | None]:
         """(default, best) seconds to judge the best record by: timed inside a model
         run when that was done for the current best, else the side-by-side check when it
         was, else the search's measurements."""
-        for made in (self.in_model, self.checked):
-            if made is not None and made[2] == self.best_secs:
-                return made[0], made[1]
+        if self.best_secs in self.in_models:
+            return self.in_models[self.best_secs]
+        if self.checked is not None and self.checked[2] == self.best_secs:
+            return self.checked[0], self.checked[1]
         return self.baseline_secs, self.best_secs
+
+    def choice(self) -> tuple[TuningRecord, float, float | None, float] | None:
+        """The record ``compile`` applies, the seconds it measured in the search (its
+        name in :attr:`records`) and the (default, record) seconds that judged it, or
+        None (the default schedule): the best record where it beats its default
+        (``beats_default``, by :meth:`confirmed`'s times); else, where an earlier record
+        beat the default inside a model run at its latest timing there, the latest such.
+
+        Why the earlier record: a longer search finds records faster alone, and the new
+        best can lose inside the model where an earlier best won there (MobileNetV2 on
+        the Zen 5 of benchmarks/RESULTS.md: 4 of the 30-minute search's 10 records
+        dropped inside the model); without it, that kernel went back to its default."""
+        default, best = self.confirmed()
+        if self.best is not None and beats_default(default, best):
+            return self.best, self.best_secs, default, best
+        for secs, (d, b) in reversed(self.in_models.items()):
+            record = self.records.get(secs)
+            if secs != self.best_secs and record is not None and beats_default(d, b):
+                return record, secs, d, b
+        return None
+
+    def judged(self) -> tuple[float | None, float | None]:
+        """(default, tuned) seconds of what compile builds for this kernel: those of
+        :meth:`choice`, else :meth:`confirmed`'s (which the default beats)."""
+        chosen = self.choice()
+        return (chosen[2], chosen[3]) if chosen is not None else self.confirmed()
 
     def record_at(self, secs: float | None) -> TuningRecord | None:
         """The record that measured ``secs`` (a ``best_secs`` of the past), or None."""
@@ -251,6 +281,9 @@ class TuningDatabase:
         elif kind in _CHECKS:
             made = (float(line["default"]), float(line["best"]), float(line["at"]))
             setattr(entry, _CHECKS[kind], made)
+            if kind == "ctx":
+                entry.in_models.pop(made[2], None)
+                entry.in_models[made[2]] = made[:2]
         else:
             raise ValueError(f"unknown line kind {kind!r}")
 
@@ -360,11 +393,17 @@ class TuningDatabase:
         line = {"t": "chk", "w": entry.key, "default": default, "best": best}
         self._append([{**line, "at": entry.best_secs}])
 
-    def set_in_model(self, entry: _Entry, default: float, best: float) -> None:
-        """The best record and the default, each timed per call inside a model run."""
-        entry.in_model = (default, best, entry.best_secs)
+    def set_in_model(
+        self, entry: _Entry, default: float, best: float, at: float | None = None
+    ) -> None:
+        """A record (the one that measured ``at`` seconds; the best by default) and the
+        default, each timed per call inside a model run."""
+        at = entry.best_secs if at is None else at
+        entry.in_model = (default, best, at)
+        entry.in_models.pop(at, None)
+        entry.in_models[at] = (default, best)
         line = {"t": "ctx", "w": entry.key, "default": default, "best": best}
-        self._append([{**line, "at": entry.best_secs}])
+        self._append([{**line, "at": at}])
 
     def mark_exhausted(self, entry: _Entry) -> None:
         entry.exhausted = True
@@ -380,6 +419,18 @@ class TuningDatabase:
 
     def __exit__(self, *_exc) -> None:  # noqa: ANN002
         self.close()
+
+
+# A record replaces a default schedule only when it measured this much faster: kernel
+# timings on a busy machine move by a few percent, and a "win" inside the noise loses
+# end to end as often as it gains.
+MIN_SPEEDUP = 1.05
+
+
+def beats_default(default: float | None, best: float | None) -> bool:
+    """Whether a record measured ``best`` seconds is applied over a default measured
+    ``default``: it beats it by ``MIN_SPEEDUP`` (the default unknown: any record does)."""
+    return best is not None and (default is None or best * MIN_SPEEDUP <= default)
 
 
 def _mean(run_secs) -> float | None:  # noqa: ANN001

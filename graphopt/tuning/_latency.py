@@ -244,15 +244,15 @@ def verdict(figures: dict[str, list[float]]) -> tuple[float, float]:
     return ratio, per_round(COPY, "default")
 
 
-def _judge_in_model(database: TuningDatabase, entries: dict, applied: dict, times: dict) -> int:
-    """Keep each applied record's in-model times in the database; how many lost there."""
+def _judge_in_model(database: TuningDatabase, chosen: dict, times: dict) -> int:
+    """Keep each applied record's in-model times in the database (``chosen``: kernel ->
+    (entry, the record's search seconds)); how many lost there."""
     lost = 0
-    for name in applied:
+    for name, (entry, at) in chosen.items():
         default, tuned = times["default"].get(name), times["tuned"].get(name)
-        entry = entries.get(name)
-        if default is None or tuned is None or entry is None:
+        if default is None or tuned is None:
             continue
-        database.set_in_model(entry, default, tuned)
+        database.set_in_model(entry, default, tuned, at)
         lost += not beats_default(default, tuned)
     return lost
 
@@ -285,22 +285,32 @@ def measure_model(  # noqa: PLR0913
     default_lib = default.jit()
 
     def tuned_build():  # noqa: ANN202
-        report: dict = {}
-        entries: dict = {}
+        chosen: dict = {}
         ex = build(
-            relax_mod, spec, layout, [ApplyTuningDatabase(database, report, entries)], precision
+            relax_mod,
+            spec,
+            layout,
+            [ApplyTuningDatabase(database, chosen=chosen)],
+            precision,
         )
-        return ex.jit(), report.get("from_database", {}), entries
+        return ex.jit(), chosen
 
-    tuned_lib, applied, entries = tuned_build()
+    tuned_lib, chosen = tuned_build()
     dropped = 0
-    if applied:
+    timed: set[tuple[str, float]] = set()
+    # a record that loses is dropped; its kernel may take an earlier record that won
+    # inside a model (_Entry.choice), timed in the next turn; each turn drops one more
+    # of a kernel's records, so this ends
+    while untimed := {n: c for n, c in chosen.items() if (n, c[1]) not in timed}:
         libs = {"default": default_lib, "tuned": tuned_lib}
-        times = kernel_times_in_model(libs, device, arrays, set(applied), rounds)
-        dropped = _judge_in_model(database, entries, applied, times)
-        if dropped:
-            tuned_lib, applied, entries = tuned_build()
-    selection = {entries[n].key: entries[n].best_secs for n in applied}
+        times = kernel_times_in_model(libs, device, arrays, set(untimed), rounds)
+        lost = _judge_in_model(database, untimed, times)
+        timed.update((n, c[1]) for n, c in untimed.items())
+        if not lost:
+            break
+        dropped += lost
+        tuned_lib, chosen = tuned_build()
+    selection = {entry.key: at for entry, at in chosen.values()}
     calls = {
         "default": _synced(main_call(default_lib, device, arrays), device),
         "tuned": _synced(main_call(tuned_lib, device, arrays), device),
@@ -317,7 +327,7 @@ def measure_model(  # noqa: PLR0913
         default_ms=min(ms["default"], ms[COPY]),  # the faster VM: what tuned must beat
         tuned_ms=ms["tuned"],
         onnxruntime_ms=ms.get("onnxruntime"),
-        tuned_kernels=len(applied),
+        tuned_kernels=len(chosen),
         tuned_vs_default=ratio,
         rounds=rounds,
         dropped_in_model=dropped,

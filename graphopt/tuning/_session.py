@@ -174,8 +174,8 @@ class TaskState:
             trials=e.trials,
             new_trials=self.new_trials,
             failed=e.failed,
-            default_secs=e.confirmed()[0],
-            tuned_secs=e.confirmed()[1],
+            default_secs=e.judged()[0],
+            tuned_secs=e.judged()[1],
             status=status,
         )
 
@@ -570,7 +570,7 @@ class Session:
         """Kernel time of one model run with the best known schedule per kernel."""
         total = 0.0
         for s in self.states:
-            secs = applied_secs(*s.entry.confirmed())
+            secs = applied_secs(*s.entry.judged())
             if secs is None:
                 return None
             total += secs * s.task.calls

@@ -328,3 +328,45 @@ def test_no_fallback_to_records_the_database_no_longer_has(tuned, tmp_path, caps
     assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
     assert read_manifest(out)["tuning"]["from_database"] == {}
     assert "default schedules kept" in capsys.readouterr().err
+
+
+def _ctx(db, key: str, default: float, best: float, at: float) -> None:  # noqa: ANN001
+    line = {"t": "ctx", "w": key, "default": default, "best": best, "at": at}
+    with open(db / "records.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def test_a_kernel_whose_new_best_loses_inside_the_model_keeps_the_record_that_won(
+    tuned, tmp_path
+) -> None:  # noqa: ANN001
+    """A record won inside the model (50 us against the default's 100); the search went
+    on and its new best (faster alone) lost there (200 us). The kernel gets the record
+    that won, not its default; once that one loses inside a model too, the default."""
+    model, src = tuned
+    db = tmp_path / "db"
+    shutil.copytree(src, db)
+    spec = resolve("x86")
+    first = {e.key: e.best_secs for e in open_database(db, spec).entries() if e.best is not None}
+    for key, secs in first.items():
+        _ctx(db, key, 1e-4, 5e-5, secs)
+    _faster_record(db)
+    newer = {e.key: e.best_secs for e in open_database(db, spec).entries() if e.best is not None}
+    for key, secs in newer.items():
+        assert secs < first[key]
+        _ctx(db, key, 1e-4, 2e-4, secs)
+    for e in open_database(db, spec).entries():
+        if e.key in first:
+            assert e.confirmed() == (1e-4, 2e-4)  # the best loses ...
+            record, at, *judged = e.choice()  # ... and the record that won is applied
+            assert at == first[e.key] and record is e.record_at(at) and judged == [1e-4, 5e-5]
+            assert e.judged() == (1e-4, 5e-5)  # what the report's rows say compile uses
+    out = tmp_path / "a.so"
+    assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
+    used = read_manifest(out)["tuning"]["from_database"]
+    assert used and {info["tuned_us"] for info in used.values()} == {50.0}
+    # the record that won, timed again inside a model, loses there: the default now
+    for key, secs in first.items():
+        _ctx(db, key, 1e-4, 2e-4, secs)
+    assert all(e.choice() is None for e in open_database(db, spec).entries() if e.key in first)
+    assert main(["compile", str(model), "-o", str(out), "--tuning-db", str(db)]) == 0
+    assert read_manifest(out)["tuning"]["from_database"] == {}
