@@ -54,7 +54,6 @@ _TARGET_KEYS = ("kind", "mtriple", "mcpu", "mattr", "arch")
 # A failed candidate's latency in the MetaSchedule database (as its AddToDatabase does).
 FAILED_SECS = 1e10
 # The re-measurements of a best record beside its default: line kind -> _Entry field.
-_CHECKS = {"chk": "checked", "ctx": "in_model"}
 # A record "improves" a workload (for early stopping) when this much faster than its best.
 _GAIN = 0.99
 
@@ -94,8 +93,6 @@ class _Entry:
     improved_at: int = 0  # the trial count when the best last got >= 1% faster
     # (default, best, best_secs then): the best record re-measured beside the default
     checked: tuple[float, float, float] | None = None
-    # (default, best, best_secs then): both timed per call inside a model run (the last)
-    in_model: tuple[float, float, float] | None = None
     line: dict = field(default_factory=dict)
     # every record that ran, by its mean seconds (how a whole-model check's selection
     # names it: ``record_at``)
@@ -103,6 +100,20 @@ class _Entry:
     # every record timed inside a model run, by its mean seconds: (default, record) per
     # call there, the latest timing of each, in the order they were made
     in_models: dict[float, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def in_model(self) -> tuple[float, float, float] | None:
+        """(default, record, the record's seconds): the last timing inside a model run."""
+        if not self.in_models:
+            return None
+        at, (default, best) = next(reversed(self.in_models.items()))
+        return default, best, at
+
+    def note_in_model(self, default: float, best: float, at: float) -> None:
+        """The record that measured ``at`` seconds and the default, each timed per call
+        inside a model run: the latest timing of that record, made last."""
+        self.in_models.pop(at, None)
+        self.in_models[at] = (default, best)
 
     def confirmed(self) -> tuple[float | None, float | None]:
         """(default, best) seconds to judge the best record by: timed inside a model
@@ -129,7 +140,7 @@ class _Entry:
         if self.best is not None and beats_default(default, best):
             return self.best, self.best_secs, default, best
         for secs, (d, b) in reversed(self.in_models.items()):
-            record = self.records.get(secs)
+            record = self.record_at(secs)
             if secs != self.best_secs and record is not None and beats_default(d, b):
                 return record, secs, d, b
         return None
@@ -278,12 +289,12 @@ class TuningDatabase:
             entry.baseline_secs = float(line["secs"])
         elif kind == "end":
             entry.exhausted = True
-        elif kind in _CHECKS:
+        elif kind in ("chk", "ctx"):
             made = (float(line["default"]), float(line["best"]), float(line["at"]))
-            setattr(entry, _CHECKS[kind], made)
-            if kind == "ctx":
-                entry.in_models.pop(made[2], None)
-                entry.in_models[made[2]] = made[:2]
+            if kind == "chk":
+                entry.checked = made
+            else:
+                entry.note_in_model(*made)
         else:
             raise ValueError(f"unknown line kind {kind!r}")
 
@@ -399,9 +410,7 @@ class TuningDatabase:
         """A record (the one that measured ``at`` seconds; the best by default) and the
         default, each timed per call inside a model run."""
         at = entry.best_secs if at is None else at
-        entry.in_model = (default, best, at)
-        entry.in_models.pop(at, None)
-        entry.in_models[at] = (default, best)
+        entry.note_in_model(default, best, at)
         line = {"t": "ctx", "w": entry.key, "default": default, "best": best}
         self._append([{**line, "at": at}])
 

@@ -178,7 +178,8 @@ def _model_latency(
     """The model timed with and without the database (and onnxruntime), kept in the
     database for ``compile``'s whole-model check; a rerun that added nothing to the
     database reuses the last figures instead of building again."""
-    latency = last_measured(relax_mod, targets.layout, database)
+    known = last_measured(relax_mod, targets.layout, database)
+    latency = known
     if latency is None:
         say("timing the model with the default schedules, with the database, onnxruntime")
         latency = time_model(
@@ -191,12 +192,9 @@ def _model_latency(
             default=default,
         )
         remember(relax_mod, targets.layout, database, latency)
-        fresh = True
-    else:
-        fresh = False
     if latency.keeps_default:
         latency.earlier = last_passing(relax_mod, targets.layout, database)
-        if fresh:
+        if known is None:
             say(f"the model with the database: {latency.why_default}; {latency.compile_uses}")
     return latency
 
