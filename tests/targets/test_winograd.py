@@ -91,6 +91,14 @@ def two_images():  # noqa: ANN201
     return make_model(nodes, {"x": (2, 32, 24, 24)}, {"y": (2, 128, 24, 24)}, inits), {WINOGRAD: 1}
 
 
+def last_stage():  # noqa: ANN201
+    """ResNet's 7x7 stage conv, 512 channels (16 MiB of transformed weights: prefetched)."""
+    rng = np.random.default_rng(5)
+    nodes = [_conv("x", "w", "b", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    inits = {"w": _w(rng, 512, 512, 3, 3), "b": rng.standard_normal(512).astype(np.float32)}
+    return make_model(nodes, {"x": (1, 512, 7, 7)}, {"y": (1, 512, 7, 7)}, inits), {WINOGRAD: 1}
+
+
 MODELS = {
     "basic_block": basic_block,
     "two_images": two_images,
@@ -225,10 +233,10 @@ def test_products_tile(chunks: int, tiles: int, most: int, expected: tuple) -> N
     assert _winograd.products_tile(chunks, tiles, most) == expected
 
 
-@pytest.mark.parametrize("name", ["basic_block", "two_images"])
+@pytest.mark.parametrize("name", ["basic_block", "two_images", "last_stage"])
 def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same(name: str) -> None:
     """two_images: the blocked schedule's channel parts (2 or 4 of 8 chunks) are sampled
-    as well."""
+    as well; last_stage: a default with its weights prefetched (not in the trace)."""
     from tvm import s_tir
 
     from graphopt.lower import to_relax
@@ -238,7 +246,7 @@ def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same(name
     from graphopt.tuning._tasks import extract_tasks
     from tests.tuning._spaces import assert_points_match, random_args, run_kernel
 
-    model, _ = MODELS[name]()
+    model, _ = (MODELS | {"last_stage": last_stage})[name]()
     _, graph, _ = prepare(model)
     targets = Targets.of(resolve("x86"), "nchwc")
     found = extract_tasks(to_relax(graph), targets.spec, targets.compile_target, None, "nchwc")
@@ -285,3 +293,103 @@ def test_blocked_products_keep_the_register_tile() -> None:
     unrolled = re.findall(r"T\.unroll\((\d+)\)", _winograd_schedule(1, 64, 56).mod.script())
     assert (blocks, reg_n) == (2, 7)
     assert any(unrolled[i : i + 2] == ["2", "7"] for i in range(len(unrolled) - 1))
+
+
+def _prefetches(sch) -> list:  # noqa: ANN001
+    """(weight load, the loops above it) of each prefetch in a scheduled kernel."""
+    from tvm import tirx
+
+    found = []
+
+    def walk(node, loops: list) -> None:  # noqa: ANN001
+        if isinstance(node, tirx.Evaluate):
+            call = node.value
+            if getattr(call, "op", None) is not None and call.op.name == "tirx.call_llvm_intrin":
+                found.append((call.args[1].args[0], loops))
+            return
+        if isinstance(node, tirx.For):
+            loops = [*loops, node]
+        for name in ("body", "then_case", "else_case", "block", "init"):
+            child = getattr(node, name, None)
+            if child is not None:
+                walk(child, loops)
+        for child in getattr(node, "seq", None) or []:
+            walk(child, loops)
+
+    walk(sch.mod["main"].body, [])
+    return found
+
+
+@pytest.mark.parametrize(("images", "channels", "size"), [(1, 512, 7), (1, 256, 14), (2, 256, 14)])
+def test_products_prefetch_what_the_next_iteration_reads(images, channels, size) -> None:  # noqa: ANN001
+    """Where the transformed weights stream from memory (1 MiB or more: ResNet's 7x7 and
+    14x14 stages), pass j < blocks over the tiles prefetches, at each input channel
+    chunk, the weight lines that the next parallel iteration's channel block j reads at
+    that chunk (with two images, after the last blocks the next image's first); the
+    last iteration its own again."""
+    from tvm import tirx
+
+    sch = _winograd_schedule(images, channels, size)
+    (load, loops), *others = _prefetches(sch)
+    assert not others
+    outer, tile_pass, step, pf_block, pf_lane = loops
+    assert outer.kind == tirx.ForKind.PARALLEL
+    products = sch.get_sblock("conv2d_winograd_update")
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, products)
+    nest = [sch.get(lp) for lp in sch.get_loops(products)]
+    binding = tirx.IndexMap([lp.loop_var for lp in nest], list(realize.iter_values), None)
+    weight = next(r for r in realize.block.reads if r.source.same_as(load.source))
+    reads = tirx.IndexMap(
+        [v.var for v in realize.block.iter_vars], [r.min for r in weight.region], None
+    )
+    fetched = tirx.IndexMap(
+        [lp.loop_var for lp in (outer, tile_pass, step, pf_block, pf_lane)],
+        list(load.indices),
+        None,
+    )
+    # the products' loops: parallel, tile pass, chunk, lane, block, tile, vector lane
+    names = [str(lp.loop_var) for lp in nest]
+    assert names[:3] == [str(outer.loop_var), str(tile_pass.loop_var), str(step.loop_var)]
+    blocks, iterations = int(nest[4].extent), int(outer.extent)
+    assert blocks == 2 and int(tile_pass.extent) >= blocks
+
+    def ints(exprs) -> list[int]:  # noqa: ANN001
+        return [int(x) for x in exprs]
+
+    def c(v: int):  # noqa: ANN202
+        return tirx.const(v, "int64")
+
+    for i in range(iterations):
+        for j in range(blocks):
+            for chunk, lane in [(0, 0), (int(step.extent) - 1, 15)]:
+                got = ints(fetched.map_indices([c(i), c(j), c(chunk), c(j), c(lane)]))
+                nxt = min(i + 1, iterations - 1)
+                point = binding.map_indices([c(nxt), c(0), c(chunk), c(lane), c(j), c(0), c(0)])
+                assert got == ints(reads.map_indices(point)), (i, j, chunk, lane)
+
+
+def test_small_or_switched_off_weights_are_not_prefetched(monkeypatch) -> None:
+    """ResNet's 56x56 and 28x28 stages (blocked: their U stays in cache) and a 16x16 map
+    of 32 channels: no prefetch; nor with GRAPHOPT_PREFETCH=0."""
+    assert not _prefetches(_winograd_schedule(1, 64, 56))
+    assert not _prefetches(_winograd_schedule(1, 32, 16))
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_BLOCKS", "0")
+    assert not _prefetches(_winograd_schedule(1, 64, 56))  # 590 KB of U, whole-map stages
+    monkeypatch.setenv("GRAPHOPT_PREFETCH", "0")
+    assert not _prefetches(_winograd_schedule(1, 512, 7))
+
+
+def test_prefetching_conv_matches_onnxruntime_and_without(tmp_path, monkeypatch) -> None:
+    """A 256-channel 14x14 conv (4 MiB of transformed weights, prefetched): verified
+    against onnxruntime, and the same numbers bit for bit as with GRAPHOPT_PREFETCH=0."""
+    rng = np.random.default_rng(9)
+    nodes = [_conv("x", "w", "b", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    inits = {"w": _w(rng, 256, 256, 3, 3), "b": rng.standard_normal(256).astype(np.float32)}
+    model = make_model(nodes, {"x": (1, 256, 14, 14)}, {"y": (1, 256, 14, 14)}, inits)
+    x = rng.standard_normal((1, 256, 14, 14)).astype(np.float32)
+    on = graphopt.compile(model, "x86", tmp_path / "on.so")
+    assert on.manifest["verification"]["ok"]
+    assert conv_rules(on.manifest["schedule"]) == {WINOGRAD: 1}
+    monkeypatch.setenv("GRAPHOPT_PREFETCH", "0")
+    off = graphopt.compile(model, "x86", tmp_path / "off.so")
+    assert np.array_equal(on.run({"x": x})["y"], off.run({"x": x})["y"])
