@@ -107,6 +107,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from graphopt.targets import _cpu_schedules as cpu
+from graphopt.targets import _prefetch
 from graphopt.targets._amx import amx_enabled
 
 __all__ = [
@@ -137,10 +138,6 @@ _BLOCK_ITERATIONS = 12
 # ... and at most this much transformed weight: each block of tile rows reads all of it
 # again, which must come from a cache, not from memory
 _BLOCK_WEIGHT_BYTES = 5 << 19
-# The products prefetch the next iteration's transformed weights where they are at least
-# this large (:func:`_prefetch_next`); GRAPHOPT_PREFETCH=0 turns it off.
-_PREFETCH_BYTES = 1 << 20
-_PREFETCH_ENV = "GRAPHOPT_PREFETCH"
 
 
 @cache
@@ -576,44 +573,22 @@ RULES = [(RULE, rule_conv2d_winograd)]
 TUNABLE = {RULE: (schedule_winograd, (cpu.DEFAULT_PLAN,))}
 
 
-def prefetching() -> bool:
-    """Whether the products prefetch the next iteration's weights (:func:`_prefetch_next`);
-    ``GRAPHOPT_PREFETCH=0`` in the environment turns it off, for comparisons."""
-    return os.environ.get(_PREFETCH_ENV, "1") != "0"
-
-
 def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  # noqa: ANN001
     """Each step of the products' outer reduction loop (one input channel chunk), in the
-    first pass over the tiles, prefetches into L2 the weight vectors that the same step
-    of the next parallel iteration (the next output channel blocks) will read, where the
-    transformed weights are ``_PREFETCH_BYTES`` or more (inside a model they come from
-    memory).
+    first passes over the tiles, prefetches the weight lines that the same step of the
+    next parallel iteration (the next output channel blocks) will read: pass j < blocks
+    those of its block j (the first pass all, with fewer passes than blocks), where the
+    transformed weights are :data:`_prefetch.MIN_BYTES` or more (:mod:`._prefetch`).
 
     Why: each parallel iteration reads its blocks' U once from memory (the first pass over
     the tiles) and again from cache (the others); the hardware prefetcher does not run
-    ahead into the next iteration's, so each iteration starts waiting on memory.
+    ahead into the next iteration's, so each iteration started waiting on memory.
     ResNet-50's 7x7 convs (512 channels, 16.8 MB of U), alone after a 96 MB sweep, ran
-    0.44-0.62 ms against 0.29-0.32 warm; with this, 0.33-0.36 cold and the same warm
-    (2-core Zen 5). At the outer step (one chunk: 16 lines per block), not in the
-    innermost loop: a prefetch there is a memory access LLVM cannot tell apart from the
-    accumulators (a workspace buffer in a parallel loop), so it stored them at every
-    step, 2.7x slower; steps of 4 or 8 chunks (64-128 lines at once) ran as slow cold as
-    no prefetch.
-
-    Inserted into the scheduled loop nest (``ScheduleState.replace``), not by a schedule
-    instruction: a tuning record's trace replays without it."""
-    if not prefetching():
-        return
-    params = sch.mod["main"].params
-    weight = next(
-        (
-            r.source
-            for r in sch.get(gemm).reads
-            if any(r.source.same_as(p) for p in params) and len(r.source.shape) == 6
-        ),
-        None,
-    )
-    if weight is None or cpu._bytes(weight) < _PREFETCH_BYTES:
+    0.44-0.62 ms against 0.29-0.32 warm; with this, 0.32-0.36 cold and the same warm
+    (2-core Zen 5). Every block's lines in the first pass instead: 0.45-0.50 cold; in
+    steps of 4 or 8 chunks (64-128 lines at once): as slow cold as no prefetch."""
+    weight = _prefetch.param_read(sch, gemm, 6)
+    if not _prefetch.enabled() or weight is None or cpu._bytes(weight) < _prefetch.MIN_BYTES:
         return
     loops = cpu._loops_below(sch, gemm, po)
     kinds = cpu._loop_kinds(sch, gemm, loops)
@@ -624,9 +599,8 @@ def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  
         return
     per_nu = iterations // (n_e * n_nu)  # (image, block group) iterations per (e, nu)
     groups = n_co // blocks
-    step = sch.get(reduce[0])
-    i = sch.get(outer).loop_var
-    dt = str(i.ty.dtype)
+    i = _prefetch.loop_var(sch, outer)
+    dt = _prefetch.dtype(i)
 
     def const(v: int) -> tirx.PrimExpr:
         return tirx.const(v, dt)
@@ -636,32 +610,16 @@ def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  
     nu = tirx.floormod(tirx.floordiv(nxt, const(per_nu)), const(n_nu))
     b, lane = tirx.Var("pf_block", dt), tirx.Var("pf_lane", dt)
     co = tirx.floormod(nxt, const(groups)) * const(blocks) + b
-    load = tirx.BufferLoad(weight, [e, nu, co, step.loop_var, lane, const(0)])
-    call = tirx.call_llvm_intrin(
-        "void",
-        "llvm.prefetch.p0",
-        tirx.address_of(load),
-        tirx.const(0, "int32"),  # a read
-        tirx.const(2, "int32"),  # locality 2: into L2 (prefetcht1)
-        tirx.const(1, "int32"),  # data
+    chunk = _prefetch.loop_var(sch, reduce[0])
+    lines = _prefetch.serial(
+        lane, n_lanes, _prefetch.prefetch(weight, [e, nu, co, chunk, lane, const(0)])
     )
-    serial = tirx.ForKind.SERIAL
-    lines = tirx.For(lane, const(0), const(n_lanes), serial, tirx.Evaluate(call))
-    tile_pass = sch.get(po).loop_var
-    pdt = str(tile_pass.ty.dtype)
-    if cpu._extent(sch, po) >= blocks:  # pass j < blocks fetches block j's lines
-        one = tirx.For(b, tirx.Cast(dt, tile_pass), const(1), serial, lines)
+    tile_pass = _prefetch.loop_var(sch, po)
+    pdt = _prefetch.dtype(tile_pass)
+    if cpu._extent(sch, po) >= blocks:
+        one = _prefetch.serial(b, 1, lines, start=tirx.Cast(dt, tile_pass))
         fetch = tirx.IfThenElse(tile_pass < tirx.const(blocks, pdt), one, None)
-    else:  # the first pass fetches every block's
-        every = tirx.For(b, const(0), const(blocks), serial, lines)
+    else:
+        every = _prefetch.serial(b, blocks, lines)
         fetch = tirx.IfThenElse(tile_pass == tirx.const(0, pdt), every, None)
-    new = tirx.For(
-        step.loop_var,
-        step.min,
-        step.extent,
-        step.kind,
-        tirx.SeqStmt([fetch, step.body]),
-        step.thread_binding,
-        step.annotations,
-    )
-    sch.state.replace(sch.get_sref(reduce[0]), new)
+    _prefetch.insert_at_loop(sch, reduce[0], fetch)
