@@ -81,7 +81,7 @@ the rows' share) and feeds only 16 (7x7) or 49 (14x14) tiles' products, and the 
 goes through L2 once more. ``GRAPHOPT_WINOGRAD=0`` in the environment keeps every conv
 direct (for comparisons; the artifact's speed, not its numbers beyond rounding, depends on it).
 
-Prefetch (:func:`_prefetch_next`): where the products run over the whole map and U is 1
+Prefetch (:func:`prefetch_products`): where the products run over the whole map and U is 1
 MiB or more, each parallel iteration's first passes over the tiles prefetch into L2 the
 weight lines the next iteration will read, one input channel chunk per step. Paired
 against ``GRAPHOPT_PREFETCH=0`` (whole models, one process, 11 rounds, 2-core Zen 5):
@@ -105,6 +105,7 @@ from functools import cache
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
+from tvm.s_tir.schedule import ScheduleError
 
 from graphopt.targets import _cpu_schedules as cpu
 from graphopt.targets import _prefetch
@@ -369,11 +370,11 @@ def schedule_winograd(
         _schedule_blocked(sch, blocks, split, decisions, cpu.max_reg_n(target))
         return cpu._schedule_others(sch, others, cpu.vector_lanes(target))
     _schedule_input(sch, (pad, rows, inp))
-    products = _schedule_gemm(sch, gemm, decisions, cpu.max_reg_n(target))
+    _schedule_gemm(sch, gemm, decisions, cpu.max_reg_n(target))
     _schedule_output(sch, cols, out)
     done = cpu._schedule_others(sch, others, cpu.vector_lanes(target))
-    if done is not None and products is not None:
-        _prefetch_next(done, *products)
+    if done is not None:
+        prefetch_products(done)
     return done
 
 
@@ -488,17 +489,16 @@ def products_tile(chunks: int, tiles: int, most: int) -> tuple[int, int]:
     return blocks, cpu._pick_reg_n(tiles, cpu._block_pixels(most, blocks))
 
 
-def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions, most: int):  # noqa: ANN001, ANN201
+def _schedule_gemm(sch: s_tir.Schedule, gemm, decisions: cpu.Decisions, most: int) -> None:  # noqa: ANN001
     """The products' register tile (:func:`products_tile`): ``reg_n`` tiles x one or two
     output channel vectors, each step loading the blocks' weight vectors and
     broadcasting ``reg_n`` input values. Two blocks of 7 tiles (AVX-512; 49 tiles at
     28x28 in 4x4 tiles or 14x14 in 2x2) against one block of 7: ResNet-18 1.11x faster,
     DLA-34, VGG-11 and RepVGG-A0 1.12-1.13x, ResNet-18 at batch 8 1.15x, GoogLeNet 1.05x,
     DenseNet-121 1.04x, ResNet-50 1.03x (2-core Xeon, paired rounds); AVX2 code (the
-    same machine, ``--cpu haswell``) 1.00-1.01x. Returns what :func:`_prefetch_next`
-    needs, for the caller to apply last."""
+    same machine, ``--cpu haswell``) 1.00-1.01x."""
     e, nu, b, co, p, o = sch.get_loops(sch.cache_write(gemm, 0, "local"))
-    return _products_tiles(sch, gemm, (co, p, o), decisions, most, parallel=(e, nu, b))
+    _products_tiles(sch, gemm, (co, p, o), decisions, most, parallel=(e, nu, b))
 
 
 def _products_tiles(  # noqa: PLR0913
@@ -508,12 +508,10 @@ def _products_tiles(  # noqa: PLR0913
     decisions: cpu.Decisions,
     most: int,
     parallel: tuple = (),
-) -> tuple | None:
+) -> None:
     """The register tiles of the products under the write-back's innermost ``loops`` (oc
     chunk, tile, lane; the chunk loop None where it is one chunk); ``parallel``: the loops
-    above them that make one parallel loop with the chunks outside the tile's. Returns
-    (products block, that parallel loop, the tile pass loop, channel blocks), or None
-    without ``parallel``."""
+    above them that make one parallel loop with the chunks outside the tile's."""
     co, p, o = loops
     tiles = cpu._extent(sch, p)
     chunks = 1 if co is None else cpu._extent(sch, co)
@@ -523,17 +521,14 @@ def _products_tiles(  # noqa: PLR0913
     if blocks > 1:
         co, coi = sch.split(co, [None, blocks])
         sch.reorder(co, po, coi, pi, o)
-    outer = None
     if parallel:
-        outer = sch.fuse(*parallel, co)
-        sch.parallel(outer)
+        sch.parallel(sch.fuse(*parallel, co))
     sch.vectorize(o)
     sch.compute_at(gemm, po)
     if blocks > 1:
         sch.unroll(coi)
     sch.unroll(pi)
     cpu._split_reduction_into_tile(sch, gemm, po)
-    return None if outer is None else (gemm, outer, po, blocks)
 
 
 def _schedule_output(sch: s_tir.Schedule, cols, out) -> None:  # noqa: ANN001
@@ -573,12 +568,15 @@ RULES = [(RULE, rule_conv2d_winograd)]
 TUNABLE = {RULE: (schedule_winograd, (cpu.DEFAULT_PLAN,))}
 
 
-def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  # noqa: ANN001
-    """Each step of the products' outer reduction loop (one input channel chunk), in the
+def prefetch_products(sch: s_tir.Schedule) -> None:
+    """Where the products run over the whole map in one parallel loop over (e, nu, image,
+    output channel blocks) and the transformed weights are :data:`_prefetch.MIN_BYTES`
+    or more, each step of the outer reduction loop (one input channel chunk), in the
     first passes over the tiles, prefetches the weight lines that the same step of the
-    next parallel iteration (the next output channel blocks) will read: pass j < blocks
-    those of its block j (the first pass all, with fewer passes than blocks), where the
-    transformed weights are :data:`_prefetch.MIN_BYTES` or more (:mod:`._prefetch`).
+    next parallel iteration will read: pass j < blocks those of its block j (the first
+    pass all, with fewer passes than blocks). Applied to the default schedule and to a
+    tuning record's (``tuning._apply``): the loops are found, not passed, and nothing is
+    inserted unless the products' own indexing says the lines are the next iteration's.
 
     Why: each parallel iteration reads its blocks' U once from memory (the first pass over
     the tiles) and again from cache (the others); the hardware prefetcher does not run
@@ -587,15 +585,13 @@ def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  
     0.44-0.62 ms against 0.29-0.32 warm; with this, 0.32-0.36 cold and the same warm
     (2-core Zen 5). Every block's lines in the first pass instead: 0.45-0.50 cold; in
     steps of 4 or 8 chunks (64-128 lines at once): as slow cold as no prefetch."""
-    weight = _prefetch.param_read(sch, gemm, 6)
-    if not _prefetch.enabled() or weight is None or cpu._bytes(weight) < _prefetch.MIN_BYTES:
+    found = _products_loops(sch)
+    if found is None:
         return
-    loops = cpu._loops_below(sch, gemm, po)
-    kinds = cpu._loop_kinds(sch, gemm, loops)
-    reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+    gemm, weight, outer, po, chunk, blocks = found
     n_e, n_nu, n_co, _, n_lanes, _ = (int(d) for d in weight.shape)
     iterations = cpu._extent(sch, outer)
-    if len(reduce) != 2 or not iterations or iterations % (n_e * n_nu) or n_co % blocks:
+    if not iterations or iterations % (n_e * n_nu) or n_co % blocks:
         return
     per_nu = iterations // (n_e * n_nu)  # (image, block group) iterations per (e, nu)
     groups = n_co // blocks
@@ -605,15 +601,19 @@ def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  
     def const(v: int) -> tirx.PrimExpr:
         return tirx.const(v, dt)
 
-    nxt = tirx.min(i + const(1), const(iterations - 1))
-    e = tirx.floordiv(nxt, const(per_nu * n_nu))
-    nu = tirx.floormod(tirx.floordiv(nxt, const(per_nu)), const(n_nu))
+    def address(it: tirx.PrimExpr, block: tirx.PrimExpr, lane: tirx.PrimExpr) -> list:
+        """U's indices of iteration ``it``'s block ``block``, lane line ``lane``, at the
+        current chunk."""
+        e = tirx.floordiv(it, const(per_nu * n_nu))
+        nu = tirx.floormod(tirx.floordiv(it, const(per_nu)), const(n_nu))
+        co = tirx.floormod(it, const(groups)) * const(blocks) + block
+        return [e, nu, co, _prefetch.loop_var(sch, chunk), lane, const(0)]
+
+    if not _reads_at(sch, gemm, weight, address, (iterations, blocks, n_lanes)):
+        return
     b, lane = tirx.Var("pf_block", dt), tirx.Var("pf_lane", dt)
-    co = tirx.floormod(nxt, const(groups)) * const(blocks) + b
-    chunk = _prefetch.loop_var(sch, reduce[0])
-    lines = _prefetch.serial(
-        lane, n_lanes, _prefetch.prefetch(weight, [e, nu, co, chunk, lane, const(0)])
-    )
+    nxt = tirx.min(i + const(1), const(iterations - 1))
+    lines = _prefetch.serial(lane, n_lanes, _prefetch.prefetch(weight, address(nxt, b, lane)))
     tile_pass = _prefetch.loop_var(sch, po)
     pdt = _prefetch.dtype(tile_pass)
     if cpu._extent(sch, po) >= blocks:
@@ -622,4 +622,62 @@ def _prefetch_next(sch: s_tir.Schedule, gemm, outer, po, blocks: int) -> None:  
     else:
         every = _prefetch.serial(b, blocks, lines)
         fetch = tirx.IfThenElse(tile_pass == tirx.const(0, pdt), every, None)
-    _prefetch.insert_at_loop(sch, reduce[0], fetch)
+    _prefetch.insert_at_loop(sch, chunk, fetch)
+
+
+def _products_loops(sch: s_tir.Schedule):  # noqa: ANN202
+    """(products block, its weight, parallel loop, tile pass loop, chunk loop, channel
+    blocks) of a whole-map products nest that streams U (parallel, pass, chunk, lane,
+    [block,] tile, vector lane: :func:`_products_tiles`' shape), or None."""
+    if not _prefetch.enabled():
+        return None
+    try:
+        gemm = sch.get_sblock(RULE + "_update")
+    except ScheduleError:  # not a Winograd kernel's products
+        return None
+    weight = _prefetch.param_read(sch, gemm, 6)
+    if weight is None or cpu._bytes(weight) < _prefetch.MIN_BYTES:
+        return None
+    loops = sch.get_loops(gemm)
+    kinds = [sch.get(lp).kind for lp in loops]
+    if len(loops) not in (6, 7) or kinds[0] != tirx.ForKind.PARALLEL:
+        return None
+    if any(k != tirx.ForKind.SERIAL for k in kinds[1:4]):
+        return None
+    roles = cpu._loop_kinds(sch, gemm, loops[1:])
+    if roles[:3] != ["S", "R", "R"] or any(r != "S" for r in roles[3:]):
+        return None
+    blocks = cpu._extent(sch, loops[4]) if len(loops) == 7 else 1
+    return gemm, weight, loops[0], loops[1], loops[2], blocks
+
+
+def _reads_at(sch: s_tir.Schedule, gemm, weight, address, sizes: tuple) -> bool:  # noqa: ANN001
+    """Whether ``address(iteration, block, lane)`` is where the products read U (at
+    pass, chunk, tile and vector lane 0) for the first, second and last iterations and
+    each block and the first and last lane lines: the products' own indexing, evaluated
+    (a tuning record's nest may order its parallel loop otherwise)."""
+    iterations, blocks, lanes = sizes
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, gemm)
+    nest = [sch.get(lp).loop_var for lp in sch.get_loops(gemm)]
+    read = next((r for r in realize.block.reads if r.source.same_as(weight)), None)
+    if read is None:
+        return False
+    binding = tirx.IndexMap(nest, list(realize.iter_values), None)
+    region = tirx.IndexMap(
+        [v.var for v in realize.block.iter_vars], [r.min for r in read.region], None
+    )
+    chunk = nest[2]
+    dt = _prefetch.dtype(nest[0])
+    for it in sorted({0, min(1, iterations - 1), iterations - 1}):
+        for block in range(blocks):
+            for lane in (0, lanes - 1):
+                values = [0] * len(nest)
+                values[0], values[3] = it, lane
+                if len(nest) == 7:
+                    values[4] = block
+                at = region.map_indices(binding.map_indices([tirx.const(v, dt) for v in values]))
+                ours = address(tirx.const(it, dt), tirx.const(block, dt), tirx.const(lane, dt))
+                ours = tirx.IndexMap([chunk], ours, None).map_indices([tirx.const(0, dt)])
+                if [int(x) for x in at] != [int(x) for x in ours]:
+                    return False
+    return True

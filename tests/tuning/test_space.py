@@ -245,3 +245,35 @@ def test_kernels_the_built_model_runs_as_views_get_no_task_and_no_record(tmp_pat
         build(relax_mod, targets.spec, "nchwc", [ApplyTuningDatabase(db, report)])
     assert set(report["from_database"]) == set(kernels) - gone
     assert not gone & set(report["default"])
+
+
+def test_a_winograd_record_streaming_its_weights_gets_the_prefetch(tmp_path) -> None:  # noqa: ANN001
+    """The products' prefetch (``_winograd.prefetch_products``) is put into the scheduled
+    nest outside the schedule's trace; a record of a 512-channel 7x7 Winograd conv (16
+    MiB of transformed weights) applied by compile has it as the default schedule does;
+    its trace alone replays without it."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from graphopt.targets import build
+    from graphopt.targets._profile import record_schedule
+    from graphopt.tuning import ApplyTuningDatabase, TuningDatabase
+    from graphopt.tuning._space import graphopt_design_spaces
+    from tests.targets.test_winograd import last_stage
+
+    model, _ = last_stage()
+    targets, found = _tasks(model, "nchwc")
+    (task,) = [t for t in found if "winograd" in t.name]
+    trace = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)[0].trace
+    replayed = s_tir.Schedule(task.mod)
+    trace.apply_to_schedule(replayed, remove_postproc=False)
+    assert "llvm.prefetch" not in replayed.mod.script()
+    _, graph, _ = prepare(model)
+    with TuningDatabase(tmp_path / "db", resolve("x86")) as db:
+        entry = db.add_workload(task.mod, task.name, 0.0)
+        args = ArgInfo.from_prim_func(task.mod["main"])
+        db.add_results(entry, [(trace, [1e-6], args, None)])
+        report: dict = {}
+        with record_schedule() as record:
+            build(to_relax(graph), targets.spec, "nchwc", [ApplyTuningDatabase(db, report)])
+    assert list(report["from_database"]) == [task.name]
+    assert "llvm.prefetch" in record.module[task.name].script()
