@@ -4,8 +4,8 @@ A kernel whose weights are too large to stay in a cache between calls (ResNet-50
 stage: about 80 MB of them, each call) reads them from memory inside a model. The
 hardware prefetcher follows a run of addresses but does not jump ahead to where the next
 parallel iteration reads, so each iteration starts waiting on memory while the FMA units
-idle. The Winograd products (``_winograd._prefetch_next``) ask for the lines of that
-next read one step ahead, with :func:`insert_at_loop` and :func:`prefetch`.
+idle. The Winograd products (``_winograd.prefetch_products``) ask for the lines of
+that next read one step ahead, with :func:`insert_at_loop` and :func:`prefetch`.
 
 Tried and left out (2-core Zen 5, ResNet-50 paired in one process, 21 rounds): the dense
 convs' streamed reductions (``_cpu_schedules._stream_reduction``) prefetching the next
@@ -20,8 +20,9 @@ at every step (2.7x slower). Into L2 (``prefetcht1``): the lines are read within
 microseconds, and L1 is the register tile's working set.
 
 Inserted into the scheduled loop nest (``ScheduleState.replace``), not by a schedule
-instruction: a tuning record's trace replays without it, so tune measures each record
-against a default that has it. ``GRAPHOPT_PREFETCH=0`` in the environment turns every
+instruction: a tuning record's trace replays without it, so the search measures its
+candidates without it, and compile puts it into an applied record's nest as into the
+default's (``tuning._apply``). ``GRAPHOPT_PREFETCH=0`` in the environment turns every
 prefetch off (for comparisons; numbers do not change).
 """
 
@@ -31,7 +32,16 @@ import os
 
 from tvm import s_tir, tirx
 
-__all__ = ["MIN_BYTES", "enabled", "insert_at_loop", "prefetch"]
+__all__ = [
+    "MIN_BYTES",
+    "dtype",
+    "enabled",
+    "insert_at_loop",
+    "loop_var",
+    "param_read",
+    "prefetch",
+    "serial",
+]
 
 _ENV = "GRAPHOPT_PREFETCH"
 # Weights at least this large are prefetched: smaller ones stay in L2/L3 between calls
