@@ -26,6 +26,7 @@ __all__ = [
     "x86_tvm_dict",
     "check_tvm_dict",
     "load_native",
+    "after_trace",
     "kernel_modules",
     "keeps_fp32",
     "legalize_map",
@@ -38,7 +39,9 @@ __all__ = [
 # rules that take only their own kernels, tried before the fp32 ones). AMX before
 # AVX512-BF16: both take bf16 kernels, AMX only on a CPU that has it. Optionally
 # ``TUNABLE`` ({rule name: (schedule(sch, target, decisions, plan), plans, default
-# first)}): the rules' choices as graphopt's tuning search space (tuning/_space.py).
+# first)}): the rules' choices as graphopt's tuning search space (tuning/_space.py); and
+# ``AFTER_TRACE`` (functions of a scheduled kernel's Schedule): what its default schedule
+# puts into the nest outside the trace, for a tuning record's replay (:func:`after_trace`).
 KERNEL_MODULES = ("_amx", "_bf16", "_fp16_arm", "_conv3d", "_winograd", "_gemm")
 # The kernel modules that define ``keeps_fp32(call, precision)``: True for a conv/matmul
 # the module computes faster in float32 than in ``precision`` (see :func:`keeps_fp32`).
@@ -146,6 +149,16 @@ def check_tvm_dict(tvm_dict: dict) -> dict:
 def kernel_modules() -> list:
     """The :data:`KERNEL_MODULES`, imported (they import TVM: not at graphopt's import)."""
     return [importlib.import_module(f"graphopt.targets.{name}") for name in KERNEL_MODULES]
+
+
+def after_trace(sch) -> None:  # noqa: ANN001 - an s_tir.Schedule
+    """Apply to ``sch`` (a kernel scheduled by replaying a tuning record's trace) the
+    kernel modules' ``AFTER_TRACE`` steps: each finds its own kernels in the nest (the
+    Winograd products' prefetch, ``_winograd.prefetch_products``) and leaves any other
+    alone."""
+    for module in kernel_modules():
+        for step in getattr(module, "AFTER_TRACE", ()):
+            step(sch)
 
 
 def keeps_fp32(call, precision: str) -> bool:  # noqa: ANN001 - a relax.Call

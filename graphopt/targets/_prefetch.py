@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 
+import tvm
 from tvm import s_tir, tirx
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "loop_var",
     "param_read",
     "prefetch",
+    "read_indices",
     "serial",
 ]
 
@@ -111,3 +113,26 @@ def param_read(sch: s_tir.Schedule, block, ndim: int):  # noqa: ANN001, ANN201
         ),
         None,
     )
+
+
+def read_indices(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN201
+    """A function from values of ``block``'s loops (outermost first) to the indices, as
+    ints, where ``block`` reads ``buffer`` (its read region's first element) there; None
+    if it does not read it. The nest's own binding, evaluated: what a prefetch must
+    match."""
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    read = next((r for r in realize.block.reads if r.source.same_as(buffer)), None)
+    if read is None:
+        return None
+    nest = [sch.get(lp).loop_var for lp in sch.get_loops(block)]
+    binding = tirx.IndexMap(nest, list(realize.iter_values), None)
+    region = tirx.IndexMap(
+        [v.var for v in realize.block.iter_vars], [r.min for r in read.region], None
+    )
+    dt = dtype(nest[0])
+
+    def at(values: list[int]) -> list[int]:
+        point = binding.map_indices([tirx.const(v, dt) for v in values])
+        return [int(x) for x in region.map_indices(point)]
+
+    return at

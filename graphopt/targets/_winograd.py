@@ -112,12 +112,14 @@ from graphopt.targets import _prefetch
 from graphopt.targets._amx import amx_enabled
 
 __all__ = [
+    "AFTER_TRACE",
     "RULE",
     "RULES",
     "TUNABLE",
     "WRAP_LEGALIZE",
     "keeps_fp32",
     "legalize_conv2d",
+    "prefetch_products",
     "products_tile",
     "schedule_winograd",
     "tile_size",
@@ -657,15 +659,10 @@ def _reads_at(sch: s_tir.Schedule, gemm, weight, address, sizes: tuple) -> bool:
     each block and the first and last lane lines: the products' own indexing, evaluated
     (a tuning record's nest may order its parallel loop otherwise)."""
     iterations, blocks, lanes = sizes
-    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, gemm)
-    nest = [sch.get(lp).loop_var for lp in sch.get_loops(gemm)]
-    read = next((r for r in realize.block.reads if r.source.same_as(weight)), None)
-    if read is None:
+    reads = _prefetch.read_indices(sch, gemm, weight)
+    if reads is None:
         return False
-    binding = tirx.IndexMap(nest, list(realize.iter_values), None)
-    region = tirx.IndexMap(
-        [v.var for v in realize.block.iter_vars], [r.min for r in read.region], None
-    )
+    nest = [sch.get(lp).loop_var for lp in sch.get_loops(gemm)]
     chunk = nest[2]
     dt = _prefetch.dtype(nest[0])
     for it in sorted({0, min(1, iterations - 1), iterations - 1}):
@@ -675,9 +672,13 @@ def _reads_at(sch: s_tir.Schedule, gemm, weight, address, sizes: tuple) -> bool:
                 values[0], values[3] = it, lane
                 if len(nest) == 7:
                     values[4] = block
-                at = region.map_indices(binding.map_indices([tirx.const(v, dt) for v in values]))
                 ours = address(tirx.const(it, dt), tirx.const(block, dt), tirx.const(lane, dt))
                 ours = tirx.IndexMap([chunk], ours, None).map_indices([tirx.const(0, dt)])
-                if [int(x) for x in at] != [int(x) for x in ours]:
+                if reads(values) != [int(x) for x in ours]:
                     return False
     return True
+
+
+# What the default schedule puts into the nest outside its trace, for a replayed tuning
+# record too (``_cpu.after_trace``).
+AFTER_TRACE = (prefetch_products,)

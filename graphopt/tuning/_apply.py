@@ -7,8 +7,8 @@ times inside a model run when ``tune``'s model timing made those) gets the recor
 trace replayed and is marked ``tirx.is_scheduled``, so the default schedules
 skip it. Any other kernel is left alone for the defaults. A replayed Winograd kernel
 whose products stream their weights gets the prefetch its default schedule inserts
-outside the trace (``targets._winograd.prefetch_products``), so a record is not
-handicapped by what its trace cannot hold.
+outside the trace (``targets._cpu.after_trace``: ``_winograd.prefetch_products``), so a
+record is not handicapped by what its trace cannot hold.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
+from graphopt.targets._cpu import after_trace
 from graphopt.targets._phases import schedule_unscheduled
-from graphopt.targets._winograd import prefetch_products
 from graphopt.tuning._database import MIN_SPEEDUP, TuningDatabase, beats_default, workload_mod
 from graphopt.tuning._tasks import views
 
@@ -77,8 +77,7 @@ def ApplyTuningDatabase(  # noqa: N802
             return None
         sch = s_tir.Schedule(wmod)
         record.trace.apply_to_schedule(sch, remove_postproc=False)
-        # what the default schedule adds outside its trace, a record's nest gets too
-        prefetch_products(sch)
+        after_trace(sch)  # what the default schedule adds outside its trace
         new = sch.mod["main"]
         symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
         new = (

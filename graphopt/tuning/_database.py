@@ -53,7 +53,6 @@ RECORDS = "records.jsonl"
 _TARGET_KEYS = ("kind", "mtriple", "mcpu", "mattr", "arch")
 # A failed candidate's latency in the MetaSchedule database (as its AddToDatabase does).
 FAILED_SECS = 1e10
-# The re-measurements of a best record beside its default: line kind -> _Entry field.
 # A record "improves" a workload (for early stopping) when this much faster than its best.
 _GAIN = 0.99
 

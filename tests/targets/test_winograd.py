@@ -15,7 +15,7 @@ tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
 from graphopt.prepare import prepare  # noqa: E402
-from graphopt.targets import _winograd  # noqa: E402
+from graphopt.targets import _prefetch, _winograd  # noqa: E402
 from tests._system import CROSS_GXX, QEMU  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
 from tests.targets._cnn_blocks import conv_rules  # noqa: E402
@@ -335,13 +335,8 @@ def test_products_prefetch_what_the_next_iteration_reads(images, channels, size)
     outer, tile_pass, step, pf_block, pf_lane = loops
     assert outer.kind == tirx.ForKind.PARALLEL
     products = sch.get_sblock("conv2d_winograd_update")
-    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, products)
     nest = [sch.get(lp) for lp in sch.get_loops(products)]
-    binding = tirx.IndexMap([lp.loop_var for lp in nest], list(realize.iter_values), None)
-    weight = next(r for r in realize.block.reads if r.source.same_as(load.source))
-    reads = tirx.IndexMap(
-        [v.var for v in realize.block.iter_vars], [r.min for r in weight.region], None
-    )
+    reads = _prefetch.read_indices(sch, products, load.source)
     fetched = tirx.IndexMap(
         [lp.loop_var for lp in (outer, tile_pass, step, pf_block, pf_lane)],
         list(load.indices),
@@ -364,8 +359,7 @@ def test_products_prefetch_what_the_next_iteration_reads(images, channels, size)
             for chunk, lane in [(0, 0), (int(step.extent) - 1, 15)]:
                 got = ints(fetched.map_indices([c(i), c(j), c(chunk), c(j), c(lane)]))
                 nxt = min(i + 1, iterations - 1)
-                point = binding.map_indices([c(nxt), c(0), c(chunk), c(lane), c(j), c(0), c(0)])
-                assert got == ints(reads.map_indices(point)), (i, j, chunk, lane)
+                assert got == reads([nxt, 0, chunk, lane, j, 0, 0]), (i, j, chunk, lane)
 
 
 def test_small_or_switched_off_weights_are_not_prefetched(monkeypatch) -> None:
