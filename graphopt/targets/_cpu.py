@@ -153,10 +153,12 @@ def kernel_modules() -> list:
 
 def after_trace(sch) -> None:  # noqa: ANN001 - an s_tir.Schedule
     """Apply to ``sch`` (a kernel scheduled by replaying a tuning record's trace) the
-    kernel modules' ``AFTER_TRACE`` steps: each finds its own kernels in the nest (the
-    Winograd products' prefetch, ``_winograd.prefetch_products``) and leaves any other
-    alone."""
-    for module in kernel_modules():
+    ``AFTER_TRACE`` steps of the fp32 rules (``_cpu_schedules``) and of the kernel
+    modules: each finds its own kernels in the nest (the streamed dense convs' prefetch,
+    ``_cpu_schedules.prefetch_streamed``; the Winograd products',
+    ``_winograd.prefetch_products``) and leaves any other alone."""
+    base = importlib.import_module("graphopt.targets._cpu_schedules")
+    for module in (base, *kernel_modules()):
         for step in getattr(module, "AFTER_TRACE", ()):
             step(sch)
 

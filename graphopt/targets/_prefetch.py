@@ -4,14 +4,17 @@ A kernel whose weights are too large to stay in a cache between calls (ResNet-50
 stage: about 80 MB of them, each call) reads them from memory inside a model. The
 hardware prefetcher follows a run of addresses but does not jump ahead to where the next
 parallel iteration reads, so each iteration starts waiting on memory while the FMA units
-idle. The Winograd products (``_winograd.prefetch_products``) ask for the lines of
-that next read one step ahead, with :func:`insert_at_loop` and :func:`prefetch`.
+idle. The Winograd products (``_winograd.prefetch_products``) and the dense convs that
+stream their weights (``_cpu_schedules.prefetch_streamed``) ask for the lines of that
+next read one step ahead, a few lines at a time, with :func:`insert_at_loop`,
+:func:`prefetch` and (the address: the kernel's own indexing at the next iteration)
+:func:`read_at`.
 
 Tried and left out (2-core Zen 5, ResNet-50 paired in one process, 21 rounds): the dense
-convs' streamed reductions (``_cpu_schedules._stream_reduction``) prefetching the next
-step's weights (128 lines for a 1x1 conv's step) at each step's start, 1, 2, 4 or 8 steps
-ahead: 1.010-1.020x the time; their weights already stream within 20% of their warm time
-alone. The Winograd products 2 or 3 iterations ahead instead of 1: 1.006x.
+convs' streamed reductions prefetching a whole step's weights (128 lines for a 1x1
+conv's step) at once at the step's start, 1, 2, 4 or 8 steps ahead: 1.010-1.020x the
+time (the same lines spread a few to each of the step's row tiles: 0.96x). The Winograd
+products 2 or 3 iterations ahead instead of 1: 1.006x.
 
 Where: at the top of a reduction loop whose body holds whole register tiles, never in
 the innermost loop: a prefetch is a memory access LLVM cannot tell apart from the
@@ -41,6 +44,7 @@ __all__ = [
     "loop_var",
     "param_read",
     "prefetch",
+    "read_at",
     "read_indices",
     "serial",
 ]
@@ -115,24 +119,39 @@ def param_read(sch: s_tir.Schedule, block, ndim: int):  # noqa: ANN001, ANN201
     )
 
 
-def read_indices(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN201
-    """A function from values of ``block``'s loops (outermost first) to the indices, as
-    ints, where ``block`` reads ``buffer`` (its read region's first element) there; None
-    if it does not read it. The nest's own binding, evaluated: what a prefetch must
-    match."""
+def read_at(sch: s_tir.Schedule, block, buffer, values: dict):  # noqa: ANN001, ANN201
+    """The indices (expressions) where ``block`` reads ``buffer`` (its read region's first
+    element) with the loops whose variables ``values`` names (name -> expression) at those
+    expressions and every other loop at its own variable; None if it does not read it.
+    The nest's own binding, substituted: a prefetch of what another iteration reads."""
     realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
     read = next((r for r in realize.block.reads if r.source.same_as(buffer)), None)
     if read is None:
         return None
     nest = [sch.get(lp).loop_var for lp in sch.get_loops(block)]
+    if len({v.name for v in nest}) < len(nest):  # loops named alike: not told apart
+        return None
     binding = tirx.IndexMap(nest, list(realize.iter_values), None)
     region = tirx.IndexMap(
         [v.var for v in realize.block.iter_vars], [r.min for r in read.region], None
     )
-    dt = dtype(nest[0])
+    point = binding.map_indices([values.get(v.name, v) for v in nest])
+    analyzer = tvm.sym.Analyzer()
+    return [analyzer.simplify(x) for x in region.map_indices(point)]
+
+
+def read_indices(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN201
+    """A function from values of ``block``'s loops (outermost first) to the indices, as
+    ints, where ``block`` reads ``buffer`` (its read region's first element) there; None
+    if it does not read it. The nest's own binding, evaluated: what a prefetch must
+    match."""
+    names = [sch.get(lp).loop_var.name for lp in sch.get_loops(block)]
+    dt = dtype(sch.get(sch.get_loops(block)[0]).loop_var)
+    if read_at(sch, block, buffer, {}) is None:
+        return None
 
     def at(values: list[int]) -> list[int]:
-        point = binding.map_indices([tirx.const(v, dt) for v in values])
-        return [int(x) for x in region.map_indices(point)]
+        point = {n: tirx.const(v, dt) for n, v in zip(names, values, strict=True)}
+        return [int(x) for x in read_at(sch, block, buffer, point)]
 
     return at

@@ -5,10 +5,11 @@ a record at least ``MIN_SPEEDUP`` times faster than its default schedule (both m
 when tuning; by their side-by-side re-measurement when ``tune`` made one; by their
 times inside a model run when ``tune``'s model timing made those) gets the record's
 trace replayed and is marked ``tirx.is_scheduled``, so the default schedules
-skip it. Any other kernel is left alone for the defaults. A replayed Winograd kernel
-whose products stream their weights gets the prefetch its default schedule inserts
-outside the trace (``targets._cpu.after_trace``: ``_winograd.prefetch_products``), so a
-record is not handicapped by what its trace cannot hold.
+skip it. Any other kernel is left alone for the defaults. A replayed kernel that streams
+its weights (a Winograd conv's products, a dense conv's streamed reduction) gets the
+prefetch its default schedule inserts outside the trace (``targets._cpu.after_trace``:
+``_winograd.prefetch_products``, ``_cpu_schedules.prefetch_streamed``), so a record is
+not handicapped by what its trace cannot hold.
 """
 
 from __future__ import annotations

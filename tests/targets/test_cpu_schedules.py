@@ -676,6 +676,112 @@ def test_a_conv_whose_weights_outgrow_the_cache_streams_them(
     assert re.search(r"v_y = T\.axis\.spatial\(T\.int64\(\d+\), \w+_fused", func.script())
 
 
+def _prefetch_sites(func) -> list:  # noqa: ANN001
+    """(weight load, its guard or None, the loops above it) of each prefetch in ``func``."""
+    found = []
+
+    def walk(node, loops: list, guard) -> None:  # noqa: ANN001
+        if isinstance(node, tvm.tirx.Evaluate):
+            call = node.value
+            if getattr(call, "op", None) is not None and call.op.name == "tirx.call_llvm_intrin":
+                found.append((call.args[1].args[0], guard, loops))
+            return
+        if isinstance(node, tvm.tirx.For):
+            loops = [*loops, node]
+        if isinstance(node, tvm.tirx.IfThenElse):
+            guard = node.condition
+        for name in ("body", "then_case", "else_case", "block", "init"):
+            child = getattr(node, name, None)
+            if child is not None:
+                walk(child, loops, guard)
+        for child in getattr(node, "seq", None) or []:
+            walk(child, loops, guard)
+
+    walk(func.body, [], None)
+    return found
+
+
+def _streamed_conv(ic: int, oc: int, k: int, stride: int, size: int):  # noqa: ANN202
+    """The scheduled x86 PrimFunc of :func:`_wide_conv_model`'s conv."""
+    mod = _scheduled_module(_wide_conv_model(ic, oc, k, stride, size))
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    return func
+
+
+@pytest.mark.parametrize(
+    "ic,oc,k,stride,size", [(1024, 512, 1, 1, 7), (256, 512, 3, 2, 14), (1024, 256, 1, 1, 14)]
+)
+def test_a_streamed_conv_prefetches_what_its_next_iteration_reads(
+    ic: int, oc: int, k: int, stride: int, size: int
+) -> None:
+    """At each step above the input lanes (an input channel chunk and kernel tap), the
+    (row, pixel chunk) tiles of a streamed conv's parallel iteration prefetch, between
+    them, every weight line the next iteration reads at that step (each of its channel
+    blocks' input lanes) and nothing else; the last iteration its own again."""
+    from tvm import s_tir, tirx
+
+    from graphopt.targets import _prefetch
+
+    func = _streamed_conv(ic, oc, k, stride, size)
+    ((load, guard, loops),) = _prefetch_sites(func)
+    sch = s_tir.Schedule(func)
+    conv = sch.get_sblock("conv2d_nchwc_update")
+    nest = [sch.get(lp) for lp in sch.get_loops(conv)]
+    reads = _prefetch.read_indices(sch, conv, load.source)
+    *above, line = loops  # parallel, step, row, pixel chunk, reductions above the lanes
+    assert above[0].kind == tirx.ForKind.PARALLEL
+    assert [str(lp.loop_var) for lp in above] == [str(lp.loop_var) for lp in nest[: len(above)]]
+    lanes, blocks = nest[len(above)], nest[len(above) + 1]
+    assert int(lanes.extent) == 16 and int(blocks.extent) == 2
+    variables = [lp.loop_var for lp in loops]
+    fetched = tirx.IndexMap(variables, list(load.indices), None)
+    kept = tirx.IndexMap(variables, [guard], None)
+    iterations = int(above[0].extent)
+    tiles = [(y, x) for y in range(int(above[2].extent)) for x in range(int(above[3].extent))]
+    for i in sorted({0, 1, iterations - 1}):
+        for at in (0, -1):  # the first and the last of each loop between the tiles and lanes
+            step = [0 if at == 0 else int(lp.extent) - 1 for lp in above[4:]]
+            rest = [0 if at == 0 else int(above[1].extent) - 1, *step]
+            got = set()
+            for y, x in tiles:
+                for j in range(int(line.extent)):
+                    values = [i, rest[0], y, x, *rest[1:], j]
+                    point = [tirx.const(v, "int64") for v in values]
+                    if int(kept.map_indices(point)[0]):
+                        got.add(tuple(int(v) for v in fetched.map_indices(point)))
+            nxt = min(i + 1, iterations - 1)
+            want = {
+                tuple(reads([nxt, rest[0], 0, 0, *rest[1:], lane, block, 0, 0]))
+                for lane in range(16)
+                for block in range(2)
+            }
+            assert got == want, (i, at)
+
+
+def test_small_or_switched_off_streamed_weights_are_not_prefetched(monkeypatch) -> None:
+    """An eighth of the input channels (weights under 1 MiB, kept in cache: not streamed)
+    has no prefetch, nor a streamed conv with GRAPHOPT_PREFETCH=0."""
+    assert not _prefetch_sites(_streamed_conv(128, 512, 1, 1, 7))
+    monkeypatch.setenv("GRAPHOPT_PREFETCH", "0")
+    assert not _prefetch_sites(_streamed_conv(1024, 512, 1, 1, 7))
+
+
+def test_a_prefetching_streamed_conv_matches_onnxruntime_and_without(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """ResNet-50's strided 3x3 256->512 (4.5 MB of weights, prefetched): verified
+    against onnxruntime, the same numbers bit for bit as with GRAPHOPT_PREFETCH=0."""
+    model = _wide_conv_model(256, 512, 3, 2, 14)
+    rng = np.random.default_rng(3)
+    feeds = {
+        "x": rng.standard_normal((1, 256, 14, 14)).astype(np.float32),
+        "r": rng.standard_normal((1, 512, 7, 7)).astype(np.float32),
+    }
+    on = graphopt.compile(model, "x86", tmp_path / "on.so")
+    assert on.manifest["verification"]["ok"]
+    monkeypatch.setenv("GRAPHOPT_PREFETCH", "0")
+    off = graphopt.compile(model, "x86", tmp_path / "off.so")
+    assert np.array_equal(on.run(feeds)["y"], off.run(feeds)["y"])
+
+
 def _pointwise_conv_model(ic: int, oc: int, size: int, seed: int) -> onnx.ModelProto:
     """An ic -> oc 1x1 conv on a size x size map, no bias."""
     rng = np.random.default_rng(seed)

@@ -247,22 +247,37 @@ def test_kernels_the_built_model_runs_as_views_get_no_task_and_no_record(tmp_pat
     assert not gone & set(report["default"])
 
 
-def test_a_winograd_record_streaming_its_weights_gets_the_prefetch(tmp_path) -> None:  # noqa: ANN001
-    """The products' prefetch (``_winograd.prefetch_products``) is put into the scheduled
-    nest outside the schedule's trace; a record of a 512-channel 7x7 Winograd conv (16
-    MiB of transformed weights) applied by compile has it as the default schedule does;
-    its trace alone replays without it."""
+def _last_stage_winograd():  # noqa: ANN202
+    from tests.targets.test_winograd import last_stage
+
+    return last_stage()[0]
+
+
+def _streamed_1x1():  # noqa: ANN202
+    from tests.targets.test_cpu_schedules import _wide_conv_model
+
+    return _wide_conv_model(1024, 512, 1, 1, 7)
+
+
+@pytest.mark.parametrize(
+    ("model", "kernel"), [(_last_stage_winograd, "winograd"), (_streamed_1x1, "conv2d")]
+)
+def test_a_record_streaming_its_weights_gets_the_prefetch(tmp_path, model, kernel) -> None:  # noqa: ANN001
+    """The prefetches of streamed weights (``_winograd.prefetch_products``,
+    ``_cpu_schedules.prefetch_streamed``) are put into the scheduled nest outside the
+    schedule's trace; a record of a 512-channel 7x7 Winograd conv (16 MiB of transformed
+    weights) or of a 7x7 1024->512 1x1 conv (2 MiB) applied by compile has it as the
+    default schedule does; its trace alone replays without it."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from graphopt.targets import build
     from graphopt.targets._profile import record_schedule
     from graphopt.tuning import ApplyTuningDatabase, TuningDatabase
     from graphopt.tuning._space import graphopt_design_spaces
-    from tests.targets.test_winograd import last_stage
 
-    model, _ = last_stage()
+    model = model()
     targets, found = _tasks(model, "nchwc")
-    (task,) = [t for t in found if "winograd" in t.name]
+    (task,) = [t for t in found if kernel in t.name]
     trace = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)[0].trace
     replayed = s_tir.Schedule(task.mod)
     trace.apply_to_schedule(replayed, remove_postproc=False)
