@@ -577,8 +577,10 @@ def prefetch_products(sch: s_tir.Schedule) -> None:
     first passes over the tiles, prefetches the weight lines that the same step of the
     next parallel iteration will read: pass j < blocks those of its block j (the first
     pass all, with fewer passes than blocks). Applied to the default schedule and to a
-    tuning record's (``tuning._apply``): the loops are found, not passed, and nothing is
-    inserted unless the products' own indexing says the lines are the next iteration's.
+    tuning record's (``tuning._apply``): the loops are found, not passed, and the
+    addresses are the products' own indexing with the next iteration substituted
+    (``_prefetch.read_at``); nothing is inserted where the next iteration reads the same
+    lines (a record whose parallel loop is not over the channel blocks).
 
     Why: each parallel iteration reads its blocks' U once from memory (the first pass over
     the tiles) and again from cache (the others); the hardware prefetcher does not run
@@ -591,31 +593,29 @@ def prefetch_products(sch: s_tir.Schedule) -> None:
     if found is None:
         return
     gemm, weight, outer, po, chunk, blocks = found
-    n_e, n_nu, n_co, _, n_lanes, _ = (int(d) for d in weight.shape)
-    iterations = cpu._extent(sch, outer)
-    if not iterations or iterations % (n_e * n_nu) or n_co % blocks:
-        return
-    per_nu = iterations // (n_e * n_nu)  # (image, block group) iterations per (e, nu)
-    groups = n_co // blocks
+    loops = sch.get_loops(gemm)
     i = _prefetch.loop_var(sch, outer)
     dt = _prefetch.dtype(i)
-
-    def const(v: int) -> tirx.PrimExpr:
-        return tirx.const(v, dt)
-
-    def address(it: tirx.PrimExpr, block: tirx.PrimExpr, lane: tirx.PrimExpr) -> list:
-        """U's indices of iteration ``it``'s block ``block``, lane line ``lane``, at the
-        current chunk."""
-        e = tirx.floordiv(it, const(per_nu * n_nu))
-        nu = tirx.floormod(tirx.floordiv(it, const(per_nu)), const(n_nu))
-        co = tirx.floormod(it, const(groups)) * const(blocks) + block
-        return [e, nu, co, _prefetch.loop_var(sch, chunk), lane, const(0)]
-
-    if not _reads_at(sch, gemm, weight, address, (iterations, blocks, n_lanes)):
+    iterations = cpu._extent(sch, outer)
+    reads = _prefetch.read_indices(sch, gemm, weight)
+    if (
+        not iterations
+        or reads is None
+        or reads([0] * len(loops)) == reads([1] + [0] * (len(loops) - 1))
+    ):
         return
     b, lane = tirx.Var("pf_block", dt), tirx.Var("pf_lane", dt)
-    nxt = tirx.min(i + const(1), const(iterations - 1))
-    lines = _prefetch.serial(lane, n_lanes, _prefetch.prefetch(weight, address(nxt, b, lane)))
+    # U's indices where the next iteration's block b reads lane line ``lane`` at this chunk
+    # (its first tile and vector lane): the products' own indexing, substituted
+    values = {str(i.name): tirx.min(i + tirx.const(1, dt), tirx.const(iterations - 1, dt))}
+    values[str(sch.get(loops[3]).loop_var.name)] = lane
+    if blocks > 1:
+        values[str(sch.get(loops[4]).loop_var.name)] = b
+    for lp in loops[-2:]:
+        values[str(sch.get(lp).loop_var.name)] = tirx.const(0, dt)
+    address = _prefetch.read_at(sch, gemm, weight, values)
+    n_lanes = cpu._extent(sch, loops[3])
+    lines = _prefetch.serial(lane, n_lanes, _prefetch.prefetch(weight, address))
     tile_pass = _prefetch.loop_var(sch, po)
     pdt = _prefetch.dtype(tile_pass)
     if cpu._extent(sch, po) >= blocks:
@@ -651,32 +651,6 @@ def _products_loops(sch: s_tir.Schedule):  # noqa: ANN202
         return None
     blocks = cpu._extent(sch, loops[4]) if len(loops) == 7 else 1
     return gemm, weight, loops[0], loops[1], loops[2], blocks
-
-
-def _reads_at(sch: s_tir.Schedule, gemm, weight, address, sizes: tuple) -> bool:  # noqa: ANN001
-    """Whether ``address(iteration, block, lane)`` is where the products read U (at
-    pass, chunk, tile and vector lane 0) for the first, second and last iterations and
-    each block and the first and last lane lines: the products' own indexing, evaluated
-    (a tuning record's nest may order its parallel loop otherwise)."""
-    iterations, blocks, lanes = sizes
-    reads = _prefetch.read_indices(sch, gemm, weight)
-    if reads is None:
-        return False
-    nest = [sch.get(lp).loop_var for lp in sch.get_loops(gemm)]
-    chunk = nest[2]
-    dt = _prefetch.dtype(nest[0])
-    for it in sorted({0, min(1, iterations - 1), iterations - 1}):
-        for block in range(blocks):
-            for lane in (0, lanes - 1):
-                values = [0] * len(nest)
-                values[0], values[3] = it, lane
-                if len(nest) == 7:
-                    values[4] = block
-                ours = address(tirx.const(it, dt), tirx.const(block, dt), tirx.const(lane, dt))
-                ours = tirx.IndexMap([chunk], ours, None).map_indices([tirx.const(0, dt)])
-                if reads(values) != [int(x) for x in ours]:
-                    return False
-    return True
 
 
 # What the default schedule puts into the nest outside its trace, for a replayed tuning
