@@ -1505,11 +1505,14 @@ def prefetch_streamed(sch: s_tir.Schedule) -> None:
     others from L1; the hardware prefetcher follows each block's run of addresses, a few
     lines ahead, but not into the next iteration's blocks. ResNet-50's 7x7 512->2048 conv
     alone after a 96 MB sweep: 0.289 ms without, 0.255 with; its stride-2 3x3 512->512:
-    0.631 and 0.536 (2-core Zen 5; warm, the same either way). Whole models, paired in one
-    process: ResNet-50 0.96x the time without, ResNeXt-50 0.96x, the others within noise
-    (see benchmarks/RESULTS.md). A step's 128 lines at once at its start instead (1 to 8
-    steps ahead) ran ResNet-50 1.010-1.020x slower (:mod:`._prefetch`): spread a few
-    lines to a tile, the prefetches overlap the FMAs."""
+    0.631 and 0.536 (2-core Zen 5; warm, the same either way). Inside ResNet-50
+    (``graphopt profile``) its last stage's dense convs ran 0.73-0.88x their time without;
+    as compiled artifacts paired in both build orders, ResNet-50 0.98x the time without,
+    ResNeXt-50 0.97x, DLA-34 0.98x, ResNet-18 and VGG-11 within 2% either way; against
+    onnxruntime ResNet-50 went from 0.85-0.88x to 0.81-0.82x (benchmarks/RESULTS.md). A
+    step's 128 lines at once at its start instead (1 to 8 steps ahead) ran ResNet-50
+    1.010-1.020x slower (:mod:`._prefetch`): spread a few lines to a tile, the prefetches
+    overlap the FMAs."""
     found = _streamed_loops(sch)
     if found is None:
         return

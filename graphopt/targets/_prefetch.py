@@ -10,11 +10,13 @@ next read one step ahead, a few lines at a time, with :func:`insert_at_loop`,
 :func:`prefetch` and (the address: the kernel's own indexing at the next iteration)
 :func:`read_at`.
 
-Tried and left out (2-core Zen 5, ResNet-50 paired in one process, 21 rounds): the dense
-convs' streamed reductions prefetching a whole step's weights (128 lines for a 1x1
-conv's step) at once at the step's start, 1, 2, 4 or 8 steps ahead: 1.010-1.020x the
-time (the same lines spread a few to each of the step's row tiles: 0.96x). The Winograd
-products 2 or 3 iterations ahead instead of 1: 1.006x.
+Tried and left out (2-core Zen 5, ResNet-50 paired in one process, 21 rounds, one build
+order): the dense convs' streamed reductions prefetching a whole step's weights (128
+lines for a 1x1 conv's step) at once at the step's start, 1, 2, 4 or 8 steps ahead:
+1.010-1.020x the time; the Winograd products 2 or 3 iterations ahead instead of 1:
+1.006x. (Two builds timed in one process without huge pages later ran 4-7% apart by
+build order alone, so such one-order figures are weak; the kept prefetches were also
+measured in both orders, as artifacts, and inside the model with ``graphopt profile``.)
 
 Where: at the top of a reduction loop whose body holds whole register tiles, never in
 the innermost loop: a prefetch is a memory access LLVM cannot tell apart from the
