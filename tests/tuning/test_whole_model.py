@@ -31,7 +31,8 @@ from tests.tuning._models import conv_relu, slow_defaults
 
 
 def test_paired_rounds_take_turns_and_pair_each_round() -> None:
-    """Each call gets one figure per round, and the paired ratios tell a call twice as slow."""
+    """Each call gets one figure per round, and the paired ratios tell a call twice as slow.
+    (Sleeps of 10 and 20 ms: at 2 and 4 ms a loaded machine's oversleep read 2.55.)"""
     order: list[str] = []
 
     def sleeper(name: str, secs: float):  # noqa: ANN202
@@ -42,7 +43,7 @@ def test_paired_rounds_take_turns_and_pair_each_round() -> None:
         return call
 
     figures = paired_rounds(
-        {"a": sleeper("a", 0.002), "b": sleeper("b", 0.004)}, rounds=4, block=0.01
+        {"a": sleeper("a", 0.01), "b": sleeper("b", 0.02)}, rounds=4, block=0.05
     )
     assert len(figures["a"]) == len(figures["b"]) == 4
     ratios = sorted(b / a for a, b in zip(figures["a"], figures["b"], strict=True))
