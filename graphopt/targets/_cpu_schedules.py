@@ -1517,8 +1517,7 @@ def prefetch_streamed(sch: s_tir.Schedule) -> None:
     if found is None:
         return
     conv, weight, outer, slots, at, lane, block, tile = found
-    i = _prefetch.loop_var(sch, outer)
-    dt = _prefetch.dtype(i)
+    dt = _prefetch.dtype(_prefetch.loop_var(sch, outer))
 
     def const(v: int) -> tirx.PrimExpr:
         return tirx.const(v, dt)
@@ -1528,22 +1527,20 @@ def prefetch_streamed(sch: s_tir.Schedule) -> None:
     lines = -(-_extent(sch, lane) // per_line)
     blocks = _extent(sch, block) if block is not None else 1
     total = blocks * lines
-    n_slots = _product(_extent(sch, lp) for lp in slots)
-    per = -(-total // n_slots)
+    per = -(-total // _product(_extent(sch, lp) for lp in slots))
     slot = const(0)
     for lp in slots:
         slot = slot * const(_extent(sch, lp)) + _prefetch.loop_var(sch, lp)
     j = tirx.Var("pf_line", dt)
     line = slot * const(per) + j
-    values = {
-        str(i.name): tirx.min(i + const(1), const(_extent(sch, outer) - 1)),
-        str(sch.get(lane).loop_var.name): tirx.floormod(line, const(lines)) * const(per_line),
-    }
+    # the register tile's pixels and vector lanes at its first
+    values = [(lane, tirx.floormod(line, const(lines)) * const(per_line))]
+    values += [(lp, const(0)) for lp in tile[-2:]]
     if block is not None:
-        values[str(sch.get(block).loop_var.name)] = tirx.floordiv(line, const(lines))
-    for lp in tile[-2:]:  # the register tile's pixels and vector lanes: its first
-        values[str(sch.get(lp).loop_var.name)] = const(0)
-    index = _prefetch.read_at(sch, conv, weight, values)
+        values.append((block, tirx.floordiv(line, const(lines))))
+    index = _prefetch.next_read(sch, conv, weight, values)
+    if index is None:
+        return
     fetch = tirx.IfThenElse(line < const(total), _prefetch.prefetch(weight, index), None)
     _prefetch.insert_at_loop(sch, at, _prefetch.serial(j, per, fetch))
 
@@ -1553,8 +1550,8 @@ def _streamed_loops(sch: s_tir.Schedule):  # noqa: ANN202
     channel block loop or None, the register tile's loops) of a streamed dense conv's
     nest: parallel, step, (row, pixel chunk), reductions (chunk in step, [kernel row,
     kernel column,] input lane), ([channel block,] pixels, vector lane); its loops of
-    compile-time extents, its weights 1 MiB or more and read in other lines by the first
-    two parallel iterations; or None."""
+    compile-time extents, its weights 1 MiB or more; or None (:func:`_prefetch.next_read`
+    declines a nest whose first two parallel iterations read the same lines)."""
     if not _prefetch.enabled():
         return None
     try:
@@ -1583,13 +1580,10 @@ def _streamed_loops(sch: s_tir.Schedule):  # noqa: ANN202
     reads = _prefetch.read_indices(sch, conv, weight)
     if reads is None:
         return None
-    zero = [0] * len(loops)
-    first, second = reads(zero), reads([1, *zero[1:]])
-    # the lane loop walks the weight's input lanes (a step of one), the parallel loop
-    # its channel blocks: then the next iteration's are other lines
+    # the lane loop walks the weight's input lanes, a step of one
+    first = reads([0] * len(loops))
     at_lane = reads([int(k == lane_at) for k in range(len(loops))])
-    lane_step = [b - a for a, b in zip(first, at_lane, strict=True)]
-    if first == second or lane_step != [0, 0, 0, 0, 1, 0]:
+    if [b - a for a, b in zip(first, at_lane, strict=True)] != [0, 0, 0, 0, 1, 0]:
         return None
     return conv, weight, loops[0], slots, at, lane, block, loops[lane_at + 1 :]
 

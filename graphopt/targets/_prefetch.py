@@ -44,6 +44,7 @@ __all__ = [
     "enabled",
     "insert_at_loop",
     "loop_var",
+    "next_read",
     "param_read",
     "prefetch",
     "read_at",
@@ -121,25 +122,34 @@ def param_read(sch: s_tir.Schedule, block, ndim: int):  # noqa: ANN001, ANN201
     )
 
 
-def read_at(sch: s_tir.Schedule, block, buffer, values: dict):  # noqa: ANN001, ANN201
-    """The indices (expressions) where ``block`` reads ``buffer`` (its read region's first
-    element) with the loops whose variables ``values`` names (name -> expression) at those
-    expressions and every other loop at its own variable; None if it does not read it.
-    The nest's own binding, substituted: a prefetch of what another iteration reads."""
+def _read_map(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN202
+    """(the nest's loop variables, a function from their values to the indices where
+    ``block`` reads ``buffer``: its read region's first element), or None if it does not
+    read it or two loops share a name. The nest's own binding and read region, as
+    IndexMaps built once."""
     realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
     read = next((r for r in realize.block.reads if r.source.same_as(buffer)), None)
-    if read is None:
-        return None
     nest = [sch.get(lp).loop_var for lp in sch.get_loops(block)]
-    if len({v.name for v in nest}) < len(nest):  # loops named alike: not told apart
+    if read is None or len({v.name for v in nest}) < len(nest):
         return None
     binding = tirx.IndexMap(nest, list(realize.iter_values), None)
     region = tirx.IndexMap(
         [v.var for v in realize.block.iter_vars], [r.min for r in read.region], None
     )
-    point = binding.map_indices([values.get(v.name, v) for v in nest])
+    return nest, lambda point: region.map_indices(binding.map_indices(point))
+
+
+def read_at(sch: s_tir.Schedule, block, buffer, values: dict):  # noqa: ANN001, ANN201
+    """The indices (expressions) where ``block`` reads ``buffer`` (its read region's first
+    element) with the loops whose variables ``values`` names (name -> expression) at those
+    expressions and every other loop at its own variable; None if it does not read it.
+    The nest's own binding, substituted: a prefetch of what another iteration reads."""
+    found = _read_map(sch, block, buffer)
+    if found is None:
+        return None
+    nest, indices = found
     analyzer = tvm.sym.Analyzer()
-    return [analyzer.simplify(x) for x in region.map_indices(point)]
+    return [analyzer.simplify(x) for x in indices([values.get(v.name, v) for v in nest])]
 
 
 def read_indices(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN201
@@ -147,13 +157,31 @@ def read_indices(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN201
     ints, where ``block`` reads ``buffer`` (its read region's first element) there; None
     if it does not read it. The nest's own binding, evaluated: what a prefetch must
     match."""
-    names = [sch.get(lp).loop_var.name for lp in sch.get_loops(block)]
-    dt = dtype(sch.get(sch.get_loops(block)[0]).loop_var)
-    if read_at(sch, block, buffer, {}) is None:
+    found = _read_map(sch, block, buffer)
+    if found is None:
         return None
+    nest, indices = found
+    dt = dtype(nest[0])
 
     def at(values: list[int]) -> list[int]:
-        point = {n: tirx.const(v, dt) for n, v in zip(names, values, strict=True)}
-        return [int(x) for x in read_at(sch, block, buffer, point)]
+        return [int(x) for x in indices([tirx.const(v, dt) for v in values])]
 
     return at
+
+
+def next_read(sch: s_tir.Schedule, block, buffer, values: list):  # noqa: ANN001, ANN201
+    """The indices where ``block`` reads ``buffer`` in the next iteration of its outermost
+    (parallel) loop (the last iteration: its own), with the loops in ``values`` ((LoopRV,
+    expression) pairs) at those expressions: the address a prefetch of the next
+    iteration's lines asks for. None if the block does not read ``buffer``, or its first
+    two iterations read the same element (the parallel loop is not over what streams)."""
+    reads = read_indices(sch, block, buffer)
+    loops = sch.get_loops(block)
+    zero = [0] * len(loops)
+    if reads is None or reads(zero) == reads([1, *zero[1:]]):
+        return None
+    outer = sch.get(loops[0])
+    i, dt = outer.loop_var, dtype(outer.loop_var)
+    at = {i.name: tirx.min(i + tirx.const(1, dt), tirx.const(int(outer.extent) - 1, dt))}
+    at.update((sch.get(lp).loop_var.name, v) for lp, v in values)
+    return read_at(sch, block, buffer, at)

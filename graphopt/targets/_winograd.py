@@ -594,26 +594,16 @@ def prefetch_products(sch: s_tir.Schedule) -> None:
         return
     gemm, weight, outer, po, chunk, blocks = found
     loops = sch.get_loops(gemm)
-    i = _prefetch.loop_var(sch, outer)
-    dt = _prefetch.dtype(i)
-    iterations = cpu._extent(sch, outer)
-    reads = _prefetch.read_indices(sch, gemm, weight)
-    if (
-        not iterations
-        or reads is None
-        or reads([0] * len(loops)) == reads([1] + [0] * (len(loops) - 1))
-    ):
-        return
+    dt = _prefetch.dtype(_prefetch.loop_var(sch, outer))
     b, lane = tirx.Var("pf_block", dt), tirx.Var("pf_lane", dt)
-    # U's indices where the next iteration's block b reads lane line ``lane`` at this chunk
-    # (its first tile and vector lane): the products' own indexing, substituted
-    values = {str(i.name): tirx.min(i + tirx.const(1, dt), tirx.const(iterations - 1, dt))}
-    values[str(sch.get(loops[3]).loop_var.name)] = lane
+    # where the next iteration's block b reads lane line ``lane`` at this chunk (its first
+    # tile and vector lane)
+    values = [(loops[3], lane), *[(lp, tirx.const(0, dt)) for lp in loops[-2:]]]
     if blocks > 1:
-        values[str(sch.get(loops[4]).loop_var.name)] = b
-    for lp in loops[-2:]:
-        values[str(sch.get(lp).loop_var.name)] = tirx.const(0, dt)
-    address = _prefetch.read_at(sch, gemm, weight, values)
+        values.append((loops[4], b))
+    address = _prefetch.next_read(sch, gemm, weight, values)
+    if address is None:
+        return
     n_lanes = cpu._extent(sch, loops[3])
     lines = _prefetch.serial(lane, n_lanes, _prefetch.prefetch(weight, address))
     tile_pass = _prefetch.loop_var(sch, po)
