@@ -25,10 +25,11 @@ at every step (2.7x slower). Into L2 (``prefetcht1``): the lines are read within
 microseconds, and L1 is the register tile's working set.
 
 Inserted into the scheduled loop nest (``ScheduleState.replace``), not by a schedule
-instruction: a tuning record's trace replays without it, so the search measures its
-candidates without it, and compile puts it into an applied record's nest as into the
-default's (``tuning._apply``). ``GRAPHOPT_PREFETCH=0`` in the environment turns every
-prefetch off (for comparisons; numbers do not change).
+instruction: a tuning record's trace replays without it; compile puts it into an applied
+record's nest as into the default's, and the search measures each candidate with it
+(``tuning._apply.as_built``), so the search varies the tiles around it, not it.
+``GRAPHOPT_PREFETCH=0`` in the environment turns every prefetch off (for comparisons;
+numbers do not change).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ skip it. Any other kernel is left alone for the defaults. A replayed kernel that
 its weights (a Winograd conv's products, a dense conv's streamed reduction) gets the
 prefetch its default schedule inserts outside the trace (``targets._cpu.after_trace``:
 ``_winograd.prefetch_products``, ``_cpu_schedules.prefetch_streamed``), so a record is
-not handicapped by what its trace cannot hold.
+not handicapped by what its trace cannot hold. ``tune`` measures each candidate and each
+re-measured record the same way (:func:`as_built`), so the kernel timed in the search is
+the kernel ``compile`` builds from its record.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from graphopt.targets._phases import schedule_unscheduled
 from graphopt.tuning._database import MIN_SPEEDUP, TuningDatabase, beats_default, workload_mod
 from graphopt.tuning._tasks import views
 
-__all__ = ["ApplyTuningDatabase", "MIN_SPEEDUP", "SCHEDULE_RULE", "applied_secs", "beats_default"]
+__all__ = [
+    "ApplyTuningDatabase",
+    "MIN_SPEEDUP",
+    "SCHEDULE_RULE",
+    "applied_secs",
+    "as_built",
+    "beats_default",
+    "replayed",
+]
 
 SCHEDULE_RULE = "tuning-db"
 
@@ -31,6 +41,29 @@ def applied_secs(default: float | None, best: float | None) -> float | None:
     """A kernel's time as ``compile`` builds it with the database: the record only when it
     beats the default by ``MIN_SPEEDUP`` (the default unknown: the record)."""
     return best if beats_default(default, best) else default
+
+
+def as_built(sch: s_tir.Schedule) -> tvm.IRModule:
+    """The kernel ``compile`` builds from a schedule replayed from a trace (a search
+    candidate, a record): ``sch``'s module with what the default schedule adds outside its
+    trace (``after_trace``: the streamed weights' prefetch). ``sch`` itself is left as it
+    is (its trace and module are the search's).
+
+    Why the search measures this and not ``sch.mod``: the default is measured with its
+    prefetch, and a candidate without it lost to the default by the prefetch alone, on
+    exactly the kernels that stream their weights (ResNet-50's last stage), so the search
+    could not find a better tile there, and a record chosen without it would be built
+    with it."""
+    built = s_tir.Schedule(sch.mod)  # (copy() fails on some candidates' symbol tables)
+    after_trace(built)
+    return built.mod
+
+
+def replayed(record, wmod: tvm.IRModule) -> tvm.IRModule:  # noqa: ANN001 - a TuningRecord
+    """The workload ``wmod`` scheduled by ``record``'s trace, as ``compile`` builds it."""
+    sch = s_tir.Schedule(wmod)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    return as_built(sch)
 
 
 def ApplyTuningDatabase(  # noqa: N802
@@ -76,10 +109,7 @@ def ApplyTuningDatabase(  # noqa: N802
             if report is not None:
                 report["default"].append(gvar.name_hint)
             return None
-        sch = s_tir.Schedule(wmod)
-        record.trace.apply_to_schedule(sch, remove_postproc=False)
-        after_trace(sch)  # what the default schedule adds outside its trace
-        new = sch.mod["main"]
+        new = replayed(record, wmod)["main"]
         symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
         new = (
             new.with_attr("global_symbol", symbol)

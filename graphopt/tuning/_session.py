@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import s_tir
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.cost_model import CostModel
 from tvm.s_tir.meta_schedule.database import TuningRecord
 from tvm.s_tir.meta_schedule.runner import Runner, RunnerResult
 
 from graphopt.targets import TargetSpec
-from graphopt.tuning._apply import applied_secs, beats_default
+from graphopt.tuning._apply import applied_secs, as_built, beats_default, replayed
 from graphopt.tuning._database import TuningDatabase, workload_mod
 from graphopt.tuning._measure import PersistentBuilder, measure
 from graphopt.tuning._options import TuneOptions
@@ -211,10 +210,8 @@ def _median(values: list[float]) -> float:
 
 
 def _replayed(entry, task: Task) -> tvm.IRModule:  # noqa: ANN001 - a database entry
-    """The task's kernel under its best record's schedule, as ``compile`` replays it."""
-    sch = s_tir.Schedule(task.mod)
-    entry.best.trace.apply_to_schedule(sch, remove_postproc=False)
-    return sch.mod
+    """The task's kernel under its best record's schedule, as ``compile`` builds it."""
+    return replayed(entry.best, task.mod)
 
 
 # A re-measured winner costs about this many search candidates: more repeats per kernel.
@@ -383,7 +380,7 @@ class Session:
                 state.status = "exhausted"
             return
         candidates = candidates[:left]
-        mods = [c.sch.mod for c in candidates]
+        mods = [as_built(c.sch) for c in candidates]  # as compile would build each
         infos = [c.args_info for c in candidates]
         default = self._default_again(state)
         if default is not None:

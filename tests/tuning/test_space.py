@@ -292,3 +292,47 @@ def test_a_record_streaming_its_weights_gets_the_prefetch(tmp_path, model, kerne
             build(to_relax(graph), targets.spec, "nchwc", [ApplyTuningDatabase(db, report)])
     assert list(report["from_database"]) == [task.name]
     assert "llvm.prefetch" in record.module[task.name].script()
+
+
+def test_the_search_measures_its_candidates_as_compile_builds_them(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A 7x7 1024->512 1x1 conv streams its 2 MiB of weights, and its default schedule
+    prefetches them outside the trace. Each kernel ``tune`` measures is the kernel compile
+    builds from its record (``_apply.as_built``: with the prefetch where the candidate's
+    nest streams its weights), and the records keep the bare traces. Measured as the bare
+    trace, a candidate lost to the default by the prefetch alone."""
+    import tvm_ffi
+
+    from graphopt.tuning import TuningDatabase, _session
+    from graphopt.tuning._apply import replayed
+
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_streamed_1x1(), model_path)
+    measured: list = []
+    real = _session.measure
+
+    def spy(builder, runner, target, mods, infos):  # noqa: ANN001, ANN202
+        measured.extend(m["main"] for m in mods if "conv2d" in m["main"].script())
+        return real(builder, runner, target, mods, infos)
+
+    monkeypatch.setattr(_session, "measure", spy)
+    report = tune(
+        model_path,
+        "x86",
+        tmp_path / "db",
+        tasks="*conv2d*",
+        per_task=3,
+        batch_size=3,
+        space="graphopt",
+        measure_model=False,
+    )
+    (task,) = report.tasks
+    assert task.trials == 3
+    with TuningDatabase(tmp_path / "db", resolve("x86")) as db:
+        (entry,) = [e for e in db.entries() if e.trials]
+        records = list(entry.records.values())
+        wmod = entry.workload.mod
+    assert records and all("llvm.prefetch" not in str(r.trace) for r in records)
+    built = [replayed(record, wmod)["main"] for record in records]
+    for kernel in built:  # each candidate was measured as compile builds its record
+        assert any(tvm_ffi.structural_equal(kernel, m) for m in measured)
+    assert any("llvm.prefetch" in kernel.script() for kernel in built)
