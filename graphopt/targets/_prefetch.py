@@ -8,7 +8,7 @@ idle. The Winograd products (``_winograd.prefetch_products``) and the dense conv
 stream their weights (``_cpu_schedules.prefetch_streamed``) ask for the lines of that
 next read one step ahead, a few lines at a time, with :func:`insert_at_loop`,
 :func:`prefetch` and (the address: the kernel's own indexing at the next iteration)
-:func:`read_at`.
+:func:`next_read`.
 
 Tried and left out (2-core Zen 5, ResNet-50 paired in one process, 21 rounds, one build
 order): the dense convs' streamed reductions prefetching a whole step's weights (128
@@ -48,7 +48,6 @@ __all__ = [
     "next_read",
     "param_read",
     "prefetch",
-    "read_at",
     "read_indices",
     "serial",
 ]
@@ -140,19 +139,6 @@ def _read_map(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN202
     return nest, lambda point: region.map_indices(binding.map_indices(point))
 
 
-def read_at(sch: s_tir.Schedule, block, buffer, values: dict):  # noqa: ANN001, ANN201
-    """The indices (expressions) where ``block`` reads ``buffer`` (its read region's first
-    element) with the loops whose variables ``values`` names (name -> expression) at those
-    expressions and every other loop at its own variable; None if it does not read it.
-    The nest's own binding, substituted: a prefetch of what another iteration reads."""
-    found = _read_map(sch, block, buffer)
-    if found is None:
-        return None
-    nest, indices = found
-    analyzer = tvm.sym.Analyzer()
-    return [analyzer.simplify(x) for x in indices([values.get(v.name, v) for v in nest])]
-
-
 def read_indices(sch: s_tir.Schedule, block, buffer):  # noqa: ANN001, ANN201
     """A function from values of ``block``'s loops (outermost first) to the indices, as
     ints, where ``block`` reads ``buffer`` (its read region's first element) there; None
@@ -176,13 +162,17 @@ def next_read(sch: s_tir.Schedule, block, buffer, values: list):  # noqa: ANN001
     expression) pairs) at those expressions: the address a prefetch of the next
     iteration's lines asks for. None if the block does not read ``buffer``, or its first
     two iterations read the same element (the parallel loop is not over what streams)."""
-    reads = read_indices(sch, block, buffer)
-    loops = sch.get_loops(block)
-    zero = [0] * len(loops)
-    if reads is None or reads(zero) == reads([1, *zero[1:]]):
+    found = _read_map(sch, block, buffer)  # built once: evaluated, then substituted
+    if found is None:
         return None
-    outer = sch.get(loops[0])
-    i, dt = outer.loop_var, dtype(outer.loop_var)
-    at = {i.name: tirx.min(i + tirx.const(1, dt), tirx.const(int(outer.extent) - 1, dt))}
+    nest, indices = found
+    i, dt = nest[0], dtype(nest[0])
+    zero = [tirx.const(0, dt)] * len(nest)
+    first, second = indices(zero), indices([tirx.const(1, dt), *zero[1:]])
+    if [int(x) for x in first] == [int(x) for x in second]:
+        return None
+    extent = int(sch.get(sch.get_loops(block)[0]).extent)
+    at = {i.name: tirx.min(i + tirx.const(1, dt), tirx.const(extent - 1, dt))}
     at.update((sch.get(lp).loop_var.name, v) for lp, v in values)
-    return read_at(sch, block, buffer, at)
+    analyzer = tvm.sym.Analyzer()
+    return [analyzer.simplify(x) for x in indices([at.get(v.name, v) for v in nest])]

@@ -579,7 +579,7 @@ def prefetch_products(sch: s_tir.Schedule) -> None:
     pass all, with fewer passes than blocks). Applied to the default schedule and to a
     tuning record's (``tuning._apply``): the loops are found, not passed, and the
     addresses are the products' own indexing with the next iteration substituted
-    (``_prefetch.read_at``); nothing is inserted where the next iteration reads the same
+    (``_prefetch.next_read``); nothing is inserted where the next iteration reads the same
     lines (a record whose parallel loop is not over the channel blocks).
 
     Why: each parallel iteration reads its blocks' U once from memory (the first pass over

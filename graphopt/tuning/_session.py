@@ -209,11 +209,6 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _replayed(entry, task: Task) -> tvm.IRModule:  # noqa: ANN001 - a database entry
-    """The task's kernel under its best record's schedule, as ``compile`` builds it."""
-    return replayed(entry.best, task.mod)
-
-
 # A re-measured winner costs about this many search candidates: more repeats per kernel.
 _CONFIRM_COST = 2.0
 
@@ -455,7 +450,8 @@ class Session:
             if not beats_default(e.baseline_secs, e.best_secs):
                 continue  # it does not claim to beat the default
             try:
-                mods = [self.targets.default_scheduled(state.task), _replayed(e, state.task)]
+                default = self.targets.default_scheduled(state.task)
+                mods = [default, replayed(e.best, state.task.mod)]
             except Exception:  # noqa: BLE001 - cannot rebuild it: judged as measured
                 continue
             todo.append((state, mods))
