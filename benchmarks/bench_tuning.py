@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import sys
 import tempfile
 import time
@@ -365,10 +366,15 @@ def main() -> int:
         return 2
     opts.budgets = sorted(float(b) for b in opts.budgets.split(","))
     opts.threads = set_threads(opts.threads)
+    # Models, artifacts and (without --db) the databases: about 1 GB per model, removed
+    # at the end; --db keeps the databases.
     work = Path(tempfile.mkdtemp(prefix="bench-tuning-"))
     print(f"# bench_tuning {datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}")
     print(f"# {opts.threads} thread(s), space {opts.space}, budgets {opts.budgets} min")
-    curves = [bench_model(name, work, opts) for name in opts.models.split(",")]
+    try:
+        curves = [bench_model(name, work, opts) for name in opts.models.split(",")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print("\n" + table(curves))
     plot(curves, Path(opts.png))
     print(f"\ncurve: {opts.png}")

@@ -27,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -333,11 +334,24 @@ class Artifact:
     """A compiled model: ``artifact(**inputs)`` or ``artifact.run(inputs)`` -> outputs dict."""
 
     def __init__(
-        self, path: str | os.PathLike, manifest: dict | None = None, *, check: bool = True
+        self,
+        path: str | os.PathLike,
+        manifest: dict | None = None,
+        *,
+        check: bool = True,
+        owned_dir: str | os.PathLike | None = None,
     ) -> None:
         """``check=False`` skips the library checksum: only for a library graphopt has
-        just built and not yet sealed with its manifest (``compile`` verifying it)."""
+        just built and not yet sealed with its manifest (``compile`` verifying it).
+        ``owned_dir``: a temporary folder holding the library (``compile`` without an
+        ``output``), removed with this artifact: at :meth:`close`, or when the last
+        reference goes (or at interpreter exit). Keep a copy with :meth:`save`."""
         self.path = Path(path)
+        self._remove = (
+            weakref.finalize(self, shutil.rmtree, Path(owned_dir), ignore_errors=True)
+            if owned_dir is not None
+            else None
+        )
         self._check = check
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         self._runner = None
@@ -373,12 +387,15 @@ class Artifact:
 
     def close(self) -> None:
         """Release the loaded code and its memory (weights, workspaces). Idempotent;
-        ``run`` afterwards raises. ``with graphopt.load(path) as art:`` closes on exit."""
+        ``run`` afterwards raises. ``with graphopt.load(path) as art:`` closes on exit.
+        An artifact ``compile`` wrote to a temporary folder (no ``output``) removes it."""
         with self._lock:
             self._closed = True
             runner, self._runner = self._runner, None
         if runner is not None and hasattr(runner, "close"):
             runner.close()
+        if self._remove is not None:
+            self._remove()
 
     def __enter__(self) -> Artifact:
         return self
@@ -428,8 +445,11 @@ class Artifact:
         return random_inputs(concrete_specs(self.input_specs, batch), seed)
 
     def save(self, path: str | os.PathLike) -> Artifact:
-        """Copy to ``path`` atomically (a complete file or the old one, never half)."""
+        """Copy to ``path`` atomically (a complete file or the old one, never half).
+        Refused after :meth:`close` when the library lived in a temporary folder."""
         path = Path(path)
+        if not self.path.exists():
+            raise ArtifactError(f"cannot save {self.path}: it no longer exists (closed?)")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         os.close(fd)
         try:

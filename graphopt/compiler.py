@@ -217,21 +217,21 @@ def compile(  # noqa: A001 - the public name users expect
     224)}``): an ONNX model's symbolic batch dim stays symbolic, and the one artifact
     runs any batch size; verification runs it at batches ``VERIFY_BATCHES``.
 
-    ``model``: an ONNX path or ``ModelProto``; or a torch model: what
-    ``graphopt.from_torch`` returns, an ``ExportedProgram`` or a ``.pt2`` path.
-    ``output`` defaults to a fresh temporary file. With ``verify`` (the default), the
-    artifact is run against the reference (onnxruntime; torch eager for torch models) on
-    ``verify_inputs`` (when None: seeded random inputs, or a torch model's example
-    inputs); on a mismatch :class:`VerificationError` is raised and nothing is written
-    at ``output`` unless ``keep_unverified`` is set. ``dump_ir`` names a directory for
-    the graph before/after each pass and the Relax module; ``svg`` a drawing of the graph
-    after the passes (see :func:`prepare`). ``tuning_db``: a ``graphopt tune`` database
-    for this target; kernels with records use them (``manifest["tuning"]`` names them).
-    ``layout``: the activation layout convs compile in, one the target lists
-    (``graphopt targets``; default: the target's own); the manifest records it.
-    ``trust_pickle``: load a ``.pt2`` file as ``torch.export.load`` does (unpickling,
-    AOTInductor code, ...), which can run code from the file: only for files you trust
-    (see ``graphopt.frontends.torch.load_pt2``).
+    ``model``: an ONNX path or ``ModelProto``; or a torch model: what ``graphopt.from_torch``
+    returns, an ``ExportedProgram`` or a ``.pt2`` path. ``output`` defaults to a file in a fresh
+    temporary folder, removed with the returned artifact (``close()``, or its last reference
+    dropped; ``save`` keeps a copy). With ``verify`` (the default), the artifact is run against
+    the reference (onnxruntime; torch eager for torch models) on ``verify_inputs`` (when None:
+    seeded random inputs, or a torch model's example inputs); on a mismatch
+    :class:`VerificationError` is raised and nothing is written at ``output`` unless
+    ``keep_unverified`` is set. ``dump_ir`` names a directory for the graph before/after each
+    pass and the Relax module; ``svg`` a drawing of the graph after the passes (see
+    :func:`prepare`). ``tuning_db``: a ``graphopt tune`` database for this target; kernels with
+    records use them (``manifest["tuning"]`` names them). ``layout``: the activation layout
+    convs compile in, one the target lists (``graphopt targets``; default: the target's own);
+    the manifest records it. ``trust_pickle``: load a ``.pt2`` file as ``torch.export.load``
+    does (unpickling, AOTInductor code, ...), which can run code from the file: only for files
+    you trust (see ``graphopt.frontends.torch.load_pt2``).
 
     Before any work, ``output`` is checked: it must not be the model itself, and its
     folder must take a new file (the hidden temporary file the artifact is built in is
@@ -347,7 +347,9 @@ def compile(  # noqa: A001 - the public name users expect
         for folder in () if done else made:  # a failed compile leaves no trace
             with contextlib.suppress(OSError):
                 folder.rmdir()
-    return Artifact(out_path, manifest)
+    # Without ``output``, the temporary folder goes with the artifact (close, or its last
+    # reference): a loop of compiles must not fill /tmp.
+    return Artifact(out_path, manifest, owned_dir=out_path.parent if output is None else None)
 
 
 def _tuning_for(path, spec: TargetSpec, precision: str):  # noqa: ANN001, ANN202

@@ -108,3 +108,31 @@ def test_tolerances_are_settable_and_recorded(tmp_path, tiny_model):
     assert (a.manifest["verification"]["rtol"], a.manifest["verification"]["atol"]) == (1e-2, 1e-3)
     b = graphopt.compile(tiny_model, "x86", tmp_path / "n.so", verify=False)
     assert b.manifest["verification"] == {"status": "skipped"}
+
+
+def test_an_artifact_without_output_takes_its_temporary_folder_with_it(tmp_path, tiny_model):
+    """``compile`` without ``output`` builds in a fresh temporary folder: a loop of
+    compiles must not fill /tmp, so the folder goes with the artifact (close, or the last
+    reference dropped); one given an ``output`` is the user's file and stays."""
+    import gc
+
+    art = graphopt.compile(tiny_model, "x86", verify=False)
+    folder = art.path.parent
+    x = art.random_inputs(seed=0)
+    saved = art.save(tmp_path / "kept.so")
+    art.close()
+    assert not folder.exists()
+    with pytest.raises(ArtifactError, match="no longer exists"):
+        art.save(tmp_path / "late.so")
+    np.testing.assert_array_equal(saved(**x)["y"], graphopt.load(saved.path)(**x)["y"])
+
+    dropped = graphopt.compile(tiny_model, "x86", verify=False)
+    folder = dropped.path.parent
+    dropped(**x)  # its code loaded, then the last reference goes
+    del dropped
+    gc.collect()
+    assert not folder.exists()
+
+    kept = graphopt.compile(tiny_model, "x86", tmp_path / "mine.so", verify=False)
+    kept.close()
+    assert (tmp_path / "mine.so").exists()
