@@ -19,11 +19,8 @@ own error (:class:`~graphopt.errors.UnsupportedOpsError`, ``CompileError``, ...)
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,14 +55,13 @@ class GraphoptRep(BackendRep):
     folder removed with the rep (or by :meth:`close`), unless ``output=`` named a file.
     """
 
-    def __init__(
-        self, artifact: Artifact, model: onnx.ModelProto, owned_dir: Path | None = None
-    ) -> None:
+    def __init__(self, artifact: Artifact, model: onnx.ModelProto) -> None:
         self.artifact = artifact
         inits = {i.name for i in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in inits]
         self.output_names = [o.name for o in model.graph.output]
-        self._finalizer = weakref.finalize(self, _release, artifact, owned_dir)
+        # closing the artifact also removes the temporary folder compile built it in
+        self._finalizer = weakref.finalize(self, artifact.close)
 
     def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:  # noqa: ARG002 - API
         feed = self._feed(inputs)
@@ -183,12 +179,6 @@ def _bake(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelPr
     return baked
 
 
-def _release(artifact: Artifact, owned_dir: Path | None) -> None:
-    artifact.close()
-    if owned_dir is not None:
-        shutil.rmtree(owned_dir, ignore_errors=True)
-
-
 class GraphoptBackend(Backend):
     """ONNX's backend API over :func:`graphopt.compile` (see the module docstring)."""
 
@@ -226,28 +216,21 @@ class GraphoptBackend(Backend):
         source, proto = _source(model)
         kwargs.setdefault("target", cls.target_for(device))
         kwargs.setdefault("verify", False)
-        owned = None
-        if kwargs.get("output") is None:
-            owned = Path(tempfile.mkdtemp(prefix="graphopt-backend-"))
-            kwargs["output"] = owned / "model.so"
+        # without output=, compile builds in a temporary folder the artifact removes when
+        # closed (GraphoptRep.close, or the rep dropped), and leaves none if it fails
+        temporary = kwargs.get("output") is None
         try:
             artifact = compile_model(source, **kwargs)
         except (UnsupportedOpsError, InputError):
-            if owned is not None:
-                shutil.rmtree(owned, ignore_errors=True)
             # Shapes that depend on input values: specialize on them at run time.
-            shape_inputs = _shape_inputs(proto) if proto is not None and owned else []
+            shape_inputs = _shape_inputs(proto) if proto is not None and temporary else []
             if not shape_inputs:
                 raise
-            kwargs.pop("output")
+            kwargs.pop("output", None)
             return SpecializingRep(proto, shape_inputs, kwargs)
-        except BaseException:
-            if owned is not None:
-                shutil.rmtree(owned, ignore_errors=True)
-            raise
         if proto is None:  # compiled from a path: only its graph's names are needed
             proto = onnx.load(os.fspath(source), load_external_data=False)
-        return GraphoptRep(artifact, proto, owned)
+        return GraphoptRep(artifact, proto)
 
     @classmethod
     def run_model(
