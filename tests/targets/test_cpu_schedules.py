@@ -395,6 +395,52 @@ def test_matmul_register_tile_covers_several_rows() -> None:
         assert widest == (4 * lanes if m > 1 else 8 * lanes)
 
 
+def _packed_pool(size: int, kernel: int, stride: int, pad: int, kind: str):  # noqa: ANN202
+    """A pool over a packed map (1, 4, size, size, 16), as NCHWc pools are legalized."""
+    data = tvm.te.placeholder((1, 4, size, size, 16), name="data")
+    out = tvm.topi.nn.pool2d(
+        data, [kernel] * 2, [stride] * 2, [1, 1], [pad] * 4, kind, layout="NCHW16c"
+    )
+    return tvm.te.create_prim_func([data, out])
+
+
+def _reference_pool(x: np.ndarray, kernel: int, stride: int, pad: int, kind: str) -> np.ndarray:
+    fill = -np.inf if kind == "max" else 0.0
+    padded = np.pad(x, [(0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)], constant_values=fill)
+    size = (padded.shape[2] - kernel) // stride + 1
+    out = np.empty((*x.shape[:2], size, size, x.shape[4]), np.float32)
+    for i in range(size):
+        for j in range(size):
+            win = padded[:, :, i * stride : i * stride + kernel, j * stride : j * stride + kernel]
+            out[:, :, i, j] = win.max(axis=(2, 3)) if kind == "max" else win.mean(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("kernel,stride,pad,kind", [(3, 2, 1, "max"), (2, 2, 0, "avg")])
+def test_a_pool_takes_one_pixel_at_a_time_over_its_lanes(kernel, stride, pad, kind) -> None:  # noqa: ANN001
+    """A pool over packed lanes (ResNet's 3x3/2 max pool, DenseNet's 2x2 average pool)
+    has no weight for a register tile to reuse: each pixel's lanes are one vector that
+    takes the whole window in turn, no pixels unrolled; a global mean's long window keeps
+    the register tile (several accumulators in flight). Numbers match numpy."""
+    target = tvm.target.Target(resolve("x86").tvm)
+    with target:
+        name, new = cpu.apply_rules(_packed_pool(28, kernel, stride, pad, kind), target)
+    assert name == "reduction"
+    loops = _loops(new)
+    assert not any(k == tvm.tirx.ForKind.UNROLLED and e > 1 for k, e in loops)
+    assert (tvm.tirx.ForKind.VECTORIZED, 16) in loops
+    assert any(k == tvm.tirx.ForKind.PARALLEL for k, _ in loops)
+    x = np.random.default_rng(0).standard_normal((1, 4, 28, 28, 16)).astype(np.float32)
+    lib = tvm.compile(tvm.IRModule({"main": new}), target=target)
+    want = _reference_pool(x, kernel, stride, pad, kind)
+    out = tvm.runtime.tensor(np.zeros(want.shape, np.float32))
+    lib["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+    with target:
+        _, mean = cpu.apply_rules(_packed_pool(7, 7, 1, 0, "avg"), target)
+    assert any(k == tvm.tirx.ForKind.UNROLLED and e > 1 for k, e in _loops(mean))
+
+
 def _matmul_nhwc(rows: int, k: int, n: int):  # noqa: ANN202
     a = tvm.te.placeholder((1, rows, rows, k), name="a")
     b = tvm.te.placeholder((k, n), name="b")
