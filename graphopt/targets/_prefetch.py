@@ -18,6 +18,13 @@ lines for a 1x1 conv's step) at once at the step's start, 1, 2, 4 or 8 steps ahe
 build order alone, so such one-order figures are weak; the kept prefetches were also
 measured in both orders, as artifacts, and inside the model with ``graphopt profile``.)
 
+Also tried and left out (the same machine, 2026-12-06): each kernel prefetching the
+*next* kernel's weights (256 KB or more; passed to it as an extra argument, spread over
+its parallel iterations). Inside ResNet-50 the receivers gained (the 28x28 Winograd
+convs 0.71 -> 0.59 ms a run) what the senders lost: the prefetched lines crowd the
+sender's own L2 (the stage-1 1x1 convs 0.04-0.08 ms slower, the 1x1 convs that stream
+their own weights 0.18-0.26); the whole model was within its A/A spread.
+
 Where: at the top of a reduction loop whose body holds whole register tiles, never in
 the innermost loop: a prefetch is a memory access LLVM cannot tell apart from the
 accumulators (a workspace buffer in a parallel loop), so there it stored them to memory

@@ -27,6 +27,12 @@ and Zen 4 of benchmarks/RESULTS.md). Paired rounds cancel the machine's drift, n
 so a check at 0.996 (ResNet-18 after 5 minutes on the Zen 4, one record) says nothing
 either way, and the default, which needs no database to be right, stays.
 
+Tried and left out: where a kernel's best record lost inside the model, timing its next
+records from the search there too (two turns, each one more build). On ResNet-50's
+30-minute database of benchmarks/RESULTS.md (Zen 5), 1 of the 20 records tried won
+inside the model: the search's flushed-cache timings rarely pick a kernel that beats
+the defaults there, which run the 1x1 convs near the FMA peak.
+
 Why the default twice, and the less favourable of two ratios (:func:`verdict`): with one
 load of each build and the median of the rounds' ratios alone, the check's own A/A (the
 default built a second time as "tuned", ResNet-50 on the 2-core Zen 4) read 0.976-1.007
