@@ -1361,16 +1361,9 @@ def _schedule_window(  # noqa: PLR0913
     outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
     if _product(extents) >= _PARALLEL_MIN // 4 and (_extent(sch, outer) or 1) > 1:
         sch.parallel(outer)
-    sch.compute_at(red, row if row is not None else outer)
-    inner = _loops_below(sch, red, row if row is not None else outer)
-    kinds = _loop_kinds(sch, red, inner)
-    spatial = [lp for lp, k in zip(inner, kinds, strict=True) if k == "S"]
-    reduce = [lp for lp, k in zip(inner, kinds, strict=True) if k == "R"]
-    sch.reorder(*reduce, *spatial)
-    sch.vectorize(spatial[-1])
-    if reduce:
-        init = sch.decompose_reduction(red, reduce[0])
-        sch.vectorize(_loops_below(sch, init, row if row is not None else outer)[-1])
+    at = row if row is not None else outer
+    sch.compute_at(red, at)
+    _split_reduction_into_tile(sch, red, at)  # under ``at`` only the lanes are spatial
     sch.vectorize(lane)
     return _schedule_others(sch, others, lanes)
 
