@@ -164,20 +164,23 @@ def test_blocked_schedule_matches_the_whole_map_stages(tmp_path, monkeypatch) ->
     assert np.abs(y_blocked - y_whole).max() <= 1e-6 * float(np.abs(y_whole).max())
 
 
-def _winograd_schedule(images: int, channels: int, size: int):  # noqa: ANN202
+def _winograd_schedule(images: int, channels: int, size: int, cpu: str = "znver4"):  # noqa: ANN202
     """The default schedule of a ``channels`` -> ``channels`` Winograd conv (padding 1)
-    on ``images`` maps of ``size`` x ``size``, for the x86 target."""
+    on ``images`` maps of ``size`` x ``size``, for the x86 target with LLVM CPU ``cpu``
+    (default an AVX-512 one, whatever the host: these tests check the schedule's
+    structure, which follows the vector unit), in its channel blocks."""
     from tvm import s_tir, te
 
-    from graphopt.targets import resolve
+    from graphopt.targets import _cpu_schedules, resolve
 
+    target = tvm.target.Target(resolve("x86", cpu=cpu).tvm)
+    lanes = _cpu_schedules.vector_lanes(target)
     m = _winograd.tile_size(size, size)
-    data = te.placeholder((images, channels // 16, size, size, 16), name="data")
+    data = te.placeholder((images, channels // lanes, size, size, lanes), name="data")
     alpha = m + 2
-    u = te.placeholder((alpha, alpha, channels // 16, channels // 16, 16, 16), name="u")
+    u = te.placeholder((alpha, alpha, channels // lanes, channels // lanes, lanes, lanes), name="u")
     out = _winograd.winograd_te(data, u, (1, 1, 1, 1), m)
     func = te.create_prim_func([data, u, out])
-    target = tvm.target.Target(resolve("x86").tvm)
     return _winograd.schedule_winograd(s_tir.Schedule(func), target)
 
 
@@ -288,7 +291,7 @@ def test_blocked_products_keep_the_register_tile() -> None:
     from graphopt.targets import _cpu_schedules as cpu
     from graphopt.targets import resolve
 
-    most = cpu.max_reg_n(tvm.target.Target(resolve("x86").tvm))
+    most = cpu.max_reg_n(tvm.target.Target(resolve("x86", cpu="znver4").tvm))
     blocks, reg_n = _winograd.products_tile(2, 14, most)
     unrolled = re.findall(r"T\.unroll\((\d+)\)", _winograd_schedule(1, 64, 56).mod.script())
     assert (blocks, reg_n) == (2, 7)

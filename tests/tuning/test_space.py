@@ -108,14 +108,15 @@ def test_sampled_points_compute_what_the_default_does(conv_tasks) -> None:  # no
 
 
 def test_a_streaming_conv_space_starts_at_its_default_and_its_points_compute_the_same() -> None:
-    """A 7x7 1024->512 1x1 conv (2 MB of weights: the default streams them,
-    _cpu_schedules._stream_reduction): the space's default decisions give the default
-    kernel, TIR for TIR, and random points of its default plan (the register tile and
-    the step sampled) compute what it does."""
+    """An 8x8 1024->512 1x1 conv (2 MiB of weights: the default streams them,
+    _cpu_schedules._stream_reduction, on AVX-512 and AVX2 alike: 8 pixels take a
+    two-block tile on both, where ResNet's 7 take a padded one on AVX2): the space's
+    default decisions give the default kernel, TIR for TIR, and random points of its
+    default plan (the register tile and the step sampled) compute what it does."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((512, 1024, 1, 1)) / 32).astype(np.float32)
     conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
-    model = make_model([conv], {"x": (1, 1024, 7, 7)}, {"y": (1, 512, 7, 7)}, {"w": w})
+    model = make_model([conv], {"x": (1, 1024, 8, 8)}, {"y": (1, 512, 8, 8)}, {"w": w})
     targets, found = _tasks(model, "nchwc")
     (task,) = [
         t
@@ -256,7 +257,9 @@ def _last_stage_winograd():  # noqa: ANN202
 def _streamed_1x1():  # noqa: ANN202
     from tests.targets.test_cpu_schedules import _wide_conv_model
 
-    return _wide_conv_model(1024, 512, 1, 1, 7)
+    # 2 MiB of weights, streamed on AVX-512 and AVX2 alike (ResNet's 7-wide rows take a
+    # padded tile on AVX2, which keeps the default nest)
+    return _wide_conv_model(1024, 512, 1, 1, 8)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +269,7 @@ def test_a_record_streaming_its_weights_gets_the_prefetch(tmp_path, model, kerne
     """The prefetches of streamed weights (``_winograd.prefetch_products``,
     ``_cpu_schedules.prefetch_streamed``) are put into the scheduled nest outside the
     schedule's trace; a record of a 512-channel 7x7 Winograd conv (16 MiB of transformed
-    weights) or of a 7x7 1024->512 1x1 conv (2 MiB) applied by compile has it as the
+    weights) or of an 8x8 1024->512 1x1 conv (2 MiB) applied by compile has it as the
     default schedule does; its trace alone replays without it."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
@@ -295,7 +298,7 @@ def test_a_record_streaming_its_weights_gets_the_prefetch(tmp_path, model, kerne
 
 
 def test_the_search_measures_its_candidates_as_compile_builds_them(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    """A 7x7 1024->512 1x1 conv streams its 2 MiB of weights, and its default schedule
+    """An 8x8 1024->512 1x1 conv streams its 2 MiB of weights, and its default schedule
     prefetches them outside the trace. Each kernel ``tune`` measures is the kernel compile
     builds from its record (``_apply.as_built``: with the prefetch where the candidate's
     nest streams its weights), and the records keep the bare traces. Measured as the bare
