@@ -32,8 +32,10 @@ The legalization (:func:`legalize_conv2d`) turns such a conv into:
 Blocks of tile rows (:func:`_blocks_of_rows`, :func:`_schedule_blocked`): scheduled as
 three stages over the whole map, the transformed input V and the products M of ResNet's
 56x56 stage (64 channels) are 1.8 MB each, written by one stage and read by the next
-from beyond a core's L2 (1-2 MiB). Where a tile row's V is at most ``_BLOCK_BYTES`` and U
-at most ``_BLOCK_WEIGHT_BYTES``, one parallel loop runs over (image, tile row, part of
+from beyond a core's L2 (1-2 MiB). Where a tile row's V is at most ``_BLOCK_BYTES``, U
+at most ``_BLOCK_WEIGHT_BYTES``, and a tile row's tiles take the products' two-block
+register tile if the whole map's do (on AVX2 a row of 14 does not, see
+:func:`_blocks_of_rows`), one parallel loop runs over (image, tile row, part of
 the output channels), each iteration transforming its row's input (every input
 channel), its products, its output transform: V and M per iteration 64-258 KB, in L2
 each time the thread reuses them. Each row reads U again, so U must stay in a cache: on
@@ -367,7 +369,7 @@ def schedule_winograd(
     cpu._inline_spatial_intermediates(sch, keep=blocks)
     cpu._inline_tail(sch, out)
     others = cpu._other_root_blocks(sch, blocks)
-    split = _blocks_of_rows(sch, inp, out)
+    split = _blocks_of_rows(sch, inp, out, cpu.max_reg_n(target))
     if split is not None:
         _schedule_blocked(sch, blocks, split, decisions, cpu.max_reg_n(target))
         return cpu._schedule_others(sch, others, cpu.vector_lanes(target))
@@ -380,14 +382,25 @@ def schedule_winograd(
     return done
 
 
-def _blocks_of_rows(sch: s_tir.Schedule, inp, out) -> tuple[int, int] | None:  # noqa: ANN001
+def _blocks_of_rows(sch: s_tir.Schedule, inp, out, most: int) -> tuple[int, int] | None:  # noqa: ANN001
     """(tile rows per block, output channel parts) of the blocked schedule
     (:func:`_schedule_blocked`), or None for the three whole-map stages: a map whose
     height is not a whole number of tiles (its last tile row is cut), a map of one tile
-    row, or one whose tile row of transformed input is more than ``_BLOCK_BYTES``.
+    row, one whose tile row of transformed input is more than ``_BLOCK_BYTES``, or one
+    whose tile row is a tile count that loses the two-channel-block register tile the
+    whole map's count gets (``most``: one block's accumulators, :func:`products_tile`).
     Parts: the fewest, two at least, that give ``_BLOCK_ITERATIONS`` parallel iterations.
     ``GRAPHOPT_WINOGRAD_BLOCKS`` in the environment: ``0`` keeps the whole-map stages,
-    ``rows,parts`` sets both (for comparisons)."""
+    ``rows,parts`` sets both (for comparisons).
+
+    Why the register tile: on AVX2 (12 accumulators, two blocks of at most 5 tiles) a
+    tile row of ResNet's 56x56 stage has 14 tiles, which only one block of 7 divides,
+    while the whole map's 196 take two blocks of 4 (6 loads for 8 FMAs instead of 8 for
+    7). On a 2-core Zen 3, ResNet-50's 56x56 convs (64 channels) ran 0.42 ms alone over
+    the whole map against 0.52 blocked (0.44 in blocks of two tile rows, whose 28 tiles
+    take two blocks of 4: each part transforms its rows' input again), and 0.84-0.88x
+    their blocked time inside the model. With AVX-512 a tile row of 14 takes two blocks
+    of 7, and blocking stays (it was measured there: see the module docstring)."""
     alpha, _, n, ico, tiles, bi = (int(d) for d in sch.get(inp).writes[0].source.shape)
     _, oco, oh, _, bo = (int(d) for d in sch.get(out).writes[0].source.shape)
     m = alpha - 2
@@ -402,10 +415,12 @@ def _blocks_of_rows(sch: s_tir.Schedule, inp, out) -> tuple[int, int] | None:  #
     weight_bytes = alpha * alpha * ico * bi * oco * bo * 4  # U
     if row_bytes > _BLOCK_BYTES or weight_bytes > _BLOCK_WEIGHT_BYTES:
         return None
-    for parts in range(2, oco + 1):
-        if oco % parts == 0 and n * th * parts >= _BLOCK_ITERATIONS:
-            return 1, parts
-    return 1, oco
+    parts = next(
+        (p for p in range(2, oco + 1) if oco % p == 0 and n * th * p >= _BLOCK_ITERATIONS), oco
+    )
+    chunks = oco // parts
+    block, _ = products_tile(chunks, tiles // th, most)
+    return (1, parts) if block >= products_tile(chunks, tiles, most)[0] else None
 
 
 def _loops_by_dim(sch: s_tir.Schedule, block, outer, extents: list[int]) -> list:  # noqa: ANN001

@@ -209,6 +209,20 @@ def test_blocked_schedule_where_a_block_fits(images, channels, size, parallel) -
     assert _parallel_extents(_winograd_schedule(images, channels, size)) == parallel
 
 
+@pytest.mark.parametrize(
+    ("channels", "size", "parallel"),
+    [
+        # a tile row of 14 takes one channel block of 7 tiles, the whole map's 196 two
+        # blocks of 4: the whole-map stages
+        (64, 56, [1568, 144, 112]),
+        # a tile row of 7 and the whole map's 49 take the same one-block tile: blocked
+        (128, 28, [14]),
+    ],
+)
+def test_avx2_blocks_only_where_a_block_keeps_the_register_tile(channels, size, parallel) -> None:  # noqa: ANN001
+    assert _parallel_extents(_winograd_schedule(1, channels, size, cpu="znver3")) == parallel
+
+
 def test_blocked_schedule_can_be_switched_off(monkeypatch) -> None:
     monkeypatch.setenv("GRAPHOPT_WINOGRAD_BLOCKS", "0")
     assert len(_parallel_extents(_winograd_schedule(1, 64, 56))) == 3
