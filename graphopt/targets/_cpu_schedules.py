@@ -1089,6 +1089,11 @@ def _rows_outer(sch: s_tir.Schedule, conv, chunks: int, rows: int) -> bool:  # n
     reads each input channel for its own output channel only, so nothing is read again
     either way; it keeps the chunks outside, each thread streaming through its own
     channel planes (rows outside ran EfficientNet-B0's depthwise convs up to 1.5x slower).
+
+    Seen on a Zen 3 (2026-12-06) and left to the tuning space (``Plan(swap_outer=True)``):
+    ResNet-50's strided 3x3 convs ran 0.79-0.93x their time alone with the rows outside,
+    against this rule's bytes; inside the model the 14x14 -> 7x7 one ran 1.21-1.24x
+    slower so, its 9.4 MB of weights read from memory once per output row.
     """
     if _annotation(sch, conv) == "depthwise_conv2d_nchwc":
         return False
@@ -1180,7 +1185,13 @@ def _channel_blocks_tile(
     pixels skipped, and the cost counts the pixels tiled, not those written. ResNet-50's
     7x7 stage on a Zen 3: 2 blocks x 4 pixels (8 tiled for 7) ran its 1x1 convs at
     135-151 GFLOP/s against one block x 7 pixels' 111-120, its strided 1x1 at 120-142
-    against 89."""
+    against 89.
+
+    Tried and left out on AVX2 (Zen 3, 2026-12-06): four blocks by 3 pixels, padded
+    (12 accumulators, the weights as the FMAs' memory operands, 7 loads for 12 FMAs as
+    MLAS's NCHWc kernel does). ResNet-50's convs alone: 28- and 7-wide rows 0.83-0.96x
+    their time, 56- and 14-wide rows (19 and 5 tiles of 3) 2.0-2.1x; no row gained enough
+    to pay a rule for it."""
     one = _tile_pixels(width, most)
     best, best_cost = (1, 1, None), (1 + one) / one
     if blocks % 2:

@@ -500,7 +500,11 @@ def products_tile(chunks: int, tiles: int, most: int) -> tuple[int, int]:
     output channel blocks, ``tiles`` input tiles and ``most`` one-block accumulators:
     the packed conv's choice (:func:`cpu._channel_blocks_tile`, a row of ``tiles``
     pixels), two blocks where they load less per FMA and the tile count has a divisor
-    that keeps enough accumulators, else one block."""
+    that keeps enough accumulators, else one block.
+
+    Padded tiles are left out: on AVX2 (Zen 3, 2026-12-06) two blocks of 5 over ResNet's
+    49 tiles (the last tile guarded) ran its 14x14 convs 2.0x slower alone, and two
+    blocks of 7 (17 registers for 16: spilled) 1.5-1.6x."""
     blocks, _, padded = cpu._channel_blocks_tile(chunks, 1, tiles, most)
     blocks = 1 if padded is not None else blocks
     return blocks, cpu._pick_reg_n(tiles, cpu._block_pixels(most, blocks))
