@@ -5,51 +5,29 @@ onnxruntime. Whole-model numerics per layout are in test_layout.py."""
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-import onnx
 import pytest
 
 tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
-from graphopt.lower import to_relax  # noqa: E402
-from graphopt.prepare import prepare  # noqa: E402
 from graphopt.targets import _cpu_nhwc as nhwc  # noqa: E402
 from graphopt.targets import _cpu_schedules as cpu  # noqa: E402
 from graphopt.targets import resolve  # noqa: E402
 from graphopt.zoo import ZOO  # noqa: E402
-from tests.conftest import zoo_model  # noqa: E402
 from tests.targets.test_cpu_schedules import (  # noqa: E402
     _grouped_conv_model,
     _loops,
     _rules_used,
+    _scheduled_module,
+    _zoo_scheduled,
     unscheduled_kernels,
 )
-
-_UP_TO_SCHEDULE = ("library_dispatch", "layout", "legalize", "schedule")
-
-
-def _scheduled(model: onnx.ModelProto, target_name: str = "x86", layout: str = "nhwc"):  # noqa: ANN202
-    spec = resolve(target_name)
-    target = tvm.target.Target(spec.tvm)
-    phases = spec.target.phases(target, layout)
-    mod = to_relax(prepare(model)[1])
-    with target:
-        for name in _UP_TO_SCHEDULE:
-            mod = tvm.transform.Sequential(phases[name])(mod)
-    return mod, target
-
-
-@functools.cache
-def _zoo_scheduled(name: str, target_name: str = "x86", layout: str = "nhwc") -> tvm.IRModule:
-    return _scheduled(zoo_model(name), target_name, layout)[0]
 
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_every_kernel_is_scheduled_in_nhwc(name: str) -> None:
-    assert unscheduled_kernels(_zoo_scheduled(name)) == []
+    assert unscheduled_kernels(_zoo_scheduled(name, layout="nhwc")) == []
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "conv_variants", "pool_variants"])
@@ -63,7 +41,7 @@ def test_every_kernel_is_scheduled_on_arm_and_in_plain_nchw(name: str) -> None:
 def test_every_cnn_conv_takes_the_nhwc_rule(name: str) -> None:
     """ResNet-18's convs (3x3, strided, 1x1, the 7x7 stem) and MobileNetV2's dense and
     depthwise convs all get the register-tile rule."""
-    rules = _rules_used(_zoo_scheduled(name))
+    rules = _rules_used(_zoo_scheduled(name, layout="nhwc"))
     convs = {k: v for k, v in rules.items() if "conv2d" in k}
     assert len(convs) >= 10  # identical kernels are one PrimFunc
     depthwise = {k for k in convs if k.startswith("fused_depthwise_conv2d_nhwc")}
@@ -145,7 +123,7 @@ def test_grouped_conv_in_nhwc_takes_the_grouped_rule() -> None:
     """A grouped conv (2 groups of 4 channels) blocks its weights inside one group
     (OHWI4o) and takes the grouped rule, not the dense one; it matches onnxruntime."""
     model = _grouped_conv_model()
-    rules = _rules_used(_scheduled(model)[0])
+    rules = _rules_used(_scheduled_module(model, layout="nhwc"))
     conv = [v for k, v in rules.items() if "conv2d" in k]
     assert conv == ["grouped_nhwc"]
     graphopt.compile(model, "x86", layout="nhwc")  # verifies against onnxruntime

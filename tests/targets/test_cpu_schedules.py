@@ -25,18 +25,22 @@ from graphopt.prepare import prepare  # noqa: E402
 from graphopt.targets import _cpu_schedules as cpu  # noqa: E402
 from graphopt.targets import resolve  # noqa: E402
 from graphopt.zoo import ZOO, build  # noqa: E402
+from tests.conftest import zoo_model  # noqa: E402
 
 BIG_KERNEL = 4096
 _UP_TO_SCHEDULE = ("library_dispatch", "layout", "legalize", "schedule")
 
 
-def _scheduled_module(model: onnx.ModelProto, **options) -> tvm.IRModule:
-    """The x86 pipeline up to and including its schedule phase (no LLVM codegen)."""
-    spec = resolve("x86", **options)
+def _scheduled_module(
+    model: onnx.ModelProto, target_name: str = "x86", layout: str | None = None, **options
+) -> tvm.IRModule:
+    """A CPU pipeline up to and including its schedule phase (no LLVM codegen), in the
+    target's default layout or ``layout``."""
+    spec = resolve(target_name, **options)
     _, graph, _ = prepare(model)
     mod = to_relax(graph)
     target = tvm.target.Target(spec.tvm)
-    phases = spec.target.phases(target, None)
+    phases = spec.target.phases(target, layout)
     with target:
         for name in _UP_TO_SCHEDULE:
             mod = tvm.transform.Sequential(phases[name])(mod)
@@ -44,9 +48,9 @@ def _scheduled_module(model: onnx.ModelProto, **options) -> tvm.IRModule:
 
 
 @functools.cache
-def _zoo_scheduled(name: str) -> tvm.IRModule:
+def _zoo_scheduled(name: str, target_name: str = "x86", layout: str | None = None) -> tvm.IRModule:
     """A zoo model's :func:`_scheduled_module`, built once for the tests that read it."""
-    return _scheduled_module(build(name))
+    return _scheduled_module(zoo_model(name), target_name, layout)
 
 
 def _children(stmt) -> list:  # noqa: ANN001

@@ -12,6 +12,7 @@ matches the unscheduled kernel numerically (thread loops run serially on the CPU
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -59,14 +60,7 @@ def sm80(tmp_path_factory, cuda_registered):
     if cuda.nvcc_path() is None:
         pytest.skip("needs nvcc (CUDA toolkit)")
     out = tmp_path_factory.mktemp("cuda-sm80")
-    built: dict[str, graphopt.Artifact] = {}
-
-    def artifact(name: str) -> graphopt.Artifact:
-        if name not in built:
-            built[name] = _compile(name, "sm_80", out / f"{name}.so")
-        return built[name]
-
-    return artifact
+    return functools.cache(lambda name: _compile(name, "sm_80", out / f"{name}.so"))
 
 
 def _device_code(path) -> tuple[set, bytes]:
@@ -76,7 +70,7 @@ def _device_code(path) -> tuple[set, bytes]:
 
 @needs_nvcc
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.slow] * (n in _SLOW_SM80)) for n in zoo.ZOO]
+    "name", [pytest.param(n, marks=pytest.mark.slow if n in _SLOW_SM80 else ()) for n in zoo.ZOO]
 )
 def test_zoo_compiles_with_device_code_for_sm80(sm80, name):
     artifact = sm80(name)
