@@ -6,7 +6,8 @@
   their share of the model's measured time, searching graphopt's own rules, MetaSchedule's
   generic space or both (``space``; see docs/tuning.md), here or on devices behind TVM's
   RPC tracker; every measured batch is appended to the database. It ends by timing the
-  model before and after, next to onnxruntime.
+  model before and after, next to onnxruntime. Its build and measurement worker processes
+  are kept for the next ``tune`` in the same process; :func:`release_workers` stops them.
 - :class:`TuningDatabase` is that database (a directory; see ``_database.py`` for why it
   survives ``kill -9``); :func:`open_database` opens one for ``compile``, refusing one
   from another target or a corrupt one.
@@ -26,13 +27,14 @@ import os
 from graphopt.tuning._apply import SCHEDULE_RULE, ApplyTuningDatabase
 from graphopt.tuning._database import TuningDatabase, TuningDatabaseError
 from graphopt.tuning._latency import ModelLatency, last_measured, last_passing
-from graphopt.tuning._measure import RPCError
+from graphopt.tuning._measure import RPCError, release_workers
 from graphopt.tuning._options import TuningError, parse_duration
 from graphopt.tuning._report import ProgressPrinter, TaskResult, TuneReport, format_report
 from graphopt.tuning._tuner import tune
 
 __all__ = [
     "tune",
+    "release_workers",
     "TuneReport",
     "TaskResult",
     "TuningDatabase",

@@ -6,15 +6,29 @@ batch on a loaded 2-core machine). A build that crashes or passes ``build_timeou
 only its worker and becomes a failed candidate. Measurement uses MetaSchedule's own
 runners, which run each candidate in a worker process with a timeout: a candidate that
 crashes or hangs is reported as an error, and the run goes on.
+
+The builders' and the local runners' worker processes are also *kept between runs* in
+one process (:func:`_kept`): each fresh worker imports TVM, about 4 s (``tvm_ffi``
+imports torch where it is installed), and a ``tune`` of a two-kernel model spent 12 of
+its 14 s starting its two build workers and its two runners (search and re-measure). A
+second ``tune`` in the same process (the tuning benchmark's four models, a user's
+script, the test suite) starts none. Kept workers are idle processes. A pool is started
+afresh when its settings, or the environment its workers inherit (``TVM_*``, ``OMP_*``,
+``GRAPHOPT_*``: thread counts, graphopt's switches), differ from the kept one's. A run
+that ends by an exception or a second Ctrl-C stops them (a worker may hold a result
+nobody read); :func:`release_workers` (also called at exit) stops them all.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import tvm
 from tvm.ir.utils import derived_object
@@ -35,6 +49,7 @@ from graphopt.targets._runner import use_all_cores
 __all__ = [
     "PersistentBuilder",
     "measure",
+    "release_workers",
     "local_runner",
     "rpc_runner",
     "check_tracker",
@@ -71,7 +86,8 @@ def _build_one(args: tuple) -> str:
 
 @derived_object
 class PersistentBuilder(PyBuilder):
-    """A builder whose worker processes outlive a batch (restarted only when one dies).
+    """A builder whose worker processes outlive a batch, and the run (:func:`_kept`): restarted
+    only when one dies.
 
     ``cross_compiler``: a C++ compiler that links for the device (else a tar the device
     links itself, as MetaSchedule does).
@@ -84,7 +100,11 @@ class PersistentBuilder(PyBuilder):
         self.cross_compiler = cross_compiler
         self.timeout_sec = timeout_sec
         self.workers = max_workers
-        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec)
+        self.pool = _kept(
+            "build",
+            (max_workers, timeout_sec),
+            lambda: PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec),
+        )
         self.build_seconds = 0.0
 
     def build(self, build_inputs: list) -> list:
@@ -102,9 +122,6 @@ class PersistentBuilder(PyBuilder):
                 results.append(BuilderResult(None, f"build failed: {res.value}"))
         self.build_seconds += time.perf_counter() - start
         return results
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False)
 
 
 def measure(
@@ -169,10 +186,51 @@ def local_runner(
     called over and over keeps its weights in cache, which favours schedules that lose
     in the model.
     """
-    use_all_cores()
-    return LocalRunner(
-        timeout_sec=timeout_sec, evaluator_config=_evaluator(number, repeat, min_repeat_ms, cold)
+    return _kept(
+        f"run-{number}x{repeat}",
+        (timeout_sec, number, repeat, min_repeat_ms, cold),
+        lambda: LocalRunner(
+            timeout_sec=timeout_sec,
+            evaluator_config=_evaluator(number, repeat, min_repeat_ms, cold),
+        ),
     )
+
+
+# kind -> (settings and environment, the pool or the runner holding it)
+# What workers inherit that changes what they build or measure: TVM's and OpenMP's thread
+# settings and graphopt's own switches (not all of the environment: importing xgboost
+# sets KMP_* variables in the middle of the first run).
+_ENV = ("TVM_", "OMP_", "GRAPHOPT_")
+_KEPT: dict[str, tuple[tuple, Any]] = {}
+
+
+def _kept(kind: str, settings: tuple, start: Callable[[], Any]) -> Any:  # noqa: ANN401
+    """The worker pool (or runner) ``kind`` with ``settings``: the one kept from an earlier
+    run in this process if it was started with the same settings under the same
+    environment, else ``start()`` (the kept one of this kind is stopped)."""
+    use_all_cores()  # first: its thread settings are part of the environment workers get
+    key = (settings, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))))
+    held = _KEPT.get(kind)
+    if held is not None and held[0] == key:
+        return held[1]
+    if held is not None:
+        _stop(held[1])
+    started = start()
+    _KEPT[kind] = (key, started)
+    return started
+
+
+def _stop(held: Any) -> None:  # noqa: ANN401 - a PopenPoolExecutor, or a runner with one
+    getattr(held, "pool", held).shutdown(wait=False)
+
+
+def release_workers() -> None:
+    """Stop the worker processes tuning keeps for the next run in this process."""
+    while _KEPT:
+        _stop(_KEPT.popitem()[1][1])
+
+
+atexit.register(release_workers)
 
 
 def parse_tracker(text: str) -> tuple[str, int]:

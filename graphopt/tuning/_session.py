@@ -27,7 +27,7 @@ from tvm.s_tir.meta_schedule.runner import Runner, RunnerResult
 from graphopt.targets import TargetSpec
 from graphopt.tuning._apply import applied_secs, as_built, beats_default, replayed
 from graphopt.tuning._database import TuningDatabase, workload_mod
-from graphopt.tuning._measure import PersistentBuilder, measure
+from graphopt.tuning._measure import PersistentBuilder, measure, release_workers
 from graphopt.tuning._options import TuneOptions
 from graphopt.tuning._report import TaskResult, TuneReport
 from graphopt.tuning._search import cost_model, tune_context
@@ -254,10 +254,14 @@ class Session:
         """Baselines, budgets by the measured defaults, then the search until budgets,
         early stops, the clock or Ctrl-C end it.
 
-        However it ends, the build workers and the search contexts are released, and
-        everything committed stays in the database.
+        However it ends, the search contexts are released and everything committed stays
+        in the database. The worker processes are kept for the next run in this process
+        (``_measure.release_workers``) when it ends between batches (done, out of time, a
+        first Ctrl-C); a second Ctrl-C or an exception may leave a worker holding a result
+        nobody read, so then they are stopped.
         """
         interrupted = False
+        clean = False
         try:
             with self.stop:
                 self.baselines()
@@ -267,10 +271,13 @@ class Session:
                 if not self.stop.requested:
                     self.confirm()
                 interrupted = self.stop.requested
+            clean = True
         except KeyboardInterrupt:
             interrupted = True
         finally:
             self._release()
+            if not clean:
+                release_workers()
         return self._report(interrupted)
 
     def _budgets(self) -> None:
@@ -570,7 +577,6 @@ class Session:
         return total
 
     def _release(self) -> None:
-        self.builder.shutdown()
         for s in self.states:
             if s.ctx is not None:
                 with contextlib.suppress(Exception):

@@ -144,6 +144,56 @@ def test_crashing_and_hanging_candidates_are_failures(models, tmp_path, monkeypa
         assert sum(e.failed for e in db.entries()) == 2
 
 
+def test_a_second_run_in_the_process_reuses_its_worker_processes(
+    models, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001, E501
+    """The builders and runners (one TVM import each, ~4 s) are kept for the next run;
+    another environment for the workers, an exception or release_workers ends them."""
+    from graphopt.tuning import _measure, _session
+
+    def pools() -> dict:
+        return {kind: getattr(held, "pool", held) for kind, (_, held) in _measure._KEPT.items()}
+
+    def run(db: str) -> None:
+        tune(models[0], "x86", tmp_path / db, per_task=1, batch_size=1, measure_model=False)
+
+    run("a")
+    first = pools()
+    assert {"build", "run-1x5", "run-1x9"} <= set(first)
+    run("b")
+    assert pools() == first  # the same pools: no worker process started
+
+    # stand-ins under the real ones' keys, so that the real workers outlive this test
+    stopped = []
+
+    class Pool:
+        def shutdown(self, wait: bool) -> None:
+            stopped.append(self)
+
+    stand_ins = {kind: (key, Pool()) for kind, (key, _) in _measure._KEPT.items()}
+    monkeypatch.setattr(_measure, "_KEPT", dict(stand_ins))
+
+    def broken(_self) -> None:
+        raise RuntimeError("a bug in the search")
+
+    monkeypatch.setattr(_session.Session, "baselines", broken)
+    with pytest.raises(RuntimeError, match="a bug in the search"):
+        run("c")
+    # the run took the kept pools, and stopped them: a worker might hold an unread result
+    assert _measure._KEPT == {} and {id(p) for p in stopped} == {
+        id(held) for _, held in stand_ins.values()
+    }
+
+    settings = ("same settings",)
+    kept = _measure._kept("kind", settings, Pool)
+    assert _measure._kept("kind", settings, Pool) is kept and not stopped[len(stand_ins) :]
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the workers would inherit another pool size
+    again = _measure._kept("kind", settings, Pool)
+    assert again is not kept and stopped[-1] is kept
+    _measure.release_workers()
+    assert _measure._KEPT == {} and stopped[-1] is again
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
