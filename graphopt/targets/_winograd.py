@@ -58,7 +58,13 @@ original: 4x at m = 4) are read for little work. The tile is m = 4 where it divi
 map, else m = 2: a 14x14 map in 4x4 tiles computes 31% padding, and measured 1.8 ms
 against 1.0 ms in 2x2 tiles (256 channels, the ResNet-18 block); a 6x6 map (9) stays
 direct. Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64 channels,
-56x56), 2.4 -> 0.75 ms (128, 28x28).
+56x56), 2.4 -> 0.75 ms (128, 28x28). With today's products (:func:`products_tile`) 4x4
+tiles on 14x14 maps win alone and not in a model: on a 2-core Zen 3 (AVX2) the 256-channel
+conv ran 0.49-0.52 ms alone against 0.72-0.73 in 2x2 tiles, and the 512-channel 7x7 one
+in 4x4 tiles (four of them, 8x8 computed) 0.59-0.71 against 0.78; but U grows to 9.4 MB
+(from 4.2) for 16 tiles' work, read from memory each run, and ResNet-50 with its five
+14x14 convs in 4x4 tiles ran 0.976x the time over 61 paired rounds against an A/A pair's
+0.979 (artifacts, one process): no gain, left out.
 
 Weight traffic: each transformed weight is used once per tile, each direct weight once
 per output pixel, so ResNet's 7x7 stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8
