@@ -125,11 +125,13 @@ def test_crashing_and_hanging_candidates_are_failures(models, tmp_path, monkeypa
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
 
     cloudpickle.register_pickle_by_value(_faults)
-    monkeypatch.setenv("GRAPHOPT_TEST_FAULT_COUNTER", str(tmp_path / "calls"))
+    # not GRAPHOPT_*: only this test's runner reads them, and a change of graphopt's own
+    # variables would restart the build workers tuning keeps (_measure._kept) twice
+    monkeypatch.setenv("TUNING_TEST_FAULT_COUNTER", str(tmp_path / "calls"))
     # the first 3 calls measure the default schedules, the 4th the conv's default again
     # (beside its first candidates); then one crash, one hang
-    monkeypatch.setenv("GRAPHOPT_TEST_CRASH_AT", "5")
-    monkeypatch.setenv("GRAPHOPT_TEST_HANG_AT", "6")
+    monkeypatch.setenv("TUNING_TEST_CRASH_AT", "5")
+    monkeypatch.setenv("TUNING_TEST_HANG_AT", "6")
     runner = LocalRunner(
         timeout_sec=3,
         evaluator_config=EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0),
