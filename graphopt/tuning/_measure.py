@@ -17,7 +17,8 @@ machine, 0.40-0.47 GB resident each). A pool is started
 afresh when its settings, or the environment its workers inherit (``TVM_*``, ``OMP_*``,
 ``GRAPHOPT_*``: thread counts, graphopt's switches), differ from the kept one's. A run
 that ends by an exception or a second Ctrl-C stops them (a worker may hold a result
-nobody read); :func:`release_workers` (also called at exit) stops them all.
+nobody read); :func:`release_workers` (also called at exit) stops them all. Each thread
+keeps its own: a run failing in one thread never stops the pools a run in another uses.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -197,27 +199,33 @@ def local_runner(
     )
 
 
-# kind -> (settings and environment, the pool or the runner holding it)
-# What workers inherit that changes what they build or measure: TVM's and OpenMP's thread
-# settings and graphopt's own switches (not all of the environment: importing xgboost
-# sets KMP_* variables in the middle of the first run).
+# (thread, kind) -> (settings and environment, the pool or the runner holding it). Per
+# thread: a run that ends by an exception stops its own pools, never those of a run in
+# another thread. What workers inherit that changes what they build or measure: TVM's and
+# OpenMP's thread settings and graphopt's own switches (not all of the environment:
+# importing xgboost sets KMP_* variables in the middle of the first run).
 _ENV = ("TVM_", "OMP_", "GRAPHOPT_")
-_KEPT: dict[str, tuple[tuple, Any]] = {}
+_KEPT: dict[tuple[int, str], tuple[tuple, Any]] = {}
+_KEPT_LOCK = threading.Lock()
 
 
 def _kept(kind: str, settings: tuple, start: Callable[[], Any]) -> Any:  # noqa: ANN401
-    """The worker pool (or runner) ``kind`` with ``settings``: the one kept from an earlier
-    run in this process if it was started with the same settings under the same
-    environment, else ``start()`` (the kept one of this kind is stopped)."""
+    """The worker pool (or runner) ``kind`` with ``settings``: the one this thread kept from
+    an earlier run in this process if it was started with the same settings under the same
+    environment, else ``start()`` (this thread's kept one of this kind is stopped)."""
     use_all_cores()  # first: its thread settings are part of the environment workers get
     key = (settings, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))))
-    held = _KEPT.get(kind)
+    slot = (threading.get_ident(), kind)
+    with _KEPT_LOCK:
+        held = _KEPT.pop(slot, None)
     if held is not None and held[0] == key:
-        return held[1]
-    if held is not None:
-        _stop(held[1])
-    started = start()
-    _KEPT[kind] = (key, started)
+        started = held[1]
+    else:
+        if held is not None:
+            _stop(held[1])
+        started = start()
+    with _KEPT_LOCK:
+        _KEPT[slot] = (key, started)
     return started
 
 
@@ -225,10 +233,15 @@ def _stop(held: Any) -> None:  # noqa: ANN401 - a PopenPoolExecutor, or a runner
     getattr(held, "pool", held).shutdown(wait=False)
 
 
-def release_workers() -> None:
-    """Stop the worker processes tuning keeps for the next run in this process."""
-    while _KEPT:
-        _stop(_KEPT.popitem()[1][1])
+def release_workers(this_thread_only: bool = False) -> None:
+    """Stop the worker processes tuning keeps for the next run in this process (those of
+    every thread, or of the calling thread's runs only)."""
+    me = threading.get_ident()
+    with _KEPT_LOCK:
+        slots = [s for s in _KEPT if not this_thread_only or s[0] == me]
+        held = [_KEPT.pop(s) for s in slots]
+    for _, pool in held:
+        _stop(pool)
 
 
 atexit.register(release_workers)

@@ -277,7 +277,7 @@ class Session:
         finally:
             self._release()
             if not clean:
-                release_workers()
+                release_workers(this_thread_only=True)
         return self._report(interrupted)
 
     def _budgets(self) -> None:

@@ -148,20 +148,24 @@ def test_crashing_and_hanging_candidates_are_failures(models, tmp_path, monkeypa
 
 def test_a_second_run_in_the_process_reuses_its_worker_processes(
     models, tmp_path, monkeypatch
-) -> None:  # noqa: ANN001, E501
+) -> None:
     """The builders and runners (one TVM import each, ~4 s) are kept for the next run;
-    another environment for the workers, an exception or release_workers ends them."""
+    another environment for the workers, an exception or release_workers ends them, and
+    a run in another thread has its own."""
+    import threading
+
     from graphopt.tuning import _measure, _session
 
     def pools() -> dict:
-        return {kind: getattr(held, "pool", held) for kind, (_, held) in _measure._KEPT.items()}
+        return {slot: getattr(held, "pool", held) for slot, (_, held) in _measure._KEPT.items()}
 
     def run(db: str) -> None:
         tune(models[0], "x86", tmp_path / db, per_task=1, batch_size=1, measure_model=False)
 
     run("a")
     first = pools()
-    assert {"build", "run-1x5", "run-1x9"} <= set(first)
+    me = threading.get_ident()
+    assert {(me, "build"), (me, "run-1x5"), (me, "run-1x9")} <= set(first)
     run("b")
     assert pools() == first  # the same pools: no worker process started
 
@@ -172,8 +176,9 @@ def test_a_second_run_in_the_process_reuses_its_worker_processes(
         def shutdown(self, wait: bool) -> None:
             stopped.append(self)
 
-    stand_ins = {kind: (key, Pool()) for kind, (key, _) in _measure._KEPT.items()}
-    monkeypatch.setattr(_measure, "_KEPT", dict(stand_ins))
+    stand_ins = {slot: (key, Pool()) for slot, (key, _) in _measure._KEPT.items()}
+    other = {(me + 1, "build"): (("a run in another thread",), Pool())}
+    monkeypatch.setattr(_measure, "_KEPT", {**stand_ins, **other})
 
     def broken(_self) -> None:
         raise RuntimeError("a bug in the search")
@@ -181,19 +186,29 @@ def test_a_second_run_in_the_process_reuses_its_worker_processes(
     monkeypatch.setattr(_session.Session, "baselines", broken)
     with pytest.raises(RuntimeError, match="a bug in the search"):
         run("c")
-    # the run took the kept pools, and stopped them: a worker might hold an unread result
-    assert _measure._KEPT == {} and {id(p) for p in stopped} == {
+    # the run took its kept pools, and stopped them: a worker might hold an unread result;
+    # another thread's stay
+    assert _measure._KEPT == other and {id(p) for p in stopped} == {
         id(held) for _, held in stand_ins.values()
     }
+    del stopped[:]
 
     settings = ("same settings",)
     kept = _measure._kept("kind", settings, Pool)
-    assert _measure._kept("kind", settings, Pool) is kept and not stopped[len(stand_ins) :]
+    assert _measure._kept("kind", settings, Pool) is kept and not stopped
+    in_thread = []
+    worker = threading.Thread(
+        target=lambda: in_thread.append(_measure._kept("kind", settings, Pool))
+    )
+    worker.start()
+    worker.join()
+    assert in_thread[0] is not kept and not stopped
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the workers would inherit another pool size
     again = _measure._kept("kind", settings, Pool)
-    assert again is not kept and stopped[-1] is kept
+    assert again is not kept and stopped == [kept]
     _measure.release_workers()
-    assert _measure._KEPT == {} and stopped[-1] is again
+    everyone_else = [*(held for _, held in other.values()), in_thread[0], again]
+    assert _measure._KEPT == {} and sorted(map(id, stopped[1:])) == sorted(map(id, everyone_else))
 
 
 @pytest.mark.parametrize(
