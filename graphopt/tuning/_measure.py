@@ -18,7 +18,8 @@ afresh when its settings, or the environment its workers inherit (``TVM_*``, ``O
 ``GRAPHOPT_*``: thread counts, graphopt's switches), differ from the kept one's. A run
 that ends by an exception or a second Ctrl-C stops them (a worker may hold a result
 nobody read); :func:`release_workers` (also called at exit) stops them all. Each thread
-keeps its own: a run failing in one thread never stops the pools a run in another uses.
+keeps its own: a run failing in one thread never stops the pools a run in another uses;
+those of a thread that has ended are stopped at the next run's start.
 """
 
 from __future__ import annotations
@@ -216,8 +217,13 @@ def _kept(kind: str, settings: tuple, start: Callable[[], Any]) -> Any:  # noqa:
     use_all_cores()  # first: its thread settings are part of the environment workers get
     key = (settings, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))))
     slot = (threading.get_ident(), kind)
+    alive = {t.ident for t in threading.enumerate()}
     with _KEPT_LOCK:
         held = _KEPT.pop(slot, None)
+        # the pools of threads that have ended: nothing can reuse them
+        gone = [_KEPT.pop(s) for s in list(_KEPT) if s[0] not in alive]
+    for _, pool in gone:
+        _stop(pool)
     if held is not None and held[0] == key:
         started = held[1]
     else:

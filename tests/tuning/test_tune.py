@@ -177,7 +177,10 @@ def test_a_second_run_in_the_process_reuses_its_worker_processes(
             stopped.append(self)
 
     stand_ins = {slot: (key, Pool()) for slot, (key, _) in _measure._KEPT.items()}
-    other = {(me + 1, "build"): (("a run in another thread",), Pool())}
+    done = threading.Event()
+    busy = threading.Thread(target=done.wait, daemon=True)  # a run holding its pools
+    busy.start()
+    other = {(busy.ident, "build"): (("a run in another thread",), Pool())}
     monkeypatch.setattr(_measure, "_KEPT", {**stand_ins, **other})
 
     def broken(_self) -> None:
@@ -203,12 +206,17 @@ def test_a_second_run_in_the_process_reuses_its_worker_processes(
     worker.start()
     worker.join()
     assert in_thread[0] is not kept and not stopped
+    assert _measure._kept("kind", settings, Pool) is kept  # and the ended thread's are gone
+    assert stopped == [in_thread[0]] and len(_measure._KEPT) == 2
+    del stopped[:]
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the workers would inherit another pool size
     again = _measure._kept("kind", settings, Pool)
     assert again is not kept and stopped == [kept]
     _measure.release_workers()
-    everyone_else = [*(held for _, held in other.values()), in_thread[0], again]
+    everyone_else = [*(held for _, held in other.values()), again]
     assert _measure._KEPT == {} and sorted(map(id, stopped[1:])) == sorted(map(id, everyone_else))
+    done.set()
+    busy.join()
 
 
 @pytest.mark.parametrize(
