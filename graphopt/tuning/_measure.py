@@ -25,6 +25,7 @@ those of a thread that has ended are stopped at the next run's start.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import socket
@@ -218,21 +219,26 @@ def _kept(kind: str, settings: tuple, start: Callable[[], Any]) -> Any:  # noqa:
     key = (settings, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))))
     slot = (threading.get_ident(), kind)
     alive = {t.ident for t in threading.enumerate()}
+    _stop_at_exit()
     with _KEPT_LOCK:
         held = _KEPT.pop(slot, None)
         # the pools of threads that have ended: nothing can reuse them
         gone = [_KEPT.pop(s) for s in list(_KEPT) if s[0] not in alive]
+    if held is not None and held[0] != key:
+        gone.append(held)
+        held = None
     for _, pool in gone:
         _stop(pool)
-    if held is not None and held[0] == key:
-        started = held[1]
-    else:
-        if held is not None:
-            _stop(held[1])
-        started = start()
+    started = start() if held is None else held[1]
     with _KEPT_LOCK:
         _KEPT[slot] = (key, started)
     return started
+
+
+@functools.cache
+def _stop_at_exit() -> None:
+    """Once, when a first pool is kept (nothing is registered at import)."""
+    atexit.register(release_workers)
 
 
 def _stop(held: Any) -> None:  # noqa: ANN401 - a PopenPoolExecutor, or a runner with one
@@ -248,9 +254,6 @@ def release_workers(this_thread_only: bool = False) -> None:
         held = [_KEPT.pop(s) for s in slots]
     for _, pool in held:
         _stop(pool)
-
-
-atexit.register(release_workers)
 
 
 def parse_tracker(text: str) -> tuple[str, int]:
