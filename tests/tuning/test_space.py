@@ -262,6 +262,15 @@ def _streamed_1x1():  # noqa: ANN202
     return _wide_conv_model(1024, 512, 1, 1, 8)
 
 
+def _default_replayed(mod, target):  # noqa: ANN001, ANN202
+    """(the graphopt space's default trace of ``mod``, a schedule of ``mod`` replaying it
+    bare: nothing added outside the trace)."""
+    trace = graphopt_design_spaces(s_tir.Schedule(mod), target)[0].trace
+    sch = s_tir.Schedule(mod)
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    return trace, sch
+
+
 @pytest.mark.parametrize(
     ("model", "kernel"), [(_last_stage_winograd, "winograd"), (_streamed_1x1, "conv2d")]
 )
@@ -276,14 +285,11 @@ def test_a_record_streaming_its_weights_gets_the_prefetch(tmp_path, model, kerne
     from graphopt.targets import build
     from graphopt.targets._profile import record_schedule
     from graphopt.tuning import ApplyTuningDatabase, TuningDatabase
-    from graphopt.tuning._space import graphopt_design_spaces
 
     model = model()
     targets, found = _tasks(model, "nchwc")
     (task,) = [t for t in found if kernel in t.name]
-    trace = graphopt_design_spaces(s_tir.Schedule(task.mod), targets.tune_target)[0].trace
-    replayed = s_tir.Schedule(task.mod)
-    trace.apply_to_schedule(replayed, remove_postproc=False)
+    trace, replayed = _default_replayed(task.mod, targets.tune_target)
     assert "llvm.prefetch" not in replayed.mod.script()
     _, graph, _ = prepare(model)
     with TuningDatabase(tmp_path / "db", resolve("x86")) as db:
@@ -312,7 +318,6 @@ def test_the_search_measures_its_candidates_as_compile_builds_them(tmp_path, mon
 
     from graphopt.tuning import TuningDatabase, _session
     from graphopt.tuning._apply import replayed
-    from graphopt.tuning._space import graphopt_design_spaces
 
     model_path = tmp_path / "m.onnx"
     onnx.save(_streamed_1x1(), model_path)
@@ -327,10 +332,7 @@ def test_the_search_measures_its_candidates_as_compile_builds_them(tmp_path, mon
 
     def with_default(self, state, model):  # noqa: ANN001, ANN202
         found = real_candidates(self, state, model)
-        mod = state.task.mod
-        trace = graphopt_design_spaces(s_tir.Schedule(mod), self.targets.tune_target)[0].trace
-        sch = s_tir.Schedule(mod)
-        trace.apply_to_schedule(sch, remove_postproc=False)
+        _, sch = _default_replayed(state.task.mod, self.targets.tune_target)
         return [MeasureCandidate(sch, found[0].args_info), *found[1:]] if found else found
 
     monkeypatch.setattr(_session, "measure", spy)
