@@ -1197,7 +1197,19 @@ def _channel_blocks_tile(
     (12 accumulators, the weights as the FMAs' memory operands, 7 loads for 12 FMAs as
     MLAS's NCHWc kernel does). ResNet-50's convs alone: 28- and 7-wide rows 0.83-0.96x
     their time, 56- and 14-wide rows (19 and 5 tiles of 3) 2.0-2.1x; no row gained enough
-    to pay a rule for it."""
+    to pay a rule for it.
+
+    Measured and not built (Zen 3, 2026-12-06): a 1x1 stride-1 conv's pixels as one row
+    (the map's H x W pixels are contiguous in NCHWc). ResNet-50's 7x7 stage then takes 2
+    blocks x 5 of 49 pixels (50 tiled) instead of 2 x 4 of each row of 7 (8 tiled): its
+    2048->512 and 512->2048 convs about 0.85x their time alone, ResNet-50 as an artifact
+    0.981x and 0.970x over 31 and 41 paired rounds (A/A 0.995, 0.992). Done in the
+    schedule (transform_block_layout on the conv and its epilogue, transform_layout on
+    the intermediates), TVM 0.27 cannot write the tuning record: TuningRecord.as_json
+    fails on the transform_layout instruction's IndexMap ("Not supported type"), so tune
+    would crash on any model with such a conv. Done before the schedule instead (the conv
+    legalized on a flat view of its input, its epilogue on the flat output), no layout
+    instruction would enter the trace."""
     one = _tile_pixels(width, most)
     best, best_cost = (1, 1, None), (1 + one) / one
     if blocks % 2:
