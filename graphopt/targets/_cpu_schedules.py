@@ -874,10 +874,17 @@ def schedule_conv2d_nchwc(
     # stem ran at 65 GFLOP/s on a Zen 3, on its own pass and 2 blocks x 4 pixels at 139.
     pads = [b for b in sch.get_producers(conv) if "pad" in sch.get(b).name_hint]
     _inline_spatial_intermediates(sch, keep=[conv] if depthwise else [conv, *pads])
+    flat = plan == DEFAULT_PLAN and _flatten_pixels(sch, conv, max_reg_n(target))
     out = sch.cache_write(conv, 0, "local")
-    _inline_epilogue(sch, out)
+    if flat:  # the epilogue writes the kernel's (rows, columns) output from flat pixels
+        _inline_tail(sch, out)
+    else:
+        _inline_epilogue(sch, out)
     others = _other_root_blocks(sch, [conv, out])
     loops = sch.get_loops(out)
+    if flat:  # one row of all the pixels: the nest below is the same as a 2-D map's
+        n, co, pixels_loop, ci = loops
+        loops = [n, co, *sch.split(pixels_loop, [1, None]), ci]
     if len(loops) != 5:
         return None
     n, co, y, x, ci = loops
@@ -1013,6 +1020,77 @@ def schedule_depthwise_pointwise(
     sch.vectorize(lanes)
     _split_reduction_into_tile(sch, dw, po)
     return sch
+
+
+def _flatten_pixels(sch: s_tir.Schedule, conv, most: int) -> bool:  # noqa: ANN001
+    """Make a 1x1 stride-1 dense conv (and every block of its epilogue) iterate over its
+    output's pixels as one loop, rows times columns long, where that loop takes a cheaper
+    register tile than a row does (:func:`_channel_blocks_choice`); the intermediate
+    buffers become flat too. Returns whether it did. Nothing else changes: the block and
+    buffer transforms are bijective re-indexings, and the pixels of an NCHWc map are
+    contiguous, so the input's address is the flat pixel's.
+
+    Why: a row's tile must divide the row or pad it. A 7-wide row on AVX2 (12
+    accumulators) takes two blocks by 4 pixels, 8 tiled for 7 (14% of the FMAs
+    wasted); the 49 pixels of the whole 7x7 map take two blocks by 5, 50 tiled for 49
+    (2%). ResNet-50's 7x7 stage on a Zen 3 (AVX2), its stride-1 1x1 convs alone:
+    2048->512 and 512->2048 about 0.85x their time; ResNet-50 as an artifact 0.981x and
+    0.970x over 31 and 41 paired rounds, against A/A pairs' 0.995 and 0.992. With
+    AVX-512 (two blocks by 7 pixels) and on 14-, 28- and 56-wide rows the row's tile is
+    as cheap, and nothing changes; a 13x13 map (SqueezeNet) is flattened. Strided and
+    padded convs are not: their input's pixels are not the output's.
+
+    Only a conv with an epilogue (bias, residual add, activation, a gate's multiply:
+    the blocks that write the kernel's (row, column) output from the flat pixels), each
+    of its blocks writing the output's shape over five spatial iterators, and channel
+    chunks enough for the threads without rows (_STREAM_MIN_CHUNKS) is flattened; else
+    the kernel keeps its rows. Only the default plan flattens; in the tuning space the
+    other plans keep the rows. The trace holds ``transform_layout``, whose index map
+    TVM 0.27 cannot write into a tuning record: the database writes it itself
+    (``graphopt.tuning._database.record_json``)."""
+    if _annotation(sch, conv) != "conv2d_nchwc":
+        return False
+    st = sch.get(conv)
+    data, weight = (region.source for region in st.reads[:2])
+    shape = [int(d) for d in st.writes[0].source.shape]
+    _, blocks, height, width, _ = shape
+    if [int(d) for d in weight.shape[2:4]] != [1, 1] or [int(d) for d in data.shape[2:4]] != [
+        height,
+        width,
+    ]:
+        return False
+    if height == 1 or blocks // 2 < _STREAM_MIN_CHUNKS:
+        return False  # one row already, or too few channel chunks to share without rows
+    _, by_rows = _channel_blocks_choice(blocks, height, width, most)
+    _, flat = _channel_blocks_choice(blocks, 1, height * width, most)
+    if flat >= by_rows:
+        return False
+    allocated = sch.get(sch.get_sblock("root")).alloc_buffers
+    if not any(st.writes[0].source.same_as(a) for a in allocated):
+        return False  # the conv writes the kernel's output: no epilogue to write its rows
+    epilogue = [b for b in _root_blocks(sch) if not sch.get(b).same_as(st)]
+    for block in epilogue:
+        if _iter_kinds(sch, block) != ["S"] * 5 or _buffer_shape(sch, block) != [
+            str(d) for d in st.writes[0].source.shape
+        ]:
+            return False
+
+    def pixels(n, c, y, x, i):  # noqa: ANN001, ANN202
+        return (n, c, y * width + x, i)
+
+    sch.transform_block_layout(
+        conv,
+        tirx.IndexMap.from_func(
+            lambda n, c, y, x, i, *reduce: (*pixels(n, c, y, x, i), *reduce),
+            ndim=len(st.iter_vars),
+        ),
+    )
+    sch.transform_layout(conv, ("write", 0), pixels)
+    for block in epilogue:
+        sch.transform_block_layout(block, pixels)
+        if any(sch.get(block).writes[0].source.same_as(a) for a in allocated):
+            sch.transform_layout(block, ("write", 0), pixels)
+    return True
 
 
 def _streams_weights(sch: s_tir.Schedule, conv, chunks: int, rows: int, width: int) -> bool:  # noqa: ANN001
@@ -1197,23 +1275,19 @@ def _channel_blocks_tile(
     (12 accumulators, the weights as the FMAs' memory operands, 7 loads for 12 FMAs as
     MLAS's NCHWc kernel does). ResNet-50's convs alone: 28- and 7-wide rows 0.83-0.96x
     their time, 56- and 14-wide rows (19 and 5 tiles of 3) 2.0-2.1x; no row gained enough
-    to pay a rule for it.
+    to pay a rule for it."""
+    return _channel_blocks_choice(blocks, height, width, most)[0]
 
-    Measured and not built (Zen 3, 2026-12-06): a 1x1 stride-1 conv's pixels as one row
-    (the map's H x W pixels are contiguous in NCHWc). ResNet-50's 7x7 stage then takes 2
-    blocks x 5 of 49 pixels (50 tiled) instead of 2 x 4 of each row of 7 (8 tiled): its
-    2048->512 and 512->2048 convs about 0.85x their time alone, ResNet-50 as an artifact
-    0.981x and 0.970x over 31 and 41 paired rounds (A/A 0.995, 0.992). Done in the
-    schedule (transform_block_layout on the conv and its epilogue, transform_layout on
-    the intermediates), TVM 0.27 cannot write the tuning record: TuningRecord.as_json
-    fails on the transform_layout instruction's IndexMap ("Not supported type"), so tune
-    would crash on any model with such a conv. Done before the schedule instead (the conv
-    legalized on a flat view of its input, its epilogue on the flat output), no layout
-    instruction would enter the trace."""
+
+def _channel_blocks_choice(
+    blocks: int, height: int, width: int, most: int
+) -> tuple[tuple[int, int, int | None], float]:
+    """:func:`_channel_blocks_tile`'s tile and its cost: loads per FMA, times the pixels
+    tiled per pixel written."""
     one = _tile_pixels(width, most)
     best, best_cost = (1, 1, None), (1 + one) / one
     if blocks % 2:
-        return best
+        return best, best_cost
     pair = _block_pixels(most, 2)
     for rows in [1] + [r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0]:
         pixels = rows * _pick_reg_n(width, pair // rows)
@@ -1226,7 +1300,7 @@ def _channel_blocks_tile(
             cost = (2 + pixels) / (2 * pixels) * tiled / width
             if pixels < width and cost < best_cost:
                 best, best_cost = (2, 1, pixels), cost
-    return best
+    return best, best_cost
 
 
 def rule_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:

@@ -8,7 +8,8 @@ Layout of ``DB/``:
 - ``records.jsonl``: append-only, one JSON object per line, each written with a single
   ``write()`` on an ``O_APPEND`` descriptor (fsync'd per batch). Kinds (key ``t``):
   ``wl`` (a workload: key, task name, FLOPs, the PrimFunc as MetaSchedule's Workload JSON),
-  ``rec`` (one measured candidate: its TuningRecord JSON, or ``ok: false`` and the error),
+  ``rec`` (one measured candidate: its TuningRecord JSON (:func:`record_json`), or ``ok:
+  false`` and the error),
   ``base`` (the default schedule's latency for a workload), ``end`` (the search space of a
   workload is exhausted: nothing left to try), ``chk`` (the best record and the default
   measured again side by side, which ``compile`` then judges the record by), ``ctx``
@@ -40,11 +41,12 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 from tvm.s_tir.meta_schedule.database import MemoryDatabase, TuningRecord, Workload
+from tvm.s_tir.meta_schedule.database import database as _ms_database
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from graphopt.errors import GraphoptError
 
-__all__ = ["TuningDatabase", "TuningDatabaseError", "workload_mod", "FORMAT"]
+__all__ = ["TuningDatabase", "TuningDatabaseError", "workload_mod", "record_json", "FORMAT"]
 
 FORMAT = "graphopt-tuning/1"
 META = "meta.json"
@@ -59,6 +61,33 @@ _GAIN = 0.99
 
 class TuningDatabaseError(GraphoptError):
     """A tuning database that is corrupt, from another target, or not one at all."""
+
+
+def record_json(record: TuningRecord):  # noqa: ANN201 - JSON types
+    """``record`` as JSON types, as ``TuningRecord.as_json`` makes them, with an index map
+    (the input of a trace's ``transform_layout``) written as its JSON graph text.
+
+    Why: TVM 0.27's ``as_json`` raises on an ``IndexMap`` ("Not supported type"), so a
+    trace that transforms a buffer's layout (a 1x1 conv's pixels as one row,
+    ``_cpu_schedules._flatten_pixels``) could not be written; that text, braces and
+    all, is the form ``TuningRecord.from_json`` reads an index map back from."""
+    return _json_types(_ms_database._ffi_api.TuningRecordAsJSON(record))
+
+
+def _json_types(obj):  # noqa: ANN001, ANN202
+    if obj is None or isinstance(obj, bool | int | float):
+        return obj
+    if isinstance(obj, tvm.tirx.IntImm | tvm.tirx.FloatImm):
+        return obj.value
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, tvm.tirx.IndexMap):
+        return tvm.ir.save_json(obj)
+    if isinstance(obj, tvm_ffi.Map):
+        return {_json_types(k): _json_types(v) for k, v in obj.items()}
+    if isinstance(obj, tvm_ffi.Array):
+        return [_json_types(item) for item in obj]
+    raise TypeError(f"a tuning record holds a {type(obj).__name__}, not written as JSON")
 
 
 def workload_mod(func) -> tvm.IRModule:  # noqa: ANN001 - tirx.PrimFunc
@@ -390,7 +419,7 @@ class TuningDatabase:
             record = TuningRecord(trace, entry.workload, run_secs, target, args_info)
             self.memory.commit_tuning_record(record)
             self._note_record(entry, record)
-            lines.append({"t": "rec", "w": entry.key, "ok": True, "r": record.as_json()})
+            lines.append({"t": "rec", "w": entry.key, "ok": True, "r": record_json(record)})
         self._append(lines)
 
     def set_baseline(self, entry: _Entry, secs: float) -> None:

@@ -656,23 +656,29 @@ def test_tiles_past_the_row_end_match_onnxruntime(k: int, stride: int, size: int
     assert art.manifest["verification"]["ok"]
 
 
-@pytest.mark.parametrize("ic,oc,size,rows_outer", [(144, 24, 56, True), (512, 256, 7, False)])
+@pytest.mark.parametrize(
+    "ic,oc,size,cpu_name,rows_outer",
+    [(144, 24, 56, "znver3", True), (512, 256, 7, "znver4", False)],
+)
 def test_a_convs_parallel_loop_reads_the_fewer_bytes_again(
-    ic: int, oc: int, size: int, rows_outer: bool
+    ic: int, oc: int, size: int, cpu_name: str, rows_outer: bool
 ) -> None:
     """MobileNetV2's 56x56 144->24 projection, on AVX2: with its 3 channel chunks outside
     the rows, the 1.8 MB input is read 3 times; with the rows outside, its 14 KB of
     weights 56 times: the rows go outside (the parallel loop's row is its quotient). A
-    7x7 512->256 conv: its 512 KB of weights 7 times, or its 100 KB input once per each
-    of 16 chunks: the chunks stay outside. Both compute what onnxruntime does."""
+    7x7 512->256 conv on AVX-512 (on AVX2 its pixels are one row, see
+    :func:`test_a_pointwise_conv_tiles_its_pixels_as_one_row_where_that_loads_less`):
+    its 512 KB of weights 7 times, or its 100 KB input once per each of 16 chunks: the
+    chunks stay outside. Built for ``cpu_name``; compiled for the host, both compute what
+    onnxruntime does."""
     model = _pointwise_conv_model(ic, oc, size, seed=ic + oc)
-    mod = _scheduled_module(model, cpu="znver3")
+    mod = _scheduled_module(model, cpu=cpu_name)
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
     script = func.script()
     assert str(func.attrs["graphopt.schedule_rule"]) == "pointwise_nchwc"
     row = re.search(rf"v_y = T\.axis\.spatial\(T\.int64\({size}\), \w+_fused (//|%)", script)
     assert row is not None and (row.group(1) == "//") == rows_outer, row
-    art = graphopt.compile(model, "x86", target_options={"cpu": "znver3"})
+    art = graphopt.compile(model, "x86")
     assert art.manifest["verification"]["ok"]
 
 
@@ -872,6 +878,47 @@ def test_a_prime_row_takes_two_blocks_past_its_end(width: int, pixels: int) -> N
     loops = _unrolled(script)
     assert {2, pixels} <= loops and width not in loops and 8 not in loops, loops
     assert "T.where" in script
+
+
+@pytest.mark.parametrize(
+    "cpu_name,stride,size,flat",
+    [
+        ("znver3", 1, 7, True),  # AVX2: 2 blocks x 5 of 49 pixels, not x 4 of a row of 7
+        ("znver3", 1, 13, True),  # SqueezeNet's 13x13: 5 of 169, not 5 of a row of 13
+        ("znver3", 1, 14, False),  # 2 blocks x (2 rows x 2 pixels) load as little
+        ("znver3", 2, 14, False),  # strided: the input's pixels are not the output's
+        ("znver4", 1, 7, False),  # AVX-512: 2 blocks x the whole row of 7
+    ],
+)
+def test_a_pointwise_conv_tiles_its_pixels_as_one_row_where_that_loads_less(
+    cpu_name: str, stride: int, size: int, flat: bool
+) -> None:
+    """A 1x1 stride-1 conv (128 -> 128, bias, residual add, ReLU: the ResNet bottleneck's
+    last) whose row tiles badly iterates over its map's pixels as one loop, the epilogue
+    writing the (row, column) output from it; elsewhere the kernel keeps its rows. Built
+    for ``cpu_name``, whatever the host; compiled for the host it matches onnxruntime."""
+    model = _wide_conv_model(128, 128, 1, stride, size)
+    mod = _scheduled_module(model, cpu=cpu_name)
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    script = func.script()
+    out = -(-size // stride)
+    assert (f"T.axis.spatial(T.int64({out * out})" in script) == flat
+    if flat:
+        assert 5 in _unrolled(script) and "T.where" in script  # 2 x 5 past the map's end
+        assert f"// T.int64({out}), v2 % T.int64({out})" in script  # the 2-D output
+    art = graphopt.compile(model, "x86")  # verifies against onnxruntime
+    assert art.manifest["verification"]["ok"]
+
+
+def test_a_pointwise_conv_that_writes_the_output_itself_keeps_its_rows() -> None:
+    """A 7x7 1x1 conv with no epilogue (no bias, no activation) writes the kernel's output
+    itself: nothing would write its (row, column) layout from flat pixels, so it keeps
+    its rows on AVX2 too, and computes what onnxruntime does."""
+    model = _pointwise_conv_model(128, 128, 7, seed=7)
+    mod = _scheduled_module(model, cpu="znver3")
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    assert "T.axis.spatial(T.int64(49)" not in func.script()
+    assert graphopt.compile(model, "x86").manifest["verification"]["ok"]
 
 
 # --- a rule that raises -------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tvm import te
+import tvm
+from tvm import s_tir, te
 
 from graphopt.targets import TargetSpec, resolve
 from graphopt.tuning import TuningDatabase, TuningDatabaseError, open_database
@@ -40,6 +41,29 @@ def test_round_trip_and_torn_last_line(tmp_path, spec) -> None:
     assert records.stat().st_size > size
     with TuningDatabase(tmp_path / "db", spec) as db:
         assert db.entries()[0].exhausted
+
+
+def test_a_record_whose_trace_transforms_a_layout_is_written_and_read_back(tmp_path, spec) -> None:
+    """TVM 0.27's ``TuningRecord.as_json`` cannot write an index map, the input of a
+    trace's ``transform_layout`` (which the schedules of 1x1 convs tiled over flat
+    pixels hold): the database writes it as text that ``from_json`` reads back, and the
+    trace read back builds the same kernel."""
+    a = te.placeholder((16, 16), name="a")
+    b = te.compute((16, 16), lambda i, j: a[i, j] * 2.0, name="b")
+    c = te.compute((16, 16), lambda i, j: b[i, j] + 1.0, name="c")
+    mod = workload_mod(te.create_prim_func([a, c]))
+    sch = s_tir.Schedule(mod)
+    sch.transform_layout(sch.get_sblock("b"), ("write", 0), lambda i, j: (i * 16 + j,))
+    with TuningDatabase(tmp_path / "db", spec) as db:
+        entry = db.add_workload(mod, "flat", 512.0)
+        db.add_results(entry, [(sch.trace, [1e-6], [], None)])
+    with TuningDatabase(tmp_path / "db", spec) as db:
+        (entry,) = db.entries()
+        assert entry.trials == 1 and entry.best is not None
+        again = s_tir.Schedule(mod)
+        entry.best.trace.apply_to_schedule(again, remove_postproc=False)
+    tvm.ir.assert_structural_equal(again.mod, sch.mod)
+    assert "T.sblock_alloc_buffer((256,))" in again.mod.script()  # b is flat
 
 
 def test_corrupt_line_is_refused(tmp_path, spec) -> None:
