@@ -1052,8 +1052,7 @@ def _flatten_pixels(sch: s_tir.Schedule, conv, most: int) -> bool:  # noqa: ANN0
         return False
     st = sch.get(conv)
     data, weight = (region.source for region in st.reads[:2])
-    shape = [int(d) for d in st.writes[0].source.shape]
-    _, blocks, height, width, _ = shape
+    _, blocks, height, width, _ = (int(d) for d in st.writes[0].source.shape)
     if [int(d) for d in weight.shape[2:4]] != [1, 1] or [int(d) for d in data.shape[2:4]] != [
         height,
         width,
@@ -1066,14 +1065,18 @@ def _flatten_pixels(sch: s_tir.Schedule, conv, most: int) -> bool:  # noqa: ANN0
     if flat >= by_rows:
         return False
     allocated = sch.get(sch.get_sblock("root")).alloc_buffers
-    if not any(st.writes[0].source.same_as(a) for a in allocated):
+
+    def writes_intermediate(block) -> bool:  # noqa: ANN001 - else the kernel's output
+        return any(sch.get(block).writes[0].source.same_as(a) for a in allocated)
+
+    if not writes_intermediate(conv):
         return False  # the conv writes the kernel's output: no epilogue to write its rows
     epilogue = [b for b in _root_blocks(sch) if not sch.get(b).same_as(st)]
-    for block in epilogue:
-        if _iter_kinds(sch, block) != ["S"] * 5 or _buffer_shape(sch, block) != [
-            str(d) for d in st.writes[0].source.shape
-        ]:
-            return False
+    if any(
+        _iter_kinds(sch, b) != ["S"] * 5 or _buffer_shape(sch, b) != _buffer_shape(sch, conv)
+        for b in epilogue
+    ):
+        return False
 
     def pixels(n, c, y, x, i):  # noqa: ANN001, ANN202
         return (n, c, y * width + x, i)
@@ -1088,7 +1091,7 @@ def _flatten_pixels(sch: s_tir.Schedule, conv, most: int) -> bool:  # noqa: ANN0
     sch.transform_layout(conv, ("write", 0), pixels)
     for block in epilogue:
         sch.transform_block_layout(block, pixels)
-        if any(sch.get(block).writes[0].source.same_as(a) for a in allocated):
+        if writes_intermediate(block):
             sch.transform_layout(block, ("write", 0), pixels)
     return True
 
