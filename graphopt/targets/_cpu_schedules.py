@@ -893,7 +893,8 @@ def schedule_conv2d_nchwc(
     blocks, rows, pixels = 1, 1, None
     if not plan.rows and _annotation(sch, conv) == "conv2d_nchwc":
         extents = (_extent(sch, co), _extent(sch, y), width)
-        blocks, rows, pixels = _channel_blocks_tile(*extents, most)
+        window = _product(int(d) for d in sch.get(conv).reads[1].source.shape[2:4]) > 1
+        blocks, rows, pixels = _channel_blocks_tile(*extents, most, window=window)
     if blocks > 1:
         co, cob = sch.split(co, [None, blocks])
     factors = []
@@ -1252,7 +1253,7 @@ def _block_pixels(most: int, blocks: int) -> int:
 
 
 def _channel_blocks_tile(
-    blocks: int, height: int, width: int, most: int
+    blocks: int, height: int, width: int, most: int, window: bool = False
 ) -> tuple[int, int, int | None]:
     """(output channel blocks, rows, padded pixels) of a dense conv's register tile; (1, 1,
     None) is one block by :func:`_tile_pixels` pixels of one row.
@@ -1274,16 +1275,25 @@ def _channel_blocks_tile(
     135-151 GFLOP/s against one block x 7 pixels' 111-120, its strided 1x1 at 120-142
     against 89.
 
+    A conv with a kernel window (``window``: 3x3 and the like) takes no row tiles: a
+    14-wide map's 2 rows x 2 pixels ran its 3x3 convs slower than 2 blocks x 5 pixels
+    padded (15 tiled for 14, as cheap by the cost), while 1x1 convs run faster in the
+    rows. On a Zen 3 (AVX2), single convs as artifacts, paired in one process: 256->256
+    stride 2 from 28x28 0.87x and 0.97x the time, 128->256 stride 2 0.79x and 0.88x,
+    256->256 stride 1 (Winograd off) 0.84x; a 1024->256 1x1 at 14x14 1.05x. ResNet-18 and
+    -50, one such conv each, within their A/A pairs' noise (0.988 and 1.022 over 31
+    rounds, A/A 0.999 and 1.011).
+
     Tried and left out on AVX2 (Zen 3, 2026-12-06): four blocks by 3 pixels, padded
     (12 accumulators, the weights as the FMAs' memory operands, 7 loads for 12 FMAs as
     MLAS's NCHWc kernel does). ResNet-50's convs alone: 28- and 7-wide rows 0.83-0.96x
     their time, 56- and 14-wide rows (19 and 5 tiles of 3) 2.0-2.1x; no row gained enough
     to pay a rule for it."""
-    return _channel_blocks_choice(blocks, height, width, most)[0]
+    return _channel_blocks_choice(blocks, height, width, most, window)[0]
 
 
 def _channel_blocks_choice(
-    blocks: int, height: int, width: int, most: int
+    blocks: int, height: int, width: int, most: int, window: bool = False
 ) -> tuple[tuple[int, int, int | None], float]:
     """:func:`_channel_blocks_tile`'s tile and its cost: loads per FMA, times the pixels
     tiled per pixel written."""
@@ -1292,7 +1302,8 @@ def _channel_blocks_choice(
     if blocks % 2:
         return best, best_cost
     pair = _block_pixels(most, 2)
-    for rows in [1] + [r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0]:
+    tile_rows = [] if window else [r for r in range(2, _MAX_TILE_ROWS + 1) if height % r == 0]
+    for rows in [1, *tile_rows]:
         pixels = rows * _pick_reg_n(width, pair // rows)
         cost = (2 + pixels) / (2 * pixels)
         if 2 * pixels >= _MIN_CHAINS and cost < best_cost:

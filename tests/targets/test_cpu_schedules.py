@@ -583,6 +583,22 @@ def test_dense_conv_tile_pairs_channel_blocks_where_it_loads_less(
     assert cpu._channel_blocks_tile(blocks, height, width, most) == expected
 
 
+@pytest.mark.parametrize(
+    "blocks,height,width,most,expected",
+    [
+        ((8, 14, 14, 12, (2, 1, 5))),  # not 2 rows x 2: 2 blocks x 5 pixels, 15 for 14
+        ((8, 6, 6, 12, (2, 1, 4))),  # not 2 rows x 3: 2 x 4, 8 for 6
+        ((8, 28, 28, 12, (2, 1, None))),  # rows were not taken anyway
+        ((8, 7, 7, 12, (2, 1, 4))),
+        ((8, 14, 14, 28, (2, 1, None))),  # AVX-512: 2 blocks x 7
+    ],
+)
+def test_a_conv_with_a_kernel_window_takes_no_row_tiles(
+    blocks, height, width, most, expected
+) -> None:  # noqa: ANN001
+    assert cpu._channel_blocks_tile(blocks, height, width, most, window=True) == expected
+
+
 def test_paired_channel_block_tile_keeps_its_accumulators_in_registers() -> None:
     """On AVX-512 (cross-compiled for a Zen 4) a 1x1 conv of two channel blocks over a
     56-wide row takes the paired tile, and its accumulators, two weight vectors and a
@@ -878,6 +894,23 @@ def test_a_prime_row_takes_two_blocks_past_its_end(width: int, pixels: int) -> N
     loops = _unrolled(script)
     assert {2, pixels} <= loops and width not in loops and 8 not in loops, loops
     assert "T.where" in script
+
+
+@pytest.mark.parametrize("k,pixels,rows", [(3, 5, False), (1, 2, True)])
+def test_a_14_wide_row_takes_row_tiles_only_without_a_kernel_window(
+    k: int, pixels: int, rows: bool
+) -> None:
+    """On AVX2 a stride-2 3x3 conv to a 14x14 map takes 2 blocks x 5 pixels of one row
+    (15 for 14, the last tile cut by a ``T.where``), a 1x1 conv 2 blocks x (2 rows x 2
+    pixels). Compiled for the host, the 3x3 one matches onnxruntime."""
+    model = _wide_conv_model(64, 64, k, 2, 28)
+    mod = _scheduled_module(model, cpu="znver3")
+    (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
+    script = func.script()
+    assert pixels in _unrolled(script)
+    assert ("T.where" in script) != rows
+    if k == 3:
+        assert graphopt.compile(model, "x86").manifest["verification"]["ok"]
 
 
 @pytest.mark.parametrize(
