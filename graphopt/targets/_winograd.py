@@ -54,17 +54,30 @@ environment keeps the whole-map stages (for comparisons).
 
 Where it pays (:func:`tile_size`): a map of at least ``_MIN_TILES`` tiles and channels of
 at least one vector. With few tiles, the transformed weights ((m+2)^2 / 9 times the
-original: 4x at m = 4) are read for little work. The tile is m = 4 where it divides the
-map, else m = 2: a 14x14 map in 4x4 tiles computes 31% padding, and measured 1.8 ms
-against 1.0 ms in 2x2 tiles (256 channels, the ResNet-18 block); a 6x6 map (9) stays
-direct. Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64 channels,
-56x56), 2.4 -> 0.75 ms (128, 28x28). With today's products (:func:`products_tile`) 4x4
-tiles on 14x14 maps win alone and not in a model: on a 2-core Zen 3 (AVX2) the 256-channel
-conv ran 0.49-0.52 ms alone against 0.72-0.73 in 2x2 tiles, and the 512-channel 7x7 one
-in 4x4 tiles (four of them, 8x8 computed) 0.59-0.71 against 0.78; but U grows to 9.4 MB
-(from 4.2) for 16 tiles' work, read from memory each run, and ResNet-50 with its five
-14x14 convs in 4x4 tiles ran 0.976x the time over 61 paired rounds against an A/A pair's
-0.979 (artifacts, one process): no gain, left out.
+original: 4x at m = 4) are read for little work; a 6x6 map (9 tiles) stays direct.
+Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64 channels, 56x56), 2.4
+-> 0.75 ms (128, 28x28).
+
+Which tile: m of 2, 3 or 4 (``_TILES``), the one whose products take least time by a
+roofline. Per (input, output) channel pair they are 2 x tiles x (m+2)^2 FLOPs and read
+(m+2)^2 transformed weights, which inside a model come from memory (ResNet-50's
+weights are 100 MB); the time is the larger, the bytes counted at
+``_BALANCE_PER_LANE`` x lanes FLOPs each (AVX2 10: two cores at ~150 GFLOP/s against
+~15 GB/s; AVX-512 20, NEON 5, by their vector widths, not measured). A larger m does
+fewer FLOPs per output and pads a map it does not divide, but its weights serve fewer
+tiles: below about 2 x balance tiles per image (x images) the products wait on memory.
+So 56x56 and 28x28 maps take 4x4 tiles, and so do SqueezeNet's 55x55 and 27x27 (padded
+to 56 and 28); 14x14 and 13x13 maps take 3x3 on AVX2 (25 tiles, 15x15 computed), 2x2 with
+AVX-512, 4x4 on NEON; 7x7 maps 2x2 (3x3 and 4x4 give fewer than 16 tiles), and so do
+8x8 maps, which the former rule left direct (4 tiles of 4x4); at batch 8 a 14x14 map
+takes 4x4. Measured on a 2-core Zen 3 (AVX2), artifacts paired in one process
+against the former rule (4x4 where 4 divides the map, else 2x2), with an A/A pair beside:
+ResNet's 256-channel 14x14 conv alone 0.76x the time (4x4: 0.71x); SqueezeNet 1.1 0.895x
+(A/A 0.991), ResNet-18 0.951x and 0.933x (1.003, 1.008), ResNet-50 0.969x, 0.972x and
+0.958x (0.992, 1.005, 0.982); ResNet-50 with its 14x14 convs in 4x4 tiles 0.951x and
+0.969x, and in an earlier session 0.976x against an A/A of 0.979 (U 9.4 MB a conv for 16
+tiles' work, against 6.6 MB for 25 in 3x3 tiles and 4.2 MB for 49 in 2x2). Older, on a
+Zen 4 with the one-block products: a 14x14 map in 4x4 tiles 1.8 ms against 1.0 in 2x2.
 
 Weight traffic: each transformed weight is used once per tile, each direct weight once
 per output pixel, so ResNet's 7x7 stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8
@@ -139,6 +152,11 @@ _ANNOTATION = "graphopt.kernel"
 # Fewest output tiles (of the chosen size) per image for which Winograd pays: below it
 # the transformed weights are read for too little work.
 _MIN_TILES = 16
+# The output tiles m :func:`tile_size` chooses from, and the FLOPs per byte of weights
+# read from memory a machine runs, per float32 lane of its vectors: 2 cores of AVX2
+# (8 lanes) at ~150 GFLOP/s against ~15 GB/s is 10.
+_TILES = (2, 3, 4)
+_BALANCE_PER_LANE = 1.25
 _ENV = "GRAPHOPT_WINOGRAD"
 _BLOCKS_ENV = "GRAPHOPT_WINOGRAD_BLOCKS"
 # The blocked schedule: at most this much transformed input per tile row (a block's V
@@ -160,12 +178,29 @@ def _matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _cook_toom_convolution(_interpolation_points(m + 2), m, 3)
 
 
-def tile_size(out_h: int, out_w: int) -> int | None:
-    """The output tile m of a conv with an ``out_h x out_w`` map, or None where Winograd
-    does not pay (fewer than ``_MIN_TILES`` tiles)."""
-    m = 4 if out_h % 4 == 0 and out_w % 4 == 0 else 2
-    tiles = -(-out_h // m) * -(-out_w // m)
-    return m if tiles >= _MIN_TILES else None
+def tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None:
+    """The output tile m of a conv with ``images`` maps of ``out_h x out_w`` on a vector
+    unit of ``lanes`` float32 lanes, or None where Winograd does not pay (fewer than
+    ``_MIN_TILES`` tiles for every m).
+
+    m is the one of _TILES whose products take the least time by a roofline: per
+    (input, output) channel pair, the products are 2 x images x tiles x (m+2)^2 FLOPs
+    and read (m+2)^2 transformed weights (4 bytes each), which inside a model come from
+    memory; the time is the larger of the two, the bytes counted in FLOPs at
+    ``_BALANCE_PER_LANE x lanes`` per byte. A larger m does fewer FLOPs per output but
+    reads more weights for each, and pads maps it does not divide; the two meet at
+    about 2 x balance tiles per channel pair. See the module docstring for the
+    measurements."""
+    balance = _BALANCE_PER_LANE * lanes
+    best, best_cost = None, 0.0
+    for m in _TILES:
+        tiles = images * -(-out_h // m) * -(-out_w // m)
+        if tiles < images * _MIN_TILES:
+            continue
+        cost = (m + 2) ** 2 * max(2 * tiles, 4 * balance)
+        if best is None or cost < best_cost:
+            best, best_cost = m, cost
+    return best
 
 
 def _plan(call: relax.Call, lanes: int) -> int | None:
@@ -191,7 +226,7 @@ def _plan(call: relax.Call, lanes: int) -> int | None:
     ):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)
-    return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2)
+    return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2, lanes, data[0])
 
 
 def _terms(coefficients, values) -> tirx.PrimExpr:  # noqa: ANN001
@@ -294,10 +329,11 @@ def winograd_te(data: te.Tensor, weight_u: te.Tensor, padding, m: int) -> te.Ten
 
 
 def keeps_fp32(call: relax.Call, precision: str) -> bool:
-    """True for a conv Winograd F(4x4, 3x3) takes, compiled in bf16 for a CPU without AMX
-    tiles: it stays float32 (and Winograd), since F(4x4) does 4x fewer multiplies than the
-    direct conv and vdpbf16ps only twice the products of a float32 FMA. F(2x2, 3x3) maps
-    (14x14, 7x7) stay bf16: 2.25x fewer multiplies, but their fp32
+    """True for a conv Winograd takes in 4x4 tiles (:func:`tile_size`), compiled in bf16
+    for a CPU without AMX tiles: it stays float32 (and Winograd), since F(4x4) does 4x
+    fewer multiplies than the direct conv and vdpbf16ps only twice the products of a
+    float32 FMA. Convs in 2x2 tiles (AVX-512's 14x14 and 7x7 maps) or 3x3 stay bf16:
+    2.25x fewer multiplies (3.2x), but their fp32
     transformed weights are 16/9 x 2 the bytes, and ResNet-50's layer 3 and 4 convs,
     whose weights are read once per image, ran slower in the model that way (kernels
     alone 21.8 ms, the model 33.2 with them, 25.7 without). On a Zen 4 (AVX512-BF16),

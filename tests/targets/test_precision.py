@@ -179,8 +179,8 @@ def test_bf16_assembly_uses_vdpbf16ps():
 
 
 def _two_3x3_convs_model():
-    """x(1,16,32,32) -> 3x3 conv (32x32 map: Winograd F(4x4)) -> 3x3 stride-2 conv (16x16)
-    -> 3x3 conv (16x16: F(4x4)) ; the middle one is no Winograd conv."""
+    """x(1,16,48,48) -> 3x3 conv (48x48 map: Winograd F(4x4)) -> 3x3 stride-2 conv (24x24)
+    -> 3x3 conv (24x24: F(4x4)) ; the middle one is no Winograd conv."""
     rng = np.random.default_rng(4)
     ws = {n: (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32) for n in "abc"}
     conv = lambda i, w, o, s=1: helper.make_node(  # noqa: E731
@@ -188,8 +188,8 @@ def _two_3x3_convs_model():
     )
     return make_model(
         [conv("x", "a", "h"), conv("h", "b", "g", 2), conv("g", "c", "y")],
-        {"x": (1, 16, 32, 32)},
-        {"y": (1, 16, 16, 16)},
+        {"x": (1, 16, 48, 48)},
+        {"y": (1, 16, 24, 24)},
         ws,
     )
 

@@ -48,7 +48,8 @@ def basic_block():  # noqa: ANN201
 
 
 def odd_map():  # noqa: ANN201
-    """A 15x15 map (F(2x2), the last tile row and column cropped), 16 -> 48 channels."""
+    """A 15x15 map (F(3x3) with 8 or 16 lanes, F(4x4) on ARM's 4, the last tile row and
+    column cropped), 16 -> 48 channels."""
     rng = np.random.default_rng(1)
     nodes = [_conv("x", "w", "b", "y", pads=[1, 1, 1, 1])]
     inits = {"w": _w(rng, 48, 16, 3, 3), "b": rng.standard_normal(48).astype(np.float32)}
@@ -136,15 +137,18 @@ def test_3x3_convs_take_winograd_where_it_pays_and_match_onnxruntime(name: str, 
     assert schedule["conv_matmul_flops"] == _direct_conv_flops(model)
 
 
-def test_winograd_matches_the_direct_conv(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("name", ["basic_block", "odd_map"])
+def test_winograd_matches_the_direct_conv(name: str, tmp_path, monkeypatch) -> None:
     """The same block with ``GRAPHOPT_WINOGRAD=0`` (every conv direct): the outputs agree
-    to float32 rounding of the transforms, far inside the verification's tolerance."""
-    model, _ = basic_block()
-    x = np.random.default_rng(7).standard_normal((1, 32, 16, 16)).astype(np.float32)
+    to float32 rounding of the transforms, far inside the verification's tolerance (the
+    odd map: F(3x3) on x86 hosts, whose G has thirds)."""
+    model, rules = MODELS[name]()
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     fast = graphopt.compile(model, "x86", tmp_path / "w.so")
     monkeypatch.setenv("GRAPHOPT_WINOGRAD", "0")
     direct = graphopt.compile(model, "x86", tmp_path / "d.so")
-    assert conv_rules(direct.manifest["schedule"]) == {DIRECT: 2}
+    assert conv_rules(direct.manifest["schedule"]) == {DIRECT: rules[WINOGRAD]}
     y_fast, y_direct = fast.run({"x": x})["y"], direct.run({"x": x})["y"]
     scale = float(np.abs(y_direct).max())
     assert np.abs(y_fast - y_direct).max() <= 1e-5 * scale
@@ -164,18 +168,21 @@ def test_blocked_schedule_matches_the_whole_map_stages(tmp_path, monkeypatch) ->
     assert np.abs(y_blocked - y_whole).max() <= 1e-6 * float(np.abs(y_whole).max())
 
 
-def _winograd_schedule(images: int, channels: int, size: int, cpu: str = "znver4"):  # noqa: ANN202
+def _winograd_schedule(  # noqa: ANN202
+    images: int, channels: int, size: int, cpu: str = "znver4", m: int | None = None
+):
     """The default schedule of a ``channels`` -> ``channels`` Winograd conv (padding 1)
     on ``images`` maps of ``size`` x ``size``, for the x86 target with LLVM CPU ``cpu``
     (default an AVX-512 one, whatever the host: these tests check the schedule's
-    structure, which follows the vector unit), in its channel blocks."""
+    structure, which follows the vector unit), in its channel blocks, in tiles of ``m``
+    (default :func:`tile_size`'s)."""
     from tvm import s_tir, te
 
     from graphopt.targets import _cpu_schedules, resolve
 
     target = tvm.target.Target(resolve("x86", cpu=cpu).tvm)
     lanes = _cpu_schedules.vector_lanes(target)
-    m = _winograd.tile_size(size, size)
+    m = m or _winograd.tile_size(size, size, lanes, images)
     data = te.placeholder((images, channels // lanes, size, size, lanes), name="data")
     alpha = m + 2
     u = te.placeholder((alpha, alpha, channels // lanes, channels // lanes, lanes, lanes), name="u")
@@ -190,23 +197,23 @@ def _parallel_extents(sch) -> list[int]:  # noqa: ANN001
 
 
 @pytest.mark.parametrize(
-    ("images", "channels", "size", "parallel"),
+    ("images", "channels", "size", "m", "parallel"),
     [
-        (1, 64, 56, [28]),  # ResNet's 56x56 stage: 14 tile rows x 2 channel halves
-        (1, 128, 28, [14]),  # 7 tile rows x 2
-        (2, 64, 16, [16]),  # two images of 4 tile rows, 2 halves
-        (1, 32, 16, [8]),  # 4 tile rows x both channel chunks (fewer than 12 iterations)
-        (1, 64, 112, [56]),  # 28 tile rows x 2 (a tile row of V: 258 KiB)
+        (1, 64, 56, 4, [28]),  # ResNet's 56x56 stage: 14 tile rows x 2 channel halves
+        (1, 128, 28, 4, [14]),  # 7 tile rows x 2
+        (2, 64, 16, 4, [16]),  # two images of 4 tile rows, 2 halves
+        (1, 32, 16, 4, [8]),  # 4 tile rows x both channel chunks (fewer than 12 iterations)
+        (1, 64, 112, 4, [56]),  # 28 tile rows x 2 (a tile row of V: 258 KiB)
         # the three whole-map stages (input transform, products, output transform):
-        (1, 512, 7, [512, 256, 128]),  # F(2x2) on 7x7: the last tile row is cut
-        (1, 256, 14, [784, 128, 112]),  # 4 MiB of transformed weights
-        (1, 96, 224, [18816, 108, 336]),  # a tile row of V is 756 KiB
+        (1, 512, 7, 2, [512, 256, 128]),  # F(2x2) on 7x7: the last tile row is cut
+        (1, 256, 14, 2, [784, 128, 112]),  # 4 MiB of transformed weights
+        (1, 96, 224, 4, [18816, 108, 336]),  # a tile row of V is 756 KiB
     ],
 )
-def test_blocked_schedule_where_a_block_fits(images, channels, size, parallel) -> None:  # noqa: ANN001
+def test_blocked_schedule_where_a_block_fits(images, channels, size, m, parallel) -> None:  # noqa: ANN001
     """One parallel loop over blocks (a tile row, part of the output channels: its
     transformed input and products in a core's L2), or the three whole-map stages."""
-    assert _parallel_extents(_winograd_schedule(images, channels, size)) == parallel
+    assert _parallel_extents(_winograd_schedule(images, channels, size, m=m)) == parallel
 
 
 @pytest.mark.parametrize(
@@ -229,11 +236,26 @@ def test_blocked_schedule_can_be_switched_off(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("out_h", "out_w", "expected"),
-    [(56, 56, 4), (28, 28, 4), (16, 16, 4), (14, 14, 2), (7, 7, 2), (15, 15, 2), (6, 6, None)],
+    ("size", "lanes", "images", "expected"),
+    [
+        (56, 8, 1, 4),  # 196 tiles of 4x4: the fewest FLOPs, and bound by them
+        (28, 8, 1, 4),
+        (28, 16, 1, 4),
+        (16, 8, 1, 4),
+        (14, 8, 1, 3),  # AVX2: 25 tiles of 3x3 (15x15 computed); 4x4 would wait on memory
+        (14, 16, 1, 2),  # AVX-512 (twice the FLOPs per byte): 2x2, the fewest weights
+        (14, 4, 1, 4),  # NEON: 4x4 (16x16 computed)
+        (14, 16, 8, 4),  # batch 8: each weight serves 8 maps' tiles
+        (13, 8, 1, 3),  # SqueezeNet's 13x13
+        (27, 8, 1, 4),  # and 27x27, 55x55: 4x4, padded
+        (55, 16, 1, 4),
+        (7, 8, 1, 2),  # 16 tiles of 2x2; 3x3 and 4x4 give too few
+        (7, 16, 1, 2),
+        (6, 8, 1, None),  # 9 tiles at most: direct
+    ],
 )
-def test_tile_size(out_h: int, out_w: int, expected: int | None) -> None:
-    assert _winograd.tile_size(out_h, out_w) == expected
+def test_tile_size(size: int, lanes: int, images: int, expected: int | None) -> None:
+    assert _winograd.tile_size(size, size, lanes, images) == expected
 
 
 @pytest.mark.parametrize(
