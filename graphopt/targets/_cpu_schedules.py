@@ -893,7 +893,7 @@ def schedule_conv2d_nchwc(
     blocks, rows, pixels = 1, 1, None
     if not plan.rows and _annotation(sch, conv) == "conv2d_nchwc":
         extents = (_extent(sch, co), _extent(sch, y), width)
-        window = _product(int(d) for d in sch.get(conv).reads[1].source.shape[2:4]) > 1
+        window = _has_window(sch, conv)
         blocks, rows, pixels = _channel_blocks_tile(*extents, most, window=window)
     if blocks > 1:
         co, cob = sch.split(co, [None, blocks])
@@ -1023,6 +1023,12 @@ def schedule_depthwise_pointwise(
     return sch
 
 
+def _has_window(sch: s_tir.Schedule, conv) -> bool:  # noqa: ANN001
+    """Whether a packed conv's kernel has more than one tap (3x3 and the like, not 1x1):
+    its weight is ``OIHW[bi]i[bo]o``, the window in dims 2 and 3."""
+    return _product(int(d) for d in sch.get(conv).reads[1].source.shape[2:4]) > 1
+
+
 def _flatten_pixels(sch: s_tir.Schedule, conv, most: int) -> bool:  # noqa: ANN001
     """Make a 1x1 stride-1 dense conv (and every block of its epilogue) iterate over its
     output's pixels as one loop, rows times columns long, where that loop takes a cheaper
@@ -1052,12 +1058,9 @@ def _flatten_pixels(sch: s_tir.Schedule, conv, most: int) -> bool:  # noqa: ANN0
     if _annotation(sch, conv) != "conv2d_nchwc":
         return False
     st = sch.get(conv)
-    data, weight = (region.source for region in st.reads[:2])
+    data = st.reads[0].source
     _, blocks, height, width, _ = (int(d) for d in st.writes[0].source.shape)
-    if [int(d) for d in weight.shape[2:4]] != [1, 1] or [int(d) for d in data.shape[2:4]] != [
-        height,
-        width,
-    ]:
+    if _has_window(sch, conv) or [int(d) for d in data.shape[2:4]] != [height, width]:
         return False
     if height == 1 or blocks // 2 < _STREAM_MIN_CHUNKS:
         return False  # one row already, or too few channel chunks to share without rows
