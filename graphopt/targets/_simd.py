@@ -12,9 +12,14 @@ from __future__ import annotations
 import tvm
 from tvm.target import codegen
 
-__all__ = ["vector_bits", "vector_lanes", "vector_registers"]
+__all__ = ["fma_lanes", "vector_bits", "vector_lanes", "vector_registers"]
 
 _ARM_TRIPLES = ("aarch64", "arm64")
+# LLVM CPU names whose AVX-512 FMAs run at AVX2's rate: Zen 4 executes each 512-bit
+# instruction as two 256-bit halves. (Intel's client cores with one 512-bit FMA port are
+# left out: a KVM guest on a Xeon with two was seen reporting a model LLVM names
+# rocketlake.)
+_HALF_RATE_512 = ("znver4",)
 
 
 def _is_x86(target: tvm.target.Target) -> bool:
@@ -37,6 +42,16 @@ def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
     """Lanes of ``dtype_bits`` in one SIMD register of ``target`` (float32: 16 with
     AVX-512, 8 with AVX2, 4 with NEON); at least 4."""
     return max(vector_bits(target) // dtype_bits, 4)
+
+
+def fma_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of the FMAs ``target`` retires per instruction slot, for rooflines
+    (FLOPs against bytes): :func:`vector_lanes`, but 8 on an AVX-512 CPU named in
+    ``_HALF_RATE_512``, whose FMAs run at AVX2's rate."""
+    lanes = vector_lanes(target)
+    if lanes > 8 and _is_x86(target) and str(target.attrs.get("mcpu", "")) in _HALF_RATE_512:
+        return 8
+    return lanes
 
 
 def vector_registers(target: tvm.target.Target) -> int:

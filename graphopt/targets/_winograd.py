@@ -60,24 +60,28 @@ Measured on Zen 4 (AVX-512), ResNet-18's blocks: 3.3 -> 0.8 ms (64 channels, 56x
 
 Which tile: m of 2, 3 or 4 (``_TILES``), the one whose products take least time by a
 roofline. Per (input, output) channel pair they are 2 x tiles x (m+2)^2 FLOPs and read
-(m+2)^2 transformed weights, which inside a model come from memory (ResNet-50's
-weights are 100 MB); the time is the larger, the bytes counted at
-``_BALANCE_PER_LANE`` x lanes FLOPs each (AVX2 10: two cores at ~150 GFLOP/s against
-~15 GB/s; AVX-512 20, NEON 5, by their vector widths, not measured). A larger m does
-fewer FLOPs per output and pads a map it does not divide, but its weights serve fewer
-tiles: below about 2 x balance tiles per image (x images) the products wait on memory.
-So 56x56 and 28x28 maps take 4x4 tiles, and so do SqueezeNet's 55x55 and 27x27 (padded
-to 56 and 28); 14x14 and 13x13 maps take 3x3 on AVX2 (25 tiles, 15x15 computed), 2x2 with
-AVX-512, 4x4 on NEON; 7x7 maps 2x2 (3x3 and 4x4 give fewer than 16 tiles), and so do
-8x8 maps, which the former rule left direct (4 tiles of 4x4); at batch 8 a 14x14 map
-takes 4x4. Measured on a 2-core Zen 3 (AVX2), artifacts paired in one process
-against the former rule (4x4 where 4 divides the map, else 2x2), with an A/A pair beside:
-ResNet's 256-channel 14x14 conv alone 0.76x the time (4x4: 0.71x); SqueezeNet 1.1 0.895x
-(A/A 0.991), ResNet-18 0.951x and 0.933x (1.003, 1.008), ResNet-50 0.969x, 0.972x and
-0.958x (0.992, 1.005, 0.982); ResNet-50 with its 14x14 convs in 4x4 tiles 0.951x and
-0.969x, and in an earlier session 0.976x against an A/A of 0.979 (U 9.4 MB a conv for 16
-tiles' work, against 6.6 MB for 25 in 3x3 tiles and 4.2 MB for 49 in 2x2). Older, on a
-Zen 4 with the one-block products: a 14x14 map in 4x4 tiles 1.8 ms against 1.0 in 2x2.
+(m+2)^2 transformed weights, which inside a model come from memory (ResNet-50's weights
+are 100 MB); the time is the larger, the bytes counted at ``_BALANCE_PER_LANE`` x FMA
+lanes FLOPs each (AVX2 10: two cores at ~150 GFLOP/s against ~15 GB/s; AVX-512 20 at full
+rate, NEON 5, by their vector widths, not measured; Zen 4, whose AVX-512 FMAs run at
+AVX2's rate, 10: ``_simd.fma_lanes``). A larger m does fewer FLOPs per output and pads a
+map it does not divide, but its weights serve fewer tiles: below about 2 x balance tiles
+per image (x images) the products wait on memory. So 56x56 and 28x28 maps take 4x4 tiles,
+and so do SqueezeNet's 55x55 and 27x27 (padded to 56 and 28); 14x14 and 13x13 maps take
+3x3 on AVX2 and Zen 4 (25 tiles, 15x15 computed), 2x2 with full-rate AVX-512, 4x4 on NEON;
+7x7 maps 2x2 (3x3 and 4x4 give fewer than 16 tiles), and so do 8x8 maps, which the former
+rule left direct (4 tiles of 4x4); at batch 8 a 14x14 map takes 4x4. Measured on a 2-core
+Zen 3 (AVX2), artifacts paired in one process against the former rule (4x4 where 4 divides
+the map, else 2x2), with an A/A pair beside: ResNet's 256-channel 14x14 conv alone 0.76x
+the time (4x4: 0.71x); SqueezeNet 1.1 0.895x (A/A 0.991), ResNet-18 0.951x and 0.933x
+(1.003, 1.008), ResNet-50 0.969x, 0.972x and 0.958x (0.992, 1.005, 0.982); ResNet-50 with
+its 14x14 convs in 4x4 tiles 0.951x and 0.969x, and in an earlier session 0.976x against
+an A/A of 0.979 (U 9.4 MB a conv for 16 tiles' work, against 6.6 MB for 25 in 3x3 tiles
+and 4.2 MB for 49 in 2x2). Older, on a Zen 4 with the one-block products: a 14x14 map in
+4x4 tiles 1.8 ms against 1.0 in 2x2. On a 2-core Zen 4 (znver4), the 14x14 maps in 3x3
+tiles (balance 10) against 2x2 (balance 20), paired the same way: ResNet-50 0.981x and
+0.982x the time (A/A 0.994 both runs), ResNet-18 0.966x (0.998), SqueezeNet 1.002x (1.003;
+its 13x13 maps), VGG-11 0.980x (1.001), DLA-34 0.976x (0.997), GoogLeNet 0.988x (1.002).
 
 Weight traffic: each transformed weight is used once per tile, each direct weight once
 per output pixel, so ResNet's 7x7 stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8
@@ -131,6 +135,7 @@ from tvm.s_tir.schedule import ScheduleError
 from graphopt.targets import _cpu_schedules as cpu
 from graphopt.targets import _prefetch
 from graphopt.targets._amx import amx_enabled
+from graphopt.targets._simd import fma_lanes
 
 __all__ = [
     "AFTER_TRACE",
@@ -153,8 +158,8 @@ _ANNOTATION = "graphopt.kernel"
 # the transformed weights are read for too little work.
 _MIN_TILES = 16
 # The output tiles m :func:`tile_size` chooses from, and the FLOPs per byte of weights
-# read from memory a machine runs, per float32 lane of its vectors: 2 cores of AVX2
-# (8 lanes) at ~150 GFLOP/s against ~15 GB/s is 10.
+# read from memory a machine runs, per float32 lane of its FMAs (``_simd.fma_lanes``):
+# 2 cores of AVX2 (8 lanes) at ~150 GFLOP/s against ~15 GB/s is 10.
 _TILES = (2, 3, 4)
 _BALANCE_PER_LANE = 1.25
 _ENV = "GRAPHOPT_WINOGRAD"
@@ -179,9 +184,9 @@ def _matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None:
-    """The output tile m of a conv with ``images`` maps of ``out_h x out_w`` on a vector
-    unit of ``lanes`` float32 lanes, or None where Winograd does not pay (fewer than
-    ``_MIN_TILES`` tiles for every m).
+    """The output tile m of a conv with ``images`` maps of ``out_h x out_w`` on FMA units
+    of ``lanes`` float32 lanes (``_simd.fma_lanes``: 8 on Zen 4's AVX-512), or None
+    where Winograd does not pay (fewer than ``_MIN_TILES`` tiles for every m).
 
     m is the one of _TILES whose products take the least time by a roofline: per
     (input, output) channel pair, the products are 2 x images x tiles x (m+2)^2 FLOPs
@@ -203,8 +208,10 @@ def tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None
     return best
 
 
-def _plan(call: relax.Call, lanes: int) -> int | None:
-    """The tile size for a conv this module takes (see the module docstring), or None."""
+def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
+    """The tile size for a conv this module takes on ``target`` (None: an AVX2 CPU; see
+    the module docstring), or None."""
+    lanes = cpu.vector_lanes(target) if target is not None else 8
     a = call.attrs
     data, weight = cpu._shape(call.args[0]), cpu._shape(call.args[1])
     if (
@@ -226,7 +233,8 @@ def _plan(call: relax.Call, lanes: int) -> int | None:
     ):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)
-    return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2, lanes, data[0])
+    fma = fma_lanes(target) if target is not None else lanes
+    return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2, fma, data[0])
 
 
 def _terms(coefficients, values) -> tirx.PrimExpr:  # noqa: ANN001
@@ -332,7 +340,7 @@ def keeps_fp32(call: relax.Call, precision: str) -> bool:
     """True for a conv Winograd takes in 4x4 tiles (:func:`tile_size`), compiled in bf16
     for a CPU without AMX tiles: it stays float32 (and Winograd), since F(4x4) does 4x
     fewer multiplies than the direct conv and vdpbf16ps only twice the products of a
-    float32 FMA. Convs in 2x2 tiles (AVX-512's 14x14 and 7x7 maps) or 3x3 stay bf16:
+    float32 FMA. Convs in 2x2 tiles (full-rate AVX-512's 14x14 and 7x7 maps) or 3x3 stay bf16:
     2.25x fewer multiplies (3.2x), but their fp32
     transformed weights are 16/9 x 2 the bytes, and ResNet-50's layer 3 and 4 convs,
     whose weights are read once per image, ran slower in the model that way (kernels
@@ -345,7 +353,7 @@ def keeps_fp32(call: relax.Call, precision: str) -> bool:
     target = tvm.target.Target.current(allow_none=True)
     if target is None or amx_enabled(target):
         return False
-    return _plan(call, cpu.vector_lanes(target)) == 4
+    return _plan(call, target) == 4
 
 
 def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
@@ -354,8 +362,7 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
     time), any other through ``fallback``."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        lanes = cpu.legalize_lanes()
-        m = _plan(call, lanes)
+        m = _plan(call, tvm.target.Target.current(allow_none=True))
         if m is None:
             return fallback(bb, call)
         taps = relax.const(_taps(m))

@@ -32,6 +32,21 @@ def test_x86_width_and_registers_come_from_the_cpu_features(cpu, lanes, register
     assert _simd.vector_registers(target) == registers
 
 
+@pytest.mark.parametrize(
+    ("cpu", "fma"),
+    [
+        ("znver3", 8),
+        ("znver4", 8),  # AVX-512 registers, each FMA run as two 256-bit halves
+        ("znver5", 16),  # full-width AVX-512
+        ("skylake-avx512", 16),
+        ("sapphirerapids", 16),
+        ("x86-64", 4),
+    ],
+)
+def test_fma_lanes_count_what_the_fma_units_retire(cpu: str, fma: int) -> None:
+    assert _simd.fma_lanes(_x86(cpu)) == fma
+
+
 def test_aarch64_neon_is_four_lanes_and_32_registers() -> None:
     target = tvm.target.Target(
         {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}

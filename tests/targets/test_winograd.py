@@ -16,6 +16,7 @@ tvm = pytest.importorskip("tvm")
 import graphopt  # noqa: E402
 from graphopt.prepare import prepare  # noqa: E402
 from graphopt.targets import _prefetch, _winograd  # noqa: E402
+from graphopt.targets._simd import fma_lanes  # noqa: E402
 from tests._system import CROSS_GXX, QEMU  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
 from tests.targets._cnn_blocks import conv_rules  # noqa: E402
@@ -182,7 +183,7 @@ def _winograd_schedule(  # noqa: ANN202
 
     target = tvm.target.Target(resolve("x86", cpu=cpu).tvm)
     lanes = _cpu_schedules.vector_lanes(target)
-    m = m or _winograd.tile_size(size, size, lanes, images)
+    m = m or _winograd.tile_size(size, size, fma_lanes(target), images)
     data = te.placeholder((images, channels // lanes, size, size, lanes), name="data")
     alpha = m + 2
     u = te.placeholder((alpha, alpha, channels // lanes, channels // lanes, lanes, lanes), name="u")
@@ -243,7 +244,7 @@ def test_blocked_schedule_can_be_switched_off(monkeypatch) -> None:
         (28, 16, 1, 4),
         (16, 8, 1, 4),
         (14, 8, 1, 3),  # AVX2: 25 tiles of 3x3 (15x15 computed); 4x4 would wait on memory
-        (14, 16, 1, 2),  # AVX-512 (twice the FLOPs per byte): 2x2, the fewest weights
+        (14, 16, 1, 2),  # full-rate AVX-512 (twice the FLOPs per byte): 2x2, the fewest weights
         (14, 4, 1, 4),  # NEON: 4x4 (16x16 computed)
         (14, 16, 8, 4),  # batch 8: each weight serves 8 maps' tiles
         (13, 8, 1, 3),  # SqueezeNet's 13x13
@@ -256,6 +257,36 @@ def test_blocked_schedule_can_be_switched_off(monkeypatch) -> None:
 )
 def test_tile_size(size: int, lanes: int, images: int, expected: int | None) -> None:
     assert _winograd.tile_size(size, size, lanes, images) == expected
+
+
+@pytest.mark.parametrize(
+    ("cpu", "size", "expected"),
+    [
+        ("znver4", 14, 3),  # AVX-512 at AVX2's FMA rate: AVX2's balance, 3x3 tiles
+        ("sapphirerapids", 14, 2),  # full-rate AVX-512: 2x2
+        ("znver5", 14, 2),
+        ("znver4", 28, 4),
+        ("sapphirerapids", 7, 2),
+    ],
+)
+def test_a_packed_conv_takes_the_tile_its_cpu_fmas_call_for(
+    cpu: str, size: int, expected: int
+) -> None:
+    """:func:`_winograd._plan` on a 16-lane packed 256-channel conv: the balance follows
+    the FMAs the CPU retires per cycle, not only its register width."""
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((1, 16, size, size, 16), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 16, 3, 3, 16, 16), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        conv = relax.op.nn.conv2d(
+            x, w, padding=1, data_layout="NCHW16c", kernel_layout="OIHW16i16o", out_layout="NCHW16c"
+        )
+        call = bb.normalize(conv)
+        bb.emit_func_output(call)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    assert _winograd._plan(call, target) == expected
 
 
 @pytest.mark.parametrize(
