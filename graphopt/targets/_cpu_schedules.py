@@ -1291,7 +1291,10 @@ def _channel_blocks_tile(
     (12 accumulators, the weights as the FMAs' memory operands, 7 loads for 12 FMAs as
     MLAS's NCHWc kernel does). ResNet-50's convs alone: 28- and 7-wide rows 0.83-0.96x
     their time, 56- and 14-wide rows (19 and 5 tiles of 3) 2.0-2.1x; no row gained enough
-    to pay a rule for it."""
+    to pay a rule for it. Nor on AVX-512 (Zen 4, 2026-12-07): four blocks by up to 6
+    pixels (0.42-0.48 loads per FMA by the cost, against two blocks' 0.63), ResNet-50 as
+    an artifact paired in one process 1.27x its time with padded tiles (6 pixels), 1.11x
+    with 4 pixels where 4 divides the row (A/A 1.007, 0.998)."""
     return _channel_blocks_choice(blocks, height, width, most, window)[0]
 
 
