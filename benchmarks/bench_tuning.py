@@ -31,7 +31,12 @@ as ``tune``'s own in-model check times them), and the largest tuned/default of t
 issue's bar "no kernel in any tuned model slower than its default", measured here apart
 from the tuner's own check ("-": no record used; "k of n timed": n records used, k of
 their kernels called by the model runs, the figure covering those; the per-kernel figures
-are printed under the model's report)
+are printed under the model's report), with "(A/A x)": the largest ratio of the same
+kernels in the default build's copy over the default, timed in the same rounds. One
+kernel's time inside the model differs between two loads of the same file far more than
+the whole model's (on a 2-core Zen 4, EfficientNet-B0's kernels of 20 us and more read
+0.92-1.07, once 0.74-1.05), so a kernel's tuned/default is slower than its default only
+where it stands above that A/A
 and draws latency over tuning time, one panel per model, to ``--png`` (matplotlib, Agg):
 the measured points after each budget, and the search's own estimate (the best known
 kernel times added up) after every batch. ``--db DIR`` keeps the databases
@@ -97,6 +102,9 @@ class Point:
     aa: tuple[float, float, float] | None = None
     # each applied record's kernel: tuned/default per call inside model runs (empty: none)
     kernels: dict[str, float] = field(default_factory=dict)
+    # the same kernels' A/A: the default build's copy over the default, timed in the same
+    # rounds (empty: not timed)
+    kernels_aa: dict[str, float] = field(default_factory=dict)
 
 
 def _point(  # noqa: PLR0913
@@ -106,9 +114,11 @@ def _point(  # noqa: PLR0913
     engines: dict,
     opts,  # noqa: ANN001 - argparse.Namespace
     kernels: dict | None = None,
+    kernels_aa: dict | None = None,
 ) -> Point:
     """The engines timed in interleaved rounds; tuned's ratios paired round by round;
-    ``kernels``: the applied records' in-model ratios (:func:`_timed_with`)."""
+    ``kernels``: the applied records' in-model ratios, ``kernels_aa`` their A/A
+    (:func:`_timed_with`)."""
     figures = interleaved_rounds(engines, opts.block, opts.rounds)
     aa = None
     if COPY in figures:
@@ -124,6 +134,7 @@ def _point(  # noqa: PLR0913
         paired_spread(figures, "tuned"),
         aa,
         kernels or {},
+        kernels_aa or {},
     )
 
 
@@ -158,33 +169,49 @@ def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
 
 def _timed_with(name: str, path: Path, db: Path, work: Path, label: str, inputs: dict):  # noqa: ANN202
     """graphopt compiled with the database ``db``, as an engine; how many records it
-    applied, and their kernels' tuned/default times inside model runs (:func:`_in_model`)."""
+    applied, and their kernels' tuned/default times inside model runs with their A/A
+    (:func:`_in_model`)."""
     built = graphopt.compile(path, "x86", work / f"{name}-{label}-built.so", tuning_db=db)
     applied = set(built.manifest.get("tuning", {}).get("from_database", {}))
     tuned = built.save(work / f"{name}-{label}.so")  # loaded as the default builds are
-    kernels = _in_model(work / f"{path.stem}-default.so", tuned.path, inputs, applied)
-    return GraphoptEngine(tuned, inputs), len(applied), kernels
+    default, copy = (work / f"{path.stem}-{n}.so" for n in ("default", "default-copy"))
+    kernels, aa = _in_model(default, tuned.path, inputs, applied, copy)
+    return GraphoptEngine(tuned, inputs), len(applied), kernels, aa
 
 
-def _in_model(default: Path, tuned: Path, inputs: dict, names: set[str]) -> dict[str, float]:
+def _in_model(
+    default: Path, tuned: Path, inputs: dict, names: set[str], copy: Path | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     """Per kernel of ``names``: its median time per call inside whole-model runs of the
-    ``tuned`` library over the same kernel's inside runs of ``default`` (the two taking
-    turns; ``graphopt.tuning``'s in-model timing, which its check judges records by)."""
+    ``tuned`` library over the same kernel's inside runs of ``default`` (the builds taking
+    turns; ``graphopt.tuning``'s in-model timing, which its check judges records by); and,
+    with ``copy`` (the default build's second file), the same kernels' copy/default: the
+    A/A. Why: one kernel's in-model time differs between two loads of the same file by
+    more than the model's does (EfficientNet-B0 on a 2-core Zen 4: kernels of 20 us and
+    more 0.92-1.07 between the default and its copy in one process, once 0.74-1.05), so
+    a tuned/default of a kernel means something only beside its A/A."""
     if not names:
-        return {}
+        return {}, {}
     import tvm
 
     from graphopt.targets._runner import load_library
     from graphopt.tuning._latency import kernel_times_in_model
 
     libs = {"default": load_library(default), "tuned": load_library(tuned)}
+    if copy is not None:
+        libs[COPY] = load_library(copy)
     arrays = [np.asarray(v) for v in inputs.values()]
     times = kernel_times_in_model(libs, tvm.cpu(), arrays, names)
-    return {
-        k: times["tuned"][k] / times["default"][k]
-        for k in sorted(names)
-        if times["tuned"].get(k) and times["default"].get(k)
-    }
+
+    def over_default(build: str) -> dict[str, float]:
+        got = times.get(build, {})
+        return {
+            k: got[k] / times["default"][k]
+            for k in sorted(names)
+            if got.get(k) and times["default"].get(k)
+        }
+
+    return over_default("tuned"), over_default(COPY)
 
 
 def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs: dict, opts):  # noqa: ANN001, ANN202, PLR0913
@@ -192,8 +219,9 @@ def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs:
     and its start, the same rounds' figures without the tuned build."""
     with open_database(db, resolve("x86")) as database:
         trials = sum(e.trials for e in database.entries())
-    tuned, applied, kernels = _timed_with(name, path, db, work, "retime", inputs)
-    point = _point(opts.budgets[-1], trials, applied, {"tuned": tuned, **engines}, opts, kernels)
+    tuned, applied, kernels, aa = _timed_with(name, path, db, work, "retime", inputs)
+    timed = {"tuned": tuned, **engines}
+    point = _point(opts.budgets[-1], trials, applied, timed, opts, kernels, aa)
     print(_kernel_lines(name, point))
     tuned.close()
     untuned = {k: v for k, v in point.ms.items() if k != "tuned"}
@@ -241,9 +269,9 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         spent = budget
         trials += report.new_trials
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
-        tuned, applied, kernels = _timed_with(name, path, db, work, f"{budget:g}", inputs)
+        tuned, applied, kernels, aa = _timed_with(name, path, db, work, f"{budget:g}", inputs)
         timed = {"tuned": tuned, **engines}
-        curve.points.append(_point(budget, trials, applied, timed, opts, kernels))
+        curve.points.append(_point(budget, trials, applied, timed, opts, kernels, aa))
         print(_kernel_lines(name, curve.points[-1]))
         timed["tuned"].close()
         ms = curve.points[-1].ms
@@ -257,21 +285,30 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
 
 
 def _kernel_lines(name: str, point: Point) -> str:
-    """The applied records' kernels, each with its tuned/default inside model runs."""
+    """The applied records' kernels, each with its tuned/default inside model runs (and
+    its A/A, the default's copy over the default, where timed)."""
     head = f"{name} after {point.minutes:g} min: "
     if not point.kernels:
         return head + f"{point.applied} record(s) used, no kernel timed inside the model"
-    rows = [f"  {k}: {r:.3f}" for k, r in sorted(point.kernels.items(), key=lambda x: -x[1])]
-    return head + "each used record's kernel inside model runs, tuned/default:\n" + "\n".join(rows)
+    aa = point.kernels_aa
+    rows = [
+        f"  {k}: {r:.3f}" + (f" (A/A {aa[k]:.3f})" if k in aa else "")
+        for k, r in sorted(point.kernels.items(), key=lambda x: -x[1])
+    ]
+    what = "tuned/default" + (" (A/A: default copy/default)" if aa else "")
+    return head + f"each used record's kernel inside model runs, {what}:\n" + "\n".join(rows)
 
 
 def _slowest(point: Point) -> str:
     """The largest tuned/default of the applied records' kernels inside model runs, and
     how many of them were timed where not all were (a used record whose kernel no model
-    run called: the figure does not cover it)."""
+    run called: the figure does not cover it); with the largest A/A of the same kernels
+    where timed, the floor under that figure."""
     if not point.kernels:
         return "-" if not point.applied else f"({point.applied} not timed)"
     worst = f"{max(point.kernels.values()):.2f}"
+    if point.kernels_aa:
+        worst += f" (A/A {max(point.kernels_aa.values()):.2f})"
     timed = len(point.kernels)
     return worst if timed >= point.applied else f"{worst} ({timed} of {point.applied} timed)"
 

@@ -68,3 +68,8 @@ def test_the_slowest_kernel_column_reads_the_worst_used_record_inside_the_model(
     lines = bt._kernel_lines("m", point).splitlines()
     assert lines[1].strip() == "fused_conv2d_b: 1.020"  # the slowest first
     assert len(lines) == 1 + len(kernels)
+    # with the kernels' A/A (the default's copy over the default): the largest beside
+    point.kernels_aa = {"fused_conv2d_a": 0.97, "fused_conv2d_b": 1.06, "fused_dense": 1.01}
+    assert bt._slowest(point) == "1.02 (A/A 1.06) (3 of 5 timed)"
+    lines = bt._kernel_lines("m", point).splitlines()
+    assert "A/A" in lines[0] and lines[1].strip() == "fused_conv2d_b: 1.020 (A/A 1.060)"
