@@ -279,7 +279,8 @@ def measure_model(  # noqa: PLR0913
 
     First each applied record's kernel is timed inside model runs beside its default
     (:func:`kernel_times_in_model`), and the times are kept in the database; records
-    that lost there are dropped and the tuned model is built again without them."""
+    that lost there are dropped and the tuned model is built again without them, and
+    timed again, all its records, until none loses."""
     inputs = _inputs(relax_mod)
     if inputs is None:
         return ModelLatency(note="symbolic input shapes: not measured")
@@ -303,15 +304,17 @@ def measure_model(  # noqa: PLR0913
 
     tuned_lib, chosen = tuned_build()
     dropped = 0
-    timed: set[tuple[str, float]] = set()
     # a record that loses is dropped; its kernel may take an earlier record that won
-    # inside a model (_Entry.choice), timed in the next turn; each turn drops one more
-    # of a kernel's records, so this ends
-    while untimed := {n: c for n, c in chosen.items() if (n, c[1]) not in timed}:
+    # inside a model (_Entry.choice). Each turn times every record of the build, not only
+    # those new to it: a kernel's time inside the model depends on its neighbours' (which
+    # core's cache holds the input they wrote), and a record that won beside a record
+    # dropped since can lose beside the default that replaced it. Each turn that goes on
+    # drops a record, which is not chosen again (its latest in-model timing lost), so
+    # this ends; the last turn timed the build that is kept.
+    while chosen:
         libs = {"default": default_lib, "tuned": tuned_lib}
-        times = kernel_times_in_model(libs, device, arrays, set(untimed), rounds)
-        lost = _judge_in_model(database, untimed, times)
-        timed.update((n, c[1]) for n, c in untimed.items())
+        times = kernel_times_in_model(libs, device, arrays, set(chosen), rounds)
+        lost = _judge_in_model(database, chosen, times)
         if not lost:
             break
         dropped += lost

@@ -204,6 +204,35 @@ def test_records_that_lose_inside_the_model_are_dropped(losing_inside) -> None: 
     assert read_manifest(out)["tuning"]["from_database"] == {}
 
 
+def test_every_record_is_timed_again_once_another_was_dropped(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A record that won inside the model beside a record dropped since is timed again
+    in the build without it, and dropped if it loses there (a kernel's in-model time
+    depends on its neighbours'): the kept build is the one last timed. Scripted times:
+    in the first turn one kernel loses, in every later turn every kernel does."""
+    from graphopt.tuning import _latency
+
+    model = tmp_path / "two.onnx"
+    onnx.save(conv_relu(extra_conv=True), model)
+    db = tmp_path / "db"
+    tune(model, "x86", db, per_task=2, batch_size=2, space="graphopt", measure_model=False)
+    slow_defaults(db)
+    turns: list[set[str]] = []
+
+    def scripted(libs, _device, _arrays, kernels, *_args):  # noqa: ANN001, ANN202
+        turns.append(set(kernels))
+        first = min(kernels) if len(turns) == 1 else None
+        tuned = {k: (5e-5 if k != first and len(turns) == 1 else 2e-4) for k in kernels}
+        return {"default": dict.fromkeys(kernels, 1e-4), "tuned": tuned}
+
+    monkeypatch.setattr(_latency, "kernel_times_in_model", scripted)
+    relax_mod, layout = _lowered(onnx.load(model))
+    with open_database(db, resolve("x86")) as database:
+        lat = _latency.measure_model(relax_mod, resolve("x86"), layout, database, None)
+    assert len(turns[0]) >= 2, "the model should apply two records"
+    assert turns[1] == turns[0] - {min(turns[0])}  # the winners, timed again
+    assert lat.tuned_kernels == 0 and lat.dropped_in_model == len(turns[0])
+
+
 def test_report_shows_what_compile_uses_never_a_slowdown() -> None:
     """The table's last figure is what compile runs: a record that is slower than its
     default, or not MIN_SPEEDUP faster, reads "default"; only a winner reads "record".
