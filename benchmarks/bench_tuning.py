@@ -147,13 +147,17 @@ class Curve:
     estimate: list[tuple[float, float]] = field(default_factory=list)  # (min, ms)
 
 
+def _default_files(path: Path, work: Path) -> tuple[Path, Path]:
+    """Where the default build and its second copy (the A/A's) are saved in ``work``."""
+    return work / f"{path.stem}-default.so", work / f"{path.stem}-default-copy.so"
+
+
 def _engines(path: Path, work: Path, opts) -> tuple[dict, dict]:  # noqa: ANN001
     """graphopt's default schedules, onnxruntime and OpenVINO on the same seeded inputs."""
     built = graphopt.compile(path, "x86", work / f"{path.stem}-default-built.so")
     # every timed graphopt build is a copy of what compile wrote, first loaded to be timed
     # (the same for the tuned builds); two of the default: the A/A pair
-    default = built.save(work / f"{path.stem}-default.so")
-    copy = built.save(work / f"{path.stem}-default-copy.so")
+    default, copy = (built.save(f) for f in _default_files(path, work))
     inputs = {k: np.asarray(v) for k, v in default.random_inputs(0).items()}
     sess = ort_session(path, opts.threads)
     engines = {
@@ -174,7 +178,7 @@ def _timed_with(name: str, path: Path, db: Path, work: Path, label: str, inputs:
     built = graphopt.compile(path, "x86", work / f"{name}-{label}-built.so", tuning_db=db)
     applied = set(built.manifest.get("tuning", {}).get("from_database", {}))
     tuned = built.save(work / f"{name}-{label}.so")  # loaded as the default builds are
-    default, copy = (work / f"{path.stem}-{n}.so" for n in ("default", "default-copy"))
+    default, copy = _default_files(path, work)
     kernels, aa = _in_model(default, tuned.path, inputs, applied, copy)
     return GraphoptEngine(tuned, inputs), len(applied), kernels, aa
 

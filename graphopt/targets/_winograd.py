@@ -209,9 +209,13 @@ def tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None
 
 
 def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
-    """The tile size for a conv this module takes on ``target`` (None: an AVX2 CPU; see
-    the module docstring), or None."""
-    lanes = cpu.vector_lanes(target) if target is not None else 8
+    """The tile size for a conv this module takes on ``target`` (None, outside a target's
+    scope: :func:`cpu.legalize_lanes`' default for both widths; see the module docstring),
+    or None."""
+    if target is None:
+        lanes = fma = cpu.legalize_lanes()
+    else:
+        lanes, fma = cpu.vector_lanes(target), fma_lanes(target)
     a = call.attrs
     data, weight = cpu._shape(call.args[0]), cpu._shape(call.args[1])
     if (
@@ -233,7 +237,6 @@ def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
     ):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)
-    fma = fma_lanes(target) if target is not None else lanes
     return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2, fma, data[0])
 
 
@@ -340,9 +343,9 @@ def keeps_fp32(call: relax.Call, precision: str) -> bool:
     """True for a conv Winograd takes in 4x4 tiles (:func:`tile_size`), compiled in bf16
     for a CPU without AMX tiles: it stays float32 (and Winograd), since F(4x4) does 4x
     fewer multiplies than the direct conv and vdpbf16ps only twice the products of a
-    float32 FMA. Convs in 2x2 tiles (full-rate AVX-512's 14x14 and 7x7 maps) or 3x3 stay bf16:
-    2.25x fewer multiplies (3.2x), but their fp32
-    transformed weights are 16/9 x 2 the bytes, and ResNet-50's layer 3 and 4 convs,
+    float32 FMA. Convs in 2x2 tiles (full-rate AVX-512's 14x14 and 7x7 maps) or 3x3 stay
+    bf16: 2.25x fewer multiplies (3.2x), but their fp32 transformed weights are 16/9 x 2
+    the bytes, and ResNet-50's layer 3 and 4 convs,
     whose weights are read once per image, ran slower in the model that way (kernels
     alone 21.8 ms, the model 33.2 with them, 25.7 without). On a Zen 4 (AVX512-BF16),
     ResNet-50's bf16 build in one process with both: 4.6% faster than all-bf16 (paired
