@@ -74,6 +74,7 @@ TENSORIZED_KERNELS = (
 # targets/_winograd.py): their FLOPs are the direct conv's, from the call's shapes, so
 # GFLOP/s compare with other engines' (which count the model's FLOPs).
 FAST_ALGORITHM_KERNELS = ("conv2d_winograd",)
+_TAPS_ATTR = "graphopt.taps"  # on a stride-2 Winograd part: its taps of the 3x3 kernel
 _SNAPSHOT_BEFORE = "CallTIRRewrite"  # scheduling is over; main still calls kernels by name
 _CALL_TIR = ("relax.call_tir", "relax.call_tir_inplace")
 
@@ -144,7 +145,7 @@ def kernels(mod) -> list[Kernel]:  # noqa: ANN001 - tvm.IRModule from record_sch
         macs = _multiply_accumulates(func)
         packed = packed_kernel(func)
         if packed in FAST_ALGORITHM_KERNELS or (not macs and packed in TENSORIZED_KERNELS):
-            macs = _packed_macs(packed, args)
+            macs = _packed_macs(packed, args, int(_block_annotation(func, _TAPS_ATTR) or 9))
             name_hint = packed
         else:
             name_hint = name
@@ -230,6 +231,12 @@ def _multiply_accumulates(func) -> int:  # noqa: ANN001 - tirx.PrimFunc
 def packed_kernel(func) -> str | None:  # noqa: ANN001 - tirx.PrimFunc
     """The ``graphopt.kernel`` annotation a rule's compute left on a block of ``func``
     (``"conv2d_nchwc_bf16"``, ``"matmul_bf16"``), or None."""
+    kind = _block_annotation(func, _KERNEL_ATTR)
+    return None if kind is None else str(kind)
+
+
+def _block_annotation(func, key: str):  # noqa: ANN001, ANN202 - tirx.PrimFunc; the value
+    """The value of annotation ``key`` on the first block of ``func`` that has it, or None."""
     from tvm import s_tir
 
     try:
@@ -240,23 +247,24 @@ def packed_kernel(func) -> str | None:  # noqa: ANN001 - tirx.PrimFunc
     while todo:
         rv = todo.pop()
         todo.extend(sch.get_child_blocks(rv))
-        kind = sch.get(rv).annotations.get(_KERNEL_ATTR)
-        if kind is not None:
-            return str(kind)
+        value = sch.get(rv).annotations.get(key)
+        if value is not None:
+            return value
     return None
 
 
-def _packed_macs(kind: str, args: tuple) -> int:
+def _packed_macs(kind: str, args: tuple, taps: int = 9) -> int:
     """Multiply-accumulates of an annotated kernel from its call's shapes (its last arg
     the output): a conv's NCHWc data times kh x kw of its OIHW{i}i{o}o weight, a matmul's
-    [m, k] input times k. The real input channels, not the zero one a pair pads."""
+    [m, k] input times k, a Winograd conv's the direct conv's ``taps`` (a stride-2
+    part's fewer). The real input channels, not the zero one a pair pads."""
     out = int(np.prod(args[-1][0]))
     if kind == "conv2d_nhwc":  # NHWC data, OHWI[b]o weight
         w = next((s for s, _ in args[:-1] if len(s) == 5), None)
         return 0 if w is None else out * w[1] * w[2] * w[3]
     if kind == "conv2d_winograd":  # U [e, n, oc chunk, ic chunk, ic lane, oc lane], 3x3
         u = next((s for s, _ in args[:-1] if len(s) == 6), None)
-        return 0 if u is None else out * u[3] * u[4] * 9
+        return 0 if u is None else out * u[3] * u[4] * taps
     if kind == "conv_amx":  # rows [R, C], weight [O/16, taps, C/2, 16, 2]; out [wide, O]
         w = next((s for s, _ in args[:-1] if len(s) == 5 and s[-2:] == (16, 2)), None)
         return 0 if w is None else out * w[1] * w[2] * 2  # the padded width's columns too

@@ -83,6 +83,29 @@ tiles (balance 10) against 2x2 (balance 20), paired the same way: ResNet-50 0.98
 0.982x the time (A/A 0.994 both runs), ResNet-18 0.966x (0.998), SqueezeNet 1.002x (1.003;
 its 13x13 maps), VGG-11 0.980x (1.001), DLA-34 0.976x (0.997), GoogLeNet 0.988x (1.002).
 
+Stride 2 (:func:`strided_tile_size`, :func:`_legalize_strided`): a stride-2 3x3 conv
+with padding 1 is four stride-1 convs on the input's phases, summed. Output row i reads
+input rows 2i-1, 2i and 2i+1: the two outer taps are a 2-tap conv on the odd rows, the
+centre tap a 1-tap one on the even rows; so too for columns. The 2x2, 2x1 and 1x2 parts
+run as Winograd kernels of this module, F(m, 2) in a dimension of two taps (TOPI's
+Cook-Toom) and the identity in a dimension of one (their transforms are not square:
+U is ``[m+1 or m, m+1 or m, ...]``); the centre tap is a 1x1 stride-2 conv through the
+packed rule; FuseOps puts the three adds and the conv's tail into the parts' epilogues.
+Per output and channel pair that is (m+1)^2/m^2 + 2(m+1)/m + 1 multiplies against 9:
+5.1 at m = 4, 6.25 at m = 2, with 4x and 1.8x the weights. The tile is the cheapest by
+the stride-1 roofline, taken where it costs less than the direct conv. The split is the
+strided-conv Winograd of the literature (e.g. Yepez and Ko, "Stride 2 1-D, 2-D, and 3-D
+Winograd for convolutional neural networks", 2020), here built from this module's parts.
+Measured on a 2-core Zen 4 (znver4), whole models paired in one process against the
+direct strided convs (15 rounds, A/A beside): ResNet-50 0.972x the time (A/A 0.999),
+ResNet-18 0.979x (1.016), DLA-34 0.961x (0.994). ResNet-50's 56->28 conv (128 channels,
+4x4 tiles) ran 0.65 ms alone in its four kernels against 1.13 direct, its 28->14 (256,
+3x3 tiles) 0.82 against 1.19. Other tiles, paired the same way: the 28->14 conv in 2x2
+tiles 1.013x slower (a third fewer products for twice the tiles); the 14->7 one in 2x2
+tiles (16 of them; the roofline keeps it direct) 0.999x, no gain.
+``GRAPHOPT_WINOGRAD_STRIDED=0`` in the environment keeps stride-2 convs direct (for
+comparisons).
+
 Weight traffic: each transformed weight is used once per tile, each direct weight once
 per output pixel, so ResNet's 7x7 stage at batch 1 (16 tiles of 2x2, 512 channels: 16.8
 MB transformed against 9.4 MB) reads its weights from memory inside a model. With the
@@ -154,6 +177,8 @@ __all__ = [
 
 RULE = "conv2d_winograd"
 _ANNOTATION = "graphopt.kernel"
+# On a stride-2 part's products: the direct conv's taps it computes (graphopt's profile)
+_TAPS_ANNOTATION = "graphopt.taps"
 # Fewest output tiles (of the chosen size) per image for which Winograd pays: below it
 # the transformed weights are read for too little work.
 _MIN_TILES = 16
@@ -175,12 +200,15 @@ _BLOCK_WEIGHT_BYTES = 5 << 19
 
 
 @cache
-def _matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(A, B, G) of F(m x m, 3 x 3), TOPI's Cook-Toom construction (its interpolation
-    points): Y = A^T [(G g G^T) * (B^T d B)] A."""
+def _matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, G) of F(m, r) in one dimension, TOPI's Cook-Toom construction (its
+    interpolation points; identities for one tap): Y = A^T [(G g G^T) * (B^T d B)] A."""
     from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-    return _cook_toom_convolution(_interpolation_points(m + 2), m, 3)
+    if r == 1:
+        eye = np.eye(m)
+        return eye, eye, np.ones((m, 1))
+    return _cook_toom_convolution(_interpolation_points(m + r - 1), m, r)
 
 
 def tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None:
@@ -208,10 +236,45 @@ def tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None
     return best
 
 
-def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
-    """The tile size for a conv this module takes on ``target`` (None, outside a target's
-    scope: :func:`cpu.legalize_lanes`' default for both widths; see the module docstring),
-    or None."""
+# A stride-2 3x3 conv's parts (:func:`strided_tile_size`): the taps each takes in each
+# dimension, (0, 2) the two outer ones on the odd input phase, (1,) the centre on the even.
+_PHASE_TAPS = ((0, 2), (1,))
+_STRIDED_ENV = "GRAPHOPT_WINOGRAD_STRIDED"
+
+
+def strided_tile_size(out_h: int, out_w: int, lanes: int, images: int = 1) -> int | None:
+    """The output tile m of a stride-2 3x3 conv (padding 1) of ``images`` maps of
+    ``out_h x out_w`` out, taken as four stride-1 convs on the input's phases (even or
+    odd rows by even or odd columns): the outer taps' 2x2, 2x1 and 1x2 parts through
+    F(m, 2) x F(m, 2), F(m, 2) x F(m, 1) and F(m, 1) x F(m, 2), the centre tap a 1x1
+    stride-2 conv. Or None, where that costs no less than the direct conv by
+    :func:`tile_size`'s roofline (per channel pair, the parts' products against their
+    transformed weights' bytes; the centre 2 FLOPs and the direct conv 18 per output).
+
+    Per output the parts multiply (m+1)^2/m^2 + 2(m+1)/m + 1 times per channel pair
+    against 9: 5.1 at m = 4 (ResNet's 28x28 outputs), 6.25 at m = 2 (14x14); their
+    transformed weights are (m+1)^2 + 2m(m+1) + 1 per pair against 9 (4x at m = 4,
+    1.8x at m = 2). A 7x7 output's 16 tiles (ResNet's last stage) read too many weights
+    for their work and stay direct."""
+    balance = _BALANCE_PER_LANE * lanes
+    outputs = images * out_h * out_w
+    best, best_cost = None, 18.0 * outputs
+    for m in _TILES:
+        tiles = images * -(-out_h // m) * -(-out_w // m)
+        if tiles < images * _MIN_TILES:
+            continue
+        points = (m + 1) ** 2 + 2 * (m + 1) * m
+        cost = points * max(2 * tiles, 4 * balance) + 2 * outputs
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+def _packed_3x3(call: relax.Call, target: tvm.target.Target | None) -> tuple | None:
+    """(FMA lanes, data shape) of a packed float32 3x3 conv this module can take on
+    ``target`` (None, outside a target's scope: :func:`cpu.legalize_lanes`' default for
+    both widths; see the module docstring), stride and padding left to the caller; or
+    None."""
     if target is None:
         lanes = fma = cpu.legalize_lanes()
     else:
@@ -227,7 +290,6 @@ def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
         or not cpu._OIHWIO.match(str(a.kernel_layout))
         or int(a.groups) != 1
         or weight[2:4] != [3, 3]
-        or [int(s) for s in a.strides] != [1, 1]
         or [int(d) for d in a.dilation] != [1, 1]
         or str(call.args[0].ty.dtype) != "float32"
         or str(call.args[1].ty.dtype) != "float32"
@@ -236,8 +298,34 @@ def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
         or weight[0] * weight[5] < lanes
     ):
         return None
-    top, left, bottom, right = (int(p) for p in a.padding)
+    return fma, data
+
+
+def _plan(call: relax.Call, target: tvm.target.Target | None) -> int | None:
+    """The tile size for a stride-1 conv this module takes on ``target`` (see
+    :func:`_packed_3x3`), or None."""
+    found = _packed_3x3(call, target)
+    if found is None or [int(s) for s in call.attrs.strides] != [1, 1]:
+        return None
+    fma, data = found
+    top, left, bottom, right = (int(p) for p in call.attrs.padding)
     return tile_size(data[2] + top + bottom - 2, data[3] + left + right - 2, fma, data[0])
+
+
+def _plan_strided(call: relax.Call, target: tvm.target.Target | None) -> int | None:
+    """The tile size for a stride-2 conv with padding 1 this module takes in parts on
+    ``target`` (:func:`strided_tile_size`), or None (``GRAPHOPT_WINOGRAD_STRIDED=0`` in
+    the environment: none, for comparisons)."""
+    found = _packed_3x3(call, target)
+    if (
+        found is None
+        or os.environ.get(_STRIDED_ENV, "1") == "0"
+        or [int(s) for s in call.attrs.strides] != [2, 2]
+        or [int(p) for p in call.attrs.padding] != [1, 1, 1, 1]
+    ):
+        return None
+    fma, data = found
+    return strided_tile_size((data[2] - 1) // 2 + 1, (data[3] - 1) // 2 + 1, fma, data[0])
 
 
 def _terms(coefficients, values) -> tirx.PrimExpr:  # noqa: ANN001
@@ -260,81 +348,114 @@ def _pick(index, exprs: list) -> tirx.PrimExpr:  # noqa: ANN001
     return out
 
 
-def _weight_transform(weight: te.Tensor, taps: te.Tensor) -> te.Tensor:
+def _weight_transform(
+    weight: te.Tensor, taps: te.Tensor, rows: tuple = (0, 1, 2), cols: tuple = (0, 1, 2)
+) -> te.Tensor:
     """OIHW[bi]i[bo]o -> U[e, n, oc chunk, ic chunk, ic lane, oc lane] = (G g G^T)[e, n],
-    ``taps[e, n, y, x] = G[e, y] G[n, x]`` (a constant): nine multiply-adds per value, no
-    branch (FoldConstant runs it unscheduled, once per weight)."""
+    g the kernel's taps ``rows`` x ``cols`` (the whole 3x3, or a stride-2 part's: evenly
+    spaced), ``taps[e, n, y, x] = G[e, y] G[n, x]`` (a constant): a multiply-add per tap
+    and value, no branch (FoldConstant runs it unscheduled, once per weight)."""
     oco, ico, _, _, bi, bo = (int(d) for d in weight.shape)
-    alpha = int(taps.shape[0])
-    ry = te.reduce_axis((0, 3), "ry")
-    rx = te.reduce_axis((0, 3), "rx")
+    alpha_h, alpha_w = int(taps.shape[0]), int(taps.shape[1])
+    ry = te.reduce_axis((0, len(rows)), "ry")
+    rx = te.reduce_axis((0, len(cols)), "rx")
+
+    def tap(values: tuple, r):  # noqa: ANN001, ANN202 - the kernel index of the part's tap r
+        return values[0] + (values[1] - values[0]) * r if len(values) > 1 else values[0] + 0 * r
+
     return te.compute(
-        (alpha, alpha, oco, ico, bi, bo),
+        (alpha_h, alpha_w, oco, ico, bi, bo),
         lambda e, n, co, ci, i, o: te.sum(
-            taps[e, n, ry, rx] * weight[co, ci, ry, rx, i, o], axis=[ry, rx]
+            taps[e, n, ry, rx] * weight[co, ci, tap(rows, ry), tap(cols, rx), i, o],
+            axis=[ry, rx],
         ),
         name="winograd_weight",
     )
 
 
-def _taps(m: int) -> np.ndarray:
-    """G[e, y] G[n, x] of F(m x m, 3 x 3) in float32: the weight transform's constant."""
-    g = _matrices(m)[2]
-    return np.einsum("ey,nx->enyx", g, g).astype("float32")
+def _taps(m: int, taps: tuple[int, int] = (3, 3)) -> np.ndarray:
+    """G[e, y] G[n, x] of F(m, taps[0]) x F(m, taps[1]) in float32: the weight
+    transform's constant."""
+    g_h, g_w = _matrices(m, taps[0])[2], _matrices(m, taps[1])[2]
+    return np.einsum("ey,nx->enyx", g_h, g_w).astype("float32")
 
 
-def winograd_te(data: te.Tensor, weight_u: te.Tensor, padding, m: int) -> te.Tensor:  # noqa: ANN001
+def _centre_tap(weight: te.Tensor) -> te.Tensor:
+    """The centre tap of an OIHW[bi]i[bo]o 3x3 weight, as a 1x1 one."""
+    oco, ico, _, _, bi, bo = (int(d) for d in weight.shape)
+    return te.compute(
+        (oco, ico, 1, 1, bi, bo),
+        lambda co, ci, y, x, i, o: weight[co, ci, y + 1, x + 1, i, o],
+        name="centre_tap",
+    )
+
+
+def winograd_te(
+    data: te.Tensor, weight_u: te.Tensor, padding, m: int, stride: int = 1
+) -> te.Tensor:  # noqa: ANN001
     """``NCHW[bi]c`` data conv the transformed weights ``weight_u`` (from
-    :func:`_weight_transform`), a 3x3 stride-1 conv with ``padding`` (top, left, bottom,
-    right), ``NCHW[bo]c`` out (see the module docstring)."""
+    :func:`_weight_transform`), ``NCHW[bo]c`` out (see the module docstring): a 3x3
+    stride-1 conv with ``padding`` (top, left, bottom, right), or with ``stride`` 2 one
+    part of a stride-2 3x3 conv (:func:`strided_tile_size`), its taps per dimension read
+    from U's shape (m + 1 transformed values: the two outer taps on the odd input
+    phase; m: the centre one on the even)."""
     n, ico, h, w, bi = (int(d) for d in data.shape)
-    alpha, _, oco, _, _, bo = (int(d) for d in weight_u.shape)
+    alpha_h, alpha_w, oco, _, _, bo = (int(d) for d in weight_u.shape)
     top, left, bottom, right = (int(p) for p in padding)
-    oh, ow = h + top + bottom - 2, w + left + right - 2
+    taps_h, taps_w = alpha_h - m + 1, alpha_w - m + 1
+    oh = (h + top + bottom - 3) // stride + 1
+    ow = (w + left + right - 3) // stride + 1
+    # a part's row q reads the input's row stride * q + first - top (stride 1: q - top)
+    first_h, first_w = int(taps_h == 1), int(taps_w == 1)
     th, tw = -(-oh // m), -(-ow // m)
     tiles = th * tw
-    a_mat, b_mat, _ = _matrices(m)
+    a_h, b_h, _ = _matrices(m, taps_h)
+    a_w, b_w, _ = _matrices(m, taps_w)
 
     def padded(b, c, y, x, i):  # noqa: ANN001, ANN202, PLR0913
-        yy, xx = y - top, x - left
+        yy, xx = stride * y + first_h - top, stride * x + first_w - left
         inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
         return tirx.if_then_else(inside, data[b, c, yy, xx, i], tirx.const(0.0, "float32"))
 
-    pad = te.compute((n, ico, th * m + 2, tw * m + 2, bi), padded, name="winograd_pad")
+    shape = (n, ico, th * m + taps_h - 1, tw * m + taps_w - 1, bi)
+    pad = te.compute(shape, padded, name="winograd_pad")
 
     def rows(b, c, p, e, s, i):  # noqa: ANN001, ANN202, PLR0913 - (B^T d)[e, s]
         y0, x0 = p // tw * m, p % tw * m
-        column = [pad[b, c, y0 + r, x0 + s, i] for r in range(alpha)]
-        return _pick(e, [_terms(b_mat[:, k], column) for k in range(alpha)])
+        column = [pad[b, c, y0 + r, x0 + s, i] for r in range(alpha_h)]
+        return _pick(e, [_terms(b_h[:, k], column) for k in range(alpha_h)])
 
-    t = te.compute((n, ico, tiles, alpha, alpha, bi), rows, name="winograd_input_rows")
+    t = te.compute((n, ico, tiles, alpha_h, alpha_w, bi), rows, name="winograd_input_rows")
 
     def transformed(e, nu, b, c, p, i):  # noqa: ANN001, ANN202, PLR0913 - (B^T d B)[e, nu]
-        row = [t[b, c, p, e, s, i] for s in range(alpha)]
-        return _pick(nu, [_terms(b_mat[:, k], row) for k in range(alpha)])
+        row = [t[b, c, p, e, s, i] for s in range(alpha_w)]
+        return _pick(nu, [_terms(b_w[:, k], row) for k in range(alpha_w)])
 
-    v = te.compute((alpha, alpha, n, ico, tiles, bi), transformed, name="winograd_input")
+    v = te.compute((alpha_h, alpha_w, n, ico, tiles, bi), transformed, name="winograd_input")
     rco = te.reduce_axis((0, ico), "rco")
     rci = te.reduce_axis((0, bi), "rci")
+    attrs = {_ANNOTATION: RULE}
+    if stride != 1:  # the profile counts a part's FLOPs by its taps (9 without)
+        attrs[_TAPS_ANNOTATION] = taps_h * taps_w
     gemm = te.compute(
-        (alpha, alpha, n, oco, tiles, bo),
+        (alpha_h, alpha_w, n, oco, tiles, bo),
         lambda e, nu, b, co, p, o: te.sum(
             v[e, nu, b, rco, p, rci] * weight_u[e, nu, co, rco, rci, o], axis=[rco, rci]
         ),
         name=RULE,  # a conv: the compile summary's fast-path flag looks for the name
-        attrs={_ANNOTATION: RULE},
+        attrs=attrs,
     )
 
     def cols(b, co, p, e, x, o):  # noqa: ANN001, ANN202, PLR0913 - (M A)[e, x]
-        row = [gemm[e, nu, b, co, p, o] for nu in range(alpha)]
-        return _pick(x, [_terms(a_mat[:, k], row) for k in range(m)])
+        row = [gemm[e, nu, b, co, p, o] for nu in range(alpha_w)]
+        return _pick(x, [_terms(a_w[:, k], row) for k in range(m)])
 
-    s_out = te.compute((n, oco, tiles, alpha, m, bo), cols, name="winograd_output_cols")
+    s_out = te.compute((n, oco, tiles, alpha_h, m, bo), cols, name="winograd_output_cols")
 
     def output(b, co, y, x, o):  # noqa: ANN001, ANN202, PLR0913 - (A^T M A)[y, x]
         p = y // m * tw + x // m
-        column = [s_out[b, co, p, e, x % m, o] for e in range(alpha)]
-        return _pick(y % m, [_terms(a_mat[:, k], column) for k in range(m)])
+        column = [s_out[b, co, p, e, x % m, o] for e in range(alpha_h)]
+        return _pick(y % m, [_terms(a_h[:, k], column) for k in range(m)])
 
     return te.compute((n, oco, oh, ow, bo), output, name="winograd_output")
 
@@ -365,9 +486,11 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
     time), any other through ``fallback``."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        m = _plan(call, tvm.target.Target.current(allow_none=True))
+        target = tvm.target.Target.current(allow_none=True)
+        m = _plan(call, target)
         if m is None:
-            return fallback(bb, call)
+            m = _plan_strided(call, target)
+            return fallback(bb, call) if m is None else _legalize_strided(bb, call, m, fallback)
         taps = relax.const(_taps(m))
         weight = bb.emit_te(
             _weight_transform, call.args[1], taps, primfunc_name_hint="winograd_weight"
@@ -376,6 +499,42 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
         return bb.call_te(winograd_te, call.args[0], weight, padding, m, primfunc_name_hint=RULE)
 
     return legalize
+
+
+def _legalize_strided(bb: relax.BlockBuilder, call: relax.Call, m: int, fallback) -> relax.Expr:  # noqa: ANN001
+    """A stride-2 3x3 conv as its parts (:func:`strided_tile_size`): three Winograd
+    kernels, each its weights transformed by a kernel that FoldConstant runs, and the
+    centre tap's 1x1 stride-2 conv through ``fallback``, which adds the three (FuseOps
+    puts the adds and the conv's tail into one kernel's epilogue)."""
+    from tvm import topi
+
+    data, weight = call.args
+    parts = []
+    for rows in _PHASE_TAPS:
+        for cols in _PHASE_TAPS:
+            if len(rows) == len(cols) == 1:
+                continue
+            taps = relax.const(_taps(m, (len(rows), len(cols))))
+            u = bb.emit_te(
+                _weight_transform, weight, taps, rows, cols, primfunc_name_hint="winograd_weight"
+            )
+            parts.append(
+                bb.emit_te(winograd_te, data, u, [1, 1, 1, 1], m, 2, primfunc_name_hint=RULE)
+            )
+    a = call.attrs
+    centre = relax.op.nn.conv2d(
+        data,
+        bb.emit_te(_centre_tap, weight, primfunc_name_hint="centre_tap"),
+        strides=[2, 2],
+        data_layout=a.data_layout,
+        kernel_layout=a.kernel_layout,
+        out_layout=a.out_layout,
+        out_dtype=a.out_dtype,
+    )
+    out = bb.emit(fallback(bb, bb.normalize(centre)))
+    for part in parts[:-1]:
+        out = bb.emit_te(topi.add, out, part)
+    return bb.call_te(topi.add, out, parts[-1])
 
 
 # --- the schedule rule ------------------------------------------------------------------------
@@ -453,9 +612,9 @@ def _blocks_of_rows(sch: s_tir.Schedule, inp, out, most: int) -> tuple[int, int]
     take two blocks of 4: each part transforms its rows' input again), and 0.84-0.88x
     their blocked time inside the model. With AVX-512 a tile row of 14 takes two blocks
     of 7, and blocking stays (it was measured there: see the module docstring)."""
-    alpha, _, n, ico, tiles, bi = (int(d) for d in sch.get(inp).writes[0].source.shape)
-    _, oco, oh, _, bo = (int(d) for d in sch.get(out).writes[0].source.shape)
-    m = alpha - 2
+    alpha_h, alpha_w, n, ico, tiles, bi = (int(d) for d in _shape_of(sch, inp))
+    _, oco, oh, _, bo = (int(d) for d in _shape_of(sch, out))
+    m = _tile_of(sch)
     th = oh // m
     setting = os.environ.get(_BLOCKS_ENV, "")
     if setting == "0" or oh % m or th < 2 or tiles // th < 2:
@@ -463,8 +622,8 @@ def _blocks_of_rows(sch: s_tir.Schedule, inp, out, most: int) -> tuple[int, int]
     if setting:
         rows_per, parts = (int(v) for v in setting.split(","))
         return (rows_per, parts) if th % rows_per == 0 and oco % parts == 0 else None
-    row_bytes = alpha * alpha * ico * bi * (tiles // th) * 4  # a tile row's V
-    weight_bytes = alpha * alpha * ico * bi * oco * bo * 4  # U
+    row_bytes = alpha_h * alpha_w * ico * bi * (tiles // th) * 4  # a tile row's V
+    weight_bytes = alpha_h * alpha_w * ico * bi * oco * bo * 4  # U
     if row_bytes > _BLOCK_BYTES or weight_bytes > _BLOCK_WEIGHT_BYTES:
         return None
     parts = next(
@@ -473,6 +632,15 @@ def _blocks_of_rows(sch: s_tir.Schedule, inp, out, most: int) -> tuple[int, int]
     chunks = oco // parts
     block, _ = products_tile(chunks, tiles // th, most)
     return (1, parts) if block >= products_tile(chunks, tiles, most)[0] else None
+
+
+def _shape_of(sch: s_tir.Schedule, block) -> list:  # noqa: ANN001
+    return list(sch.get(block).writes[0].source.shape)
+
+
+def _tile_of(sch: s_tir.Schedule) -> int:
+    """The output tile m of a Winograd kernel: its output transform's column count."""
+    return int(_shape_of(sch, _block(sch, "winograd_output_cols"))[4])
 
 
 def _loops_by_dim(sch: s_tir.Schedule, block, outer, extents: list[int]) -> list:  # noqa: ANN001
@@ -491,9 +659,9 @@ def _schedule_blocked(sch: s_tir.Schedule, blocks, split, decisions, most) -> No
     input transform, its products, its output transform (:func:`schedule_winograd`)."""
     pad, rows, inp, gemm, cols, out = blocks
     rows_per, parts = split
-    alpha, _, _, ico, tiles, bi = (int(d) for d in sch.get(inp).writes[0].source.shape)
-    m = alpha - 2
-    _, oco, oh, _, bo = (int(d) for d in sch.get(out).writes[0].source.shape)
+    alpha_h, alpha_w, _, ico, tiles, bi = (int(d) for d in _shape_of(sch, inp))
+    m = _tile_of(sch)
+    _, oco, oh, _, bo = (int(d) for d in _shape_of(sch, out))
     block_tiles = tiles // (oh // m) * rows_per
     # the output transform, in blocks: the parallel loop over (image, rows, part)
     b, co, y, x, o = sch.get_loops(out)
@@ -513,11 +681,11 @@ def _schedule_blocked(sch: s_tir.Schedule, blocks, split, decisions, most) -> No
     # the block's products: the register tile of _schedule_gemm over its tiles
     sch.compute_at(gemm, blk)
     write = sch.cache_write(gemm, 0, "local")
-    co2, p, o2 = _loops_by_dim(sch, write, blk, [alpha, alpha, 1, chunks, block_tiles, bo])[3:]
+    co2, p, o2 = _loops_by_dim(sch, write, blk, [alpha_h, alpha_w, 1, chunks, block_tiles, bo])[3:]
     _products_tiles(sch, gemm, (co2, p, o2), decisions, most)
     # the block's input transform (every input channel: each part needs all of them)
     sch.compute_at(inp, blk)
-    e, nu, _, c, p, i = _loops_by_dim(sch, inp, blk, [alpha, alpha, 1, ico, block_tiles, bi])
+    e, nu, _, c, p, i = _loops_by_dim(sch, inp, blk, [alpha_h, alpha_w, 1, ico, block_tiles, bi])
     sch.reorder(*[lp for lp in (c, p, e, nu, i) if lp is not None])
     _input_tiles(sch, (pad, rows, inp), (e, nu, i))
 

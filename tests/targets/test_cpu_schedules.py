@@ -648,9 +648,13 @@ def _dense_conv_model(
 
 
 @pytest.mark.parametrize("k,stride,size", [(1, 1, 14), (1, 2, 28), (3, 2, 28), (1, 1, 56)])
-def test_paired_channel_block_tiles_match_onnxruntime(k: int, stride: int, size: int) -> None:
+def test_paired_channel_block_tiles_match_onnxruntime(
+    k: int, stride: int, size: int, monkeypatch
+) -> None:
     """Pointwise and strided dense convs (the tiles of two channel blocks, with rows at 14
-    wide on AVX2) take their packed rules and compute what onnxruntime does."""
+    wide on AVX2) take their packed rules and compute what onnxruntime does (the strided
+    3x3 conv direct: its Winograd parts switched off)."""
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_STRIDED", "0")
     model = _dense_conv_model(k, stride, size, seed=k + stride)
     rules = _rules_used(_scheduled_module(model))
     assert set(rules.values()) & {"pointwise_nchwc", "conv2d_nchwc"}, rules
@@ -659,11 +663,14 @@ def test_paired_channel_block_tiles_match_onnxruntime(k: int, stride: int, size:
 
 
 @pytest.mark.parametrize("k,stride,size", [(1, 1, 7), (1, 2, 14), (3, 2, 14), (1, 1, 13)])
-def test_tiles_past_the_row_end_match_onnxruntime(k: int, stride: int, size: int) -> None:
+def test_tiles_past_the_row_end_match_onnxruntime(
+    k: int, stride: int, size: int, monkeypatch
+) -> None:
     """Built for an AVX2 CPU (``znver3``, which every AVX2 x86 host runs), the 7- and
     13-wide outputs take the two-block tiles whose last tile reaches past the row; the
     pixels past it are neither computed into nor written: the outputs match
-    onnxruntime's."""
+    onnxruntime's (the strided 3x3 conv direct)."""
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_STRIDED", "0")
     model = _dense_conv_model(k, stride, size, seed=k + stride + size, residual=True)
     mod = _scheduled_module(model, cpu="znver3")
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]
@@ -898,11 +905,13 @@ def test_a_prime_row_takes_two_blocks_past_its_end(width: int, pixels: int) -> N
 
 @pytest.mark.parametrize("k,pixels,rows", [(3, 5, False), (1, 2, True)])
 def test_a_14_wide_row_takes_row_tiles_only_without_a_kernel_window(
-    k: int, pixels: int, rows: bool
+    k: int, pixels: int, rows: bool, monkeypatch
 ) -> None:
     """On AVX2 a stride-2 3x3 conv to a 14x14 map takes 2 blocks x 5 pixels of one row
     (15 for 14, the last tile cut by a ``T.where``), a 1x1 conv 2 blocks x (2 rows x 2
-    pixels). Compiled for the host, the 3x3 one matches onnxruntime."""
+    pixels). Compiled for the host, the 3x3 one matches onnxruntime. (The direct conv's
+    tile: its Winograd parts, test_winograd.py, switched off.)"""
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_STRIDED", "0")
     model = _wide_conv_model(64, 64, k, 2, 28)
     mod = _scheduled_module(model, cpu="znver3")
     (func,) = [f for g, f in mod.functions_items() if "conv2d" in g.name_hint]

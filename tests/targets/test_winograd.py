@@ -101,8 +101,40 @@ def last_stage():  # noqa: ANN201
     return make_model(nodes, {"x": (1, 512, 7, 7)}, {"y": (1, 512, 7, 7)}, inits), {WINOGRAD: 1}
 
 
+def downsample_block():  # noqa: ANN201
+    """ResNet's downsampling basic block: a stride-2 3x3 conv+bias, ReLU, a 3x3 conv, the
+    1x1 stride-2 shortcut added, ReLU; 32x32 in, 16x16 out. The strided conv runs as
+    its three Winograd parts and its centre tap's 1x1 conv (whatever the host's lanes:
+    4x4 or 2x2 tiles), the 3x3 one as one Winograd kernel."""
+    rng = np.random.default_rng(6)
+    nodes = [
+        _conv("x", "w1", "b1", "a", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        _conv("r", "w2", None, "c", pads=[1, 1, 1, 1]),
+        _conv("x", "wd", None, "d", strides=[2, 2]),
+        helper.make_node("Add", ["c", "d"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    inits = {"w1": _w(rng, 32, 16, 3, 3), "b1": rng.standard_normal(32).astype(np.float32)}
+    inits |= {"w2": _w(rng, 32, 32, 3, 3), "wd": _w(rng, 32, 16, 1, 1)}
+    model = make_model(nodes, {"x": (1, 16, 32, 32)}, {"y": (1, 32, 16, 16)}, inits)
+    return model, {WINOGRAD: 4, "pointwise_nchwc": 1}  # the two 1x1 convs: one kernel
+
+
+def odd_downsample():  # noqa: ANN201
+    """A stride-2 3x3 conv on a 33x33 map (17x17 out: the parts' last tile row and
+    column cropped, the odd phases one row shorter than the even), 16 -> 48 channels."""
+    rng = np.random.default_rng(9)
+    nodes = [_conv("x", "w", "b", "y", pads=[1, 1, 1, 1], strides=[2, 2])]
+    inits = {"w": _w(rng, 48, 16, 3, 3), "b": rng.standard_normal(48).astype(np.float32)}
+    model = make_model(nodes, {"x": (1, 16, 33, 33)}, {"y": (1, 48, 17, 17)}, inits)
+    return model, {WINOGRAD: 3, "pointwise_nchwc": 1}
+
+
 MODELS = {
     "basic_block": basic_block,
+    "downsample_block": downsample_block,
+    "odd_downsample": odd_downsample,
     "two_images": two_images,
     "odd_map": odd_map,
     "unpadded_rectangle": unpadded_rectangle,
@@ -138,22 +170,107 @@ def test_3x3_convs_take_winograd_where_it_pays_and_match_onnxruntime(name: str, 
     assert schedule["conv_matmul_flops"] == _direct_conv_flops(model)
 
 
-@pytest.mark.parametrize("name", ["basic_block", "odd_map"])
-def test_winograd_matches_the_direct_conv(name: str, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("name", "direct_rules"),
+    [
+        ("basic_block", {DIRECT: 2}),
+        ("odd_map", {DIRECT: 1}),
+        ("downsample_block", {DIRECT: 2, "pointwise_nchwc": 1}),
+        ("odd_downsample", {DIRECT: 1}),
+    ],
+)
+def test_winograd_matches_the_direct_conv(
+    name: str, direct_rules: dict, tmp_path, monkeypatch
+) -> None:
     """The same block with ``GRAPHOPT_WINOGRAD=0`` (every conv direct): the outputs agree
     to float32 rounding of the transforms, far inside the verification's tolerance (the
-    odd map: F(3x3) on x86 hosts, whose G has thirds)."""
-    model, rules = MODELS[name]()
+    odd map: F(3x3) on x86 hosts, whose G has thirds; the strided parts' F(4, 2) too)."""
+    model, _ = MODELS[name]()
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     fast = graphopt.compile(model, "x86", tmp_path / "w.so")
     monkeypatch.setenv("GRAPHOPT_WINOGRAD", "0")
     direct = graphopt.compile(model, "x86", tmp_path / "d.so")
-    assert conv_rules(direct.manifest["schedule"]) == {DIRECT: rules[WINOGRAD]}
+    assert conv_rules(direct.manifest["schedule"]) == direct_rules
     y_fast, y_direct = fast.run({"x": x})["y"], direct.run({"x": x})["y"]
     scale = float(np.abs(y_direct).max())
     assert np.abs(y_fast - y_direct).max() <= 1e-5 * scale
     assert not np.array_equal(y_fast, y_direct)  # two different algorithms ran
+
+
+def test_strided_parts_can_be_switched_off(tmp_path, monkeypatch) -> None:
+    """``GRAPHOPT_WINOGRAD_STRIDED=0``: the stride-2 conv direct, the stride-1 one still
+    Winograd; the same numbers to rounding."""
+    model, _ = downsample_block()
+    x = np.random.default_rng(10).standard_normal((1, 16, 32, 32)).astype(np.float32)
+    parts = graphopt.compile(model, "x86", tmp_path / "p.so")
+    monkeypatch.setenv("GRAPHOPT_WINOGRAD_STRIDED", "0")
+    direct = graphopt.compile(model, "x86", tmp_path / "d.so")
+    assert conv_rules(direct.manifest["schedule"]) == {WINOGRAD: 1, DIRECT: 1, "pointwise_nchwc": 1}
+    y_parts, y_direct = parts.run({"x": x})["y"], direct.run({"x": x})["y"]
+    assert np.abs(y_parts - y_direct).max() <= 1e-5 * float(np.abs(y_direct).max())
+
+
+@pytest.mark.parametrize(
+    ("size", "lanes", "expected"),
+    [
+        (28, 8, 4),  # ResNet's first strided conv (56 -> 28) on AVX2 or Zen 4
+        (28, 16, 4),
+        (14, 8, 3),  # the second (28 -> 14)
+        (14, 16, 2),
+        (7, 8, None),  # the last (14 -> 7): 16 tiles read too many weights
+        (7, 16, None),
+        (6, 8, None),  # 9 tiles
+        (112, 4, 4),
+    ],
+)
+def test_strided_tile_size(size: int, lanes: int, expected: int | None) -> None:
+    assert _winograd.strided_tile_size(size, size, lanes) == expected
+
+
+def test_strided_parts_sum_to_the_strided_conv() -> None:
+    """The parts' kernels on their own, in numpy: the 2x2, 2x1 and 1x2 parts plus the
+    centre tap equal the stride-2 conv with padding 1, for each tile size (odd map)."""
+    from tvm import te
+
+    rng = np.random.default_rng(11)
+    lanes, size = 4, 9  # one channel block in and out, 9x9 -> 5x5
+    x = rng.standard_normal((1, 1, size, size, lanes)).astype(np.float32)
+    w = rng.standard_normal((1, 1, 3, 3, lanes, lanes)).astype(np.float32)
+    out = (size - 1) // 2 + 1
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros((1, 1, out, out, lanes), np.float32)
+    for ky in range(3):
+        for kx in range(3):
+            window = padded[:, :, ky : ky + 2 * out : 2, kx : kx + 2 * out : 2]
+            want += np.einsum("bcyxi,io->bcyxo", window, w[0, 0, ky, kx])[:, :1]
+    for m in (2, 3, 4):
+        got = np.einsum("bcyxi,io->bcyxo", x[:, :, ::2, ::2], w[0, 0, 1, 1])
+        for rows in _winograd._PHASE_TAPS:
+            for cols in _winograd._PHASE_TAPS:
+                if len(rows) == len(cols) == 1:
+                    continue
+                taps = _winograd._taps(m, (len(rows), len(cols)))
+                wt = te.placeholder(w.shape, name="w")
+                tt = te.placeholder(taps.shape, name="t")
+                u = _winograd._weight_transform(wt, tt, rows, cols)
+                d = te.placeholder(x.shape, name="d")
+                ut = te.placeholder([int(v) for v in u.shape], name="u")
+                y = _winograd.winograd_te(d, ut, (1, 1, 1, 1), m, 2)
+                u_np = _run_te([wt, tt], u, [w, taps])
+                got = got + _run_te([d, ut], y, [x, u_np])
+        assert np.abs(got - want).max() <= 1e-4 * float(np.abs(want).max()), m
+
+
+def _run_te(placeholders: list, out, values: list) -> np.ndarray:  # noqa: ANN001
+    """``out`` (a TE tensor) built unscheduled for the host and run on ``values``."""
+    from tvm import te
+
+    func = tvm.compile(te.create_prim_func([*placeholders, out]), target="llvm")
+    args = [tvm.runtime.tensor(v) for v in values]
+    args.append(tvm.runtime.empty([int(v) for v in out.shape], "float32"))
+    func(*args)
+    return args[-1].numpy()
 
 
 def test_blocked_schedule_matches_the_whole_map_stages(tmp_path, monkeypatch) -> None:
@@ -303,10 +420,11 @@ def test_products_tile(chunks: int, tiles: int, most: int, expected: tuple) -> N
     assert _winograd.products_tile(chunks, tiles, most) == expected
 
 
-@pytest.mark.parametrize("name", ["basic_block", "two_images", "last_stage"])
+@pytest.mark.parametrize("name", ["basic_block", "two_images", "last_stage", "downsample_block"])
 def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same(name: str) -> None:
     """two_images: the blocked schedule's channel parts (2 or 4 of 8 chunks) are sampled
-    as well; last_stage: a default with its weights prefetched (not in the trace)."""
+    as well; last_stage: a default with its weights prefetched (not in the trace);
+    downsample_block: the strided conv's parts, their transforms not square."""
     from tvm import s_tir
 
     from graphopt.lower import to_relax
@@ -340,7 +458,7 @@ def test_tuning_space_starts_at_the_default_and_its_points_compute_the_same(name
 @pytest.mark.slow
 @CROSS_GXX
 @QEMU
-@pytest.mark.parametrize("name", ["basic_block", "odd_map"])
+@pytest.mark.parametrize("name", ["basic_block", "odd_map", "downsample_block"])
 def test_winograd_on_arm_matches_onnxruntime(name: str, tmp_path) -> None:
     model, rules = MODELS[name]()
     # ARM's default layout is NHWC; the packed one gives Winograd its NCHW[4]c convs
