@@ -361,7 +361,8 @@ def _weight_transform(
     rx = te.reduce_axis((0, len(cols)), "rx")
 
     def tap(values: tuple, r):  # noqa: ANN001, ANN202 - the kernel index of the part's tap r
-        return values[0] + (values[1] - values[0]) * r if len(values) > 1 else values[0] + 0 * r
+        step = values[1] - values[0] if len(values) > 1 else 0  # a one-tap part: r is 0
+        return values[0] + step * r
 
     return te.compute(
         (alpha_h, alpha_w, oco, ico, bi, bo),
@@ -503,9 +504,9 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
 
 def _legalize_strided(bb: relax.BlockBuilder, call: relax.Call, m: int, fallback) -> relax.Expr:  # noqa: ANN001
     """A stride-2 3x3 conv as its parts (:func:`strided_tile_size`): three Winograd
-    kernels, each its weights transformed by a kernel that FoldConstant runs, and the
-    centre tap's 1x1 stride-2 conv through ``fallback``, which adds the three (FuseOps
-    puts the adds and the conv's tail into one kernel's epilogue)."""
+    kernels, each with its weights transformed by a kernel that FoldConstant runs, and
+    the centre tap's 1x1 stride-2 conv through ``fallback``; then their sum (FuseOps puts
+    the adds and the conv's tail into the parts' epilogues)."""
     from tvm import topi
 
     data, weight = call.args
