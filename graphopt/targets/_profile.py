@@ -143,9 +143,11 @@ def kernels(mod) -> list[Kernel]:  # noqa: ANN001 - tvm.IRModule from record_sch
             continue
         rule = func.attrs.get(_RULE_ATTR) if func.attrs is not None else None
         macs = _multiply_accumulates(func)
-        packed = packed_kernel(func)
+        annotations = _kernel_annotations(func)
+        packed = annotations.get(_KERNEL_ATTR)
+        packed = None if packed is None else str(packed)
         if packed in FAST_ALGORITHM_KERNELS or (not macs and packed in TENSORIZED_KERNELS):
-            macs = _packed_macs(packed, args, int(_block_annotation(func, _TAPS_ATTR) or 9))
+            macs = _packed_macs(packed, args, int(annotations.get(_TAPS_ATTR, 9)))
             name_hint = packed
         else:
             name_hint = name
@@ -231,26 +233,27 @@ def _multiply_accumulates(func) -> int:  # noqa: ANN001 - tirx.PrimFunc
 def packed_kernel(func) -> str | None:  # noqa: ANN001 - tirx.PrimFunc
     """The ``graphopt.kernel`` annotation a rule's compute left on a block of ``func``
     (``"conv2d_nchwc_bf16"``, ``"matmul_bf16"``), or None."""
-    kind = _block_annotation(func, _KERNEL_ATTR)
+    kind = _kernel_annotations(func).get(_KERNEL_ATTR)
     return None if kind is None else str(kind)
 
 
-def _block_annotation(func, key: str):  # noqa: ANN001, ANN202 - tirx.PrimFunc; the value
-    """The value of annotation ``key`` on the first block of ``func`` that has it, or None."""
+def _kernel_annotations(func) -> dict:  # noqa: ANN001 - tirx.PrimFunc
+    """The annotations of the block of ``func`` that carries ``graphopt.kernel`` (a
+    Winograd part's taps beside it), or none."""
     from tvm import s_tir
 
     try:
         sch = s_tir.Schedule(func)
         todo = list(sch.get_child_blocks(sch.get_sblock("root")))
     except Exception:  # noqa: BLE001 - a kernel without blocks
-        return None
+        return {}
     while todo:
         rv = todo.pop()
         todo.extend(sch.get_child_blocks(rv))
-        value = sch.get(rv).annotations.get(key)
-        if value is not None:
-            return value
-    return None
+        annotations = sch.get(rv).annotations
+        if annotations.get(_KERNEL_ATTR) is not None:
+            return dict(annotations)
+    return {}
 
 
 def _packed_macs(kind: str, args: tuple, taps: int = 9) -> int:

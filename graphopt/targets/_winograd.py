@@ -492,14 +492,20 @@ def legalize_conv2d(fallback):  # noqa: ANN001, ANN201
         if m is None:
             m = _plan_strided(call, target)
             return fallback(bb, call) if m is None else _legalize_strided(bb, call, m, fallback)
-        taps = relax.const(_taps(m))
-        weight = bb.emit_te(
-            _weight_transform, call.args[1], taps, primfunc_name_hint="winograd_weight"
-        )
+        weight = _emit_transformed(bb, call.args[1], m, (0, 1, 2), (0, 1, 2))
         padding = [int(p) for p in call.attrs.padding]
         return bb.call_te(winograd_te, call.args[0], weight, padding, m, primfunc_name_hint=RULE)
 
     return legalize
+
+
+def _emit_transformed(bb: relax.BlockBuilder, weight, m: int, rows: tuple, cols: tuple):  # noqa: ANN001, ANN202
+    """U of ``weight``'s taps ``rows`` x ``cols`` in F(m, taps) tiles, a kernel of its own
+    on the weight (FoldConstant runs it at compile time)."""
+    taps = relax.const(_taps(m, (len(rows), len(cols))))
+    return bb.emit_te(
+        _weight_transform, weight, taps, rows, cols, primfunc_name_hint="winograd_weight"
+    )
 
 
 def _legalize_strided(bb: relax.BlockBuilder, call: relax.Call, m: int, fallback) -> relax.Expr:  # noqa: ANN001
@@ -515,10 +521,7 @@ def _legalize_strided(bb: relax.BlockBuilder, call: relax.Call, m: int, fallback
         for cols in _PHASE_TAPS:
             if len(rows) == len(cols) == 1:
                 continue
-            taps = relax.const(_taps(m, (len(rows), len(cols))))
-            u = bb.emit_te(
-                _weight_transform, weight, taps, rows, cols, primfunc_name_hint="winograd_weight"
-            )
+            u = _emit_transformed(bb, weight, m, rows, cols)
             parts.append(
                 bb.emit_te(winograd_te, data, u, [1, 1, 1, 1], m, 2, primfunc_name_hint=RULE)
             )
