@@ -507,7 +507,7 @@ def _add_tune_parser(sub) -> None:  # noqa: ANN001
         choices=("generic", "graphopt", "both"),
         default="both",
         help="search space: graphopt's rules around the default, MetaSchedule's generic one, "
-        "or both (graphopt's first; the default)",
+        "or both (graphopt's first, Winograd kernels graphopt's only; the default)",
     )
     t.add_argument(
         "--patience",

@@ -162,6 +162,7 @@ from graphopt.targets._simd import fma_lanes
 
 __all__ = [
     "AFTER_TRACE",
+    "OWN_SPACE_ONLY",
     "RULE",
     "RULES",
     "TUNABLE",
@@ -811,6 +812,15 @@ RULES = [(RULE, rule_conv2d_winograd)]
 # Its search space for ``graphopt tune`` (as ``_cpu_schedules.TUNABLE``): the products'
 # register tile; one structure.
 TUNABLE = {RULE: (schedule_winograd, (cpu.DEFAULT_PLAN,))}
+
+# Kernels ``graphopt tune --space both`` searches in this space only, never in
+# MetaSchedule's generic one (``tuning._space.phases_for``). The generic rules schedule
+# the transforms and the products as unrelated stages; in the databases tuned for
+# benchmarks/RESULTS.md that hold them their best was 1.76-9.95x the default. ResNet-50
+# tuned 30 minutes on the Zen 4 spent 389 of its 1771 trials on its 10 Winograd kernels
+# there, none within 1.76x, 14 of them builds cut off at the 60 s limit; ResNet-18's were
+# 2.3-2.8x. That time now goes to the other kernels' searches.
+OWN_SPACE_ONLY = frozenset({RULE})
 
 
 def prefetch_products(sch: s_tir.Schedule) -> None:

@@ -31,7 +31,7 @@ from graphopt.tuning._measure import PersistentBuilder, measure, release_workers
 from graphopt.tuning._options import TuneOptions
 from graphopt.tuning._report import TaskResult, TuneReport
 from graphopt.tuning._search import cost_model, tune_context
-from graphopt.tuning._space import default_trace, has_choices, phases_of
+from graphopt.tuning._space import default_trace, has_choices, phases_for
 from graphopt.tuning._tasks import Task
 
 __all__ = ["Session", "Targets", "TaskState", "Clock"]
@@ -115,7 +115,8 @@ class TaskState:
     budget: int
     ctx: object = None  # its MetaSchedule TuneContext, made when first searched
     new_trials: int = 0
-    phase: int = 0  # which of the session's search spaces it is in
+    phases: tuple = ("graphopt",)  # the search spaces it goes through, in order
+    phase: int = 0  # which of them it is in
     phase_start: int = 0  # its trial count when that space began
     rechecked: bool = False  # its default measured again beside its first candidates
     status: str = "pending"  # or "tuned", "skipped", "exhausted", "converged"
@@ -244,11 +245,11 @@ class Session:
     timing: dict[str, float] = field(init=False, default_factory=_no_timing)  # seconds each
     timed_out: bool = field(init=False, default=False)
     planned: int = field(init=False)  # trials left to run when the session began
-    phases: tuple = field(init=False)  # the search spaces each task goes through, in order
 
     def __post_init__(self) -> None:
         self.planned = 0
-        self.phases = phases_of(self.options.space)
+        for state in self.states:
+            state.phases = phases_for(self.options.space, state.task.mod)
 
     def run(self) -> TuneReport:
         """Baselines, budgets by the measured defaults, then the search until budgets,
@@ -416,7 +417,7 @@ class Session:
         """The next batch the search proposes (its context is made on first use)."""
         t0 = time.perf_counter()
         if state.ctx is None:
-            space = self.phases[state.phase]
+            space = state.phases[state.phase]
             if space == "graphopt" and not self._searchable(state):
                 return []  # only the default, measured already: the space is exhausted
             left = state.left
@@ -503,7 +504,7 @@ class Session:
     def _next_phase(self, state: TaskState) -> bool:
         """Move ``state`` to the next search space of ``--space`` (graphopt's, then the
         generic one), if there is one: a fresh search whose patience starts now."""
-        if state.phase + 1 >= len(self.phases):
+        if state.phase + 1 >= len(state.phases):
             return False
         if state.ctx is not None:
             with contextlib.suppress(Exception):

@@ -17,7 +17,8 @@ there and the task ends as "search space exhausted" without a trial.
 
 ``generic``: MetaSchedule's post-order-apply with the target's schedule rules (the space
 that finds what the rules do not know). ``both`` (the default): graphopt's space, then
-the generic one (:func:`phases_of`).
+the generic one (:func:`phases_of`), except for the kernels a kernel module keeps to its
+own space (``OWN_SPACE_ONLY``: Winograd's; :func:`phases_for`).
 
 Why a ScheduleFn and not dlight: dlight rules return one finished schedule with no
 sampling instructions, so MetaSchedule could only measure it; a ScheduleFn's trace keeps
@@ -37,6 +38,7 @@ from tvm.s_tir.meta_schedule.space_generator import (
 )
 
 from graphopt.targets import _cpu, _cpu_nhwc, _cpu_schedules
+from graphopt.targets._profile import packed_kernel as kernel_kind
 from graphopt.tuning._options import SPACES
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "graphopt_design_spaces",
     "default_trace",
     "has_choices",
+    "phases_for",
     "phases_of",
 ]
 
@@ -112,6 +115,26 @@ def phases_of(space: str) -> tuple[str, ...]:
     if space not in SPACES:
         raise ValueError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
     return ("graphopt", "generic") if space == "both" else (space,)
+
+
+def phases_for(space: str, mod: tvm.IRModule) -> tuple[str, ...]:
+    """The spaces the workload ``mod`` is searched in, in order, for ``--space space``:
+    :func:`phases_of`, except that ``both`` leaves out the generic space for a kernel a
+    kernel module lists in its ``OWN_SPACE_ONLY`` (by the ``graphopt.kernel`` annotation
+    of its compute; ``_winograd``: the transforms and products, which the generic rules
+    schedule as unrelated stages, many times slower than the default). An explicit
+    ``--space generic`` still searches them."""
+    phases = phases_of(space)
+    if space == "both" and kernel_kind(mod) in _own_space_only():
+        return ("graphopt",)
+    return phases
+
+
+def _own_space_only() -> frozenset:
+    kinds: set = set()
+    for module in _cpu.kernel_modules():
+        kinds.update(getattr(module, "OWN_SPACE_ONLY", ()))
+    return frozenset(kinds)
 
 
 def space_generator(kind: str, target: tvm.target.Target) -> SpaceGenerator:

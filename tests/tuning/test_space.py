@@ -34,6 +34,7 @@ from graphopt.tuning._space import (
     default_trace,
     graphopt_design_spaces,
     has_choices,
+    phases_for,
     phases_of,
 )
 from graphopt.tuning._tasks import extract_tasks
@@ -172,6 +173,55 @@ def test_space_option_picks_the_generators(conv_tasks) -> None:  # noqa: ANN001
     with pytest.raises(TuningError, match="--space must be one of"):
         TuneOptions(space="dlight")
     assert TuneOptions().space == "both"
+
+
+def test_both_keeps_winograd_kernels_to_graphopts_space(tmp_path) -> None:  # noqa: ANN001
+    """``--space both`` searches a Winograd kernel (its transforms and products) in
+    graphopt's space only: the generic rules schedule them as unrelated stages, many times
+    slower than the default, and their builds ran into the time limit. Run with a budget
+    its graphopt space cannot fill (patience 1), no Winograd task gets a generic trial and
+    each ends there, while the 1x1 conv beside them moves on to the generic space;
+    ``--space generic`` still searches a Winograd kernel where it is asked to."""
+    from tests.targets.test_winograd import downsample_block
+
+    model, _ = downsample_block()
+    targets, found = _tasks(model, "nchwc")
+    winograd = {t.name for t in found if "winograd" in t.name}
+    others = {t.name for t in found if "conv2d" in t.name} - winograd
+    assert len(winograd) >= 2 and others  # the strided parts and the 3x3 conv; the 1x1s
+    for task in found:
+        own = task.name in winograd
+        assert phases_for("both", task.mod) == (("graphopt",) if own else phases_of("both"))
+        assert phases_for("generic", task.mod) == ("generic",)
+        assert phases_for("graphopt", task.mod) == ("graphopt",)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    db = tmp_path / "db"
+    report = tune(
+        path, "x86", db, per_task=8, batch_size=2, patience=1, measure_model=False, seed=1
+    )
+    generic = _generic_trials(db)
+    rows = {t.name: t for t in report.tasks}
+    for name in winograd:
+        assert generic.get(name, 0) == 0, name
+        assert rows[name].status in ("search space exhausted", "stopped early (no gain)")
+    assert any(generic.get(name, 0) > 0 for name in others)
+
+
+def _generic_trials(db) -> dict[str, int]:  # noqa: ANN001
+    """Per kernel, the records of a database whose trace is the generic space's (the
+    generic rules sample tile sizes with ``SamplePerfectTile``; graphopt's space never
+    does)."""
+    import json
+
+    names, counts = {}, {}
+    for line in (db / "records.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["t"] == "wl":
+            names[row["w"]] = row["name"]
+        elif row["t"] == "rec" and "r" in row and "SamplePerfectTile" in json.dumps(row["r"][0]):
+            counts[names[row["w"]]] = counts.get(names[row["w"]], 0) + 1
+    return counts
 
 
 def test_graphopt_space_tunes_prints_latency_and_verifies(tmp_path) -> None:  # noqa: ANN001
