@@ -82,6 +82,8 @@ and 4.2 MB for 49 in 2x2). Older, on a Zen 4 with the one-block products: a 14x1
 tiles (balance 10) against 2x2 (balance 20), paired the same way: ResNet-50 0.981x and
 0.982x the time (A/A 0.994 both runs), ResNet-18 0.966x (0.998), SqueezeNet 1.002x (1.003;
 its 13x13 maps), VGG-11 0.980x (1.001), DLA-34 0.976x (0.997), GoogLeNet 0.988x (1.002).
+Checked again there after the stride-2 parts (ResNet-50, 11 rounds, A/A 1.006): its 14x14
+convs in 4x4 tiles 1.006x the time, in 2x2 1.020x; 3x3 stays.
 
 Stride 2 (:func:`strided_tile_size`, :func:`_legalize_strided`): a stride-2 3x3 conv
 with padding 1 is four stride-1 convs on the input's phases, summed. Output row i reads
