@@ -1152,7 +1152,12 @@ def _stream_reduction(
     chunks did as well, 16 1.031x, 32 1.014x; streaming weights from 128 KiB up instead
     of 1 MiB made ResNet-18, ResNet-50, MobileNetV2 and EfficientNet-B0 1-3% slower.
     Checked again on a 2-core Zen 4 (ResNet-50, 11 paired rounds, A/A 1.012): no conv
-    streaming 1.019x the time, steps of 8 chunks 1.002x."""
+    streaming 1.019x the time, steps of 8 chunks 1.002x. Tried and left out there: the
+    14x14 1x1 convs unstreamed, one output channel pair per parallel iteration, each
+    tile's reduction steps prefetching the next pair's weights (1-2 lines a step). Alone
+    they ran 7-10% faster, and inside the model (``graphopt profile``) 6-11%, but
+    ResNet-50 as an artifact ran 1.014x and 1.003x the time (15 paired rounds, A/A
+    1.005); with the 7x7 and 3x3 convs unstreamed too, 1.025x (A/A 1.012)."""
     loops = _loops_below(sch, conv, outer)
     kinds = _loop_kinds(sch, conv, loops)
     # compute_at leaves no loop of extent 1: (channel block,) row, pixel, lane
