@@ -38,6 +38,7 @@ class TuneReport:
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)  # search / build / measure / baseline seconds
     nominal_budgets: bool = False  # only a time budget: the clock, not the trials, ends it
+    time_budget: float | None = None  # seconds (None: none given)
     layout: str = ""  # the layout the kernels were extracted in (compile with the same)
     space: str = ""  # the search space: generic, graphopt or both
     build_workers: int = 0
@@ -85,6 +86,7 @@ def format_report(report: TuneReport) -> str:
         total_default += t.default_secs * t.calls
         total_best += applied_secs(t.default_secs, t.tuned_secs) * t.calls
     lines += _latency_lines(report, (total_default, total_best) if complete else None)
+    lines += _early_end_line(report)
     t = report.timing
     spent = t["search"] + t["build"] + t["measure"]
     rate = f", {report.new_trials / (spent / 60):.1f} trials/min" if spent > 0 else ""
@@ -99,6 +101,22 @@ def format_report(report: TuneReport) -> str:
         + (f", space {report.space}" if report.space else "")
     )
     return "\n".join(lines)
+
+
+def _early_end_line(report: TuneReport) -> list[str]:
+    """Where a time budget was given and every task ended before it (each stopped early,
+    ran out of space or reached its trials): say so, and how, so that the unspent time
+    does not read as a search cut short."""
+    if report.time_budget is None or report.timed_out or report.interrupted or not report.tasks:
+        return []
+    counts: dict[str, int] = {}
+    for t in report.tasks:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    how = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda c: -c[1]))
+    return [
+        f"every task ended {report.seconds / 60:.1f} min into the {report.time_budget / 60:g} "
+        f"min budget ({how}): more time would not have searched further"
+    ]
 
 
 def _uses(t: TaskResult) -> str:

@@ -593,6 +593,7 @@ class Session:
             seconds=self.clock.elapsed(),
             timing=self.timing,
             nominal_budgets=self.options.nominal_budgets,
+            time_budget=self.options.time_budget,
             layout=self.targets.layout,
             space=self.options.space,
             build_workers=self.builder.workers,

@@ -14,9 +14,10 @@ from graphopt.cli import main
 from graphopt.lower import to_relax
 from graphopt.prepare import prepare
 from graphopt.targets import resolve
-from graphopt.tuning import TuningDatabase, tune
+from graphopt.tuning import TuningDatabase, format_report, tune
 from graphopt.tuning._apply import beats_default
 from graphopt.tuning._options import TuneOptions
+from graphopt.tuning._report import TaskResult, TuneReport
 from graphopt.tuning._session import Clock, Session, Targets, TaskState, applied_secs
 from graphopt.tuning._tasks import Task, extract_tasks
 from tests.tuning._models import conv_relu, slow_defaults
@@ -157,3 +158,32 @@ def test_a_finished_run_with_a_time_budget_rebuilds_nothing(tmp_path, monkeypatc
     again = tune(conv_relu(), "x86", db, per_task=1, batch_size=1, time_budget="5m")
     assert again.latency.default_ms == first.latency.default_ms  # the cached figures
     assert sum(t.new_trials for t in again.tasks) == 0
+    # each task reached its one trial or had no choices long before the 5 minutes
+    assert "into the 5 min budget" in format_report(first)
+
+
+def test_report_says_when_every_task_ended_before_the_time_budget() -> None:
+    """A search whose tasks all stop early (or run out of space) before the time budget
+    ends says so in one line, with how many ended which way; a run the clock or Ctrl-C
+    cut short, or one without a time budget, has no such line."""
+
+    def task(name: str, status: str) -> TaskResult:
+        return TaskResult(name, 1e6, 1, 8, 8, 8, 0, 1e-4, 1e-4, status)
+
+    tasks = [
+        task("a", "stopped early (no gain)"),
+        task("b", "search space exhausted"),
+        task("c", "stopped early (no gain)"),
+    ]
+    timing = {"search": 0.0, "build": 0.0, "measure": 0.0, "baseline": 0.0}
+
+    def lines(**kw) -> list[str]:  # noqa: ANN003
+        report = TuneReport(tasks=tasks, db="db", timing=timing, seconds=750.0, **kw)
+        return [x for x in format_report(report).splitlines() if x.startswith("every task")]
+
+    (line,) = lines(time_budget=1800.0)
+    assert "12.5 min into the 30 min budget" in line
+    assert "(2 stopped early (no gain), 1 search space exhausted)" in line
+    assert lines(time_budget=1800.0, timed_out=True) == []
+    assert lines(time_budget=1800.0, interrupted=True) == []
+    assert lines() == []
