@@ -144,8 +144,7 @@ def kernels(mod) -> list[Kernel]:  # noqa: ANN001 - tvm.IRModule from record_sch
         rule = func.attrs.get(_RULE_ATTR) if func.attrs is not None else None
         macs = _multiply_accumulates(func)
         annotations = _kernel_annotations(func)
-        packed = annotations.get(_KERNEL_ATTR)
-        packed = None if packed is None else str(packed)
+        packed = _kind(annotations)
         if packed in FAST_ALGORITHM_KERNELS or (not macs and packed in TENSORIZED_KERNELS):
             macs = _packed_macs(packed, args, int(annotations.get(_TAPS_ATTR, 9)))
             name_hint = packed
@@ -233,7 +232,11 @@ def _multiply_accumulates(func) -> int:  # noqa: ANN001 - tirx.PrimFunc
 def packed_kernel(func) -> str | None:  # noqa: ANN001 - tirx.PrimFunc
     """The ``graphopt.kernel`` annotation a rule's compute left on a block of ``func``
     (``"conv2d_nchwc_bf16"``, ``"matmul_bf16"``), or None."""
-    kind = _kernel_annotations(func).get(_KERNEL_ATTR)
+    return _kind(_kernel_annotations(func))
+
+
+def _kind(annotations: dict) -> str | None:
+    kind = annotations.get(_KERNEL_ATTR)
     return None if kind is None else str(kind)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 from graphopt.tuning._apply import MIN_SPEEDUP, applied_secs
@@ -109,10 +110,8 @@ def _early_end_line(report: TuneReport) -> list[str]:
     does not read as a search cut short."""
     if report.time_budget is None or report.timed_out or report.interrupted or not report.tasks:
         return []
-    counts: dict[str, int] = {}
-    for t in report.tasks:
-        counts[t.status] = counts.get(t.status, 0) + 1
-    how = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda c: -c[1]))
+    counts = Counter(t.status for t in report.tasks)
+    how = ", ".join(f"{n} {status}" for status, n in counts.most_common())
     return [
         f"every task ended {report.seconds / 60:.1f} min into the {report.time_budget / 60:g} "
         f"min budget ({how}): more time would not have searched further"

@@ -115,7 +115,7 @@ class TaskState:
     budget: int
     ctx: object = None  # its MetaSchedule TuneContext, made when first searched
     new_trials: int = 0
-    phases: tuple = ("graphopt",)  # the search spaces it goes through, in order
+    phases: tuple = ()  # the search spaces it goes through, in order (set by the Session)
     phase: int = 0  # which of them it is in
     phase_start: int = 0  # its trial count when that space began
     rechecked: bool = False  # its default measured again beside its first candidates

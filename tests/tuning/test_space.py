@@ -212,15 +212,15 @@ def _generic_trials(db) -> dict[str, int]:  # noqa: ANN001
     """Per kernel, the records of a database whose trace is the generic space's (the
     generic rules sample tile sizes with ``SamplePerfectTile``; graphopt's space never
     does)."""
-    import json
+    from graphopt.tuning import TuningDatabase
 
-    names, counts = {}, {}
-    for line in (db / "records.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["t"] == "wl":
-            names[row["w"]] = row["name"]
-        elif row["t"] == "rec" and "r" in row and "SamplePerfectTile" in json.dumps(row["r"][0]):
-            counts[names[row["w"]]] = counts.get(names[row["w"]], 0) + 1
+    counts = {}
+    with TuningDatabase(db, resolve("x86"), create=False) as database:
+        for entry in database.entries():
+            counts[entry.name] = sum(
+                any(i.kind.name == "SamplePerfectTile" for i in record.trace.insts)
+                for record in entry.records.values()
+            )
     return counts
 
 
