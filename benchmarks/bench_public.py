@@ -494,18 +494,22 @@ def main(argv: list[str] | None = None) -> None:
     opts.threads = set_threads(opts.threads)  # before anything starts TVM's thread pool
     import _public_models as pm
     import tvm  # noqa: F401 - loaded here (~3 s), not in the first model's compile time
+    from _placement import placement_line
 
     if pm.missing_extra():
         raise SystemExit(pm.missing_extra())
     names = model_names(opts.models)
     opts.workdir.mkdir(parents=True, exist_ok=True)
     header = header_lines(opts.threads, opts.block, opts.rounds)
+    header.append(placement_line("before"))  # the host's CPU placement: see _placement
     print("\n".join(header), flush=True)
     rows = []
     for i, name in enumerate(names, 1):
         row = bench_model(name, opts, opts.workdir)
         rows.append(row)
         print(f"[{i}/{len(names)}] " + " | ".join(cells(row)), flush=True)
+    header.append(placement_line("after"))
+    print(header[-1])
     print()
     print_table(rows)
     if opts.markdown is not None:

@@ -64,6 +64,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _placement import placement_line  # noqa: E402
 from _public_models import export_onnx, missing_extra  # noqa: E402
 from bench_public import (  # noqa: E402
     CallEngine,
@@ -273,6 +274,7 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         spent = budget
         trials += report.new_trials
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
+        print(placement_line(f"before timing {budget:g} min"), flush=True)
         tuned, applied, kernels, aa = _timed_with(name, path, db, work, f"{budget:g}", inputs)
         timed = {"tuned": tuned, **engines}
         curve.points.append(_point(budget, trials, applied, timed, opts, kernels, aa))
@@ -412,6 +414,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-tuning-"))
     print(f"# bench_tuning {datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}")
     print(f"# {opts.threads} thread(s), space {opts.space}, budgets {opts.budgets} min")
+    print(f"# {placement_line('before')}", flush=True)  # the host's CPU placement
     try:
         curves = [bench_model(name, work, opts) for name in opts.models.split(",")]
     finally:
