@@ -78,13 +78,15 @@ int main(int argc, char** argv) {
 
 
 def _binary() -> Path | None:
-    """The ping-pong program, built on first use into graphopt's cache; None without a
-    C compiler or where it does not build (not Linux)."""
+    """The ping-pong program, built on first use into graphopt's cache (``GRAPHOPT_CACHE``,
+    as README says); None without a C compiler or where it does not build (not Linux)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
+    from graphopt.targets._emulation import cache_root
+
     digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graphopt"
+    cache = cache_root()
     path = cache / f"pingpong-{digest}"
     if path.exists():
         return path

@@ -41,10 +41,14 @@ def _versions() -> tuple[str, str]:
     return version("apache-tvm"), version("apache-tvm-ffi")
 
 
+def cache_root() -> Path:
+    """graphopt's cache: ``$GRAPHOPT_CACHE``, else ``~/.cache/graphopt`` (README)."""
+    return Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt"))
+
+
 def kit_dir() -> Path:
-    root = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt"))
     tvm_version, ffi_version = _versions()
-    return root / f"aarch64-tvm-{tvm_version}-ffi-{ffi_version}"
+    return cache_root() / f"aarch64-tvm-{tvm_version}-ffi-{ffi_version}"
 
 
 def _need(tool: str, package: str) -> str:
