@@ -136,7 +136,11 @@ def core_to_core_ns(
 
 def placement_line(when: str = "") -> str:
     """One line for a benchmark's output: the round trip, and what it says."""
-    ns = core_to_core_ns()
+    return describe(core_to_core_ns(), when)
+
+
+def describe(ns: float | None, when: str = "") -> str:
+    """:func:`placement_line` of a round trip already measured (``ns``; None: not)."""
     label = f"core-to-core round trip{f' ({when})' if when else ''}"
     if ns is None:
         return f"{label}: not measured (one CPU, or no C compiler)"

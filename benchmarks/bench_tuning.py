@@ -3,7 +3,7 @@
     python benchmarks/bench_tuning.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0]
                                       [--budgets 5,15,30] [--space both] [--threads N]
                                       [--db DIR] [--png tuning_curve.png] [--block 2]
-                                      [--rounds 5] [--retime]
+                                      [--rounds 5] [--retime [--processes N]]
 
 For each model (benchmarks/_public_models.py, seeded weights, exported to ONNX): one
 database, tuned in steps up to each budget (minutes of ``graphopt.tuning.tune``'s clock,
@@ -47,13 +47,27 @@ model, labelled with the largest budget and the database's trials. Why: a bar's 
 on a machine whose speed drifts wants more rounds than the hour of tuning left time for,
 and rerunning the tuning command cannot give them, since every point of a resumed run
 would be timed with the finished database.
+
+``--retime --processes N`` does that in N fresh processes, one after the other, and ends
+with a table of each model's ratios over them: the median of the processes' figures, the
+lowest and highest, and each process's core-to-core round trip. Why: more rounds in one
+process do not give a bar's verdict either. On the 2-core Zen 4 KVM guest of
+benchmarks/RESULTS.md a process keeps its own speed for its life (ResNet-50's default
+build read 30.6-35.6 ms in seven fresh processes, onnxruntime 39.0-45.9 beside it, and
+tuned/onnxruntime 0.76-0.81), and the host moves the two vCPUs between cores that share
+an L3 and cores that do not, from one process to the next (``_placement.py``); one
+process's quartiles show neither.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +78,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _placement import placement_line  # noqa: E402
+from _placement import core_to_core_ns, describe, placement_line  # noqa: E402
 from _public_models import export_onnx, missing_extra  # noqa: E402
 from bench_public import (  # noqa: E402
     CallEngine,
@@ -106,6 +120,8 @@ class Point:
     # the same kernels' A/A: the default build's copy over the default, timed in the same
     # rounds (empty: not timed)
     kernels_aa: dict[str, float] = field(default_factory=dict)
+    # the core-to-core round trip measured just before the timing (None: not measured)
+    round_trip_ns: float | None = None
 
 
 def _point(  # noqa: PLR0913
@@ -226,7 +242,10 @@ def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs:
         trials = sum(e.trials for e in database.entries())
     tuned, applied, kernels, aa = _timed_with(name, path, db, work, "retime", inputs)
     timed = {"tuned": tuned, **engines}
+    round_trip = core_to_core_ns()
+    print(describe(round_trip, "before timing"), flush=True)
     point = _point(opts.budgets[-1], trials, applied, timed, opts, kernels, aa)
+    point.round_trip_ns = round_trip
     print(_kernel_lines(name, point))
     tuned.close()
     untuned = {k: v for k, v in point.ms.items() if k != "tuned"}
@@ -387,6 +406,81 @@ def plot(curves: list[Curve], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+# --- --retime --processes N: the same retime in N fresh processes ------------------------
+# the columns of the summary: (engine of Point.vs or "aa", heading)
+_ACROSS = (("ort", "tuned/ORT"), ("openvino", "tuned/OpenVINO"), ("default", "tuned/default"))
+
+
+def _dump(curves: list[Curve], path: Path) -> None:
+    """One process's retimed points (``--json``), for the parent of ``--processes``."""
+    path.write_text(json.dumps({c.name: dataclasses.asdict(c.points[-1]) for c in curves}))
+
+
+def _spread_cell(values: list[float]) -> str:
+    """The median of the processes' figures, with the lowest and highest."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def across_processes(runs: list[dict]) -> str:
+    """The summary of ``--processes``: per model, the median over the processes of each
+    process's own figure (itself the median of its rounds' ratios), the lowest and the
+    highest, and every process's tuned/ORT with the round trip measured before its timing
+    (below ``_placement.SHARED_BELOW_NS``: the two vCPUs shared a cache)."""
+    rows = [
+        "| model | processes | " + " | ".join(h for _, h in _ACROSS) + " | A/A "
+        "| tuned/ORT by process (round trip ns) |",
+        "|---|---|" + "---|" * (len(_ACROSS) + 2),
+    ]
+    names = list(dict.fromkeys(m for run in runs for m in run))
+    for name in names:
+        got = [run[name] for run in runs if name in run]
+        cells = []
+        for engine, _ in _ACROSS:
+            values = [p["vs"][engine] for p in got if p["vs"].get(engine)]
+            cells.append(_spread_cell(values) if values else "-")
+        aa = [p["aa"][0] for p in got if p.get("aa")]
+        cells.append(_spread_cell(aa) if aa else "-")
+        each = []
+        for p in got:
+            ns = p.get("round_trip_ns")
+            trip = "not measured" if ns is None else f"{ns:.0f} ns"
+            ort = p["vs"].get("ort")
+            each.append(f"{'-' if ort is None else f'{ort:.2f}'} ({trip})")
+        rows.append(f"| {name} | {len(got)} | " + " | ".join(cells) + f" | {', '.join(each)} |")
+    return "\n".join(rows)
+
+
+def _in_processes(argv: list[str], n: int) -> int:
+    """Run this script's ``--retime`` (``argv`` without ``--processes``) in ``n`` fresh
+    processes, one after the other, their output passed through; then the summary."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-tuning-runs-") as tmp:
+        for i in range(n):
+            out = Path(tmp) / f"{i}.json"
+            print(f"\n# process {i + 1} of {n}", flush=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--json", str(out)]
+            done = subprocess.run(cmd, check=False)  # noqa: S603 - this script, its own args
+            if done.returncode != 0 or not out.exists():
+                print(f"# process {i + 1} failed (exit {done.returncode})", file=sys.stderr)
+                return done.returncode or 1
+            runs.append(json.loads(out.read_text()))
+    print(f"\n## over {n} fresh processes (each: the median of its rounds' ratios)\n")
+    print(across_processes(runs))
+    return 0
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -400,13 +494,24 @@ def main() -> int:
     ap.add_argument(
         "--retime", action="store_true", help="time the finished databases in --db, no search"
     )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="with --retime: in this many fresh processes, then their medians (default 1)",
+    )
+    ap.add_argument("--json", help=argparse.SUPPRESS)  # a --processes child's points
     opts = ap.parse_args()
     if opts.retime and not opts.db:
         ap.error("--retime times the databases in --db: name it")
+    if opts.processes < 1 or (opts.processes > 1 and not opts.retime):
+        ap.error("--processes N (N >= 1) goes with --retime")
     missing = missing_extra()
     if missing:
         print(f"needs the bench extra: {missing}", file=sys.stderr)
         return 2
+    if opts.processes > 1:
+        return _in_processes(_without_processes(sys.argv[1:]), opts.processes)
     opts.budgets = sorted(float(b) for b in opts.budgets.split(","))
     opts.threads = set_threads(opts.threads)
     # Models, artifacts and (without --db) the databases: about 1 GB per model, removed
@@ -420,6 +525,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n" + table(curves))
+    if opts.json:
+        _dump(curves, Path(opts.json))
     plot(curves, Path(opts.png))
     print(f"\ncurve: {opts.png}")
     return 0
