@@ -407,7 +407,7 @@ def plot(curves: list[Curve], png: Path) -> None:
 
 
 # --- --retime --processes N: the same retime in N fresh processes ------------------------
-# the columns of the summary: (engine of Point.vs or "aa", heading)
+# the summary's ratio columns: (the engine of Point.vs that tuned is over, heading)
 _ACROSS = (("ort", "tuned/ORT"), ("openvino", "tuned/OpenVINO"), ("default", "tuned/default"))
 
 
@@ -428,7 +428,7 @@ def across_processes(runs: list[dict]) -> str:
     (below ``_placement.SHARED_BELOW_NS``: the two vCPUs shared a cache)."""
     rows = [
         "| model | processes | " + " | ".join(h for _, h in _ACROSS) + " | A/A "
-        "| tuned/ORT by process (round trip ns) |",
+        "| tuned/ORT by process (round trip) |",
         "|---|---|" + "---|" * (len(_ACROSS) + 2),
     ]
     names = list(dict.fromkeys(m for run in runs for m in run))
@@ -470,6 +470,7 @@ def _in_processes(argv: list[str], n: int) -> int:
 
 
 def _without_processes(argv: list[str]) -> list[str]:
+    """``argv`` without ``--processes N`` or ``--processes=N``: a child's arguments."""
     out, skip = [], False
     for arg in argv:
         if skip:

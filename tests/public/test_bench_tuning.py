@@ -103,7 +103,7 @@ def test_retimes_in_processes_are_summarised_by_their_median_and_range(tmp_path)
     assert cells[" tuned/OpenVINO "].strip() == "0.86 (0.85-0.87)"  # over the two that had it
     assert cells[" tuned/default "].strip() == "1.02 (1.01-1.04)"
     assert cells[" A/A "].strip() == "0.99 (0.98-1.00)"
-    by_process = cells[" tuned/ORT by process (round trip ns) "].strip()
+    by_process = cells[" tuned/ORT by process (round trip) "].strip()
     assert by_process == "0.79 (70 ns), 0.81 (359 ns), 0.76 (not measured)"
 
 
