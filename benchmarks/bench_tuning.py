@@ -235,6 +235,14 @@ def _in_model(
     return over_default("tuned"), over_default(COPY)
 
 
+def _round_trip(when: str) -> float | None:
+    """The core-to-core round trip now (``_placement``), printed with ``when``: measured
+    right before each timing, as a point records it."""
+    ns = core_to_core_ns()
+    print(describe(ns, when), flush=True)
+    return ns
+
+
 def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs: dict, opts):  # noqa: ANN001, ANN202, PLR0913
     """The curve of a finished database (``--retime``): one point at the largest budget,
     and its start, the same rounds' figures without the tuned build."""
@@ -242,8 +250,7 @@ def _retimed(name: str, path: Path, db: Path, work: Path, engines: dict, inputs:
         trials = sum(e.trials for e in database.entries())
     tuned, applied, kernels, aa = _timed_with(name, path, db, work, "retime", inputs)
     timed = {"tuned": tuned, **engines}
-    round_trip = core_to_core_ns()
-    print(describe(round_trip, "before timing"), flush=True)
+    round_trip = _round_trip("before timing")
     point = _point(opts.budgets[-1], trials, applied, timed, opts, kernels, aa)
     point.round_trip_ns = round_trip
     print(_kernel_lines(name, point))
@@ -293,10 +300,11 @@ def bench_model(name: str, work: Path, opts) -> Curve:  # noqa: ANN001
         spent = budget
         trials += report.new_trials
         print(f"\n### {name} after {budget:g} min\n\n```\n{format_report(report)}\n```")
-        print(placement_line(f"before timing {budget:g} min"), flush=True)
         tuned, applied, kernels, aa = _timed_with(name, path, db, work, f"{budget:g}", inputs)
         timed = {"tuned": tuned, **engines}
+        round_trip = _round_trip(f"before timing {budget:g} min")
         curve.points.append(_point(budget, trials, applied, timed, opts, kernels, aa))
+        curve.points[-1].round_trip_ns = round_trip
         print(_kernel_lines(name, curve.points[-1]))
         timed["tuned"].close()
         ms = curve.points[-1].ms
